@@ -1,0 +1,5 @@
+import sys
+
+from headavatar.cli.main import main
+
+sys.exit(main())

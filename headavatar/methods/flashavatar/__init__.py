@@ -1,0 +1,63 @@
+"""FlashAvatar (CVPR 2024): Gaussians on the head model's UV map, moved by an expression MLP."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from headavatar.methods import register_method
+from headavatar.methods.flashavatar.config import FlashAvatarConfig
+from headavatar.methods.run import RunDir
+
+
+class FlashAvatarAvatar:
+    """A trained FlashAvatar, ready to render frames (eval, render, export, viewer)."""
+
+    method = "flashavatar"
+    eval_protocol = "flashavatar"
+
+    def __init__(self, run: RunDir, device, subject_dir: Path | None = None, head_overrides: dict | None = None):
+        from headavatar.config import from_dict
+        from headavatar.methods.flashavatar.train import build_model, training_size
+        from headavatar.subjects.format import Subject
+        from headavatar.utils.device import resolve_device
+
+        info = run.require_method("flashavatar")
+        self.run = run
+        self.cfg = from_dict(FlashAvatarConfig, info["config"], where=str(run.info_path))
+        self.device = resolve_device(device) if isinstance(device, str) else device
+        self.subject = Subject.open(subject_dir or info["subject"])
+        self.size = training_size(self.subject, self.cfg.resolution)
+        self.model = build_model(self.subject, self.cfg, self.device, head_overrides)
+        self.step, state = run.load_checkpoint(map_location=self.device)
+        self.model.load_state_dict(state["model"])
+        self.model.eval()
+        self.background = torch.tensor(self.cfg.background, dtype=torch.float32, device=self.device)
+        self.backend = self.cfg.backend
+
+    @property
+    def head(self):
+        return self.model.head
+
+    @torch.no_grad()
+    def render(self, params: dict, cameras, background: torch.Tensor | None = None) -> dict:
+        cond, verts = self.model.frame_inputs(params)
+        g = self.model.gaussians(cond, verts)
+        bg = self.background if background is None else background
+        out = self.model.render(g, cameras, bg, self.cfg.sh_degree, self.backend)
+        return {"rgb": out.rgb, "alpha": out.alpha}
+
+
+@register_method
+class FlashAvatarMethod:
+    name = "flashavatar"
+    config_cls = FlashAvatarConfig
+
+    def train(self, subject_dir: Path, run: RunDir, cfg: FlashAvatarConfig, resume: bool = False, progress: bool = True) -> None:
+        from headavatar.methods.flashavatar.train import train_flashavatar
+
+        train_flashavatar(subject_dir, run, cfg, resume=resume, progress=progress)
+
+    def load(self, run: RunDir, device="cpu", subject_dir=None) -> FlashAvatarAvatar:
+        return FlashAvatarAvatar(run, device, subject_dir)

@@ -1,0 +1,50 @@
+"""FlashAvatar configuration. Defaults reproduce the paper / reference code (see docs/FLASHAVATAR.md)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class FlashAvatarConfig:
+    # --- Gaussian embedding
+    uv_resolution: int = 128  # one Gaussian per covered texel of the head model's UV map
+    exclude_boundary: bool = True  # drop texels whose triangle touches the model's 'boundary' region
+    # --- deformation MLP: PE(mu_T) ⊕ condition -> Δpos, Δrot, scale exponent
+    pe_frequencies: int = 8  # sin/cos at 2^0..2^7 -> 3 + 48 = 51 inputs
+    mlp_width: int = 256
+    mlp_layers: int = 6  # Linear(in,256) + 5x Linear(256,256), ReLU after each, then Linear(256,10)
+    offset_scale: float = 1.0  # Δpos = offset_scale * tanh(.) in metres (reference: 1)
+    # --- appearance
+    sh_degree: int = 3
+    sh_increase_every: int = 500  # the active SH degree rises by one every this many iterations
+    init_opacity: float = 0.1
+    init_with_mlp_offsets: bool = True  # reference: initial positions include the untrained MLP's offsets
+    # --- training
+    iterations: int = 150_000
+    batch_size: int = 1
+    resolution: int | None = None  # training/eval image size (square side or the long side); None = the subject's
+    background: list[float] = field(default_factory=lambda: [0.0, 1.0, 0.0])  # reference: green
+    lr_mlp: float = 1e-4
+    lr_sh_dc: float = 2.5e-3
+    lr_sh_rest: float = 1.25e-4
+    lr_opacity: float = 5e-2
+    lr_scale: float = 5e-3
+    lr_rotation: float = 1e-3
+    huber_delta: float = 0.1
+    mouth_weight: float = 40.0
+    lpips_weight: float = 0.05
+    lpips_start: int = 15_000  # first iteration (1-based, as the reference) with the LPIPS-VGG term
+    frames_per_pass: int = 2000  # each pass over the data reshuffles and keeps at most this many frames
+    seed: int = 0
+    # --- bookkeeping
+    checkpoint_every: int = 5000
+    preview_every: int = 500
+    log_every: int = 50
+    eval_every: int = 0  # 0 = no held-out evaluation during training (curves of held-out PSNR when > 0)
+    eval_frames: int = 8  # held-out frames used for the in-training PSNR curve
+    # --- execution
+    device: str = "auto"
+    backend: str = "auto"  # Gaussian rasterizer: auto | torch | gsplat
+    num_workers: int = 0  # data-loading worker processes (0 = in the training process)
+    cache_mb: int = 512  # decoded uint8 frames kept in host memory

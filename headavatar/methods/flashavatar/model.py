@@ -1,0 +1,131 @@
+"""The FlashAvatar model: UV-embedded Gaussians moved by an expression-conditioned MLP."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+from torch import nn
+
+from headavatar.headmodels.base import HeadModel
+from headavatar.methods.flashavatar.config import FlashAvatarConfig
+from headavatar.methods.flashavatar.embedding import barycentric_points, positional_encoding, sample_uv_texels
+from headavatar.render.gaussians import RenderOutput, render_gaussians
+from headavatar.utils.rotations import quaternion_multiply
+
+
+class DeformMLP(nn.Module):
+    """Linear(in,W) + (L-1) x Linear(W,W), ReLU after each, then Linear(W,10); outputs tanh'd.
+
+    The first layer is split in two (position encoding / condition) so the
+    per-Gaussian part and the per-frame part are multiplied separately: the
+    same function as one Linear on the concatenation, without materialising
+    a [B,N,171] input.
+    """
+
+    def __init__(self, pe_dim: int, cond_dim: int, width: int, layers: int):
+        super().__init__()
+        self.pe_in = nn.Linear(pe_dim, width)
+        self.cond_in = nn.Linear(cond_dim, width, bias=False)
+        self.hidden = nn.ModuleList(nn.Linear(width, width) for _ in range(layers - 1))
+        self.out = nn.Linear(width, 10)
+        # nn.Linear's default init on the full fan-in, as one Linear(pe_dim + cond_dim, W) would get
+        bound = 1 / math.sqrt(pe_dim + cond_dim)
+        for lin in (self.pe_in, self.cond_in):
+            nn.init.uniform_(lin.weight, -bound, bound)
+        nn.init.uniform_(self.pe_in.bias, -bound, bound)
+
+    def forward(self, pe: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        """pe [N,P], cond [B,C] -> [B,N,10] in (-1,1)."""
+        h = torch.relu(self.pe_in(pe)[None] + self.cond_in(cond)[:, None])
+        for lin in self.hidden:
+            h = torch.relu(lin(h))
+        return torch.tanh(self.out(h))
+
+
+class FlashAvatarModel(nn.Module):
+    def __init__(self, head: HeadModel, cfg: FlashAvatarConfig, shape: torch.Tensor):
+        super().__init__()
+        self.cfg = cfg
+        self.head = head
+        face_idx, bary = sample_uv_texels(head, cfg.uv_resolution, cfg.exclude_boundary)
+        self.register_buffer("face_idx", face_idx)
+        self.register_buffer("bary", bary)
+        self.register_buffer("shape", shape.reshape(1, -1).float())
+        with torch.no_grad():
+            canonical = head.shaped(self.shape)  # identity only: zero expression, rest pose
+            mu_t = barycentric_points(canonical, head.faces, face_idx, bary)[0]
+        self.register_buffer("mu_t", mu_t)
+        self.register_buffer("pe", positional_encoding(mu_t, cfg.pe_frequencies))
+        self.mlp = DeformMLP(self.pe.shape[1], head.condition_dim, cfg.mlp_width, cfg.mlp_layers)
+        n = mu_t.shape[0]
+        k_rest = (cfg.sh_degree + 1) ** 2 - 1
+        self.sh_dc = nn.Parameter(torch.zeros(n, 1, 3))
+        self.sh_rest = nn.Parameter(torch.zeros(n, k_rest, 3))
+        p = cfg.init_opacity
+        self.opacity_logit = nn.Parameter(torch.full((n,), math.log(p / (1 - p))))
+        self.log_scale = nn.Parameter(torch.full((n, 3), math.log(1e-3)))
+        self.rotation = nn.Parameter(torch.tensor([1.0, 0.0, 0.0, 0.0]).repeat(n, 1))
+
+    @property
+    def num_gaussians(self) -> int:
+        return self.mu_t.shape[0]
+
+    # --------------------------------------------------------------- frames
+    def frame_inputs(self, params: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """Tracking params (Tracking.params) -> (condition [B,C], posed vertices [B,V,3]); no gradient to tracking."""
+        with torch.no_grad():
+            verts = self.head(
+                shape=self.shape.expand(params["expression"].shape[0], -1),
+                expression=params["expression"],
+                joint_rotations=params["joint_rotations"],
+                translation=params["translation"],
+                extras=params.get("extras"),
+            )
+            cond = self.head.condition(params["expression"], params["joint_rotations"], params.get("extras"))
+        return cond, verts
+
+    def gaussians(self, cond: torch.Tensor, verts: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Per-frame Gaussians [B,N,...] from the condition and the posed mesh."""
+        B = cond.shape[0]
+        mu_m = barycentric_points(verts, self.head.faces, self.face_idx, self.bary)
+        o = self.mlp(self.pe, cond)
+        means = mu_m + self.cfg.offset_scale * o[..., 0:3]
+        dq = torch.cat([torch.exp(o[..., 3:4]), o[..., 4:7]], -1)  # not normalised, as the reference
+        quats = quaternion_multiply(self.rotation[None].expand(B, -1, -1), dq)
+        # scale exponent c in [1/e, e] applied to the log scale: s = s_base^c
+        scales = torch.exp(torch.exp(o[..., 7:10]) * self.log_scale[None])
+        colors = torch.cat([self.sh_dc, self.sh_rest], 1)[None].expand(B, -1, -1, -1)
+        opac = torch.sigmoid(self.opacity_logit)[None].expand(B, -1)
+        return {"means": means, "quats": quats, "scales": scales, "opacities": opac, "colors": colors}
+
+    def render(self, g: dict, cameras, background: torch.Tensor, sh_degree: int | None = None, backend: str = "auto") -> RenderOutput:
+        B = g["means"].shape[0]
+        bg = background.to(g["means"]).view(1, 3).expand(B, 3)
+        deg = self.cfg.sh_degree if sh_degree is None else sh_degree
+        return render_gaussians(
+            g["means"], g["quats"], g["scales"], g["opacities"], g["colors"][:, :, : (deg + 1) ** 2],
+            cameras.viewmats, cameras.K, cameras.width, cameras.height, sh_degree=deg, backgrounds=bg, backend=backend,
+        )
+
+    # ----------------------------------------------------------------- init
+    @torch.no_grad()
+    def initialize_from_frame(self, params: dict) -> None:
+        """Reference init: isotropic scale from the 3 nearest neighbours of the first frame's Gaussians."""
+        cond, verts = self.frame_inputs({k: (v[:1] if isinstance(v, torch.Tensor) else {kk: vv[:1] for kk, vv in v.items()}) for k, v in params.items()})
+        if self.cfg.init_with_mlp_offsets:
+            pts = self.gaussians(cond, verts)["means"][0]
+        else:
+            pts = barycentric_points(verts, self.head.faces, self.face_idx, self.bary)[0]
+        d2 = mean_sq_knn_distance(pts.detach().cpu().double().numpy(), k=3)
+        scale = np.sqrt(np.clip(d2, 1e-7, None))
+        self.log_scale.copy_(torch.from_numpy(np.log(scale)).float()[:, None].expand(-1, 3))
+
+
+def mean_sq_knn_distance(points: np.ndarray, k: int = 3) -> np.ndarray:
+    """Mean squared distance to the k nearest other points (what 3DGS's distCUDA2 computes)."""
+    from scipy.spatial import cKDTree
+
+    d, _ = cKDTree(points).query(points, k=k + 1)
+    return (d[:, 1:] ** 2).mean(1)

@@ -1,0 +1,190 @@
+"""FlashAvatar training recipe (reference: train.py of FlashAvatar-code; deviations in docs/FLASHAVATAR.md)."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from headavatar.errors import TrainingDiverged, UserError
+from headavatar.methods.flashavatar.config import FlashAvatarConfig
+from headavatar.methods.flashavatar.model import FlashAvatarModel
+from headavatar.methods.run import RunDir
+from headavatar.subjects.dataset import FrameDataset, InfiniteSampler, collate, prepare_targets
+from headavatar.subjects.format import Subject
+from headavatar.utils.device import resolve_device
+from headavatar.utils.io import write_image
+from headavatar.utils.video import to_uint8
+
+
+def training_size(subject: Subject, resolution: int | None) -> tuple[int, int]:
+    """(H, W) for training: the subject's size, or scaled so the long side is ``resolution``."""
+    H, W = subject.height, subject.width
+    if not resolution:
+        return H, W
+    if resolution < 16:
+        raise UserError(f"--resolution {resolution} is too small (minimum 16)")
+    s = resolution / max(H, W)
+    return max(1, round(H * s)), max(1, round(W * s))
+
+
+def huber(pred: torch.Tensor, gt: torch.Tensor, delta: float) -> torch.Tensor:
+    return F.huber_loss(pred, gt, delta=delta, reduction="mean")
+
+
+def make_optimizer(model: FlashAvatarModel, cfg: FlashAvatarConfig) -> torch.optim.Optimizer:
+    groups = [
+        {"params": list(model.mlp.parameters()), "lr": cfg.lr_mlp, "name": "mlp"},
+        {"params": [model.sh_dc], "lr": cfg.lr_sh_dc, "eps": 1e-15, "name": "sh_dc"},
+        {"params": [model.sh_rest], "lr": cfg.lr_sh_rest, "eps": 1e-15, "name": "sh_rest"},
+        {"params": [model.opacity_logit], "lr": cfg.lr_opacity, "eps": 1e-15, "name": "opacity"},
+        {"params": [model.log_scale], "lr": cfg.lr_scale, "eps": 1e-15, "name": "scale"},
+        {"params": [model.rotation], "lr": cfg.lr_rotation, "eps": 1e-15, "name": "rotation"},
+    ]
+    return torch.optim.Adam(groups)
+
+
+def build_model(subject: Subject, cfg: FlashAvatarConfig, device: torch.device, head_overrides: dict | None = None) -> FlashAvatarModel:
+    head = subject.head_model(**(head_overrides or {})).to(device)
+    shape = torch.as_tensor(subject.tracking.shape, dtype=torch.float32, device=device)
+    return FlashAvatarModel(head, cfg, shape).to(device)
+
+
+def psnr(pred: torch.Tensor, gt: torch.Tensor) -> torch.Tensor:
+    return -10 * torch.log10(((pred - gt) ** 2).mean().clamp_min(1e-12))
+
+
+def train_flashavatar(subject_dir: Path, run: RunDir, cfg: FlashAvatarConfig, resume: bool = False, progress: bool = True) -> None:
+    device = resolve_device(cfg.device)
+    subject = Subject.open(subject_dir)
+    if cfg.iterations < 1:
+        raise UserError("--iterations must be at least 1")
+    if cfg.batch_size < 1:
+        raise UserError("batch_size must be at least 1")
+    torch.manual_seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    H, W = training_size(subject, cfg.resolution)
+    model = build_model(subject, cfg, device)
+    opt = make_optimizer(model, cfg)
+    bg = torch.tensor(cfg.background, dtype=torch.float32, device=device)
+    tr = subject.tracking
+    train_idx = subject.split["train"]
+    test_idx = subject.split.get("test", [])
+
+    start, elapsed = 0, 0.0
+    if resume:
+        start, state = run.load_checkpoint(map_location=device)
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        torch.set_rng_state(state["rng"])
+        elapsed = float(state.get("elapsed", 0.0))
+        run.truncate_curves(start)
+        if start >= cfg.iterations:
+            if progress:
+                print(f"run already trained to {start} iterations (asked: {cfg.iterations}); nothing to do")
+            return
+    else:
+        run.write_info("flashavatar", subject_dir, cfg, {"num_gaussians": model.num_gaussians, "train_size": [H, W]})
+
+    data = FrameDataset(subject, train_idx, (H, W), cache_bytes=cfg.cache_mb << 20)
+    sampler = InfiniteSampler(len(data), seed=cfg.seed, per_pass=min(cfg.frames_per_pass, len(data)), start=start * cfg.batch_size)
+    loader = torch.utils.data.DataLoader(
+        data, batch_size=cfg.batch_size, sampler=sampler, collate_fn=collate, num_workers=cfg.num_workers,
+        pin_memory=device.type == "cuda", persistent_workers=cfg.num_workers > 0, prefetch_factor=4 if cfg.num_workers > 0 else None,
+    )
+    batches = iter(loader)
+    if not resume:
+        first = next(iter(torch.utils.data.DataLoader(data, batch_size=1, sampler=InfiniteSampler(len(data), seed=cfg.seed), collate_fn=collate)))
+        model.initialize_from_frame(tr.params(first["index"].numpy(), device))
+
+    lpips_net = None
+    if cfg.lpips_weight > 0 and cfg.lpips_start <= cfg.iterations:
+        from headavatar.metrics.lpips import LPIPS
+
+        lpips_net = LPIPS(net="vgg").to(device)
+
+    eval_set = None
+    if cfg.eval_every > 0 and test_idx:
+        pick = np.linspace(0, len(test_idx) - 1, min(cfg.eval_frames, len(test_idx))).round().astype(int)
+        eval_set = FrameDataset(subject, [test_idx[i] for i in pick], (H, W))
+
+    pbar = tqdm(total=cfg.iterations, initial=start, disable=not progress, desc="train flashavatar", unit="it", dynamic_ncols=True)
+    t0 = time.perf_counter() - elapsed
+    loss_sum = torch.zeros((), device=device)
+    psnr_sum = torch.zeros((), device=device)
+    n_sum = 0
+    it = start
+    try:
+        for it in range(start + 1, cfg.iterations + 1):
+            batch = next(batches)
+            tgt = prepare_targets(batch, bg, device)
+            idx = batch["index"].numpy()
+            params = tr.params(idx, device)
+            cams = tr.cameras(idx, subject.height, subject.width, device).resized(H, W)
+            cond, verts = model.frame_inputs(params)
+            g = model.gaussians(cond, verts)
+            sh_deg = min(cfg.sh_degree, (it - 1) // max(1, cfg.sh_increase_every))
+            pred = model.render(g, cams, bg, sh_deg, cfg.backend).rgb
+            gt = tgt["gt"]
+            m = tgt["mouth_mask"]
+            loss = huber(pred, gt, cfg.huber_delta) + cfg.mouth_weight * huber(pred * m, gt * m, cfg.huber_delta)
+            if lpips_net is not None and it >= cfg.lpips_start:
+                hm = tgt["head_mask"]
+                loss = loss + cfg.lpips_weight * lpips_net((pred * hm).permute(0, 3, 1, 2), (gt * hm).permute(0, 3, 1, 2)).mean()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            with torch.no_grad():
+                loss_sum += loss.detach()
+                psnr_sum += psnr(pred.detach(), gt)
+                n_sum += 1
+            pbar.update(1)
+
+            if it % cfg.log_every == 0 or it == cfg.iterations:
+                mean_loss = (loss_sum / n_sum).item()  # the one host sync per log interval
+                if not np.isfinite(mean_loss):
+                    raise TrainingDiverged(
+                        f"training diverged at iteration {it} (loss {mean_loss}); resume from the last checkpoint with "
+                        f"lower learning rates: headavatar train ... --resume --set lr_mlp=5e-5"
+                    )
+                row = {"step": it, "loss": mean_loss, "train_psnr": (psnr_sum / n_sum).item(), "time": time.perf_counter() - t0, "sh_degree": sh_deg}
+                if eval_set is not None and (it % cfg.eval_every == 0 or it == cfg.iterations):
+                    row["test_psnr"] = evaluate_psnr(model, eval_set, tr, subject, bg, (H, W), device, cfg)
+                run.append_curve(row)
+                pbar.set_postfix(loss=f"{mean_loss:.4f}", psnr=f"{row['train_psnr']:.2f}")
+                loss_sum.zero_(), psnr_sum.zero_()
+                n_sum = 0
+            if cfg.preview_every and (it % cfg.preview_every == 0 or it == cfg.iterations):
+                write_image(run.root / "previews" / f"{it:07d}.jpg", to_uint8(torch.cat([gt[0], pred[0].detach()], 1)))
+            if it % cfg.checkpoint_every == 0 or it == cfg.iterations:
+                _save(run, it, model, opt, time.perf_counter() - t0)
+    except KeyboardInterrupt:
+        # keep what was learned; the run resumes from here with --resume
+        if it > start:
+            _save(run, it, model, opt, time.perf_counter() - t0)
+        raise
+    finally:
+        pbar.close()
+
+
+def _save(run: RunDir, it: int, model, opt, elapsed: float) -> None:
+    run.save_checkpoint(it, {"model": model.state_dict(), "optimizer": opt.state_dict(), "rng": torch.get_rng_state(), "step": it, "elapsed": elapsed})
+
+
+@torch.no_grad()
+def evaluate_psnr(model: FlashAvatarModel, data: FrameDataset, tr, subject: Subject, bg, size, device, cfg) -> float:
+    """Mean PSNR over a few held-out frames (for time-to-quality curves)."""
+    vals = []
+    for k in range(len(data)):
+        b = collate([data[k]])
+        tgt = prepare_targets(b, bg, device)
+        idx = b["index"].numpy()
+        cams = tr.cameras(idx, subject.height, subject.width, device).resized(*size)
+        cond, verts = model.frame_inputs(tr.params(idx, device))
+        pred = model.render(model.gaussians(cond, verts), cams, bg, cfg.sh_degree, cfg.backend).rgb
+        vals.append(psnr(pred, tgt["gt"]).item())
+    return float(np.mean(vals))

@@ -1,0 +1,133 @@
+"""Run folders: config, checkpoints (atomic, resumable), curves, previews.
+
+    RUN_DIR/
+      run.json              method, subject, headavatar version, resolved config
+      checkpoints/ckpt_XXXXXXX.pt   (the last ``keep`` are kept)
+      curves.jsonl          one JSON object per logged step
+      previews/XXXXXXX.jpg  GT | render side-by-side
+      eval/                 metrics.json, per-frame metrics, videos (headavatar eval)
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import torch
+
+from headavatar import __version__
+from headavatar.config import from_dict, to_dict
+from headavatar.errors import UserError
+from headavatar.utils.io import atomic_path, read_json, write_json
+
+_CKPT = re.compile(r"ckpt_(\d+)\.pt$")
+
+
+class RunDir:
+    def __init__(self, root):
+        self.root = Path(root)
+
+    # ----------------------------------------------------------- run.json
+    @property
+    def info_path(self) -> Path:
+        return self.root / "run.json"
+
+    def exists(self) -> bool:
+        return self.info_path.is_file()
+
+    def ensure_fresh(self) -> None:
+        """Refuse to train over an existing run (nothing already written is destroyed)."""
+        if self.exists() or (self.root / "checkpoints").is_dir():
+            raise UserError(f"{self.root} already holds a training run; pass --resume to continue it or choose another -o folder")
+        if self.root.exists() and not self.root.is_dir():
+            raise UserError(f"{self.root} exists and is not a folder")
+
+    def write_info(self, method: str, subject_dir: Path, cfg, extra: dict | None = None) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+        write_json(self.info_path, {
+            "method": method,
+            "subject": str(Path(subject_dir).resolve()),
+            "headavatar_version": __version__,
+            "config": to_dict(cfg),
+            **(extra or {}),
+        })
+
+    def read_info(self) -> dict:
+        if not self.root.exists():
+            raise UserError(f"run folder {self.root} does not exist")
+        if not self.exists():
+            raise UserError(f"{self.root} is not a training run (no run.json); train one with 'headavatar train'")
+        return read_json(self.info_path)
+
+    def require_method(self, method: str) -> dict:
+        info = self.read_info()
+        if info.get("method") != method:
+            raise UserError(f"{self.root} is a '{info.get('method')}' run, not '{method}'")
+        return info
+
+    def load_config(self, method_cls):
+        info = self.require_method(method_cls.name)
+        return from_dict(method_cls.config_cls, info["config"], where=str(self.info_path))
+
+    @property
+    def subject_dir(self) -> Path:
+        return Path(self.read_info()["subject"])
+
+    # -------------------------------------------------------- checkpoints
+    @property
+    def ckpt_dir(self) -> Path:
+        return self.root / "checkpoints"
+
+    def checkpoints(self) -> list[tuple[int, Path]]:
+        if not self.ckpt_dir.is_dir():
+            return []
+        out = []
+        for p in self.ckpt_dir.iterdir():
+            m = _CKPT.match(p.name)
+            if m:
+                out.append((int(m.group(1)), p))
+        return sorted(out)
+
+    def save_checkpoint(self, step: int, state: dict, keep: int = 2) -> Path:
+        path = self.ckpt_dir / f"ckpt_{step:07d}.pt"
+        with atomic_path(path) as tmp:
+            torch.save(state, tmp)
+        for _, old in self.checkpoints()[:-keep]:
+            old.unlink(missing_ok=True)
+        return path
+
+    def load_checkpoint(self, map_location="cpu") -> tuple[int, dict]:
+        ckpts = self.checkpoints()
+        if not ckpts:
+            raise UserError(f"{self.root} has no checkpoint; train first (or the run was killed before its first checkpoint: start it again without --resume in a new folder)")
+        errors = []
+        for step, path in reversed(ckpts):  # fall back to an older one if the newest is damaged
+            try:
+                return step, torch.load(path, map_location=map_location, weights_only=True)
+            except Exception as e:  # corrupt zip, truncated file...
+                errors.append(f"{path.name}: {type(e).__name__}")
+        raise UserError(f"every checkpoint in {self.ckpt_dir} is unreadable ({'; '.join(errors)}); retrain")
+
+    # ------------------------------------------------------------- curves
+    def append_curve(self, row: dict) -> None:
+        with open(self.root / "curves.jsonl", "a") as f:
+            f.write(json.dumps(row) + "\n")
+
+    def read_curves(self) -> list[dict]:
+        p = self.root / "curves.jsonl"
+        if not p.is_file():
+            return []
+        rows = []
+        for line in p.read_text().splitlines():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                pass  # a line cut by a kill
+        return rows
+
+    def truncate_curves(self, step: int) -> None:
+        """After a resume, drop rows logged past the checkpoint we resumed from."""
+        rows = [r for r in self.read_curves() if r.get("step", 0) <= step]
+        with atomic_path(self.root / "curves.jsonl") as tmp:
+            tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))

@@ -1,0 +1,243 @@
+"""Evaluation protocols: how a rendered frame and its ground truth are compared.
+
+Two protocols, each a fixed recipe so numbers are comparable across runs:
+
+``"flashavatar"``
+    GT composited on the training background with the head mask,
+    ``gt' = gt * mask + bg * (1 - mask)`` (FlashAvatar's data loader; with ``mask =
+    alpha * head_mask`` this equals its two-step matte-then-head compositing). The
+    prediction is used as rendered, on the same background. Full-image PSNR (max 1),
+    SSIM (Gaussian 11x11, sigma 1.5, valid), LPIPS-VGG and LPIPS-AlexNet. FlashAvatar
+    released no metric code; this is our stated choice.
+
+``"imavatar"``
+    IMavatar's ``calculate_metrics.py`` as used by FLARE: prediction and GT both
+    composited on white with the GT mask; the metric mask is the GT mask minus the
+    ``exclude`` pixels (cloth, labels 15/16). MAE and PSNR use the masked error sum over
+    all 3*H*W values (so they read better than a masked mean); SSIM is computed with
+    everything outside the metric mask set to 0; LPIPS-AlexNet on images multiplied by
+    the metric mask. Frames whose masked prediction sums to 0 are skipped, as there.
+    IMavatar/FLARE evaluate at 512x512; resize before calling.
+
+Predictions are clamped to [0, 1] first, as writing an 8-bit frame would.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from typing import Any, Iterable, Sequence
+
+import torch
+
+from headavatar.errors import UserError
+from headavatar.metrics.lpips import LPIPSCache
+from headavatar.metrics.psnr import as_mask, psnr_from_mse
+from headavatar.metrics.ssim import ssim
+
+PROTOCOLS = ("flashavatar", "imavatar")
+_FLASHAVATAR_DEFAULT_BG = (0.0, 1.0, 0.0)  # FlashAvatar trains on green unless run with -w (white)
+
+
+def describe(protocol: str, background: Sequence[float] | None = None) -> str:
+    """One-line description of a protocol, stored with every result."""
+    if protocol == "flashavatar":
+        bg = tuple(float(v) for v in (background if background is not None else _FLASHAVATAR_DEFAULT_BG))
+        return (
+            f"flashavatar: gt*mask + bg*(1-mask) with bg={bg}, prediction as rendered on bg; "
+            "full-image PSNR(max 1), SSIM(gauss 11/1.5, valid), LPIPS v0.1 vgg+alex"
+        )
+    if protocol == "imavatar":
+        return (
+            "imavatar: pred and gt on white with the GT mask, metric mask = mask minus excluded (cloth); "
+            "MAE/PSNR over all 3HW values, SSIM(gauss 11/1.5, valid) outside-mask zeroed, "
+            "LPIPS v0.1 alex on mask-multiplied images; frames with empty masked prediction skipped"
+        )
+    raise UserError(f"unknown evaluation protocol {protocol!r}; use one of {', '.join(PROTOCOLS)}")
+
+
+def _as_frames(x: torch.Tensor, name: str) -> torch.Tensor:
+    """``[N,3,H,W]`` float in [0,1]; uint8 is scaled by 1/255."""
+    if not isinstance(x, torch.Tensor):
+        raise UserError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dtype == torch.uint8:
+        x = x.float() / 255.0
+    elif not x.is_floating_point():
+        raise UserError(f"{name} has dtype {x.dtype}; pass float images in [0, 1] or uint8")
+    if x.dim() == 3:
+        x = x.unsqueeze(0)
+    if x.dim() != 4 or x.shape[1] != 3:
+        raise UserError(f"{name} has shape {tuple(x.shape)}; expected RGB frames [N, 3, H, W]")
+    return x
+
+
+def _as_weights(m: torch.Tensor, like: torch.Tensor, name: str) -> torch.Tensor:
+    if not isinstance(m, torch.Tensor):
+        raise UserError(f"{name} must be a torch.Tensor, got {type(m).__name__}")
+    if m.dtype == torch.uint8 and int(m.max()) > 1:
+        m = m.float() / 255.0  # 0/255 mask images
+    m = as_mask(m, like)
+    lo, hi = float(m.min()), float(m.max())
+    if lo < 0 or hi > 1:
+        raise UserError(f"{name} values lie in [{lo:.3g}, {hi:.3g}]; masks must be in [0, 1]")
+    return m
+
+
+def _frames_of(m: torch.Tensor, sl: slice, n: int) -> torch.Tensor:
+    """The chunk ``sl`` of a per-frame mask; a single ``[H, W]`` mask serves every frame."""
+    if isinstance(m, torch.Tensor) and m.dim() >= 3 and m.shape[0] == n:
+        return m[sl]
+    return m
+
+
+def _check_range(x: torch.Tensor, name: str) -> None:
+    lo, hi = float(x.min()), float(x.max())
+    if hi > 2.0 or lo < -1.0:
+        raise UserError(
+            f"{name} values lie in [{lo:.3g}, {hi:.3g}]; metrics expect [0, 1] (divide 8-bit images by 255)"
+        )
+
+
+def _background(background: Sequence[float] | torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    bg = torch.as_tensor(background, dtype=like.dtype, device=like.device)
+    if bg.numel() == 3:
+        return bg.view(1, 3, 1, 1)
+    if bg.shape[-3:] == like.shape[-3:]:
+        return bg.expand_as(like)
+    raise UserError(f"background must be an RGB triple or a [3, H, W] image, got shape {tuple(bg.shape)}")
+
+
+def evaluate_frames(
+    pred: torch.Tensor,
+    gt: torch.Tensor,
+    mask: torch.Tensor,
+    protocol: str,
+    *,
+    background: Sequence[float] | torch.Tensor | None = None,
+    exclude: torch.Tensor | None = None,
+    lpips_cache: LPIPSCache | None = None,
+    frame_ids: Iterable[Any] | None = None,
+    batch_size: int = 8,
+    device: torch.device | str | None = None,
+) -> list[dict[str, Any]]:
+    """Per-frame metrics under ``protocol`` ("flashavatar" or "imavatar").
+
+    pred, gt: ``[N, 3, H, W]`` (float in [0, 1] or uint8); mask: ``[N, H, W]`` or
+    ``[N, 1, H, W]`` foreground weights (float/bool, or uint8 0/255). ``background``
+    (flashavatar only, default green as FlashAvatar): RGB triple or ``[3, H, W]``.
+    ``exclude`` (imavatar only): pixels removed from the metric mask, e.g. cloth.
+    Pass an ``LPIPSCache`` to reuse loaded networks across calls. Work runs in chunks of
+    ``batch_size`` frames on ``device`` (default: pred's device).
+
+    Returns one dict per frame: ``frame``, ``protocol``, ``skipped`` and the metrics
+    (flashavatar: psnr, ssim, lpips_vgg, lpips_alex; imavatar: mae, psnr, ssim,
+    lpips_alex; all ``None`` for a skipped frame).
+    """
+    desc = describe(protocol, background)
+    pred = _as_frames(pred, "pred")
+    gt = _as_frames(gt, "gt")
+    if pred.shape != gt.shape:
+        raise UserError(f"pred {tuple(pred.shape)} and gt {tuple(gt.shape)} differ in shape; render at GT size")
+    n = pred.shape[0]
+    ids = list(range(n)) if frame_ids is None else list(frame_ids)
+    if len(ids) != n:
+        raise UserError(f"{len(ids)} frame ids given for {n} frames")
+    if batch_size < 1:
+        raise UserError(f"batch_size must be >= 1, got {batch_size}")
+    if protocol == "imavatar" and background is not None:
+        bg_t = torch.as_tensor(background, dtype=torch.float64).flatten()
+        if not bool((bg_t == 1).all()):
+            raise UserError("the imavatar protocol always uses a white background; drop the background argument")
+    if protocol == "flashavatar" and exclude is not None:
+        raise UserError("exclude applies to the imavatar protocol only; fold it into mask for flashavatar")
+    device = torch.device(device) if device is not None else pred.device
+    cache = lpips_cache if lpips_cache is not None else LPIPSCache()
+    nets = ("vgg", "alex") if protocol == "flashavatar" else ("alex",)
+    models = {net: cache.get(net, device) for net in nets}
+
+    results: list[dict[str, Any]] = []
+    with torch.no_grad():
+        for start in range(0, n, batch_size):
+            sl = slice(start, min(start + batch_size, n))
+            p = pred[sl].to(device=device, dtype=torch.float32)
+            g = gt[sl].to(device=device, dtype=torch.float32)
+            _check_range(p, "pred")
+            _check_range(g, "gt")
+            p = p.clamp(0.0, 1.0)
+            g = g.clamp(0.0, 1.0)
+            m = _as_weights(_frames_of(mask, sl, n), g, "mask")
+            if protocol == "flashavatar":
+                metrics = _flashavatar(p, g, m, background, models)
+            else:
+                ex = None
+                if exclude is not None:
+                    ex = _as_weights(_frames_of(exclude, sl, n), g, "exclude")
+                metrics = _imavatar(p, g, m, ex, models)
+            for j, frame in enumerate(ids[sl]):
+                row: dict[str, Any] = {"frame": frame, "protocol": desc, "skipped": False}
+                for key, values in metrics.items():
+                    if key == "skipped":
+                        row["skipped"] = bool(values[j])
+                    else:
+                        row[key] = float(values[j])
+                if row["skipped"]:
+                    row.update({k: None for k in metrics if k != "skipped"})
+                results.append(row)
+    return results
+
+
+def _flashavatar(p, g, m, background, models) -> dict[str, torch.Tensor]:
+    bg = _background(background if background is not None else _FLASHAVATAR_DEFAULT_BG, g)
+    g = g * m + bg * (1.0 - m)
+    err = (p - g).square().flatten(1).mean(1)
+    return {
+        "psnr": psnr_from_mse(err),
+        "ssim": ssim(p, g),
+        "lpips_vgg": models["vgg"](p, g),
+        "lpips_alex": models["alex"](p, g),
+    }
+
+
+def _imavatar(p, g, m, ex, models) -> dict[str, torch.Tensor]:
+    # Composite with the full GT mask; the cloth-free mask only weights the metrics.
+    p = p * m + (1.0 - m)
+    g = g * m + (1.0 - m)
+    mm = m if ex is None else m * (1.0 - ex)
+    numel = p[0].numel()
+    diff = p - g
+    mae = (diff.abs() * mm).flatten(1).sum(1) / numel
+    mse = (diff.square() * mm).flatten(1).sum(1) / numel
+    inside = mm > 0
+    ssim_v = ssim(p * inside, g * inside)
+    lp = models["alex"](p * mm, g * mm)
+    skipped = (p * mm).flatten(1).sum(1) == 0
+    return {"mae": mae, "psnr": psnr_from_mse(mse), "ssim": ssim_v, "lpips_alex": lp, "skipped": skipped}
+
+
+def aggregate(results: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Mean and median of every metric over the non-skipped frames of one protocol.
+
+    Returns ``{"protocol", "frames", "skipped", "mean": {...}, "median": {...}}``. A
+    frame with PSNR ``inf`` (pixel-identical) makes the mean ``inf``; the median is
+    robust to it.
+    """
+    if not results:
+        raise UserError("no per-frame results to aggregate; evaluate at least one frame")
+    protocols = {r.get("protocol") for r in results}
+    if len(protocols) != 1:
+        raise UserError(f"results mix {len(protocols)} protocols; aggregate each protocol separately")
+    used = [r for r in results if not r.get("skipped")]
+    keys = [k for k in results[0] if k not in ("frame", "protocol", "skipped")]
+    mean: dict[str, float] = {}
+    median: dict[str, float] = {}
+    for k in keys:
+        vals = [float(r[k]) for r in used]
+        mean[k] = math.fsum(vals) / len(vals) if vals else float("nan")
+        median[k] = statistics.median(vals) if vals else float("nan")
+    return {
+        "protocol": protocols.pop(),
+        "frames": len(used),
+        "skipped": len(results) - len(used),
+        "mean": mean,
+        "median": median,
+    }

@@ -1,0 +1,1 @@
+"""Renderers: 3D Gaussian splatting and triangle meshes, each a pure-PyTorch reference plus optional fast GPU backends."""

@@ -1,0 +1,102 @@
+"""Gaussian-splat rendering behind one function, ``render_gaussians``.
+
+Backends:
+  * ``torch``  -- pure PyTorch (CPU and CUDA, autograd); the reference.
+  * ``gsplat`` -- gsplat's CUDA kernels (optional dependency, CUDA only).
+``backend="auto"`` picks gsplat on CUDA tensors when it is importable, else torch.
+
+Inputs (B = batch of frames, each with its own Gaussians and one camera):
+  means     [B,N,3]  world positions (metres)
+  quats     [B,N,4]  rotations, (w,x,y,z), any norm (normalised inside)
+  scales    [B,N,3]  standard deviations along the rotated axes (linear, > 0)
+  opacities [B,N]    in [0,1]
+  colors    [B,N,3] plain RGB, or [B,N,K,3] SH coefficients with K = (sh_degree+1)^2
+  viewmats  [B,4,4]  world-to-camera (OpenCV, headavatar.camera)
+  Ks        [B,3,3]  pixel intrinsics, pixel centres at +0.5
+  width, height
+  sh_degree  None for plain colours, else the degree to evaluate (<= sqrt(K)-1)
+  backgrounds [B,3] or None (black)
+Returns ``RenderOutput(rgb [B,H,W,3], alpha [B,H,W,1], depth [B,H,W,1], radii [B,N])``.
+
+Semantics shared by all backends (they are checked against each other):
+  * EWA projection with a 0.3 px^2 low-pass added to the 2D covariance (3DGS);
+  * Gaussians with depth < near (0.01) are culled;
+  * per pixel, front-to-back compositing sorted by camera-space depth of the
+    Gaussian centre, alpha_i = min(0.99, o_i * exp(-0.5 d^T S^-1 d)),
+    contributions with alpha_i < 1/255 skipped, colour = sum T_i alpha_i c_i
+    + T_final * background;
+  * SH colours: c = max(SH(dir) + 0.5, 0), dir = normalize(mean - camera centre).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from headavatar.errors import UserError
+
+
+@dataclass
+class RenderOutput:
+    rgb: torch.Tensor  # [B,H,W,3]
+    alpha: torch.Tensor  # [B,H,W,1]
+    depth: torch.Tensor  # [B,H,W,1] alpha-weighted mean depth (camera z); 0 where empty
+    radii: torch.Tensor  # [B,N] screen radius in pixels (0 = culled)
+
+
+_BACKENDS: dict[str, Callable[..., RenderOutput]] = {}
+
+
+def register_backend(name: str):
+    def deco(fn):
+        _BACKENDS[name] = fn
+        return fn
+
+    return deco
+
+
+def gsplat_available() -> tuple[bool, str]:
+    """(available, reason) for the gsplat backend on this machine."""
+    if not torch.cuda.is_available():
+        return False, "no CUDA device"
+    try:
+        import gsplat  # noqa: F401
+    except Exception as e:  # ImportError or a broken install
+        return False, f"gsplat is not importable ({type(e).__name__}: {e}); pip install gsplat"
+    return True, "ok"
+
+
+def select_backend(name: str, device: torch.device | str) -> str:
+    """Resolve 'auto'/'torch'/'gsplat' to a usable backend name, or raise UserError."""
+    device = torch.device(device)
+    if name == "auto":
+        if device.type == "cuda" and gsplat_available()[0]:
+            return "gsplat"
+        return "torch"
+    if name == "torch":
+        return name
+    if name == "gsplat":
+        if device.type != "cuda":
+            raise UserError("the gsplat backend needs a CUDA device; use --backend torch (or auto) on the CPU")
+        ok, why = gsplat_available()
+        if not ok:
+            raise UserError(f"--backend gsplat unavailable: {why}")
+        return name
+    raise UserError(f"unknown Gaussian backend '{name}'; choose auto, torch or gsplat")
+
+
+def render_gaussians(means, quats, scales, opacities, colors, viewmats, Ks, width: int, height: int,
+                     sh_degree: int | None = None, backgrounds=None, backend: str = "auto", **kw) -> RenderOutput:
+    name = select_backend(backend, means.device)
+    _load(name)
+    return _BACKENDS[name](means, quats, scales, opacities, colors, viewmats, Ks, width, height,
+                           sh_degree=sh_degree, backgrounds=backgrounds, **kw)
+
+
+def _load(name: str) -> None:
+    if name not in _BACKENDS:
+        import importlib
+
+        importlib.import_module({"torch": "headavatar.render.gaussians.torch_ref", "gsplat": "headavatar.render.gaussians.gsplat_backend"}[name])

@@ -1,0 +1,110 @@
+"""Streaming frames of a subject for training and evaluation.
+
+Frames stay uint8 on the host (decoded lazily, optionally kept in a bounded
+uint8 cache) and are converted to float only on the training device, one
+batch at a time: nothing holds a whole dataset as float32 on the accelerator.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import numpy as np
+import torch
+from PIL import Image
+
+from headavatar.subjects.format import HEAD_LABELS, MOUTH_LABELS, Subject
+
+
+class FrameDataset(torch.utils.data.Dataset):
+    """Items: {"index", "image" [H,W,3] u8, "alpha" [H,W] u8, "parsing" [H,W] u8} at ``resolution``."""
+
+    def __init__(self, subject: Subject, indices, resolution: tuple[int, int] | None = None, cache_bytes: int = 512 << 20):
+        self.subject = subject
+        self.indices = [int(i) for i in indices]
+        self.size = resolution or (subject.height, subject.width)
+        self.cache_bytes = cache_bytes
+        self._cache: OrderedDict[int, dict] = OrderedDict()
+        self._cached = 0
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, k: int) -> dict:
+        i = self.indices[k]
+        item = self._cache.get(i)
+        if item is None:
+            item = self._load(i)
+            nbytes = sum(v.nbytes for v in item.values() if isinstance(v, torch.Tensor))
+            if self._cached + nbytes <= self.cache_bytes:
+                self._cache[i] = item
+                self._cached += nbytes
+        return item
+
+    def _load(self, i: int) -> dict:
+        f = self.subject.load_frame(i)
+        H, W = self.size
+        if (H, W) != f["image"].shape[:2]:
+            f = {
+                "image": _resize(f["image"], (H, W), Image.BILINEAR),
+                "alpha": _resize(f["alpha"], (H, W), Image.BILINEAR),
+                "parsing": _resize(f["parsing"], (H, W), Image.NEAREST),
+            }
+        return {"index": i, **{k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in f.items()}}
+
+
+def _resize(a: np.ndarray, size: tuple[int, int], resample) -> np.ndarray:
+    H, W = size
+    if resample != Image.NEAREST and (a.shape[0] > 2 * H):
+        resample = Image.BOX  # area filter when shrinking a lot, to avoid aliasing
+    return np.asarray(Image.fromarray(a).resize((W, H), resample))
+
+
+def collate(items: list[dict]) -> dict:
+    return {
+        "index": torch.tensor([it["index"] for it in items], dtype=torch.long),
+        "image": torch.stack([it["image"] for it in items]),
+        "alpha": torch.stack([it["alpha"] for it in items]),
+        "parsing": torch.stack([it["parsing"] for it in items]),
+    }
+
+
+def prepare_targets(batch: dict, background: torch.Tensor, device) -> dict:
+    """uint8 batch -> float targets on ``device``.
+
+    gt = img*alpha + bg*(1-alpha), then gt*M_head + bg*(1-M_head) (FlashAvatar's
+    compositing: hair and neck kept, clothes and shoulders dropped).
+    """
+    img = batch["image"].to(device, non_blocking=True).float() / 255.0  # [B,H,W,3]
+    alpha = batch["alpha"].to(device, non_blocking=True).float()[..., None] / 255.0
+    parsing = batch["parsing"].to(device, non_blocking=True)
+    head = torch.zeros_like(parsing, dtype=torch.bool)
+    for lab in HEAD_LABELS:
+        head |= parsing == lab
+    mouth = torch.zeros_like(head)
+    for lab in MOUTH_LABELS:
+        mouth |= parsing == lab
+    head = head.float()[..., None]
+    bg = background.to(device).view(1, 1, 1, 3)
+    gt = img * alpha + bg * (1 - alpha)
+    gt = gt * head + bg * (1 - head)
+    return {"gt": gt, "alpha": alpha * head, "head_mask": head, "mouth_mask": mouth.float()[..., None], "index": batch["index"]}
+
+
+class InfiniteSampler(torch.utils.data.Sampler):
+    """Reshuffles every pass (seeded by pass number, so a resumed run sees the same order); at most ``per_pass`` frames a pass."""
+
+    def __init__(self, n: int, seed: int = 0, per_pass: int | None = None, start: int = 0):
+        self.n, self.seed, self.per_pass, self.start = n, seed, per_pass or n, start
+
+    def __iter__(self):
+        count = 0
+        epoch = 0
+        while True:
+            g = torch.Generator().manual_seed(self.seed * 100003 + epoch)
+            order = torch.randperm(self.n, generator=g)[: self.per_pass].tolist()
+            for k in order:
+                if count >= self.start:
+                    yield k
+                count += 1
+            epoch += 1
