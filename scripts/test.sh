@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# The project's test command: sets up the environment, then runs the whole suite.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+# shellcheck disable=SC1091
+. "${HEADAVATAR_VENV:-.venv}/bin/activate"
+# one torch thread per xdist worker: two workers on two cores, no oversubscription
+export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
+set +e
+python -m pytest -n "${HEADAVATAR_TEST_WORKERS:-2}" -q -p no:cacheprovider "$@"
+rc=$?
+set -e
+# pytest exits 5 when no test ran: that is a failure for us too
+exit $rc
