@@ -51,7 +51,8 @@ def _plots(curves: list[dict], metrics: dict | None) -> list[tuple[str, str]]:
     if metrics and metrics.get("per_frame"):
         rows = metrics["per_frame"]
         frames = [r["frame"] for r in rows]
-        keys = [k for k in ("psnr", "ssim", "lpips_vgg", "lpips_alex", "lpips") if k in rows[0]]
+        rows = [r for r in rows if not r.get("skipped")]
+        keys = [k for k in ("psnr", "ssim", "lpips_vgg", "lpips_alex", "mae") if rows and k in rows[0] and rows[0][k] is not None]
         fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3), squeeze=False)
         for ax, k in zip(axes[0], keys):
             ax.plot(frames, [r[k] for r in rows], ".-")
@@ -75,8 +76,7 @@ def write_report(run_dir, title: str | None = None, extra_sections: list[tuple[s
     if metrics:
         m = metrics["metrics"]
         rows = "".join(
-            f"<tr><td>{esc(k)}</td><td>{v['mean']:.4f}</td><td>{v.get('median', float('nan')):.4f}</td></tr>"
-            for k, v in m.items() if isinstance(v, dict) and "mean" in v
+            f"<tr><td>{esc(k)}</td><td>{v:.4f}</td><td>{m['median'][k]:.4f}</td></tr>" for k, v in m["mean"].items()
         )
         parts.append("<h2>Held-out metrics</h2>")
         parts.append(f"<p>{metrics['num_frames']} frames ({esc(metrics['split'])}), {metrics['resolution'][1]}×{metrics['resolution'][0]}, checkpoint {metrics['checkpoint_step']}.<br>"

@@ -101,8 +101,8 @@ def cmd_eval(args) -> int:
     from headavatar.methods.evaluate import evaluate_run
 
     res = evaluate_run(args.run, device=args.device, split=args.split, batch_size=args.batch_size, video=not args.no_video, lpips=not args.no_lpips)
-    m = res["metrics"]
-    parts = [f"{k} {m[k]['mean']:.4f}" for k in m if isinstance(m[k], dict) and "mean" in m[k]]
+    m = res["metrics"]["mean"]
+    parts = [f"{k} {v:.4f}" for k, v in m.items()]
     print(f"{res['num_frames']} {args.split} frames: " + ", ".join(parts))
     print(f"wrote {Path(args.run) / 'eval' / 'metrics.json'}")
     return 0

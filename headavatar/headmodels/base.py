@@ -148,16 +148,15 @@ class HeadModel:
         if joint_rotations is None:
             joint_rotations = v_shaped.new_zeros(B, J, 3)
         rots = axis_angle_to_matrix(joint_rotations)  # [B,J,3,3]
-        # joints come from the identity-only mesh, as FLAME/SMPL do
-        v_id = self.shaped(shape) if shape is not None else self.template[None].expand(B, -1, -1)
-        joints_rest = torch.einsum("jv,bvc->bjc", self.joint_regressor, v_id)
+        # joints are regressed from the shaped mesh, expression included, as FLAME does
+        joints_rest = torch.einsum("jv,bvc->bjc", self.joint_regressor, v_shaped)
         v_posed = v_shaped
         if self.pose_basis is not None and J > 1:
             eye = torch.eye(3, dtype=rots.dtype, device=rots.device)
             feats = (rots[:, 1:] - eye).reshape(B, -1)
             v_posed = v_posed + (feats @ self.pose_basis).reshape(B, -1, 3)
         G = self._global_transforms(rots, joints_rest)  # [B,J,4,4]
-        T = torch.einsum("vj,bjab->bvab", self.skin_weights, G)
+        T = torch.einsum("vj,bjxy->bvxy", self.skin_weights, G)
         v = (T[..., :3, :3] @ v_posed[..., None])[..., 0] + T[..., :3, 3]
         if extras:
             for k, basis in self.post_basis.items():

@@ -25,6 +25,7 @@ turn into a UserError that says which file is not what it should be.
 
 from __future__ import annotations
 
+import _compat_pickle
 import copyreg
 import io
 import os
@@ -100,7 +101,15 @@ def _frombuffer(buf, dtype, shape, order):
     return np.frombuffer(buf, dtype=dtype).reshape(shape, order=order).copy()
 
 
+def _codecs_encode(obj, encoding="utf-8", errors="strict"):
+    # Python 3 pickles bytes at protocol <= 2 as _codecs.encode(text, 'latin1'); nothing else is allowed
+    if encoding.lower().replace("-", "").replace("_", "") not in ("latin1", "iso88591", "utf8", "ascii"):
+        raise pickle.UnpicklingError(f"codec {encoding!r} is not allowed")
+    return obj.encode(encoding, errors)
+
+
 _BUILTINS = {
+    ("_codecs", "encode"): _codecs_encode,
     ("builtins", "set"): set,
     ("builtins", "frozenset"): frozenset,
     ("builtins", "object"): object,
@@ -139,6 +148,11 @@ class RestrictedUnpickler(pickle.Unpickler):
         self._stubs: dict[tuple[str, str], type] = {}
 
     def find_class(self, module: str, name: str):
+        # Python 2 names (__builtin__, copy_reg); the stock find_class maps them, an override must too
+        if (module, name) in _compat_pickle.NAME_MAPPING:
+            module, name = _compat_pickle.NAME_MAPPING[(module, name)]
+        elif module in _compat_pickle.IMPORT_MAPPING:
+            module = _compat_pickle.IMPORT_MAPPING[module]
         key = (module, name)
         if key in self._globals:
             return self._globals[key]
@@ -157,7 +171,7 @@ class RestrictedUnpickler(pickle.Unpickler):
 def to_array(obj: Any, what: str = "value") -> Any:
     """Turn stubs (recursively in dicts/lists) into numpy arrays; leave other values alone."""
     if isinstance(obj, _ChumpyStub):
-        st = obj._state
+        st = getattr(obj, "_state", {})
         if "x" in st:
             return np.asarray(to_array(st["x"], what))
         raise ValueError(f"{what} is a chumpy {type(obj).__name__} expression, not a plain array (no 'x' in its state)")
@@ -180,7 +194,7 @@ def to_array(obj: Any, what: str = "value") -> Any:
 
 
 def _sparse_to_dense(obj: _SparseStub, what: str) -> np.ndarray:
-    st = obj._state
+    st = getattr(obj, "_state", {})
     shape = st.get("_shape", st.get("shape"))
     if shape is None:
         raise ValueError(f"{what} is a sparse matrix without a shape")
@@ -239,7 +253,6 @@ def load_npy_object(path: str | os.PathLike) -> Any:
             f.seek(0)
             return np.load(f, allow_pickle=False)
         obj = RestrictedUnpickler(f, allow_torch=True).load()
-    obj = to_array(obj, Path(path).name)
     if isinstance(obj, np.ndarray) and obj.dtype == object and obj.shape == ():
         obj = obj[()]
-    return obj
+    return to_array(obj, Path(path).name)

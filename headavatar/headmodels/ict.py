@@ -22,7 +22,6 @@ Nothing is cached: each call reads the npz again (about half a second).
 from __future__ import annotations
 
 import os
-from itertools import permutations
 from pathlib import Path
 
 import numpy as np
@@ -77,7 +76,10 @@ LANDMARK_VERTICES = (
 
 # Atlas share per chart, relative to its 3D area: the face gets full density, the
 # scalp/neck less (smoother appearance), mostly hidden insides least.
-CHART_DENSITY = {"face": 1.0, "head": 0.6, "gums": 0.25, "teeth": 0.35, "eyeball_left": 1.0, "eyeball_right": 1.0}
+CHART_DENSITY = {
+    "face": 1.0, "head_neck": 0.6, "mouth_socket": 0.3, "eye_socket_left": 0.2, "eye_socket_right": 0.2,
+    "gums_tongue": 0.25, "teeth": 0.35, "eyeball_left": 1.0, "eyeball_right": 1.0,
+}
 ATLAS_GAP = 1.0 / 256  # empty margin between charts (one texel at 256^2)
 
 # Parsing labels (subjects.format.LABELS)
@@ -197,57 +199,113 @@ def uv_coverage(uvs: np.ndarray, uv_faces: np.ndarray, res: int) -> dict[str, in
     return {"covered": int(len(covered)), "overlapping": int((counts > 1).sum()), "faces_outside_unit_square": outside}
 
 
-def _pack_rects(sizes: list[tuple[float, float]], gap: float) -> list[tuple[float, float]] | None:
-    """Place rectangles (w, h) in the unit square (guillotine, best of all insertion
-    orders for these few charts); lower-left corners, or None if they do not fit."""
-    best = None
-    for order in permutations(range(len(sizes))):
-        free = [(0.0, 0.0, 1.0, 1.0)]  # x, y, w, h
-        pos: list[tuple[float, float] | None] = [None] * len(sizes)
-        ok = True
-        for i in order:
-            w, h = sizes[i][0] + gap, sizes[i][1] + gap
-            fits = [r for r in free if r[2] >= w - 1e-12 and r[3] >= h - 1e-12]
-            if not fits:
-                ok = False
-                break
-            # bottom-left rule, then the tightest free rectangle
-            r = min(fits, key=lambda r: (r[1], r[0], r[2] * r[3]))
-            free.remove(r)
-            pos[i] = (r[0], r[1])
-            x, y, rw, rh = r
-            # split the leftover along the shorter leftover side (keeps big free blocks)
-            if rw - w > rh - h:
-                free += [(x + w, y, rw - w, rh), (x, y + h, w, rh - h)]
-            else:
-                free += [(x + w, y, rw - w, h), (x, y + h, rw, rh - h)]
-            free = [f for f in free if f[2] > 1e-9 and f[3] > 1e-9]
-        if ok:
-            best = pos
+def _components(n: int, edges: np.ndarray) -> np.ndarray:
+    """Connected-component label per node (0..n-1) of an undirected graph, by min-label propagation."""
+    lab = np.arange(n)
+    edges = np.asarray(edges, np.int64).reshape(-1, 2)
+    while True:
+        m = np.minimum(lab[edges[:, 0]], lab[edges[:, 1]])
+        new = lab.copy()
+        np.minimum.at(new, edges[:, 0], m)
+        np.minimum.at(new, edges[:, 1], m)
+        new = new[new]  # pointer jumping: converges in O(log diameter) rounds
+        if np.array_equal(new, lab):
             break
-    return best  # type: ignore[return-value]
+        lab = new
+    return np.unique(lab, return_inverse=True)[1]
+
+
+def _pack_rects(sizes: np.ndarray, gap: float) -> tuple[np.ndarray, np.ndarray] | None:
+    """MaxRects packing (best short side fit, 90-degree turns allowed) of rectangles
+    [n,2] into the unit square.
+
+    Returns (lower-left corners [n,2], turned [n] bool) or None when they do not
+    fit with any of a few insertion orders.  ``gap`` is added to every rectangle
+    so that charts never touch.
+    """
+    for order in (np.argsort(-sizes.max(1), kind="stable"), np.argsort(-sizes.prod(1), kind="stable"), np.argsort(-sizes[:, 1], kind="stable")):
+        free = [(0.0, 0.0, 1.0, 1.0)]
+        pos = np.zeros((len(sizes), 2))
+        turned = np.zeros(len(sizes), bool)
+        for i in order:
+            best = None
+            for rot in (False, True):
+                w, h = (sizes[i][::-1] if rot else sizes[i]) + gap
+                for fx, fy, fw, fh in free:
+                    if fw >= w and fh >= h:
+                        score = (min(fw - w, fh - h), max(fw - w, fh - h))
+                        if best is None or score < best[0]:
+                            best = (score, fx, fy, w, h, rot)
+            if best is None:
+                break
+            _, x, y, w, h, rot = best
+            pos[i], turned[i] = (x, y), rot
+            # split every free rectangle the new one intersects into up to four maximal pieces
+            out = []
+            for fx, fy, fw, fh in free:
+                if x >= fx + fw or x + w <= fx or y >= fy + fh or y + h <= fy:
+                    out.append((fx, fy, fw, fh))
+                    continue
+                if x > fx:
+                    out.append((fx, fy, x - fx, fh))
+                if x + w < fx + fw:
+                    out.append((x + w, fy, fx + fw - x - w, fh))
+                if y > fy:
+                    out.append((fx, fy, fw, y - fy))
+                if y + h < fy + fh:
+                    out.append((fx, y + h, fw, fy + fh - y - h))
+            # drop free rectangles contained in another (keep one of equal duplicates)
+            free = [a for k, a in enumerate(out) if not any(
+                (j < k or a != b) and b[0] <= a[0] and b[1] <= a[1] and a[0] + a[2] <= b[0] + b[2] and a[1] + a[3] <= b[1] + b[3]
+                for j, b in enumerate(out) if j != k)]
+        else:
+            return pos, turned
+    return None
 
 
 def pack_charts(charts: list[dict], gap: float = ATLAS_GAP) -> list[tuple[float, float, float]]:
     """Scale (uniformly per chart) and place charts in [0,1]^2.
 
-    Each chart dict has ``lo``/``hi`` (its UV bounding box), ``uv_area`` and
+    Each chart dict has ``lo``/``hi`` (its UV bounding box), ``uv_area``,
     ``area3d`` and ``density``; charts get UV area proportional to
-    density * 3D area.  Returns (scale, offset_u, offset_v) per chart:
-    new_uv = (uv - lo) * scale + offset.
+    density * 3D area, all with one common factor, the largest that packs.
+    Returns (scale, offset_u, offset_v, turned) per chart:
+    new_uv = R(uv - lo) * scale + offset, R a quarter turn where ``turned``.
     """
-    base = [np.sqrt(c["density"] * c["area3d"] / max(c["uv_area"], 1e-12)) for c in charts]
-    ext = [np.asarray(c["hi"]) - np.asarray(c["lo"]) for c in charts]
-    lo_k, hi_k = 0.0, 1.0 / max(b * e.max() for b, e in zip(base, ext))
-    placed = _pack_rects([tuple(e * base[i] * lo_k) for i, e in enumerate(ext)], gap)
-    for _ in range(40):  # bisection on the common scale: the largest that still packs
+    base = np.array([np.sqrt(c["density"] * c["area3d"] / max(c["uv_area"], 1e-12)) for c in charts])
+    ext = np.array([np.asarray(c["hi"]) - np.asarray(c["lo"]) for c in charts])
+    lo_k, hi_k = 0.0, 1.0 / float((base[:, None] * ext).max())
+    placed = _pack_rects(ext * base[:, None] * lo_k, gap)
+    for _ in range(24):  # bisection on the common factor
         k = 0.5 * (lo_k + hi_k)
-        pos = _pack_rects([tuple(e * base[i] * k) for i, e in enumerate(ext)], gap)
+        pos = _pack_rects(ext * base[:, None] * k, gap)
         if pos is None:
             hi_k = k
         else:
             lo_k, placed = k, pos
-    return [(base[i] * lo_k, placed[i][0] + gap / 2, placed[i][1] + gap / 2) for i in range(len(charts))]
+    pos, turned = placed
+    return [(float(base[i] * lo_k), float(pos[i][0] + gap / 2), float(pos[i][1] + gap / 2), bool(turned[i])) for i in range(len(charts))]
+
+
+def _uv_islands(uv_tris: np.ndarray, uv: np.ndarray) -> np.ndarray:
+    """Island id per UV triangle; islands whose boxes mostly overlap (nested rings) are merged."""
+    ids, inv = np.unique(uv_tris, return_inverse=True)
+    inv = inv.reshape(-1, 3)
+    comp = _components(len(ids), np.concatenate([inv[:, [0, 1]], inv[:, [1, 2]]]))[inv[:, 0]]
+    while True:
+        n = comp.max() + 1
+        q = uv[uv_tris]
+        lo = np.full((n, 2), np.inf)
+        hi = np.full((n, 2), -np.inf)
+        np.minimum.at(lo, comp, q.min(1))
+        np.maximum.at(hi, comp, q.max(1))
+        inter = np.clip(np.minimum(hi[:, None], hi[None]) - np.maximum(lo[:, None], lo[None]), 0, None).prod(-1)
+        area = (hi - lo).prod(-1)
+        np.fill_diagonal(inter, 0)
+        a, b = np.nonzero(inter > 0.5 * np.minimum(area[:, None], area[None]))
+        if len(a) == 0:
+            return comp
+        comp = _components(n, np.stack([a, b], 1))[comp]
 
 
 # --------------------------------------------------------------------------- builder
@@ -287,14 +345,9 @@ def _boundary_loops(faces: np.ndarray) -> list[np.ndarray]:
     be = ue[cnt == 1]
     if len(be) == 0:
         return []
-    from scipy.sparse import coo_matrix
-    from scipy.sparse.csgraph import connected_components
-
     verts, inv = np.unique(be, return_inverse=True)
-    inv = inv.reshape(-1, 2)
-    g = coo_matrix((np.ones(len(inv)), (inv[:, 0], inv[:, 1])), shape=(len(verts), len(verts)))
-    n, lab = connected_components(g, directed=False)
-    return [verts[lab == i] for i in range(n)]
+    lab = _components(len(verts), inv.reshape(-1, 2))
+    return [verts[lab == i] for i in range(lab.max() + 1)]
 
 
 def _polygon_contains(poly: np.ndarray, pts: np.ndarray) -> np.ndarray:
@@ -418,36 +471,37 @@ def build_ict_head(path: str | os.PathLike | None = None, parts="avatar", n_iden
         part_of_vertex[np.unique(tris[tri_part == k])] = k
     part_of_vertex = part_of_vertex[used]
 
-    # ---- UV atlas: one chart per UDIM tile of ICT's layout, plus one disc per eyeball
+    # ---- UV atlas.  ICT's UVs are UDIM tiles (u in [0,7)) and the eyeballs share tile 0
+    # with the face; re-pack every UV island (the face tile's nested islands stay one
+    # chart) and a new orthographic disc per eyeball cap into [0,1]^2.
     names = list(PARTS)
-    tile_of = lambda part: {"face": "face", "gums_tongue": "gums", "teeth": "teeth"}.get(part, "head")  # noqa: E731
-    chart_of_tri = np.array([n if n in EYEBALLS else tile_of(n) for n in (names[k] for k in tri_part)], dtype=object)
-    chart_names = [c for c in ("face", "head", "gums", "teeth", *EYEBALLS) if (chart_of_tri == c).any()]
-    new_uvs, uv_faces = [], np.zeros_like(faces)
     charts = []
-    for c in chart_names:
-        m = chart_of_tri == c
-        if c in EYEBALLS:
-            local_idx = tris[m]  # per-vertex UVs
-            src_uv = eye_uv[c]
+    for k in np.unique(tri_part):
+        m_part = tri_part == k
+        if names[k] in EYEBALLS:
+            island_sets = [(np.nonzero(m_part)[0], tris[m_part], eye_uv[names[k]])]
         else:
-            local_idx = tri_uv_orig[m]
-            src_uv = uvs_all - np.floor(uvs_all[tri_uv_orig[m]].reshape(-1, 2).mean(0))[None] * np.array([1.0, 0.0])
-        ids, inv = np.unique(local_idx, return_inverse=True)
-        uv_c = src_uv[ids]
-        tri_c = inv.reshape(-1, 3)
-        charts.append({
-            "name": c, "uv": uv_c, "tris": tri_c, "mask": m,
-            "lo": uv_c.min(0), "hi": uv_c.max(0),
-            "uv_area": float(_tri_areas(uv_c[tri_c]).sum()),
-            "area3d": float(_tri_areas(verts_cm[tris[m]]).sum()),
-            "density": CHART_DENSITY[c],
-        })
+            isl = _uv_islands(tri_uv_orig[m_part], uvs_all)
+            idx = np.nonzero(m_part)[0]
+            island_sets = [(idx[isl == i], tri_uv_orig[idx[isl == i]], uvs_all) for i in range(isl.max() + 1)]
+        for tri_idx, local_idx, src_uv in island_sets:
+            ids, inv = np.unique(local_idx, return_inverse=True)
+            uv_c, tri_c = src_uv[ids], inv.reshape(-1, 3)
+            charts.append({
+                "part": names[k], "uv": uv_c, "tris": tri_c, "tri_idx": tri_idx,
+                "lo": uv_c.min(0), "hi": uv_c.max(0),
+                "uv_area": float(_tri_areas(uv_c[tri_c]).sum()),
+                "area3d": float(_tri_areas(verts_cm[tris[tri_idx]]).sum()),
+                "density": CHART_DENSITY[names[k]],
+            })
     placement = pack_charts(charts)
-    offset = 0
-    for ch, (s, ou, ov) in zip(charts, placement):
-        new_uvs.append((ch["uv"] - ch["lo"]) * s + np.array([ou, ov]))
-        uv_faces[ch["mask"]] = ch["tris"] + offset
+    new_uvs, uv_faces, offset = [], np.zeros_like(faces), 0
+    for ch, (s, ou, ov, turned) in zip(charts, placement):
+        local = ch["uv"] - ch["lo"]
+        if turned:  # quarter turn, counter-clockwise, kept in the first quadrant
+            local = np.stack([ch["hi"][1] - ch["lo"][1] - local[:, 1], local[:, 0]], 1)
+        new_uvs.append(local * s + np.array([ou, ov]))
+        uv_faces[ch["tri_idx"]] = ch["tris"] + offset
         offset += len(ch["uv"])
     uvs = np.clip(np.concatenate(new_uvs), 0.0, 1.0)
 
@@ -468,9 +522,12 @@ def build_ict_head(path: str | os.PathLike | None = None, parts="avatar", n_iden
     regions, labels = _regions_and_labels(verts_cm[used], faces, part_of_vertex, used, lm_new)
 
     # ---- root joint: the centroid of the skull (face + scalp above the chin), between the ears
+    # (area-weighted: the face is meshed far more densely than the back of the head).
     skull = np.isin(part_of_vertex, [names.index("face"), names.index("head_neck")]) & (verts_cm[used, 1] > verts_cm[LANDMARK_VERTICES[8], 1])
-    regressor = np.zeros((1, len(used)), np.float32)
-    regressor[0, skull] = 1.0 / skull.sum()
+    vertex_area = np.zeros(len(used))
+    np.add.at(vertex_area, faces.reshape(-1), np.repeat(_tri_areas(verts_cm[tris]) / 3.0, 3))
+    w = np.where(skull, vertex_area, 0.0)
+    regressor = (w / w.sum())[None].astype(np.float32)
 
     expression_names = [str(s) for s in data["expression_names"]]
     return HeadModel(
@@ -497,7 +554,7 @@ def build_ict_head(path: str | os.PathLike | None = None, parts="avatar", n_iden
             "expression_range": (0.0, 1.0),
             "shape_prior_std": 1.0,  # identity modes are scaled PCA modes: coefficients ~ N(0, 1)
             "source_vertex_index": used,  # ICT vertex index of every model vertex
-            "uv_charts": {ch["name"]: [float(s), float(ou), float(ov)] for ch, (s, ou, ov) in zip(charts, placement)},
+            "uv_charts": len(charts),
             "source": str(npz.name),
         },
     )

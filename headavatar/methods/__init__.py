@@ -42,13 +42,16 @@ def available_methods() -> list[str]:
 
 
 def train_method(method: str, subject_dir, run_dir, overrides: dict[str, Any] | list[str] | None = None,
-                 resume: bool = False, progress: bool = True) -> Path:
-    """Train ``method`` on a subject into ``run_dir``; returns run_dir. The Python twin of `headavatar train`."""
+                 resume: bool = False, progress: bool = True, head_overrides: dict | None = None) -> Path:
+    """Train ``method`` on a subject into ``run_dir``; returns run_dir. The Python twin of `headavatar train`.
+
+    ``head_overrides``: options for building the subject's head model here, e.g. {"dir": FLAME folder}.
+    """
     from headavatar.config import apply_overrides
     from headavatar.methods.run import RunDir
 
     cls = get_method(method)
-    run = RunDir(run_dir)
+    run = RunDir(run_dir, head_overrides)
     if resume:
         cfg = run.load_config(cls)
         cfg = apply_overrides(cfg, overrides)
@@ -59,10 +62,10 @@ def train_method(method: str, subject_dir, run_dir, overrides: dict[str, Any] | 
     return Path(run_dir)
 
 
-def load_avatar(run_dir, device="cpu"):
+def load_avatar(run_dir, device="cpu", head_overrides: dict | None = None):
     """Open a trained run of any method."""
     from headavatar.methods.run import RunDir
 
-    run = RunDir(run_dir)
+    run = RunDir(run_dir, head_overrides)
     info = run.read_info()
     return get_method(info["method"])().load(run, device)

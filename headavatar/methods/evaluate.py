@@ -28,7 +28,10 @@ def evaluate_run(run_dir, device="cpu", split: str = "test", batch_size: int = 4
     H, W = avatar.size
     data = FrameDataset(subj, frames, (H, W))
     tr = subj.tracking
-    rows, stills = [], []
+    from headavatar.metrics.lpips import LPIPSCache
+
+    lpips_cache = LPIPSCache()
+    rows = []
     render_time = 0.0
     side_by_side = []
     bar = tqdm(total=len(frames), disable=not progress, desc=f"eval {avatar.method}", unit="frame")
@@ -43,11 +46,18 @@ def evaluate_run(run_dir, device="cpu", split: str = "test", batch_size: int = 4
         out = avatar.render(params, cams)
         sync(avatar.device)
         render_time += time.perf_counter() - t
-        res = evaluate_frames(out["rgb"], tgt["gt"], tgt["head_mask"], protocol=avatar.eval_protocol, lpips=lpips,
-                              background=avatar.background, parsing=b["parsing"].to(avatar.device), image=b["image"].to(avatar.device), alpha=b["alpha"].to(avatar.device))
-        for j, r in enumerate(res):
-            r["frame"] = int(idx[j])
-            rows.append(r)
+        pred = out["rgb"].permute(0, 3, 1, 2)
+        if avatar.eval_protocol == "imavatar":
+            gt_img = b["image"].to(avatar.device).permute(0, 3, 1, 2).float() / 255
+            mask = b["alpha"].to(avatar.device).float() / 255
+            res = evaluate_frames(pred, gt_img, mask, "imavatar", exclude=(b["parsing"].to(avatar.device) == 8).float(),
+                                  lpips_cache=lpips_cache, frame_ids=[int(i) for i in idx], lpips=lpips)
+        else:
+            # gt = img·(alpha·head) + bg·(1 − alpha·head): the training targets' compositing
+            gt_img = b["image"].to(avatar.device).permute(0, 3, 1, 2).float() / 255
+            res = evaluate_frames(pred, gt_img, tgt["alpha"][..., 0], "flashavatar", background=avatar.background,
+                                  lpips_cache=lpips_cache, frame_ids=[int(i) for i in idx], lpips=lpips)
+        rows.extend(res)
         for j in range(len(idx)):
             side_by_side.append(np.concatenate([to_uint8(tgt["gt"][j]), to_uint8(out["rgb"][j])], 1))
         bar.update(len(idx))
@@ -60,9 +70,10 @@ def evaluate_run(run_dir, device="cpu", split: str = "test", batch_size: int = 4
         "num_frames": len(rows),
         "resolution": [H, W],
         "checkpoint_step": avatar.step,
-        "protocol": rows[0].get("protocol", avatar.eval_protocol) if rows else avatar.eval_protocol,
+        "protocol": summary["protocol"],
         "frames": [int(f) for f in frames],
-        "metrics": summary,
+        "metrics": {"mean": summary["mean"], "median": summary["median"]},
+        "skipped_frames": summary["skipped"],
         "render_fps": len(rows) / max(render_time, 1e-9),
         "render_fps_note": f"model evaluation + rasterisation only (no I/O), batch {batch_size}, device {avatar.device}",
         "per_frame": rows,
@@ -70,7 +81,7 @@ def evaluate_run(run_dir, device="cpu", split: str = "test", batch_size: int = 4
     write_json(out_dir / "metrics.json", result)
     if video:
         write_video(out_dir / "side_by_side.mp4", side_by_side, fps=subj.fps)
-    worst = sorted(rows, key=lambda r: r.get("psnr", 0))[:3]
+    worst = sorted((r for r in rows if not r.get("skipped")), key=lambda r: r["psnr"])[:3]
     for r in worst:
         k = frames.index(r["frame"])
         from headavatar.utils.io import write_image

@@ -25,8 +25,19 @@ _CKPT = re.compile(r"ckpt_(\d+)\.pt$")
 
 
 class RunDir:
-    def __init__(self, root):
+    def __init__(self, root, head_overrides: dict | None = None):
         self.root = Path(root)
+        # options for loading the subject's head model on this machine (e.g. {"dir": FLAME folder});
+        # saved in run.json so eval/render/export find the model again
+        self._head_overrides = head_overrides
+
+    @property
+    def head_overrides(self) -> dict:
+        if self._head_overrides is not None:
+            return dict(self._head_overrides)
+        if self.exists():
+            return dict(self.read_info().get("head_model_overrides") or {})
+        return {}
 
     # ----------------------------------------------------------- run.json
     @property
@@ -50,6 +61,7 @@ class RunDir:
             "subject": str(Path(subject_dir).resolve()),
             "headavatar_version": __version__,
             "config": to_dict(cfg),
+            "head_model_overrides": self.head_overrides,
             **(extra or {}),
         })
 

@@ -52,12 +52,18 @@ _ALEX = [
     (256, 3, 1, 1, None, True),
     (256, 3, 1, 1, None, True),
 ]
-# VGG16 conv stack; taps after relu1_2, relu2_2, relu3_3, relu4_3, relu5_3.
-_VGG = []
-for _block, (_ch, _n) in enumerate([(64, 2), (128, 2), (256, 3), (512, 3), (512, 3)]):
-    for _i in range(_n):
-        _VGG.append((_ch, 3, 1, 1, (2, 2) if (_block > 0 and _i == 0) else None, _i == _n - 1))
-_ARCH = {"alex": _ALEX, "vgg": _VGG}
+
+
+def _vgg16_plan() -> list[tuple]:
+    """VGG16 conv stack; 2x2 pool before each block after the first; taps after relu{1_2,2_2,3_3,4_3,5_3}."""
+    plan = []
+    for block, (ch, n) in enumerate([(64, 2), (128, 2), (256, 3), (512, 3), (512, 3)]):
+        for i in range(n):
+            plan.append((ch, 3, 1, 1, (2, 2) if (block > 0 and i == 0) else None, i == n - 1))
+    return plan
+
+
+_ARCH = {"alex": _ALEX, "vgg": _vgg16_plan()}
 # Smallest side whose features survive every pooling stage.
 _MIN_SIDE = {"alex": 31, "vgg": 16}
 
@@ -161,13 +167,15 @@ class LPIPS(nn.Module):
         super().__init__()
         self.net = canonical_net(net)
         self._arch = _ARCH[self.net]
-        state = load_state(self.net, weights) if state is None else state
+        # A shared state (from LPIPSCache) is cloned so modules never alias each other.
+        state = load_state(self.net, weights) if state is None else {k: v.clone() for k, v in state.items()}
         for name, t in state.items():
             # Non-persistent buffers: follow .to()/.double(), skipped by optimisers and state_dict.
-            self.register_buffer(name.replace(".", "_"), t.clone(), persistent=False)
-        shift = torch.tensor(_SHIFT).view(1, 3, 1, 1)
-        scale = torch.tensor(_SCALE).view(1, 3, 1, 1)
-        # [0,1] -> [-1,1] -> (x - shift) / scale folded into one affine map.
+            self.register_buffer(name.replace(".", "_"), t, persistent=False)
+        shift = torch.tensor(_SHIFT, dtype=torch.float64).view(1, 3, 1, 1)
+        scale = torch.tensor(_SCALE, dtype=torch.float64).view(1, 3, 1, 1)
+        # [0,1] -> [-1,1] -> (x - shift) / scale folded into one affine map, kept in
+        # float64 (cast per call) so a .double() module is exact, not float32-rounded.
         self.register_buffer("in_scale", 2.0 / scale, persistent=False)
         self.register_buffer("in_shift", (-1.0 - shift) / scale, persistent=False)
         self.eval()
@@ -181,11 +189,12 @@ class LPIPS(nn.Module):
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.in_scale.dtype
+        return self.conv0_weight.dtype
 
     def features(self, x: torch.Tensor) -> list[torch.Tensor]:
         """Unit-normalised (over channels) backbone activations at the 5 LPIPS taps."""
-        x = x.to(self.dtype) * self.in_scale + self.in_shift
+        dt = self.dtype
+        x = x.to(dt) * self.in_scale.to(dt) + self.in_shift.to(dt)
         taps = []
         for i, (_out, _k, stride, pad, pool, tap) in enumerate(self._arch):
             if pool is not None:
@@ -246,7 +255,7 @@ class LPIPSCache:
         return self._models[key]
 
 
-def lpips(
+def lpips_distance(
     pred: torch.Tensor,
     gt: torch.Tensor,
     net: str = "alex",

@@ -26,7 +26,8 @@ from __future__ import annotations
 
 import math
 import statistics
-from typing import Any, Iterable, Sequence
+from contextlib import contextmanager
+from typing import Any, Iterable, Iterator, Sequence
 
 import torch
 
@@ -42,7 +43,8 @@ _FLASHAVATAR_DEFAULT_BG = (0.0, 1.0, 0.0)  # FlashAvatar trains on green unless 
 def describe(protocol: str, background: Sequence[float] | None = None) -> str:
     """One-line description of a protocol, stored with every result."""
     if protocol == "flashavatar":
-        bg = tuple(float(v) for v in (background if background is not None else _FLASHAVATAR_DEFAULT_BG))
+        bg_t = torch.as_tensor(background if background is not None else _FLASHAVATAR_DEFAULT_BG)
+        bg = tuple(round(float(v), 6) for v in bg_t.flatten()) if bg_t.numel() == 3 else "per-pixel image"
         return (
             f"flashavatar: gt*mask + bg*(1-mask) with bg={bg}, prediction as rendered on bg; "
             "full-image PSNR(max 1), SSIM(gauss 11/1.5, valid), LPIPS v0.1 vgg+alex"
@@ -57,18 +59,22 @@ def describe(protocol: str, background: Sequence[float] | None = None) -> str:
 
 
 def _as_frames(x: torch.Tensor, name: str) -> torch.Tensor:
-    """``[N,3,H,W]`` float in [0,1]; uint8 is scaled by 1/255."""
+    """Validate ``[N,3,H,W]`` frames, float in [0,1] or uint8 (scaled per chunk, not here,
+    so a long uint8 sequence is never expanded to float all at once)."""
     if not isinstance(x, torch.Tensor):
         raise UserError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-    if x.dtype == torch.uint8:
-        x = x.float() / 255.0
-    elif not x.is_floating_point():
+    if x.dtype != torch.uint8 and not x.is_floating_point():
         raise UserError(f"{name} has dtype {x.dtype}; pass float images in [0, 1] or uint8")
     if x.dim() == 3:
         x = x.unsqueeze(0)
     if x.dim() != 4 or x.shape[1] != 3:
         raise UserError(f"{name} has shape {tuple(x.shape)}; expected RGB frames [N, 3, H, W]")
     return x
+
+
+def _to_unit(x: torch.Tensor, device: torch.device) -> torch.Tensor:
+    x = x.to(device)
+    return x.float() / 255.0 if x.dtype == torch.uint8 else x.float()
 
 
 def _as_weights(m: torch.Tensor, like: torch.Tensor, name: str) -> torch.Tensor:
@@ -83,6 +89,23 @@ def _as_weights(m: torch.Tensor, like: torch.Tensor, name: str) -> torch.Tensor:
     return m
 
 
+@contextmanager
+def _ieee_fp32() -> Iterator[None]:
+    """Turn TF32 off for the duration (restored after).
+
+    PyTorch lets cuDNN convolutions use TF32 by default; on an H100 that moves LPIPS by
+    up to ~4e-5, visible at the 4 decimals papers report. Only evaluation does this; the
+    LPIPS training loss runs under whatever the caller chose.
+    """
+    cudnn, matmul = torch.backends.cudnn, torch.backends.cuda.matmul
+    saved = (cudnn.allow_tf32, matmul.allow_tf32)
+    cudnn.allow_tf32, matmul.allow_tf32 = False, False
+    try:
+        yield
+    finally:
+        cudnn.allow_tf32, matmul.allow_tf32 = saved
+
+
 def _frames_of(m: torch.Tensor, sl: slice, n: int) -> torch.Tensor:
     """The chunk ``sl`` of a per-frame mask; a single ``[H, W]`` mask serves every frame."""
     if isinstance(m, torch.Tensor) and m.dim() >= 3 and m.shape[0] == n:
@@ -91,10 +114,13 @@ def _frames_of(m: torch.Tensor, sl: slice, n: int) -> torch.Tensor:
 
 
 def _check_range(x: torch.Tensor, name: str) -> None:
+    # Renders may overshoot [0, 1] a little (they are clamped below); a range like
+    # [-1, 1] or [0, 255] means the caller passed the wrong scale.
     lo, hi = float(x.min()), float(x.max())
-    if hi > 2.0 or lo < -1.0:
+    if hi > 2.0 or lo < -0.05:
         raise UserError(
-            f"{name} values lie in [{lo:.3g}, {hi:.3g}]; metrics expect [0, 1] (divide 8-bit images by 255)"
+            f"{name} values lie in [{lo:.3g}, {hi:.3g}]; metrics expect [0, 1] "
+            "(divide 8-bit images by 255; map [-1, 1] images with (x + 1) / 2)"
         )
 
 
@@ -119,6 +145,7 @@ def evaluate_frames(
     frame_ids: Iterable[Any] | None = None,
     batch_size: int = 8,
     device: torch.device | str | None = None,
+    lpips: bool = True,
 ) -> list[dict[str, Any]]:
     """Per-frame metrics under ``protocol`` ("flashavatar" or "imavatar").
 
@@ -128,6 +155,8 @@ def evaluate_frames(
     ``exclude`` (imavatar only): pixels removed from the metric mask, e.g. cloth.
     Pass an ``LPIPSCache`` to reuse loaded networks across calls. Work runs in chunks of
     ``batch_size`` frames on ``device`` (default: pred's device).
+
+    ``lpips=False`` leaves the LPIPS columns out (no weights needed).
 
     Returns one dict per frame: ``frame``, ``protocol``, ``skipped`` and the metrics
     (flashavatar: psnr, ssim, lpips_vgg, lpips_alex; imavatar: mae, psnr, ssim,
@@ -152,15 +181,15 @@ def evaluate_frames(
         raise UserError("exclude applies to the imavatar protocol only; fold it into mask for flashavatar")
     device = torch.device(device) if device is not None else pred.device
     cache = lpips_cache if lpips_cache is not None else LPIPSCache()
-    nets = ("vgg", "alex") if protocol == "flashavatar" else ("alex",)
+    nets = (("vgg", "alex") if protocol == "flashavatar" else ("alex",)) if lpips else ()
     models = {net: cache.get(net, device) for net in nets}
 
     results: list[dict[str, Any]] = []
-    with torch.no_grad():
+    with torch.no_grad(), _ieee_fp32():
         for start in range(0, n, batch_size):
             sl = slice(start, min(start + batch_size, n))
-            p = pred[sl].to(device=device, dtype=torch.float32)
-            g = gt[sl].to(device=device, dtype=torch.float32)
+            p = _to_unit(pred[sl], device)
+            g = _to_unit(gt[sl], device)
             _check_range(p, "pred")
             _check_range(g, "gt")
             p = p.clamp(0.0, 1.0)
@@ -173,9 +202,11 @@ def evaluate_frames(
                 if exclude is not None:
                     ex = _as_weights(_frames_of(exclude, sl, n), g, "exclude")
                 metrics = _imavatar(p, g, m, ex, models)
+            # One device->host copy per metric and chunk.
+            host = {k: v.tolist() for k, v in metrics.items()}
             for j, frame in enumerate(ids[sl]):
                 row: dict[str, Any] = {"frame": frame, "protocol": desc, "skipped": False}
-                for key, values in metrics.items():
+                for key, values in host.items():
                     if key == "skipped":
                         row["skipped"] = bool(values[j])
                     else:
@@ -193,8 +224,7 @@ def _flashavatar(p, g, m, background, models) -> dict[str, torch.Tensor]:
     return {
         "psnr": psnr_from_mse(err),
         "ssim": ssim(p, g),
-        "lpips_vgg": models["vgg"](p, g),
-        "lpips_alex": models["alex"](p, g),
+        **{f"lpips_{net}": model(p, g) for net, model in models.items()},
     }
 
 
@@ -209,9 +239,11 @@ def _imavatar(p, g, m, ex, models) -> dict[str, torch.Tensor]:
     mse = (diff.square() * mm).flatten(1).sum(1) / numel
     inside = mm > 0
     ssim_v = ssim(p * inside, g * inside)
-    lp = models["alex"](p * mm, g * mm)
     skipped = (p * mm).flatten(1).sum(1) == 0
-    return {"mae": mae, "psnr": psnr_from_mse(mse), "ssim": ssim_v, "lpips_alex": lp, "skipped": skipped}
+    out = {"mae": mae, "psnr": psnr_from_mse(mse), "ssim": ssim_v, "skipped": skipped}
+    if "alex" in models:
+        out["lpips_alex"] = models["alex"](p * mm, g * mm)
+    return out
 
 
 def aggregate(results: Sequence[dict[str, Any]]) -> dict[str, Any]:

@@ -50,7 +50,7 @@ class FrameDataset(torch.utils.data.Dataset):
                 "alpha": _resize(f["alpha"], (H, W), Image.BILINEAR),
                 "parsing": _resize(f["parsing"], (H, W), Image.NEAREST),
             }
-        return {"index": i, **{k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in f.items()}}
+        return {"index": i, **{k: torch.from_numpy(np.array(v, copy=True)) for k, v in f.items()}}
 
 
 def _resize(a: np.ndarray, size: tuple[int, int], resample) -> np.ndarray:

@@ -29,7 +29,7 @@ class FlashAvatarAvatar:
         self.device = resolve_device(device) if isinstance(device, str) else device
         self.subject = Subject.open(subject_dir or info["subject"])
         self.size = training_size(self.subject, self.cfg.resolution)
-        self.model = build_model(self.subject, self.cfg, self.device, head_overrides)
+        self.model = build_model(self.subject, self.cfg, self.device, head_overrides or run.head_overrides)
         self.step, state = run.load_checkpoint(map_location=self.device)
         self.model.load_state_dict(state["model"])
         self.model.eval()

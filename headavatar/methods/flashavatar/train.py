@@ -68,7 +68,7 @@ def train_flashavatar(subject_dir: Path, run: RunDir, cfg: FlashAvatarConfig, re
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed)
     H, W = training_size(subject, cfg.resolution)
-    model = build_model(subject, cfg, device)
+    model = build_model(subject, cfg, device, run.head_overrides)
     opt = make_optimizer(model, cfg)
     bg = torch.tensor(cfg.background, dtype=torch.float32, device=device)
     tr = subject.tracking

@@ -77,7 +77,8 @@ def eval_sh(degree: int, coeffs: torch.Tensor, dirs: torch.Tensor) -> torch.Tens
     if coeffs.shape[-2] < k:
         raise ValueError(f"SH degree {degree} needs {k} coefficients, got {coeffs.shape[-2]}")
     basis = sh_basis(degree, dirs)  # [..., k]
-    return (basis.unsqueeze(-1) * coeffs[..., :k, :]).sum(-2)
+    # a batched [1,k] x [k,3] product: faster than broadcast-and-sum, backward included
+    return torch.matmul(basis.unsqueeze(-2), coeffs[..., :k, :]).squeeze(-2)
 
 
 def RGB2SH(rgb: torch.Tensor) -> torch.Tensor:

@@ -23,21 +23,25 @@ each other (see the package docstring for the shared contract):
   Gaussians, 0 for culled ones (gsplat 1.5 itself returns an x/y pair).
 
 How it is fast on a CPU: per-Gaussian work is ordinary autograd; the per-pixel
-part is one custom autograd Function.  Pairs are enumerated row by row inside
-each Gaussian's alpha >= 1/255 ellipse (``repeat_interleave``, no Python loop
-over Gaussians), already in depth order; one stable integer sort by pixel makes
-every pixel's list contiguous and front to back; transmittance is a segmented
-cumulative sum of log(1 - alpha) (float64); colours are scattered with
-``index_add_``.  The backward pass recomputes alphas from the saved (Gaussian,
-pixel, transmittance) triples and uses the closed-form gradient of
-front-to-back compositing (suffix sums instead of a reverse loop).  Work is
-split into chunks of image rows holding at most ``max_pairs`` pairs to bound
-memory.
+part is one custom autograd Function.  Each Gaussian's alpha >= 1/255 ellipse
+is cut into one pixel span per image row; spans are expanded into (Gaussian,
+pixel) pairs with ``repeat_interleave`` (no Python loop over Gaussians),
+already in depth order, so one stable integer sort by pixel makes every
+pixel's list contiguous and front to back.  Transmittance is a prefix sum of
+log(1 - alpha) restarted at each pixel (float64), colours are scattered with
+``index_add_``.  Gaussians go through in depth layers of at most ``max_pairs``
+pairs, which bounds memory; the transmittance carries over between layers
+and spans that lie only on pixels that have already stopped are never
+expanded, which skips most hidden pairs of a dense head.  The backward pass
+recomputes alphas from the saved (span, pixel, transmittance) of the pairs
+that contributed, gets the suffix sums of front-to-back compositing from
+prefix sums (layers back to front), and reduces per span before per Gaussian.
 """
 
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 
@@ -47,9 +51,12 @@ from headavatar.utils.rotations import quaternion_to_matrix
 
 ALPHA_THRESHOLD = 1.0 / 255.0
 T_MIN = 1e-4  # compositing stops once transmittance would reach this (gsplat, Inria)
+_LOG_T_MIN = math.log(T_MIN)
+# depth layers hold about this many pairs per image pixel; between layers, spans on pixels
+# that have stopped are skipped (a speed knob only: results do not depend on it)
+_LAYER_PAIRS_PER_PIXEL = 8
 _EXTEND_MAX = 3.33  # gsplat's cap on the bounding box, in standard deviations
 _SPAN_MARGIN = 1e-3  # px; enlarge enumerated spans a little, the exact alpha test trims them
-_NUM_PARAMS = 6  # rows of the per-Gaussian parameter block: mx, my, conic A, B, C, opacity
 
 # options of other backends that this one accepts and ignores, so that callers of
 # render_gaussians(backend="auto") can pass them unconditionally
@@ -62,8 +69,10 @@ def render_torch(means, quats, scales, opacities, colors, viewmats, Ks, width: i
                  eps2d: float = 0.3, alpha_max: float = 0.99, max_pairs: int = 1 << 21, **kw) -> RenderOutput:
     """Render B frames of Gaussians; see the module and package docstrings.
 
-    ``max_pairs`` bounds the (Gaussian, pixel) pairs processed at once (about
-    150 bytes each at the peak); results do not depend on it.
+    ``alpha_max`` is the per-splat alpha clamp (0.999 reproduces gsplat exactly).
+    ``max_pairs`` bounds the (Gaussian, pixel) pairs expanded at once (about
+    100 bytes each at the peak); results do not depend on it.  Pairs that
+    contribute are kept for the backward pass (20 bytes each).
     """
     unknown = set(kw) - _FOREIGN_OPTIONS
     if unknown:
@@ -73,12 +82,13 @@ def render_torch(means, quats, scales, opacities, colors, viewmats, Ks, width: i
     B, N = means.shape[:2]
 
     proj = _project(means, quats, scales, opacities, viewmats, Ks, width, height, near, far, eps2d)
-    idx = proj["order"]  # visible Gaussians, flat indices into B*N, front to back
-
-    feats = _gaussian_colors(means, colors, viewmats, sh_degree, idx, N)  # [G, D]
-    D = feats.shape[1]
-    feats = torch.cat([feats, proj["depth"][:, None]], 1).t().contiguous()  # depth rides along as a channel
-    params = torch.stack([proj["mx"], proj["my"], proj["A"], proj["B"], proj["C"], proj["opacity"]], 0)
+    keep = proj["keep"]  # visible candidates, front to back
+    cols = _candidate_colors(means, colors, viewmats, sh_degree, proj["cand"], N)  # [Gc, D]
+    D = cols.shape[1]
+    # depth rides along as one more channel
+    feats = torch.cat([cols, proj["depth"][:, None]], 1).index_select(0, keep).t().contiguous()
+    params = torch.stack([proj[k].index_select(0, keep) for k in ("mx", "my", "A", "B", "C", "opacity")], 0)
+    idx = keep if proj["cand"] is None else proj["cand"].index_select(0, keep)
     img = torch.div(idx, N, rounding_mode="floor")
 
     # the Function saves its pair lists only when a backward pass can follow
@@ -129,18 +139,27 @@ def _check_inputs(means, quats, scales, opacities, colors, viewmats, Ks, width, 
 # ----------------------------------------------------------------------------- per Gaussian
 
 
+def _take(t, idx):
+    """Rows ``idx`` of ``t``; all of them when ``idx`` is None (skips a copy)."""
+    return t if idx is None else t.index_select(0, idx)
+
+
 def _project(means, quats, scales, opacities, viewmats, Ks, W, H, near, far, eps2d):
-    """EWA projection and culling; returns per-visible-Gaussian tensors sorted by depth."""
+    """EWA projection and culling of the Gaussians in front of the camera ("candidates").
+
+    Returns per-candidate tensors, ``cand`` (flat indices into B*N, or None for
+    all), ``keep`` (candidates that are rendered, sorted by depth) and radii [B*N].
+    """
     B, N = means.shape[:2]
     Rw = viewmats[:, :3, :3]
     mean_c = (means @ Rw.transpose(1, 2) + viewmats[:, None, :3, 3]).reshape(B * N, 3)
     # select Gaussians in front first so that nothing below divides by a bad depth
     with torch.no_grad():
         z_all = mean_c[:, 2]
-        cand = torch.nonzero((z_all >= near) & (z_all <= far)).squeeze(1)
-    b = torch.div(cand, N, rounding_mode="floor")
-    mc = mean_c.index_select(0, cand)
-    x, y, z = mc.unbind(-1)
+        front = (z_all >= near) & (z_all <= far)
+        cand = None if bool(front.all()) else torch.nonzero(front).squeeze(1)
+        b = torch.div(torch.arange(B * N, device=means.device) if cand is None else cand, N, rounding_mode="floor")
+    x, y, z = _take(mean_c, cand).unbind(-1)
     K = Ks.index_select(0, b)
     fx, fy, cx, cy = K[:, 0, 0], K[:, 1, 1], K[:, 0, 2], K[:, 1, 2]
     # gsplat clamps the Jacobian's x/z, y/z to 1.3x the field of view
@@ -155,16 +174,17 @@ def _project(means, quats, scales, opacities, viewmats, Ks, W, H, near, far, eps
     # rows of J @ R_view: the 2x3 map from world offsets to pixel offsets
     T0 = (fx * rz)[:, None] * Wv[:, 0] - (fx * tx * rz * rz)[:, None] * Wv[:, 2]
     T1 = (fy * rz)[:, None] * Wv[:, 1] - (fy * ty * rz * rz)[:, None] * Wv[:, 2]
-    M = quaternion_to_matrix(quats.reshape(-1, 4).index_select(0, cand)) * scales.reshape(-1, 3).index_select(0, cand)[:, None, :]
-    U0 = (T0[:, :, None] * M).sum(1)  # rows of J R_view R_g S; covariance = U U^T
-    U1 = (T1[:, :, None] * M).sum(1)
-    a = (U0 * U0).sum(-1) + eps2d
-    bb = (U0 * U1).sum(-1)
-    c = (U1 * U1).sum(-1) + eps2d
+    M = quaternion_to_matrix(_take(quats.reshape(-1, 4), cand)) * _take(scales.reshape(-1, 3), cand)[:, None, :]
+    # U = J R_view R_g S, the 2D covariance is U U^T (batched matmuls beat broadcasting here)
+    U = torch.bmm(torch.stack([T0, T1], 1), M)
+    cov = torch.bmm(U, U.transpose(1, 2))
+    a = cov[:, 0, 0] + eps2d
+    bb = cov[:, 0, 1]
+    c = cov[:, 1, 1] + eps2d
     det = a * c - bb * bb
     mx = fx * x * rz + cx
     my = fy * y * rz + cy
-    o = opacities.reshape(-1).index_select(0, cand)
+    o = _take(opacities.reshape(-1), cand)
 
     with torch.no_grad():
         ok = (det > 0) & (o >= ALPHA_THRESHOLD)
@@ -175,47 +195,54 @@ def _project(means, quats, scales, opacities, viewmats, Ks, W, H, near, far, eps
         ok &= (rx > 0) | (ry > 0)
         ok &= (mx + rx > 0) & (mx - rx < W) & (my + ry > 0) & (my - ry < H)
         lam = 0.5 * (a + c) + torch.sqrt((0.5 * (a - c)) ** 2 + bb * bb)
-        radii = torch.zeros(B * N, dtype=torch.int32, device=means.device)
-        radii[cand[ok]] = torch.ceil(3.0 * lam[ok].sqrt()).to(torch.int32)
+        r3 = torch.where(ok, torch.ceil(3.0 * lam.sqrt()), torch.zeros_like(lam)).to(torch.int32)
+        radii = r3 if cand is None else torch.zeros(B * N, dtype=torch.int32, device=means.device).index_copy_(0, cand, r3)
         keep = torch.nonzero(ok).squeeze(1)
-        keep = keep[torch.argsort(z.detach()[keep], stable=True)]
+        keep = keep.index_select(0, torch.argsort(z.detach().index_select(0, keep), stable=True))
 
-    inv = 1.0 / det.index_select(0, keep)
-    return {
-        "order": cand[keep],
-        "radii": radii,
-        "mx": mx.index_select(0, keep),
-        "my": my.index_select(0, keep),
-        "A": c.index_select(0, keep) * inv,
-        "B": -bb.index_select(0, keep) * inv,
-        "C": a.index_select(0, keep) * inv,
-        "opacity": o.index_select(0, keep),
-        "depth": z.index_select(0, keep),
-    }
+    inv = 1.0 / det
+    return {"cand": cand, "keep": keep, "radii": radii, "mx": mx, "my": my,
+            "A": c * inv, "B": -bb * inv, "C": a * inv, "opacity": o, "depth": z}
 
 
-def _gaussian_colors(means, colors, viewmats, sh_degree, idx, N):
-    """[G, D] colours of the visible Gaussians ``idx`` (flat indices into B*N)."""
+def _candidate_colors(means, colors, viewmats, sh_degree, cand, N):
+    """[Gc, D] colours of the candidates ``cand`` (flat indices into B*N, None for all)."""
     if sh_degree is None:
-        return colors.reshape(-1, colors.shape[-1]).index_select(0, idx)
+        return _take(colors.reshape(-1, colors.shape[-1]), cand)
     R, t = viewmats[:, :3, :3], viewmats[:, :3, 3]
     centres = -(R.transpose(1, 2) @ t[:, :, None])[..., 0]  # [B,3]
-    b = torch.div(idx, N, rounding_mode="floor")
-    dirs = means.reshape(-1, 3).index_select(0, idx) - centres.index_select(0, b)
+    dirs = means - centres[:, None, :]
     k = (sh_degree + 1) ** 2
-    coeffs = colors[:, :, :k].reshape(-1, k, 3).index_select(0, idx)
+    coeffs = colors if colors.shape[2] == k else colors[:, :, :k]
+    dirs, coeffs = _take(dirs.reshape(-1, 3), cand), _take(coeffs.reshape(-1, k, 3), cand)
     return torch.clamp_min(eval_sh(sh_degree, coeffs, dirs) + 0.5, 0.0)
 
 
 # ----------------------------------------------------------------------------- pairs
 
 
-def _row_spans(params, img, W, H):
+class _Spans(NamedTuple):
     """Per (Gaussian, image row) pixel spans covering the alpha >= 1/255 ellipse.
 
-    Returns (gauss [R], row [R] global row img*H + j, first pixel [R] global
-    index, count [R]) for rows with a non-empty span, in Gaussian order.
+    In Gaussian order, i.e. front to back.  With ``dx = mx - px`` for the span's
+    pixels ``px = first column + l + 0.5``, the Gaussian's exponent on this row
+    is ``sigma = quad*dx^2 + lin*dx + 0.5*C*dy^2``, so
+    ``o*exp(-sigma) = exp(const - (quad*dx + lin)*dx)``.
     """
+
+    gauss: torch.Tensor  # Gaussian index
+    first: torch.Tensor  # global pixel index (img*H + j)*W + i of the first pixel
+    count: torch.Tensor  # number of pixels
+    cx: torch.Tensor  # dx of the first pixel
+    dy: torch.Tensor  # my - (j + 0.5)
+    quad: torch.Tensor  # 0.5*A
+    lin: torch.Tensor  # B*dy
+    const: torch.Tensor  # log(o) - 0.5*C*dy^2
+
+
+def _row_spans(params, img, W, H, layer_pairs):
+    """All non-empty spans, and [start, end) ranges of consecutive spans ("depth
+    layers") holding about ``layer_pairs`` pairs each."""
     mx, my, A, Bc, C, o = params.detach()
     dev = params.device
     thr = torch.log(o / ALPHA_THRESHOLD).clamp_min(0)  # alpha >= 1/255  <=>  sigma <= thr
@@ -225,75 +252,88 @@ def _row_spans(params, img, W, H):
     j1 = torch.floor(my + hy - 0.5).clamp(-1, H - 1)
     nrows = (j1 - j0 + 1).clamp_min(0).long()
     R = int(nrows.sum())
-    gauss = torch.repeat_interleave(torch.arange(nrows.numel(), device=dev), nrows, output_size=R)
-    first = torch.cumsum(nrows, 0) - nrows
-    j = j0.long().index_select(0, gauss) + (torch.arange(R, device=dev) - first.index_select(0, gauss))
+    gauss = torch.repeat_interleave(nrows, output_size=R)
+    first_row = torch.cumsum(nrows, 0) - nrows
+    j = j0.long().index_select(0, gauss) + (torch.arange(R, device=dev) - first_row.index_select(0, gauss))
     dy = my.index_select(0, gauss) - (j.to(my.dtype) + 0.5)
     Ag, Bg, Cg = A.index_select(0, gauss), Bc.index_select(0, gauss), C.index_select(0, gauss)
-    # sigma(dx) <= thr is a quadratic inequality in dx = mx - px
+    # sigma <= thr is a quadratic inequality in dx = mx - px on this row
     disc = Bg * Bg * dy * dy - Ag * (Cg * dy * dy - 2.0 * thr.index_select(0, gauss))
     half = torch.sqrt(disc.clamp_min(0)) / Ag
-    centre = mx.index_select(0, gauss) + Bg * dy / Ag  # the px where sigma is smallest on this row
-    i0 = torch.ceil(centre - half - 0.5 - _SPAN_MARGIN).clamp(0, W)
-    i1 = torch.floor(centre + half - 0.5 + _SPAN_MARGIN).clamp(-1, W - 1)
+    cx = mx.index_select(0, gauss) + Bg * dy / Ag  # the px where sigma is smallest on this row
+    i0 = torch.ceil(cx - half - 0.5 - _SPAN_MARGIN).clamp(0, W)
+    i1 = torch.floor(cx + half - 0.5 + _SPAN_MARGIN).clamp(-1, W - 1)
     count = torch.where(disc >= 0, i1 - i0 + 1, torch.zeros_like(i0)).clamp_min(0).long()
-    row = img.index_select(0, gauss) * H + j
-    nz = torch.nonzero(count).squeeze(1)
-    row = row.index_select(0, nz)
-    return gauss.index_select(0, nz), row, row * W + i0.long().index_select(0, nz), count.index_select(0, nz)
+    nz = torch.nonzero(count).squeeze(1)  # increasing: the spans stay in depth order
+    pick = lambda t: t.index_select(0, nz)  # noqa: E731
+    gauss, j, dy, i0, count, Ag, Bg, Cg = (pick(t) for t in (gauss, j, dy, i0, count, Ag, Bg, Cg))
+    spans = _Spans(
+        gauss=gauss, first=(img.index_select(0, gauss) * H + j) * W + i0.long(), count=count,
+        cx=mx.index_select(0, gauss) - i0 - 0.5, dy=dy, quad=0.5 * Ag, lin=Bg * dy,
+        const=torch.log(o).index_select(0, gauss) - 0.5 * Cg * dy * dy,
+    )
+    # layers: cut where the running pair count crosses a multiple of layer_pairs
+    ends = torch.cumsum(count, 0)
+    if ends.numel() == 0:
+        return spans, []
+    targets = torch.arange(1, int(ends[-1]) // layer_pairs + 1, device=dev) * layer_pairs
+    cuts = torch.searchsorted(ends, targets, right=True).tolist()
+    bounds = sorted({0, count.numel(), *(c for c in cuts if c < count.numel())})
+    return spans, list(zip(bounds[:-1], bounds[1:]))
 
 
-def _row_chunks(row, count, n_rows, max_pairs):
-    """Split global image rows into ranges holding about ``max_pairs`` pairs each."""
-    if count.numel() == 0:
-        return []
-    per_row = torch.zeros(n_rows, dtype=torch.long, device=row.device).index_add_(0, row, count)
-    cum = torch.cumsum(per_row, 0)
-    total = int(cum[-1])
-    if total <= max_pairs:
-        return [(0, n_rows)]
-    targets = torch.arange(1, (total + max_pairs - 1) // max_pairs, device=row.device) * max_pairs
-    cuts = torch.unique(torch.searchsorted(cum, targets, right=True)).tolist()
-    bounds = [0] + [c for c in cuts if 0 < c < n_rows] + [n_rows]
-    return [(r0, r1) for r0, r1 in zip(bounds[:-1], bounds[1:]) if r1 > r0]
+def _live_spans(spans: _Spans, sel, stopped):
+    """The spans of ``sel`` with at least one pixel that has not stopped compositing."""
+    done = torch.zeros(stopped.numel() + 1, dtype=torch.int32, device=sel.device)
+    torch.cumsum(stopped, 0, out=done[1:])
+    first, count = spans.first.index_select(0, sel), spans.count.index_select(0, sel)
+    n_done = done.index_select(0, first + count) - done.index_select(0, first)
+    return sel.index_select(0, torch.nonzero(n_done < count).squeeze(1))
 
 
-def _expand_pairs(gauss, first, count, pix_base, n_pix):
-    """(Gaussian, pixel) pairs of the given spans (pixels in [pix_base, pix_base+n_pix)),
-    sorted by pixel then depth."""
-    P = int(count.sum())
-    dev = count.device
-    start = torch.cumsum(count, 0) - count
-    # pixel of the k-th pair = k + (first pixel of its span - index of the span's first pair)
-    pix = torch.arange(P, device=dev) + torch.repeat_interleave(first - start - pix_base, count, output_size=P)
-    g = torch.repeat_interleave(gauss, count, output_size=P)
-    # spans come in depth order, so a stable sort by pixel keeps each pixel front to back;
-    # int32 keys make the radix sort about twice as fast as int64
-    key = pix.to(torch.int32) if n_pix < 2**31 else pix
-    pix, perm = torch.sort(key, stable=True)
-    return g.index_select(0, perm), pix.long() + pix_base
+def _span_alpha(spans: _Spans, r, dx):
+    """o*exp(-sigma) of pairs in spans ``r`` at offsets ``dx``."""
+    q, lin, c = spans.quad.index_select(0, r), spans.lin.index_select(0, r), spans.const.index_select(0, r)
+    return torch.exp(c - (q * dx + lin) * dx)
 
 
-def _pair_alpha(params, g, pix, W, H, alpha_max):
-    """dx, dy, sigma, exp(-sigma), o*exp(-sigma) and clamped alpha of each pair."""
-    mx, my, A, Bc, C, o = params.index_select(1, g)
-    px = torch.remainder(pix, W)
-    py = torch.remainder(torch.div(pix, W, rounding_mode="floor"), H)
-    dx = mx - (px.to(mx.dtype) + 0.5)
-    dy = my - (py.to(mx.dtype) + 0.5)
-    sigma = 0.5 * (A * dx * dx + C * dy * dy) + Bc * dx * dy
-    gv = torch.exp(-sigma)
-    og = o * gv
-    return dx, dy, sigma, gv, og, og.clamp_max(alpha_max), (A, Bc, C)
+class _Runs(NamedTuple):
+    """Runs of equal pixel ids in a pixel-sorted pair list."""
+
+    pix: torch.Tensor  # [S] pixels that have pairs
+    first: torch.Tensor  # [S] index of each run's first pair
+    last: torch.Tensor  # [S] index of each run's last pair
 
 
-def _segment_starts(pix):
-    """Indices where a run of equal (sorted) pixel ids starts, and run lengths."""
-    new = torch.ones_like(pix, dtype=torch.bool)
-    new[1:] = pix[1:] != pix[:-1]
-    starts = torch.nonzero(new).squeeze(1)
-    ends = torch.cat([starts[1:], starts.new_tensor([pix.numel()])])
-    return starts, ends - starts
+def _runs(pix, npix) -> _Runs:
+    # bincount + cumsum: cheaper than nonzero over the pairs
+    counts = torch.bincount(pix, minlength=npix)
+    ends = torch.cumsum(counts, 0)
+    has = torch.nonzero(counts).squeeze(1)
+    last = ends.index_select(0, has) - 1
+    return _Runs(has, last - counts.index_select(0, has) + 1, last)
+
+
+def _layer_pairs(spans: _Spans, sel, npix, stopped=None):
+    """Pairs of the spans ``sel`` sorted by pixel then depth: (span, pixel,
+    o*exp(-sigma)); pairs on ``stopped`` pixels are left out."""
+    cnt = spans.count.index_select(0, sel)
+    P = int(cnt.sum())
+    dev = cnt.device
+    r = torch.repeat_interleave(cnt, output_size=P)  # position in sel of each pair
+    local = torch.arange(P, device=dev) - (torch.cumsum(cnt, 0) - cnt).index_select(0, r)
+    r = sel.index_select(0, r)
+    pix = local + spans.first.index_select(0, r)
+    if stopped is not None:
+        live = torch.nonzero(~stopped.index_select(0, pix)).squeeze(1)
+        if live.numel() < P:
+            r, local, pix = r.index_select(0, live), local.index_select(0, live), pix.index_select(0, live)
+    og = _span_alpha(spans, r, spans.cx.index_select(0, r) - local.to(spans.cx.dtype))
+    # spans come front to back, so a stable sort by pixel makes each pixel's list
+    # contiguous and front to back; the radix sort takes one pass per key byte
+    key_type = torch.int16 if npix <= 2**15 else torch.int32 if npix <= 2**31 else torch.int64
+    pix, perm = torch.sort(pix.to(key_type), stable=True)
+    return r.index_select(0, perm), pix.long(), og.index_select(0, perm)
 
 
 # ----------------------------------------------------------------------------- compositing
@@ -304,75 +344,118 @@ class _Composite(torch.autograd.Function):
 
     params [6,G] (mean x, mean y, conic A,B,C, opacity), feats [D,G], img [G]
     -> [D+1, n_img*H*W]: sum_k w_k feats_k per channel, then alpha = 1 - T_final.
+
+    Gaussians are processed in depth layers of at most ``max_pairs`` pairs; the
+    transmittance in front of a layer carries over from the ones before, and
+    pairs on pixels that have already stopped (T reached T_MIN) are never
+    expanded, which skips most hidden pairs of a dense scene.
     """
 
     @staticmethod
     def forward(ctx, params, feats, img, W, H, n_img, alpha_max, max_pairs, save):
         D = feats.shape[0]
+        dt, dev = feats.dtype, feats.device
         npix = n_img * H * W
-        out = torch.zeros(D, npix, dtype=feats.dtype, device=feats.device)
-        log_t = torch.zeros(npix, dtype=torch.float64, device=feats.device)
-        gauss, row, first, count = _row_spans(params, img, W, H)
-        kept_g, kept_pix, kept_t, bounds = [], [], [], [0]
-        for r0, r1 in _row_chunks(row, count, n_img * H, max_pairs):
-            sel = torch.nonzero((row >= r0) & (row < r1)).squeeze(1) if (r0, r1) != (0, n_img * H) else None
-            gs, fs, cs = (gauss, first, count) if sel is None else (gauss[sel], first[sel], count[sel])
-            g, pix = _expand_pairs(gs, fs, cs, r0 * W, (r1 - r0) * W)
-            _, _, sigma, _, _, alpha, _ = _pair_alpha(params, g, pix, W, H, alpha_max)
-            valid = (alpha >= ALPHA_THRESHOLD) & (sigma >= 0)
-            lt = torch.where(valid, torch.log1p(-alpha.double()), torch.zeros((), dtype=torch.float64, device=alpha.device))
-            starts, lengths = _segment_starts(pix)
-            cum = torch.cumsum(lt, 0)
-            excl = cum - lt
-            log_te = excl - torch.repeat_interleave(excl.index_select(0, starts), lengths, output_size=excl.numel())
-            keep = torch.nonzero(valid & (log_te + lt > math.log(T_MIN))).squeeze(1)
-            g, pix = g.index_select(0, keep), pix.index_select(0, keep)
-            te = torch.exp(log_te.index_select(0, keep)).to(feats.dtype)
+        out = torch.zeros(D, npix, dtype=dt, device=dev)
+        log_t = torch.zeros(npix, dtype=dt, device=dev)  # log transmittance so far
+        stopped = torch.zeros(npix, dtype=torch.bool, device=dev)
+        layer_pairs = max(min(int(_LAYER_PAIRS_PER_PIXEL * npix), max_pairs), 1)
+        spans, layers = _row_spans(params, img, W, H, layer_pairs)
+        kept_r, kept_pix, kept_t, bounds = [], [], [], [0]
+        for li, (a, b) in enumerate(layers):
+            sel = torch.arange(a, b, device=dev)
+            if li:
+                sel = _live_spans(spans, sel, stopped)
+                if sel.numel() == 0:
+                    continue
+            r, pix, og = _layer_pairs(spans, sel, npix, stopped if li else None)
+            alpha = og.clamp_max(alpha_max)
+            valid = alpha >= ALPHA_THRESHOLD
+            lt = torch.where(valid, torch.log(1.0 - alpha), torch.zeros((), dtype=dt, device=dev))
+            # log transmittance after each pair: a prefix sum restarted at each pixel's run
+            # (float64: the running total over all pixels grows large) plus the
+            # pixel's log transmittance from the layers in front
+            cum = torch.cumsum(lt.double(), 0)
+            runs = _runs(pix, npix)
+            base = torch.zeros(npix, dtype=torch.float64, device=dev)
+            base[runs.pix] = cum.index_select(0, runs.first) - lt.index_select(0, runs.first).double() \
+                - log_t.index_select(0, runs.pix).double()
+            log_ti = (cum - base.index_select(0, pix)).to(dt)
+            keep = torch.nonzero(valid & (log_ti > _LOG_T_MIN)).squeeze(1)
+            # stopping is monotone along a run, so a pixel stopped iff its last pair failed
+            stopped[runs.pix] = log_ti.index_select(0, runs.last) <= _LOG_T_MIN
+            r, pix, lt = r.index_select(0, keep), pix.index_select(0, keep), lt.index_select(0, keep)
+            te = torch.exp(log_ti.index_select(0, keep) - lt)  # transmittance in front of the pair
             w = alpha.index_select(0, keep) * te
-            out.index_add_(1, pix, feats.index_select(1, g) * w)
-            log_t.index_add_(0, pix, lt.index_select(0, keep))
+            g = spans.gauss.index_select(0, r)
+            for c in range(D):
+                out[c].index_add_(0, pix, feats[c].index_select(0, g) * w)
+            log_t.index_add_(0, pix, lt)
             if save:
-                kept_g.append(g.to(torch.int32))
-                kept_pix.append(pix.to(torch.int32) if npix < 2**31 else pix)
+                kept_r.append(r)
+                kept_pix.append(pix)
                 kept_t.append(te)
-                bounds.append(bounds[-1] + g.numel())
-        t_final = torch.exp(log_t).to(feats.dtype)
+                bounds.append(bounds[-1] + r.numel())
+        t_final = torch.exp(log_t)
         if save:
-            cat = lambda xs, dt: torch.cat(xs) if xs else torch.zeros(0, dtype=dt, device=feats.device)  # noqa: E731
-            ctx.save_for_backward(params, feats, cat(kept_g, torch.int32), cat(kept_pix, torch.int32),
-                                  cat(kept_t, feats.dtype), t_final)
-            ctx.meta = (W, H, alpha_max, bounds)
+            def cat(xs, dtype):
+                return torch.cat(xs) if xs else torch.zeros(0, dtype=dtype, device=dev)
+
+            ctx.save_for_backward(params, feats, cat(kept_r, torch.long), cat(kept_pix, torch.long),
+                                  cat(kept_t, dt), t_final)
+            ctx.spans, ctx.meta = spans, (alpha_max, bounds)
         return torch.cat([out, (1.0 - t_final)[None]], 0)
 
     @staticmethod
     def backward(ctx, grad_out):
-        params, feats, kept_g, kept_pix, kept_t, t_final = ctx.saved_tensors
-        W, H, alpha_max, bounds = ctx.meta
+        params, feats, kept_r, kept_pix, kept_t, t_final = ctx.saved_tensors
+        spans, (alpha_max, bounds) = ctx.spans, ctx.meta
         D = feats.shape[0]
+        dt = feats.dtype
+        npix = t_final.numel()
         grad_out = grad_out.contiguous()
         g_feat, g_alpha = grad_out[:D], grad_out[D]
         q_pix = g_alpha * t_final  # d alpha_img / d alpha_k = T_final / (1 - alpha_k)
-        grad_params = torch.zeros_like(params)
-        grad_feats = torch.zeros_like(feats)
-        for s, e in zip(bounds[:-1], bounds[1:]):
+        behind = torch.zeros(npix, dtype=torch.float64, device=feats.device)  # sum of w*v in later layers
+        # per-span sums of m, m*dx, m*dx^2 (m = -dL/dsigma) and of w*dL/dfeat
+        sums = torch.zeros(3 + D, spans.count.numel(), dtype=dt, device=feats.device)
+        # layers go back to front so that the contributions behind each pair are known
+        for s, e in reversed(list(zip(bounds[:-1], bounds[1:]))):
             if e == s:
                 continue
-            g, pix, te = kept_g[s:e].long(), kept_pix[s:e].long(), kept_t[s:e]
-            dx, dy, _, gv, og, alpha, (A, Bc, C) = _pair_alpha(params, g, pix, W, H, alpha_max)
+            r, pix, te = kept_r[s:e], kept_pix[s:e], kept_t[s:e]
+            dx = spans.cx.index_select(0, r) - (pix - spans.first.index_select(0, r)).to(dt)
+            og = _span_alpha(spans, r, dx)
+            alpha = og.clamp_max(alpha_max)
             w = alpha * te
-            gf = g_feat.index_select(1, pix)  # [D,P]
-            v = (feats.index_select(1, g) * gf).sum(0)
-            # suffix sum over the pixel's later contributions, via a float64 prefix sum
-            cum = torch.cumsum((w * v).double(), 0)
-            starts, lengths = _segment_starts(pix)
-            last = cum.index_select(0, starts + lengths - 1)
-            after = (torch.repeat_interleave(last, lengths, output_size=cum.numel()) - cum).to(w.dtype)
+            g = spans.gauss.index_select(0, r)
+            gfs = [g_feat[c].index_select(0, pix) for c in range(D)]
+            v = sum(feats[c].index_select(0, g) * gfs[c] for c in range(D))
+            # dL/dalpha_k = T_k v_k - (sum_{j>k} w_j v_j - gA T_final) / (1 - alpha_k); the
+            # suffix sum comes from a float64 prefix sum, the run's end and the later layers
+            wv = (w * v).double()
+            cum = torch.cumsum(wv, 0)
+            runs = _runs(pix, npix)
+            end = cum.index_select(0, runs.last)
+            tail = torch.zeros(npix, dtype=torch.float64, device=feats.device)
+            tail[runs.pix] = end + behind.index_select(0, runs.pix)
+            behind[runs.pix] += end - cum.index_select(0, runs.first) + wv.index_select(0, runs.first)
+            after = (tail.index_select(0, pix) - cum).to(dt)
             g_a = te * v - (after - q_pix.index_select(0, pix)) / (1.0 - alpha)
-            free = og < alpha_max  # the min(alpha_max, .) clamp blocks the gradient
-            g_s = torch.where(free, -og * g_a, torch.zeros_like(g_a))
-            g_o = torch.where(free, gv * g_a, torch.zeros_like(g_a))
-            rows = torch.stack([g_s * (A * dx + Bc * dy), g_s * (Bc * dx + C * dy),
-                                0.5 * g_s * dx * dx, g_s * dx * dy, 0.5 * g_s * dy * dy, g_o], 0)
-            grad_params.index_add_(1, g, rows)
-            grad_feats.index_add_(1, g, gf * w)
+            m = torch.where(og < alpha_max, og * g_a, torch.zeros_like(g_a))  # the clamp blocks the gradient
+            mdx = m * dx
+            sums[0].index_add_(0, r, m)
+            sums[1].index_add_(0, r, mdx)
+            sums[2].index_add_(0, r, mdx * dx)
+            for c in range(D):
+                sums[3 + c].index_add_(0, r, gfs[c] * w)
+        # spans -> Gaussians; dy is constant along a span
+        _, _, A, Bc, C, o = params.detach()
+        gs = spans.gauss
+        Ag, Bg, Cg = A.index_select(0, gs), Bc.index_select(0, gs), C.index_select(0, gs)
+        S0, S1, S2, dy = sums[0], sums[1], sums[2], spans.dy
+        per_span = torch.stack([-(Ag * S1 + Bg * dy * S0), -(Bg * S1 + Cg * dy * S0),
+                                -0.5 * S2, -dy * S1, -0.5 * dy * dy * S0, S0 / o.index_select(0, gs)], 0)
+        grad_params = torch.zeros_like(params).index_add_(1, gs, per_span)
+        grad_feats = torch.zeros_like(feats).index_add_(1, gs, sums[3:])
         return grad_params, grad_feats, None, None, None, None, None, None, None

@@ -16,7 +16,26 @@ Conventions compared with ours (headavatar.camera):
 
 from __future__ import annotations
 
+import sys
+
 import torch
+
+
+def _cuda_context(dr, device: torch.device):
+    try:
+        return dr.RasterizeCudaContext(device=device)
+    except ModuleNotFoundError as e:
+        # nvdiffrast <= 0.3.3 compiles its plugin with torch.utils.cpp_extension.load()
+        # and then imports it by name, which recent torch no longer makes importable:
+        # put the (cached) build directory on the import path and try once more.
+        if not (e.name or "").startswith("nvdiffrast_plugin"):
+            raise
+        from torch.utils.cpp_extension import _get_build_directory
+
+        path = _get_build_directory(e.name, False)
+        if path not in sys.path:
+            sys.path.append(path)
+        return dr.RasterizeCudaContext(device=device)
 
 
 class NvdiffrastBackend:
@@ -27,7 +46,7 @@ class NvdiffrastBackend:
 
         self._dr = dr
         self.device = torch.device(device)
-        self._ctx = dr.RasterizeCudaContext(device=self.device)
+        self._ctx = _cuda_context(dr, self.device)
 
     def _faces(self, faces: torch.Tensor) -> torch.Tensor:
         # Cyclic rotation keeps the winding; see the module docstring.

@@ -1,0 +1,452 @@
+"""FLARE training: two stages with the reference's losses, weights and learning rates (flare.md §8).
+
+Stage 1 (``iterations - stage2_iterations`` steps): canonical-mesh offsets,
+deformation network, positional-encoding materials and the neural light, with
+the head-model prior; one isotropic remesh at each ``remesh_at`` iteration.
+Stage 2: a new shader with hash-grid materials (and light), the deformer
+frozen, offsets at a tiny learning rate.  Steps are counted, not epochs.
+
+Divergence (NaN, or a light that collapsed to black, flare#2/#4) is checked at
+every log step; training then goes back to the last checkpoint (or the start)
+with halved learning rates, at most ``max_recoveries`` times, and otherwise
+stops with a TrainingDiverged error instead of looping.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from headavatar.errors import TrainingDiverged, UserError
+from headavatar.methods.flare.config import FlareConfig
+from headavatar.methods.flare.losses import (
+    MeshRegularizer, VGGPerceptual, head_prior_loss, hinge_prior, mask_loss, shading_loss, white_light_loss,
+)
+from headavatar.methods.flare.model import FlareModel, nearest_with_distance
+from headavatar.methods.flare.shading import linear_to_srgb, srgb_to_linear
+from headavatar.methods.run import RunDir
+from headavatar.subjects.dataset import FrameDataset, InfiniteSampler, collate
+from headavatar.subjects.format import LABEL_IDS, Subject
+from headavatar.utils.device import resolve_device
+from headavatar.utils.io import write_image, write_json
+from headavatar.utils.video import to_uint8
+
+SKIN_PRIOR_LABELS = (LABEL_IDS["skin"], LABEL_IDS["lips"], LABEL_IDS["neck"])  # FLARE's channel 0
+MOUTH_INTERIOR = LABEL_IDS["mouth_interior"]
+CLOTH = LABEL_IDS["clothing"]
+
+
+# ------------------------------------------------------------------ set-up
+def training_size(subject: Subject, resolution: int | None) -> tuple[int, int]:
+    H, W = subject.height, subject.width
+    if not resolution:
+        return H, W
+    if resolution < 16:
+        raise UserError(f"--resolution {resolution} is too small (minimum 16)")
+    s = resolution / max(H, W)
+    return max(1, round(H * s)), max(1, round(W * s))
+
+
+def resolve_light_frame(cfg: FlareConfig, subject: Subject) -> str:
+    if cfg.light_frame in ("world", "head"):
+        return cfg.light_frame
+    if cfg.light_frame != "auto":
+        raise UserError(f"light_frame must be auto, world or head (got {cfg.light_frame!r})")
+    synth = subject.meta.get("synthetic") or {}
+    return "head" if synth.get("lighting") == "head" else "world"
+
+
+def check_config(cfg: FlareConfig) -> None:
+    if cfg.iterations < 1:
+        raise UserError("--iterations must be at least 1")
+    if not 0 <= cfg.stage2_iterations <= cfg.iterations:
+        raise UserError(f"stage2_iterations ({cfg.stage2_iterations}) must lie between 0 and iterations ({cfg.iterations})")
+    if cfg.batch_size < 1:
+        raise UserError("batch_size must be at least 1")
+    if cfg.schedule not in ("scaled", "absolute"):
+        raise UserError(f"schedule must be scaled or absolute (got {cfg.schedule!r})")
+    if cfg.light_activation not in ("softplus", "none"):
+        raise UserError(f"light_activation must be softplus or none (got {cfg.light_activation!r})")
+    if cfg.ide_attenuation not in ("refnerf", "flare"):
+        raise UserError(f"ide_attenuation must be refnerf or flare (got {cfg.ide_attenuation!r})")
+    if cfg.world_scale <= 0:
+        raise UserError("world_scale must be positive")
+    if cfg.backend not in ("auto", "torch", "nvdiffrast"):
+        raise UserError(f"FLARE renders meshes: --backend must be auto, torch or nvdiffrast (got {cfg.backend!r})")
+
+
+def build_model(subject: Subject, cfg: FlareConfig, device: torch.device, head_overrides: dict | None = None) -> FlareModel:
+    head = subject.head_model(**(head_overrides or {})).to(device)
+    tr = subject.tracking
+    train = np.asarray(subject.split["train"])
+    shape = torch.as_tensor(tr.shape, dtype=torch.float32, device=device)
+    # the canonical expression is the mean over the training frames (flare#10's fix)
+    expr = torch.as_tensor(tr.expression[train].mean(0), dtype=torch.float32, device=device)
+    extras = {k: torch.as_tensor(v[train].mean(0), dtype=torch.float32, device=device) for k, v in tr.extras.items()}
+    return FlareModel(head, cfg, shape, expr, extras).to(device)
+
+
+@dataclass
+class Schedule:
+    """Iteration numbers of the reference (stage-local), stretched to this run's stage lengths."""
+
+    n1: int
+    n2: int
+    s1: float
+    s2: float
+    remesh: list[int] = field(default_factory=list)
+
+    @classmethod
+    def make(cls, cfg: FlareConfig) -> "Schedule":
+        n2 = cfg.stage2_iterations
+        n1 = cfg.iterations - n2
+        scaled = cfg.schedule == "scaled"
+        s1 = n1 / 1500 if scaled else 1.0
+        s2 = n2 / 1000 if scaled else 1.0
+        remesh = sorted({max(1, round(r * s1)) for r in cfg.remesh_at if 1 <= round(r * s1) <= n1}) if n1 > 0 else []
+        return cls(n1, n2, s1, s2, remesh)
+
+    def stage(self, it: int) -> tuple[int, int, float]:
+        """(stage, stage-local iteration, scale) of global iteration ``it`` (1-based)."""
+        if it <= self.n1:
+            return 1, it, self.s1
+        return 2, it - self.n1, self.s2
+
+
+def make_optimizers(model: FlareModel, cfg: FlareConfig, stage: int, lr_scale: float, remeshes: int):
+    if stage == 1:
+        lr_v = cfg.lr_vertices * (cfg.remesh_lr_factor**remeshes)
+        nets = [
+            {"params": list(model.deformer.parameters()), "lr": cfg.lr_deformer * lr_scale},
+            {"params": list(model.shader.parameters()), "lr": cfg.lr_shader * lr_scale},
+            {"params": list(model.robust.parameters()), "lr": cfg.lr_robust * lr_scale},
+        ]
+    else:
+        lr_v = cfg.lr_vertices_stage2
+        nets = [
+            {"params": list(model.shader.parameters()), "lr": cfg.lr_shader * lr_scale},
+            {"params": list(model.robust.parameters()), "lr": cfg.lr_robust * lr_scale},
+        ]
+    for p in model.deformer.parameters():
+        p.requires_grad_(stage == 1)
+    return torch.optim.Adam([model.offsets], lr=lr_v * lr_scale), torch.optim.Adam(nets)
+
+
+def flare_targets(batch: dict, device) -> dict:
+    """Linear GT x matte on black (the reference's target); matte values < 0.5 count as 0 (flare#5's fix)."""
+    img = batch["image"].to(device, non_blocking=True).float() / 255.0
+    a = batch["alpha"].to(device, non_blocking=True).float()[..., None] / 255.0
+    a = torch.where(a < 0.5, torch.zeros_like(a), a)
+    return {"gt": srgb_to_linear(img) * a, "mask": a, "parsing": batch["parsing"].to(device, non_blocking=True), "index": batch["index"]}
+
+
+def _label_mask(parsing: torch.Tensor, labels) -> torch.Tensor:
+    m = torch.zeros_like(parsing, dtype=torch.bool)
+    for lab in labels:
+        m |= parsing == lab
+    return m
+
+
+def _vertices_of(pixels: torch.Tensor, face: torch.Tensor, faces: torch.Tensor, num_vertices: int) -> torch.Tensor:
+    """[V] bool: vertices of the faces seen at the selected covered pixels."""
+    out = torch.zeros(num_vertices, dtype=torch.bool, device=faces.device)
+    if bool(pixels.any()):
+        out[faces[face[pixels]].reshape(-1)] = True
+    return out
+
+
+# ------------------------------------------------------------------ one step
+def compute_losses(model: FlareModel, out: dict, tgt: dict, cfg: FlareConfig, reg: MeshRegularizer, stage: int, local_it: int, scale: float,
+                   reg_factor: float, perceptual: VGGPerceptual | None, light_frame: str) -> tuple[torch.Tensor, dict]:
+    pred, alpha = out["rgb"], out["alpha"]
+    gt, mask = tgt["gt"], tgt["mask"]
+    parsing = tgt["parsing"].reshape(-1).index_select(0, out["pix"])
+    terms = {}
+    terms["shading"] = cfg.w_shading * shading_loss(pred, gt)
+    if perceptual is not None:
+        wp = cfg.w_perceptual * min(1.0, cfg.perceptual_decay * scale / (local_it + 1))
+        from headavatar.methods.flare.losses import tonemap
+
+        terms["perceptual"] = wp * perceptual(tonemap(pred), tonemap(gt))
+    terms["mask"] = cfg.w_mask * mask_loss(alpha, mask)
+    v = model.canonical_vertices()
+    terms["laplacian"] = cfg.w_laplacian * reg_factor * reg.laplacian(v)
+    terms["normal"] = cfg.w_normal * reg_factor * reg.normal_consistency(v, model.faces)
+    if cfg.w_albedo > 0:
+        ramp = min(1.0, local_it / max(1.0, cfg.albedo_ramp * scale))
+        x = model.prior.normalize(v.detach())
+        m0 = model.shader.material.raw(x)[:, :4]
+        m1 = model.shader.material.raw(x + cfg.albedo_jitter * torch.randn_like(x))[:, :4]
+        terms["albedo"] = cfg.w_albedo * ramp * model.robust(m0 - m1)
+    terms["white_light"] = cfg.w_white_light * white_light_loss(out["diffuse"])
+    skin = _label_mask(parsing, SKIN_PRIOR_LABELS)
+    terms["roughness"] = cfg.w_roughness * hinge_prior(out["kr"][skin], *cfg.roughness_prior)
+    terms["specular"] = cfg.w_specular * hinge_prior(out["ko"][skin], *cfg.specular_prior)
+    if stage == 1 and cfg.w_flame > 0:
+        wf = cfg.w_flame * (0.5 if local_it >= cfg.flame_halve_at * scale else 1.0)
+        idx, d2 = nearest_with_distance(out["x_c"], model.prior.verts)
+        valid = d2 < cfg.flame_max_dist2
+        zero_blend = ghost = None
+        if local_it >= cfg.flame_semantic_from * scale:
+            mouth = _vertices_of(parsing == MOUTH_INTERIOR, out["face"], model.faces, model.num_vertices)
+            cloth = _vertices_of(parsing == CLOTH, out["face"], model.faces, model.num_vertices)
+            zero_blend, ghost = mouth | cloth, cloth
+        terms["head_prior"] = wf * head_prior_loss(out["E"], out["P"], out["W"], idx, valid, model.prior, zero_blend, ghost,
+                                                   cfg.flame_weight_skinning, cfg.flame_weight_blendshape)
+    total = sum(terms.values())
+    return total, terms
+
+
+def _psnr(pred_lin: torch.Tensor, gt_lin: torch.Tensor) -> torch.Tensor:
+    a, b = linear_to_srgb(pred_lin.clamp(0, 1)), linear_to_srgb(gt_lin.clamp(0, 1))
+    return -10 * torch.log10((a - b).square().mean().clamp_min(1e-12))
+
+
+# ------------------------------------------------------------------ checkpoints
+def checkpoint_state(model: FlareModel, opts, it: int, elapsed: float, extra: dict) -> dict:
+    return {
+        "step": it, "stage": model.stage, "mesh": {"verts": model.base_verts.detach().cpu(), "faces": model.faces.cpu()},
+        "model": model.state_dict(), "opt_vert": opts[0].state_dict(), "opt_net": opts[1].state_dict(),
+        "rng": torch.get_rng_state(), "elapsed": elapsed, **extra,
+    }
+
+
+def restore_model(model: FlareModel, state: dict) -> None:
+    """Bring a freshly built model to a checkpoint's stage and mesh, then load its weights."""
+    if int(state.get("stage", 1)) == 2 and model.stage != 2:
+        model.enter_stage2()
+    mesh = state["mesh"]
+    model.set_mesh(mesh["verts"], mesh["faces"])
+    model.load_state_dict(state["model"])
+
+
+# ------------------------------------------------------------------ training
+def train_flare(subject_dir: Path, run: RunDir, cfg: FlareConfig, resume: bool = False, progress: bool = True) -> None:
+    check_config(cfg)
+    device = resolve_device(cfg.device)
+    subject = Subject.open(subject_dir)
+    torch.manual_seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    H, W = training_size(subject, cfg.resolution)
+    light_frame = resolve_light_frame(cfg, subject)
+    sched = Schedule.make(cfg)
+    tr = subject.tracking
+    train_idx = subject.split["train"]
+    test_idx = subject.split.get("test", [])
+
+    def fresh():
+        m = build_model(subject, cfg, device)
+        if sched.n1 == 0:
+            m.enter_stage2()
+        return m
+
+    model = fresh()
+    info = {"stage": 1, "remeshes": 0, "lr_scale": 1.0, "recoveries": 0, "remesh_log": []}
+    start, elapsed = 0, 0.0
+    if resume:
+        start, state = run.load_checkpoint(map_location=device)
+        restore_model(model, state)
+        info.update({k: state[k] for k in ("remeshes", "lr_scale", "recoveries", "remesh_log") if k in state})
+        elapsed = float(state.get("elapsed", 0.0))
+        opts = make_optimizers(model, cfg, model.stage, info["lr_scale"], info["remeshes"])
+        opts[0].load_state_dict(state["opt_vert"])
+        opts[1].load_state_dict(state["opt_net"])
+        torch.set_rng_state(state["rng"])
+        run.truncate_curves(start)
+        if start >= cfg.iterations:
+            if progress:
+                print(f"run already trained to {start} iterations (asked: {cfg.iterations}); nothing to do")
+            return
+    else:
+        run.write_info("flare", subject_dir, cfg, {"train_size": [H, W], "light_frame": light_frame, "head_model": subject.head_model_spec.get("name"),
+                                                   "stage1_iterations": sched.n1, "stage2_iterations": sched.n2, "remesh_iterations": sched.remesh})
+        opts = make_optimizers(model, cfg, model.stage, 1.0, 0)
+
+    data = FrameDataset(subject, train_idx, (H, W), cache_bytes=cfg.cache_mb << 20)
+    sampler = InfiniteSampler(len(data), seed=cfg.seed, per_pass=min(cfg.frames_per_pass, len(data)), start=start * cfg.batch_size)
+    loader = torch.utils.data.DataLoader(
+        data, batch_size=cfg.batch_size, sampler=sampler, collate_fn=collate, num_workers=cfg.num_workers,
+        pin_memory=device.type == "cuda", persistent_workers=cfg.num_workers > 0, prefetch_factor=4 if cfg.num_workers > 0 else None,
+    )
+    batches = iter(loader)
+    perceptual = VGGPerceptual(cfg.perceptual_size).to(device) if cfg.w_perceptual > 0 else None
+    reg = MeshRegularizer(model.faces, model.num_vertices)
+    eval_set = None
+    if cfg.eval_every > 0 and test_idx:
+        pick = np.linspace(0, len(test_idx) - 1, min(cfg.eval_frames, len(test_idx))).round().astype(int)
+        eval_set = FrameDataset(subject, [test_idx[i] for i in pick], (H, W))
+
+    pbar = tqdm(total=cfg.iterations, initial=start, disable=not progress, desc="train flare", unit="it", dynamic_ncols=True)
+    t0 = time.perf_counter() - elapsed
+    sums = _Sums(device)
+    it = start
+    try:
+        while it < cfg.iterations:
+            it += 1
+            stage, local, scale = sched.stage(it)
+            if stage == 2 and model.stage == 1:
+                model.enter_stage2()
+                opts = make_optimizers(model, cfg, 2, info["lr_scale"], info["remeshes"])
+            if stage == 1 and local in sched.remesh and info["remeshes"] < sched.remesh.index(local) + 1:
+                _remesh(model, cfg, info, it)
+                write_json(run.root / "remesh.json", info["remesh_log"])
+                reg = MeshRegularizer(model.faces, model.num_vertices)
+                opts = (make_optimizers(model, cfg, 1, info["lr_scale"], info["remeshes"])[0], opts[1])
+            reg_factor = cfg.remesh_reg_factor ** info["remeshes"]
+
+            batch = next(batches)
+            tgt = flare_targets(batch, device)
+            idx = batch["index"].numpy()
+            params = tr.params(idx, device)
+            cams = tr.cameras(idx, subject.height, subject.width, device).resized(H, W)
+            out = model.render(params, cams, light_frame=light_frame)
+            loss, terms = compute_losses(model, out, tgt, cfg, reg, stage, local, scale, reg_factor, perceptual, light_frame)
+            for o in opts:
+                o.zero_grad(set_to_none=True)
+            loss.backward()
+            for o in opts:
+                o.step()
+            sums.add(loss, _psnr(out["rgb"].detach(), tgt["gt"]), out["diffuse"].detach(), terms)
+            pbar.update(1)
+
+            if it % cfg.log_every == 0 or it == cfg.iterations or it == sched.n1:
+                row = sums.row(it, stage, time.perf_counter() - t0, model.num_vertices)
+                problem = _health(row, cfg)
+                if problem:
+                    it, model, opts = _recover(run, model, cfg, info, problem, it, fresh)
+                    reg = MeshRegularizer(model.faces, model.num_vertices)
+                    sampler.start = it * cfg.batch_size
+                    batches = iter(loader)
+                    pbar.n = it
+                    pbar.refresh()
+                    sums = _Sums(device)
+                    continue
+                if eval_set is not None and (it % cfg.eval_every == 0 or it == cfg.iterations):
+                    row["test_psnr"] = evaluate_psnr(model, eval_set, tr, subject, (H, W), device, light_frame)
+                run.append_curve(row)
+                pbar.set_postfix(loss=f"{row['loss']:.4f}", psnr=f"{row['train_psnr']:.2f}", V=model.num_vertices)
+                sums = _Sums(device)
+            if cfg.preview_every and (it % cfg.preview_every == 0 or it == cfg.iterations):
+                _preview(run, it, out, tgt)
+            if it % cfg.checkpoint_every == 0 or it == cfg.iterations:
+                run.save_checkpoint(it, checkpoint_state(model, opts, it, time.perf_counter() - t0, _extra(info)))
+    except KeyboardInterrupt:
+        if it > start:
+            run.save_checkpoint(it, checkpoint_state(model, opts, it, time.perf_counter() - t0, _extra(info)))
+        raise
+    finally:
+        pbar.close()
+
+
+def _extra(info: dict) -> dict:
+    return {k: info[k] for k in ("remeshes", "lr_scale", "recoveries", "remesh_log")}
+
+
+def _remesh(model: FlareModel, cfg: FlareConfig, info: dict, it: int) -> None:
+    from headavatar.methods.flare.remesh import mean_edge_length, remesh
+
+    t = time.perf_counter()
+    V = model.canonical_vertices().detach().cpu().double().numpy()
+    Fc = model.faces.cpu().numpy()
+    h = mean_edge_length(V, Fc) / cfg.remesh_edge_factor
+    U, G, how = remesh(V, Fc, h, cfg.remesh_backend)
+    model.set_mesh(torch.as_tensor(U, dtype=torch.float32), torch.as_tensor(G))
+    info["remeshes"] += 1
+    info["remesh_log"].append({"step": it, "method": how, "vertices": int(len(U)), "faces": int(len(G)), "target_edge": float(h),
+                               "seconds": time.perf_counter() - t})
+
+
+class _Sums:
+    """Per-log-interval accumulators kept on the device (one host sync per log step)."""
+
+    def __init__(self, device):
+        self.loss = torch.zeros((), device=device)
+        self.psnr = torch.zeros((), device=device)
+        self.light = torch.zeros((), device=device)
+        self.terms: dict[str, torch.Tensor] = {}
+        self.n = 0
+
+    def add(self, loss, psnr, diffuse, terms):
+        self.loss += loss.detach()
+        self.psnr += psnr
+        self.light += diffuse.mean() if diffuse.numel() else 0.0
+        for k, v in terms.items():
+            self.terms[k] = self.terms.get(k, 0.0) + v.detach()
+        self.n += 1
+
+    def row(self, it, stage, t, nv) -> dict:
+        n = max(self.n, 1)
+        row = {"step": it, "stage": stage, "loss": (self.loss / n).item(), "train_psnr": (self.psnr / n).item(),
+               "diffuse_light": (self.light / n).item(), "time": t, "vertices": nv}
+        row.update({f"loss_{k}": float(v / n) for k, v in self.terms.items()})
+        return row
+
+
+def _health(row: dict, cfg: FlareConfig) -> str | None:
+    if not math.isfinite(row["loss"]) or not math.isfinite(row["diffuse_light"]):
+        return f"the loss became {row['loss']}"
+    if row["diffuse_light"] < cfg.collapse_threshold:
+        return f"the light collapsed to black (mean diffuse light {row['diffuse_light']:.2e})"
+    return None
+
+
+def _recover(run: RunDir, model: FlareModel, cfg: FlareConfig, info: dict, problem: str, it: int, fresh):
+    """Go back to the last checkpoint (or the start) with halved learning rates.
+
+    Returns (iteration resumed from, model, optimisers).
+    """
+    info["recoveries"] += 1
+    if info["recoveries"] > cfg.max_recoveries:
+        raise TrainingDiverged(
+            f"FLARE training failed at iteration {it}: {problem}, again after {cfg.max_recoveries} restarts with halved learning rates; "
+            f"try --set light_activation=softplus, lower learning rates (--set lr_shader=5e-4) or check the subject's masks"
+        )
+    info["lr_scale"] *= 0.5
+    print(f"warning: {problem} at iteration {it}; restarting from the last checkpoint with learning rates x{info['lr_scale']:g}")
+    if run.checkpoints():
+        step, state = run.load_checkpoint(map_location=model.base_verts.device)
+        model = fresh()
+        restore_model(model, state)
+        info["remeshes"] = int(state.get("remeshes", 0))
+        info["remesh_log"] = list(state.get("remesh_log", []))
+        opts = make_optimizers(model, cfg, model.stage, info["lr_scale"], info["remeshes"])
+        opts[0].load_state_dict(state["opt_vert"])
+        opts[1].load_state_dict(state["opt_net"])
+        ratio = info["lr_scale"] / float(state.get("lr_scale", 1.0))  # loaded groups carry the old rates
+        for o in opts:
+            for g in o.param_groups:
+                g["lr"] *= ratio
+        return step, model, opts
+    torch.manual_seed(cfg.seed + info["recoveries"])  # a different initialisation
+    model = fresh()
+    info["remeshes"] = 0
+    info["remesh_log"] = []
+    return 0, model, make_optimizers(model, cfg, model.stage, info["lr_scale"], 0)
+
+
+def _preview(run: RunDir, it: int, out: dict, tgt: dict) -> None:
+    a = out["alpha"][0].detach()
+    pred = linear_to_srgb((out["rgb"][0].detach() / a.clamp_min(1e-4)).clamp(0, 1)) * a + (1 - a)
+    m = tgt["mask"][0]
+    gt = linear_to_srgb((tgt["gt"][0] / m.clamp_min(1e-4)).clamp(0, 1)) * m + (1 - m)
+    write_image(run.root / "previews" / f"{it:07d}.jpg", to_uint8(torch.cat([gt, pred], 1)))
+
+
+@torch.no_grad()
+def evaluate_psnr(model: FlareModel, data: FrameDataset, tr, subject: Subject, size, device, light_frame: str) -> float:
+    """Mean PSNR over a few held-out frames (linear GT x matte vs the render, both sRGB on black)."""
+    vals = []
+    for k in range(len(data)):
+        b = collate([data[k]])
+        tgt = flare_targets(b, device)
+        idx = b["index"].numpy()
+        cams = tr.cameras(idx, subject.height, subject.width, device).resized(*size)
+        out = model.render(tr.params(idx, device), cams, light_frame=light_frame)
+        vals.append(_psnr(out["rgb"], tgt["gt"]).item())
+    return float(np.mean(vals))
