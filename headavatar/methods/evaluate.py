@@ -16,11 +16,12 @@ from headavatar.utils.io import write_json
 from headavatar.utils.video import to_uint8, write_video
 
 
-def evaluate_run(run_dir, device="cpu", split: str = "test", batch_size: int = 4, video: bool = True, progress: bool = True, lpips: bool = True) -> dict:
+def evaluate_run(run_dir, device="cpu", split: str = "test", batch_size: int = 4, video: bool = True, progress: bool = True, lpips: bool = True,
+                 head_overrides: dict | None = None) -> dict:
     from headavatar.methods import load_avatar
     from headavatar.metrics.protocols import aggregate, evaluate_frames
 
-    avatar = load_avatar(run_dir, device)
+    avatar = load_avatar(run_dir, device, head_overrides)
     subj = avatar.subject
     frames = subj.split.get(split, [])
     if not frames:

@@ -46,14 +46,15 @@ def reenactment_tracking(avatar, driver: Subject):
     }
 
 
-def render_run(run_dir, out_path, driver_dir=None, device="cpu", frames: str = "all", batch_size: int = 4, side_by_side: bool = False, progress: bool = True) -> int:
+def render_run(run_dir, out_path, driver_dir=None, device="cpu", frames: str = "all", batch_size: int = 4, side_by_side: bool = False, progress: bool = True,
+               head_overrides: dict | None = None) -> int:
     from headavatar.methods import load_avatar
     from headavatar.subjects.dataset import FrameDataset, collate, prepare_targets
 
     out_path = Path(out_path)
     if out_path.suffix.lower() not in (".mp4", ".mov", ".mkv"):
         raise UserError(f"output {out_path} must be a video file (.mp4)")
-    avatar = load_avatar(run_dir, device)
+    avatar = load_avatar(run_dir, device, head_overrides)
     subj = avatar.subject
     H, W = avatar.size
     dev = avatar.device

@@ -161,6 +161,10 @@ class Tracking:
             "extras": {k: f(v[idx]) for k, v in self.extras.items()},
         }
 
+    def on_device(self, device) -> "DeviceTracking":
+        """All per-frame arrays uploaded once (they are small), indexed on the device without host syncs."""
+        return DeviceTracking(self, device)
+
     def subset(self, idx) -> "Tracking":
         idx = np.asarray(idx)
         return Tracking(
@@ -169,6 +173,32 @@ class Tracking:
             extras={k: v[idx] for k, v in self.extras.items()}, valid=self.valid[idx], timestamps=self.timestamps[idx],
             landmarks2d=None if self.landmarks2d is None else self.landmarks2d[idx],
         )
+
+
+class DeviceTracking:
+    """Tracking arrays as device tensors; ``params``/``cameras`` take a LongTensor of frame indices."""
+
+    def __init__(self, tr: Tracking, device):
+        f = lambda a: torch.as_tensor(np.asarray(a), dtype=torch.float32, device=device)  # noqa: E731
+        self.device = torch.device(device)
+        self.shape = f(tr.shape)
+        self.expression, self.joint_rotations, self.translation = f(tr.expression), f(tr.joint_rotations), f(tr.translation)
+        self.K, self.R, self.t = f(tr.K), f(tr.R), f(tr.t)
+        self.extras = {k: f(v) for k, v in tr.extras.items()}
+
+    def params(self, idx: torch.Tensor) -> dict:
+        idx = idx.to(self.device, non_blocking=True)
+        return {
+            "shape": self.shape[None].expand(idx.shape[0], -1),
+            "expression": self.expression[idx],
+            "joint_rotations": self.joint_rotations[idx],
+            "translation": self.translation[idx],
+            "extras": {k: v[idx] for k, v in self.extras.items()},
+        }
+
+    def cameras(self, idx: torch.Tensor, height: int, width: int) -> Cameras:
+        idx = idx.to(self.device, non_blocking=True)
+        return Cameras(self.K[idx], self.R[idx], self.t[idx], height, width)
 
 
 def default_split(num_frames: int, test_fraction: float = 0.15, min_test: int = 1, valid: np.ndarray | None = None) -> dict[str, list[int]]:

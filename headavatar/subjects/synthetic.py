@@ -371,6 +371,7 @@ def render_synthetic_frames(
     supersample: int = 2,
     backend=None,
     background: float = BACKGROUND,
+    device=None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Render frames of the procedural head: (rgb [N,H,W,3], alpha [N,H,W], parsing [N,H,W]) uint8.
 
@@ -382,6 +383,7 @@ def render_synthetic_frames(
     colour and alpha); parsing takes the majority label of each pixel's samples.
     The RGB is composited over a flat ``background`` grey (in sRGB), alpha is the coverage.
     Frames are rendered one at a time, so a frame's pixels never depend on its batch.
+    device: where to render (default: CPU); results come back as numpy arrays.
     """
     from headavatar.render.mesh import get_mesh_backend
     from headavatar.render.mesh.ops import texture2d, vertex_normals
@@ -401,12 +403,15 @@ def render_synthetic_frames(
     ss = int(supersample)
     if ss < 1:
         raise UserError(f"supersample must be >= 1 (got {supersample})")
-    cams = cameras.resized(H * ss, W * ss)
+    device = torch.device(device or "cpu")
+    model = model.to(device)
+    params = {k: (v.to(device) if isinstance(v, torch.Tensor) else {kk: vv.to(device) for kk, vv in v.items()}) for k, v in params.items()}
+    cams = cameras.resized(H * ss, W * ss).to(device)
     backend = backend or get_mesh_backend("torch")
     faces = model.faces
-    tex = torch.cat([torch.as_tensor(textures["albedo"]), torch.as_tensor(textures["roughness"]), torch.as_tensor(textures["specular"])], -1)[None].float()
-    labels = model.face_labels if model.face_labels is not None else torch.ones(faces.shape[0], dtype=torch.int64)
-    labels0 = torch.cat([torch.zeros(1, dtype=torch.int64), labels.long()])  # index 0 = empty
+    tex = torch.cat([torch.as_tensor(textures["albedo"]), torch.as_tensor(textures["roughness"]), torch.as_tensor(textures["specular"])], -1)[None].float().to(device)
+    labels = model.face_labels if model.face_labels is not None else torch.ones(faces.shape[0], dtype=torch.int64, device=device)
+    labels0 = torch.cat([torch.zeros(1, dtype=torch.int64, device=device), labels.long()])  # index 0 = empty
     root = model.joint_index("root") if "root" in model.joint_names else 0
 
     rgb_out = np.zeros((N, H, W, 3), np.uint8)
@@ -459,16 +464,16 @@ def render_synthetic_frames(
             row = torch.div(pix, W * ss, rounding_mode="floor")
             col_i = pix - row * (W * ss)
             out_idx = torch.div(row, ss, rounding_mode="floor") * W + torch.div(col_i, ss, rounding_mode="floor")
-            acc = torch.zeros(H * W, 4 + NUM_LABELS)
+            acc = torch.zeros(H * W, 4 + NUM_LABELS, device=device)
             vals = torch.cat([_srgb_encode(col), torch.ones_like(col[:, :1]), torch.nn.functional.one_hot(labels0[f + 1], NUM_LABELS).float()], 1)
             acc.index_add_(0, out_idx, vals)
             acc = acc / (ss * ss)
             a_ = acc[:, 3:4]
             acc[:, 4] += 1 - a_[:, 0]  # background votes
             c = acc[:, :3] + background * (1 - a_)
-            rgb_out[i] = (c * 255 + 0.5).clamp(0, 255).to(torch.uint8).reshape(H, W, 3).numpy()
-            alpha_out[i] = (a_[:, 0] * 255 + 0.5).clamp(0, 255).to(torch.uint8).reshape(H, W).numpy()
-            pars_out[i] = acc[:, 4:].argmax(-1).to(torch.uint8).reshape(H, W).numpy()  # majority; ties -> lower label
+            rgb_out[i] = (c * 255 + 0.5).clamp(0, 255).to(torch.uint8).reshape(H, W, 3).cpu().numpy()
+            alpha_out[i] = (a_[:, 0] * 255 + 0.5).clamp(0, 255).to(torch.uint8).reshape(H, W).cpu().numpy()
+            pars_out[i] = acc[:, 4:].argmax(-1).to(torch.uint8).reshape(H, W).cpu().numpy()  # majority; ties -> lower label
     return rgb_out, alpha_out, pars_out
 
 
@@ -485,6 +490,7 @@ def make_synthetic_subject(
     supersample: int = 2,
     progress: bool = True,
     texture_size: int = 512,
+    device=None,
 ) -> Subject:
     """Render the procedural head into a native subject folder and return it opened.
 
@@ -524,7 +530,7 @@ def make_synthetic_subject(
 
         bar = tqdm(total=N, desc="rendering synthetic subject", unit="frame")
     for i in range(N):
-        rgb, alpha, pars = render_synthetic_frames(model, textures, tracking.subset([i]), cams[i], light, None, supersample)
+        rgb, alpha, pars = render_synthetic_frames(model, textures, tracking.subset([i]), cams[i], light, None, supersample, device=device)
         writer.write_frame(i, rgb[0], alpha[0], pars[0])
         if bar is not None:
             bar.update(1)

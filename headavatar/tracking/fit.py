@@ -51,6 +51,8 @@ from headavatar.utils.rotations import (
 # World-to-camera rotation of the fixed camera: OpenCV axes looking down world -z.
 CAMERA_R = np.diag([1.0, -1.0, -1.0]).astype(np.float32)
 REFERENCE_SIZE = 512.0
+import os as _os
+_DEBUG = bool(_os.environ.get("FITDEBUG"))
 
 
 @dataclass
@@ -638,7 +640,9 @@ def _fit(model, landmarks2d, image_size, valid, embedding, weights, cfg: FitConf
             bar = tqdm(total=iters, desc=desc, unit="it", leave=False)
         F = float("nan")
         sm = 2 * smooth / M  # smoothness Hessian scale per coordinate
+        done = 0
         for _ in range(iters):
+            done += 1
             xg = x.clone().requires_grad_(True)
             yg = y.clone().requires_grad_(free_y)
             e, v, joints = residuals(xg, yg, rigid)
@@ -699,21 +703,31 @@ def _fit(model, landmarks2d, image_size, valid, embedding, weights, cfg: FitConf
                         return zx - AiB.reshape(-1, S + 1).matmul(zy).reshape(M, d), zy
 
                     dxs, dy = _pcg(matvec, precond, -(gx * fxf), -(gy * fyf) if free_y else None, cfg.cg_iters)
-                    x_new = torch.minimum(torch.maximum(x + dxs * fxf, lo), hi)
-                    y_new = torch.minimum(torch.maximum(y + dy * fyf, y_lo), y_hi) if free_y else y
-                    F_new = float(objective(x_new, y_new, rigid))
-                    if F_new <= F:
+                    # backtracking along the projected path: cheaper than re-solving with more damping
+                    accepted = False
+                    for k in range(4):
+                        a = 0.5**k
+                        x_new = torch.minimum(torch.maximum(x + a * dxs * fxf, lo), hi)
+                        y_new = torch.minimum(torch.maximum(y + a * dy * fyf, y_lo), y_hi) if free_y else y
+                        F_new = float(objective(x_new, y_new, rigid))
+                        if _DEBUG:
+                            print(desc, "F", F, "F_new", F_new, "lam", lam, "step", a)
+                        if F_new <= F:
+                            accepted = True
+                            break
+                    if accepted:
                         improved = (F - F_new) / max(F, 1e-12)
                         x, y = x_new, y_new
-                        lam = max(lam / 3.0, 1e-7)
+                        lam = max(lam / 3.0, 1e-7) if k == 0 else lam * 2.0
                         break
-                    lam *= 4.0
+                    lam *= 10.0
             if bar is not None:
                 bar.update(1)
             if improved < cfg.tol:
                 break  # converged (or no step decreases the objective any more)
         if bar is not None:
             bar.close()
+        stats[desc] = done
         return x, y, F
 
     def errors(x, y, rigid) -> np.ndarray:
@@ -721,6 +735,7 @@ def _fit(model, landmarks2d, image_size, valid, embedding, weights, cfg: FitConf
             e, _, _ = residuals(x, y, rigid)
             return (e / scale).norm(dim=-1).mean(-1).cpu().numpy()
 
+    stats: dict[str, int] = {}
     x, y, _ = solve(x, y, True, cfg.rigid_iters, "fit: rigid")
     err_before = errors(x, y, True)
     x, y, final_loss = solve(x, y, False, cfg.iters, "fit: all")
@@ -773,6 +788,7 @@ def _fit(model, landmarks2d, image_size, valid, embedding, weights, cfg: FitConf
         "num_frames": N,
         "num_valid": M,
         "final_loss": final_loss,
+        "iterations": {"rigid": stats.get("fit: rigid", 0), "all": stats.get("fit: all", 0)},
         "time_s": time.perf_counter() - t_start,
     }
     return tracking, report

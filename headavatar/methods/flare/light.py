@@ -18,60 +18,91 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 from torch import nn
 
 IDE_DEGREES = (1, 2, 4, 8)
 
 
-def _legendre_q(l_max: int, z: torch.Tensor) -> dict[tuple[int, int], torch.Tensor]:
-    """Q_l^m(z) = P_l^m(z) / (1 - z²)^(m/2): polynomials, so no square root of 1 - z² is needed."""
-    q: dict[tuple[int, int], torch.Tensor] = {}
+def _legendre_q_coeffs(l_max: int) -> dict[tuple[int, int], np.ndarray]:
+    """Polynomial coefficients (in z, lowest first) of Q_l^m(z) = P_l^m(z) / (1 - z²)^(m/2).
+
+    Q is a polynomial, so Y_l^m = N_lm Q_l^m(z) (x + i y)^m needs no square
+    root of 1 - z² (smooth everywhere, including the poles).
+    """
+    q: dict[tuple[int, int], np.ndarray] = {}
+    zpoly = np.array([0.0, 1.0])
     for m in range(l_max + 1):
-        # Q_m^m = (-1)^m (2m-1)!!  (Condon-Shortley phase)
-        dfact = 1.0
-        for k in range(1, 2 * m, 2):
-            dfact *= k
-        q[(m, m)] = torch.full_like(z, (-1.0) ** m * dfact)
+        dfact = float(np.prod(np.arange(1, 2 * m, 2))) if m > 0 else 1.0
+        q[(m, m)] = np.array([(-1.0) ** m * dfact])  # Condon-Shortley phase
         if m + 1 <= l_max:
-            q[(m + 1, m)] = z * (2 * m + 1) * q[(m, m)]
+            q[(m + 1, m)] = np.polymul(zpoly[::-1], q[(m, m)][::-1])[::-1] * (2 * m + 1)
         for l in range(m + 2, l_max + 1):
-            q[(l, m)] = ((2 * l - 1) * z * q[(l - 1, m)] - (l + m - 1) * q[(l - 2, m)]) / (l - m)
+            a = np.polymul(zpoly[::-1], q[(l - 1, m)][::-1])[::-1] * (2 * l - 1)
+            b = np.pad(q[(l - 2, m)], (0, len(a) - len(q[(l - 2, m)]))) * (l + m - 1)
+            q[(l, m)] = (a - b) / (l - m)
     return q
 
 
-def spherical_harmonics_complex(d: torch.Tensor, degrees=IDE_DEGREES) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
-    """Orthonormal complex Y_l^m(d), m = 0..l for each l in ``degrees``.
+class SphericalHarmonics:
+    """Orthonormal complex Y_l^m for m = 0..l, l in ``degrees``, as one matrix product per call.
 
-    d [...,3] unit vectors (z is the polar axis).  Returns (real [...,K],
-    imag [...,K], l of each of the K columns).
+    Y_l^m(d) = N_lm Q_l^m(z) (x + i y)^m with z the polar axis; the
+    polynomials Q are tabulated once as a matrix over the powers of z.
     """
-    x, y, z = d.unbind(-1)
-    lmax = max(degrees)
-    q = _legendre_q(lmax, z)
-    # (x + i y)^m = sin^m(theta) e^{i m phi}
-    pr, pi = [torch.ones_like(x)], [torch.zeros_like(x)]
-    for _ in range(lmax):
-        a, b = pr[-1], pi[-1]
-        pr.append(a * x - b * y)
-        pi.append(a * y + b * x)
-    re, im, ls = [], [], []
-    for l in degrees:
-        for m in range(l + 1):
-            norm = math.sqrt((2 * l + 1) / (4 * math.pi) * math.factorial(l - m) / math.factorial(l + m))
-            re.append(norm * q[(l, m)] * pr[m])
-            im.append(norm * q[(l, m)] * pi[m])
-            ls.append(l)
-    return torch.stack(re, -1), torch.stack(im, -1), ls
+
+    def __init__(self, degrees=IDE_DEGREES):
+        self.degrees = tuple(degrees)
+        lmax = max(self.degrees)
+        q = _legendre_q_coeffs(lmax)
+        cols, ms, ls = [], [], []
+        for l in self.degrees:
+            for m in range(l + 1):
+                norm = math.sqrt((2 * l + 1) / (4 * math.pi) * math.factorial(l - m) / math.factorial(l + m))
+                c = np.zeros(lmax + 1)
+                c[: len(q[(l, m)])] = q[(l, m)] * norm
+                cols.append(c)
+                ms.append(m)
+                ls.append(l)
+        self.coeffs = torch.tensor(np.stack(cols, 1), dtype=torch.float32)  # [lmax+1, K]
+        self.m = torch.tensor(ms)
+        self.l = ls
+        self.lmax = lmax
+        self.sigma = torch.tensor([l * (l + 1) / 2 for l in ls], dtype=torch.float32)
+
+    def __call__(self, d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """d [...,3] unit vectors -> (real [...,K], imag [...,K])."""
+        x, y, z = d.unbind(-1)
+        zp = z[..., None] ** torch.arange(self.lmax + 1, device=d.device, dtype=d.dtype)
+        poly = zp @ self.coeffs.to(d)
+        # (x + i y)^m for m = 0..lmax by repeated complex multiplication
+        pr, pi = [torch.ones_like(x)], [torch.zeros_like(x)]
+        for _ in range(self.lmax):
+            a, b = pr[-1], pi[-1]
+            pr.append(a * x - b * y)
+            pi.append(a * y + b * x)
+        m = self.m.to(d.device)
+        return poly * torch.stack(pr, -1)[..., m], poly * torch.stack(pi, -1)[..., m]
 
 
-def integrated_directional_encoding(d: torch.Tensor, roughness: torch.Tensor | float, attenuation: str = "refnerf", degrees=IDE_DEGREES) -> torch.Tensor:
+def spherical_harmonics_complex(d: torch.Tensor, degrees=IDE_DEGREES) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+    """(real [...,K], imag [...,K], l of each column) of the orthonormal complex Y_l^m, m = 0..l."""
+    sh = SphericalHarmonics(degrees)
+    re, im = sh(d)
+    return re, im, sh.l
+
+
+def integrated_directional_encoding(d: torch.Tensor, roughness: torch.Tensor | float, attenuation: str = "refnerf", degrees=IDE_DEGREES,
+                                    sh: SphericalHarmonics | None = None) -> torch.Tensor:
     """[...,3] directions, roughness [...,1] or scalar -> [..., 2K] (38 for the default degrees)."""
-    re, im, ls = spherical_harmonics_complex(d, degrees)
-    sigma = torch.tensor([l * (l + 1) / 2 for l in ls], dtype=d.dtype, device=d.device)
-    r = torch.as_tensor(roughness, dtype=d.dtype, device=d.device)
-    if r.dim() == 0:
-        r = r.reshape(1)
+    sh = sh or SphericalHarmonics(degrees)
+    re, im = sh(d)
+    sigma = sh.sigma.to(d)
+    if isinstance(roughness, torch.Tensor):
+        r = roughness.to(d)
+    else:
+        r = torch.full((1,), float(roughness), dtype=d.dtype, device=d.device)
     if attenuation == "refnerf":
         att = torch.exp(-sigma * r)
     elif attenuation == "flare":
@@ -101,13 +132,21 @@ class LightMLP(nn.Module):
         nn.init.constant_(out.bias, init_bias)
         mods.append(out)
         self.mlp = nn.Sequential(*mods)
+        self.sh = SphericalHarmonics()
 
     def forward(self, d: torch.Tensor, roughness: torch.Tensor | float) -> torch.Tensor:
-        h = self.mlp(integrated_directional_encoding(d, roughness, self.attenuation))
+        h = self.mlp(integrated_directional_encoding(d, roughness, self.attenuation, sh=self.sh))
         return nn.functional.softplus(h, beta=100.0) if self.activation == "softplus" else h
 
     def diffuse(self, n: torch.Tensor) -> torch.Tensor:
         return self(n, 1.0)
+
+    def both(self, n: torch.Tensor, r: torch.Tensor, roughness: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(diffuse at normals n, specular along r with roughness) in one MLP pass."""
+        N = n.shape[0]
+        rough = torch.cat([torch.ones_like(roughness), roughness], 0)
+        out = self(torch.cat([n, r], 0), rough)
+        return out[:N], out[N:]
 
     def specular(self, r: torch.Tensor, roughness: torch.Tensor) -> torch.Tensor:
         return self(r, roughness)

@@ -34,53 +34,56 @@ class HashGrid(nn.Module):
     grid vertices fit in the table is indexed densely, the others through the
     XOR-of-primes spatial hash.  Features are interpolated trilinearly, so the
     encoding is continuous and differentiable in both the table and the input.
+    All levels are evaluated together (one gather), in chunks of points.
     """
 
-    def __init__(self, levels: int = 16, features: int = 2, log2_size: int = 19, base_resolution: int = 16, scale: float = 1.4473, init_range: float = 1e-4):
+    def __init__(self, levels: int = 16, features: int = 2, log2_size: int = 19, base_resolution: int = 16, scale: float = 1.4473,
+                 init_range: float = 1e-4, chunk: int = 1 << 17):
         super().__init__()
         if levels < 1 or features < 1 or not 4 <= log2_size <= 26:
             raise ValueError("hash grid: levels >= 1, features >= 1, 4 <= log2_size <= 26")
-        self.levels, self.features, self.size = levels, features, 1 << log2_size
+        self.levels, self.features, self.size, self.chunk = levels, features, 1 << log2_size, chunk
         res = [int(math.floor(base_resolution * scale**lv)) for lv in range(levels)]
         self.resolutions = res
-        sizes = [min(self.size, (r + 1) ** 3) for r in res]
-        self.dense = [(r + 1) ** 3 <= self.size for r in res]
+        dense = [(r + 1) ** 3 <= self.size for r in res]
+        sizes = [(r + 1) ** 3 if d else self.size for r, d in zip(res, dense)]
         offsets = [0]
-        for s in sizes:
-            offsets.append(offsets[-1] + s)
-        self.offsets = offsets
+        for n in sizes:
+            offsets.append(offsets[-1] + n)
         self.table = nn.Parameter(torch.empty(offsets[-1], features).uniform_(-init_range, init_range))
-        self.register_buffer("corners", _CORNERS.clone(), persistent=False)
+        self.register_buffer("res", torch.tensor(res, dtype=torch.float32), persistent=False)
+        self.register_buffer("res_i", torch.tensor(res, dtype=torch.int64), persistent=False)
+        self.register_buffer("dense", torch.tensor(dense), persistent=False)
+        self.register_buffer("offset", torch.tensor(offsets[:-1], dtype=torch.int64), persistent=False)
+        self.register_buffer("corners", _CORNERS.clone(), persistent=False)  # [8,3]
 
     @property
     def output_dim(self) -> int:
         return self.levels * self.features
 
-    def _index(self, c: torch.Tensor, level: int) -> torch.Tensor:
-        """Integer grid corners c [...,3] -> row into this level's part of the table."""
-        r = self.resolutions[level]
-        n = self.offsets[level + 1] - self.offsets[level]
-        if self.dense[level]:
-            idx = (c[..., 0] * (r + 1) + c[..., 1]) * (r + 1) + c[..., 2]
-        else:
-            idx = (c[..., 0] * _PRIMES[0]) ^ (c[..., 1] * _PRIMES[1]) ^ (c[..., 2] * _PRIMES[2])
-            idx = idx & (n - 1) if n & (n - 1) == 0 else idx % n
-        return idx + self.offsets[level]
+    def _encode(self, x: torch.Tensor) -> torch.Tensor:
+        N, L = x.shape[0], self.levels
+        p = x[:, None, :] * self.res[None, :, None]  # [N,L,3]
+        p0 = torch.minimum(p.detach().floor(), (self.res - 1)[None, :, None])
+        f = p - p0
+        c = p0.long()[:, :, None, :] + self.corners[None, None]  # [N,L,8,3]
+        c0, c1, c2 = c.unbind(-1)
+        r1 = (self.res_i + 1)[None, :, None]
+        dense_idx = (c0 * r1 + c1) * r1 + c2
+        hash_idx = ((c0 * _PRIMES[0]) ^ (c1 * _PRIMES[1]) ^ (c2 * _PRIMES[2])) & (self.size - 1)
+        idx = torch.where(self.dense[None, :, None], dense_idx, hash_idx) + self.offset[None, :, None]
+        feat = self.table.index_select(0, idx.reshape(-1)).reshape(N, L, 8, self.features)
+        w = torch.where(self.corners.bool()[None, None], f[:, :, None, :], 1 - f[:, :, None, :]).prod(-1)  # [N,L,8]
+        return (feat * w[..., None]).sum(2).reshape(N, L * self.features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
         x = x.reshape(-1, 3).clamp(0, 1)
-        out = []
-        for lv, r in enumerate(self.resolutions):
-            p = x * r
-            p0 = p.detach().floor().clamp(max=r - 1)
-            f = p - p0  # [N,3] in [0,1]
-            c = p0.long()[:, None, :] + self.corners[None]  # [N,8,3]
-            rows = self._index(c, lv)
-            feat = self.table.index_select(0, rows.reshape(-1)).reshape(-1, 8, self.features)
-            w = torch.where(self.corners[None].bool(), f[:, None, :], 1 - f[:, None, :]).prod(-1)  # [N,8]
-            out.append((feat * w[..., None]).sum(1))
-        return torch.cat(out, -1).reshape(*lead, -1)
+        if x.shape[0] <= self.chunk:
+            out = self._encode(x)
+        else:
+            out = torch.cat([self._encode(x[s : s + self.chunk]) for s in range(0, x.shape[0], self.chunk)])
+        return out.reshape(*lead, -1)
 
 
 def _mlp(din: int, width: int, hidden: int, dout: int, kaiming: bool) -> nn.Sequential:

@@ -361,8 +361,9 @@ class FlareModel(nn.Module):
         B = verts.shape[0]
         with torch.no_grad():
             depth = cams.world_to_camera(verts)[..., 2]
-            near = max(float(depth.min()) * self.cfg.near_far[0], 1e-3)
-            far = max(float(depth.max()) * self.cfg.near_far[1], near * 2)
+            dmin, dmax = torch.stack([depth.min(), depth.max()]).tolist()  # one host sync
+            near = max(dmin * self.cfg.near_far[0], 1e-3)
+            far = max(dmax * self.cfg.near_far[1], near * 2)
         clip = cams.to_clip(verts, near, far)
         be = self.backend()
         rast = be.rasterize(clip, self.faces, (H, W))
@@ -391,8 +392,7 @@ class FlareModel(nn.Module):
         elif light_frame != "world":
             raise ValueError(f"light_frame must be world or head, not {light_frame!r}")
         if light is None:
-            D = self.shader.light.diffuse(n_l)
-            S = self.shader.light.specular(r_l, kr)
+            D, S = self.shader.light.both(n_l, r_l, kr)
         else:
             D = light.diffuse(n_l)
             S = light.specular(r_l, kr)

@@ -37,6 +37,7 @@ class FlashAvatarConfig:
     lpips_start: int = 15_000  # first iteration (1-based, as the reference) with the LPIPS-VGG term
     frames_per_pass: int = 2000  # each pass over the data reshuffles and keeps at most this many frames
     seed: int = 0
+    max_seconds: float = 0.0  # stop (with a checkpoint) once training has run this long; 0 = no limit
     # --- bookkeeping
     checkpoint_every: int = 5000
     preview_every: int = 500

@@ -72,6 +72,7 @@ def train_flashavatar(subject_dir: Path, run: RunDir, cfg: FlashAvatarConfig, re
     opt = make_optimizer(model, cfg)
     bg = torch.tensor(cfg.background, dtype=torch.float32, device=device)
     tr = subject.tracking
+    dtr = tr.on_device(device)
     train_idx = subject.split["train"]
     test_idx = subject.split.get("test", [])
 
@@ -122,9 +123,9 @@ def train_flashavatar(subject_dir: Path, run: RunDir, cfg: FlashAvatarConfig, re
         for it in range(start + 1, cfg.iterations + 1):
             batch = next(batches)
             tgt = prepare_targets(batch, bg, device)
-            idx = batch["index"].numpy()
-            params = tr.params(idx, device)
-            cams = tr.cameras(idx, subject.height, subject.width, device).resized(H, W)
+            idx = batch["index"]
+            params = dtr.params(idx)
+            cams = dtr.cameras(idx, subject.height, subject.width).resized(H, W)
             cond, verts = model.frame_inputs(params)
             g = model.gaussians(cond, verts)
             sh_deg = min(cfg.sh_degree, (it - 1) // max(1, cfg.sh_increase_every))
@@ -144,7 +145,9 @@ def train_flashavatar(subject_dir: Path, run: RunDir, cfg: FlashAvatarConfig, re
                 n_sum += 1
             pbar.update(1)
 
-            if it % cfg.log_every == 0 or it == cfg.iterations:
+            out_of_time = cfg.max_seconds > 0 and it % 10 == 0 and time.perf_counter() - t0 >= cfg.max_seconds
+            last = it == cfg.iterations or out_of_time
+            if it % cfg.log_every == 0 or last:
                 mean_loss = (loss_sum / n_sum).item()  # the one host sync per log interval
                 if not np.isfinite(mean_loss):
                     raise TrainingDiverged(
@@ -152,16 +155,18 @@ def train_flashavatar(subject_dir: Path, run: RunDir, cfg: FlashAvatarConfig, re
                         f"lower learning rates: headavatar train ... --resume --set lr_mlp=5e-5"
                     )
                 row = {"step": it, "loss": mean_loss, "train_psnr": (psnr_sum / n_sum).item(), "time": time.perf_counter() - t0, "sh_degree": sh_deg}
-                if eval_set is not None and (it % cfg.eval_every == 0 or it == cfg.iterations):
+                if eval_set is not None and (it % cfg.eval_every == 0 or last):
                     row["test_psnr"] = evaluate_psnr(model, eval_set, tr, subject, bg, (H, W), device, cfg)
                 run.append_curve(row)
                 pbar.set_postfix(loss=f"{mean_loss:.4f}", psnr=f"{row['train_psnr']:.2f}")
                 loss_sum.zero_(), psnr_sum.zero_()
                 n_sum = 0
-            if cfg.preview_every and (it % cfg.preview_every == 0 or it == cfg.iterations):
+            if cfg.preview_every and (it % cfg.preview_every == 0 or last):
                 write_image(run.root / "previews" / f"{it:07d}.jpg", to_uint8(torch.cat([gt[0], pred[0].detach()], 1)))
-            if it % cfg.checkpoint_every == 0 or it == cfg.iterations:
+            if it % cfg.checkpoint_every == 0 or last:
                 _save(run, it, model, opt, time.perf_counter() - t0)
+            if out_of_time:
+                break
     except KeyboardInterrupt:
         # keep what was learned; the run resumes from here with --resume
         if it > start:

@@ -285,7 +285,7 @@ def _row_spans(params, img, W, H, layer_pairs):
 def _live_spans(spans: _Spans, sel, stopped):
     """The spans of ``sel`` with at least one pixel that has not stopped compositing."""
     done = torch.zeros(stopped.numel() + 1, dtype=torch.int32, device=sel.device)
-    torch.cumsum(stopped, 0, out=done[1:])
+    done[1:] = torch.cumsum(stopped, 0, dtype=torch.int32)  # stopped pixels before each index
     first, count = spans.first.index_select(0, sel), spans.count.index_select(0, sel)
     n_done = done.index_select(0, first + count) - done.index_select(0, first)
     return sel.index_select(0, torch.nonzero(n_done < count).squeeze(1))

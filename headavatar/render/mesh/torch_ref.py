@@ -109,12 +109,8 @@ class _Triangles:
     dzdy: torch.Tensor
     area: torch.Tensor  # bounding-box pixel count (upper bound on covered pixels)
 
-    def take(self, idx: torch.Tensor) -> "_Triangles":
-        parts = {}
-        for k in self.__dataclass_fields__:
-            v = getattr(self, k)
-            parts[k] = v.index_select(v.dim() - 1, idx)
-        return _Triangles(**parts)
+    def slice(self, t0: int, t1: int) -> "_Triangles":
+        return _Triangles(**{k: getattr(self, k)[..., t0:t1] for k in self.__dataclass_fields__})
 
 
 _BIG = 1 << 40  # "no bound", in fixed-point units (on-screen values are < 2**30)
@@ -288,7 +284,7 @@ def coverage(
     cuts = torch.searchsorted(ends, marks, right=True).clamp_min(1).tolist()
     bounds = sorted(set([0, *cuts, T]))
     for t0, t1 in zip(bounds[:-1], bounds[1:]):
-        yield _scanline(tri.take(torch.arange(t0, t1, device=ends.device)), W, subpixel_bits)
+        yield _scanline(tri.slice(t0, t1), W, subpixel_bits)
 
 
 def visible_faces(

@@ -1,0 +1,187 @@
+"""FlashAvatar speed, time-to-quality and memory on one GPU (issue 4), in one call.
+
+    python benchmarks/flashavatar_gpu.py --out results.json [--smoke]
+
+Steps (each printed as a table row and written to the JSON):
+  1. a synthetic subject at 512² (rendered on the GPU)
+  2. time-to-quality: training at 512² with the paper's model (UV 128, MLP 6x256, SH 3),
+     held-out PSNR logged against wall-clock time
+  3. render FPS of the trained avatar at 512², MLP + rasterisation, batch 1 and batched
+  4. training throughput (frames/s, iterations/s) per batch size through the full training step
+     (data loading, MLP, rasterisation, loss, backward, Adam)
+  5. peak GPU memory against the number of frames in the subject
+--smoke runs everything tiny on the CPU (to check the script, not to measure).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from headavatar.methods import load_avatar, train_method  # noqa: E402
+from headavatar.methods.run import RunDir  # noqa: E402
+from headavatar.subjects.format import Subject  # noqa: E402
+from headavatar.subjects.synthetic import make_synthetic_subject  # noqa: E402
+
+
+def sync():
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def tile_subject(src: Path, dst: Path, n: int) -> Path:
+    """A subject of n frames made of src's frames repeated (hard links): for the memory-vs-frames test."""
+    s = Subject.open(src)
+    if dst.exists():
+        shutil.rmtree(dst)
+    for sub in ("frames", "alpha", "parsing"):
+        (dst / sub).mkdir(parents=True)
+    for i in range(n):
+        j = i % s.num_frames
+        for sub, name in (("frames", f"{j:06d}{s.meta.get('image_ext', '.png')}"), ("alpha", f"{j:06d}.png"), ("parsing", f"{j:06d}.png")):
+            p = src / sub / name
+            if p.exists():
+                os.link(p, dst / sub / name.replace(f"{j:06d}", f"{i:06d}"))
+    idx = np.arange(n) % s.num_frames
+    s.tracking.subset(idx).save(dst / "tracking.npz")
+    meta = dict(s.meta, num_frames=n, split={"train": list(range(int(n * 0.85))), "test": list(range(int(n * 0.85), n))})
+    (dst / "subject.json").write_text(json.dumps(meta))
+    return dst
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default="flashavatar_gpu.json")
+    ap.add_argument("--work", default="/tmp/ha_bench")
+    ap.add_argument("--smoke", action="store_true")
+    ap.add_argument("--ttq-seconds", type=float, default=100.0)
+    ap.add_argument("--frames", type=int, default=160)
+    ap.add_argument("--batch-sizes", default="1,8,16")
+    ap.add_argument("--memory-frames", default="2000")
+    args = ap.parse_args()
+    dev = "cpu" if args.smoke else "cuda"
+    res = 64 if args.smoke else 512
+    work = Path(args.work)
+    if work.exists():
+        shutil.rmtree(work)
+    work.mkdir(parents=True)
+    out = {"device": torch.cuda.get_device_name() if dev == "cuda" else "cpu", "torch": torch.__version__,
+           "date": time.strftime("%Y-%m-%d"), "resolution": res}
+    paper = {} if not args.smoke else {"uv_resolution": 32, "mlp_width": 32}
+    backend = "torch" if args.smoke else "gsplat"
+
+    def save():
+        Path(args.out).write_text(json.dumps(out, indent=1))
+
+    # 1. subject
+    t = time.perf_counter()
+    subj_dir = work / "subject"
+    make_synthetic_subject(subj_dir, num_frames=12 if args.smoke else args.frames, resolution=res, seed=0, progress=False, device=dev)
+    out["synthetic_seconds"] = time.perf_counter() - t
+    print(f"synthetic subject: {out['synthetic_seconds']:.1f} s", flush=True)
+
+    # warm-up: compiles gsplat's kernels on first use
+    t = time.perf_counter()
+    train_method("flashavatar", subj_dir, work / "warm", {"iterations": 3, "device": dev, "backend": backend, "lpips_weight": 0.0, **paper}, progress=False)
+    out["warmup_seconds"] = time.perf_counter() - t
+    print(f"warm-up (incl. gsplat JIT): {out['warmup_seconds']:.1f} s", flush=True)
+    save()
+
+    # 2. time-to-quality
+    bs_ttq = 1 if args.smoke else 8
+    t = time.perf_counter()
+    train_method("flashavatar", subj_dir, work / "ttq", {
+        "iterations": 1_000_000, "max_seconds": 5 if args.smoke else args.ttq_seconds, "batch_size": bs_ttq, "device": dev, "backend": backend,
+        "eval_every": 10 if args.smoke else 100, "eval_frames": 24, "log_every": 10 if args.smoke else 50, "preview_every": 0,
+        "checkpoint_every": 1_000_000, "num_workers": 0 if args.smoke else 6, **paper}, progress=False)
+    curves = [c for c in RunDir(work / "ttq").read_curves() if "test_psnr" in c]
+    final = curves[-1]["test_psnr"]
+    within = next(c for c in curves if c["test_psnr"] >= final - 0.3)
+    out["time_to_quality"] = {"batch_size": bs_ttq, "curve": [(round(c["time"], 2), c["step"], round(c["test_psnr"], 3)) for c in curves],
+                              "final_psnr": final, "final_time": curves[-1]["time"], "seconds_to_within_0.3dB": within["time"], "steps": curves[-1]["step"]}
+    print(f"time-to-quality: final held-out PSNR {final:.2f} dB after {curves[-1]['time']:.0f} s; within 0.3 dB after {within['time']:.1f} s", flush=True)
+    save()
+
+    # 3. render FPS
+    av = load_avatar(work / "ttq", dev)
+    tr = av.subject.tracking.on_device(av.device)
+    H, W = av.size
+    fps = {}
+    for B in (1, 16, 64) if not args.smoke else (1, 4):
+        idx = torch.arange(B) % av.subject.num_frames
+        params, cams = tr.params(idx), tr.cameras(idx, av.subject.height, av.subject.width).resized(H, W)
+        for _ in range(5):
+            av.render(params, cams)
+        sync()
+        n = 50 if not args.smoke else 2
+        t = time.perf_counter()
+        for _ in range(n):
+            av.render(params, cams)
+        sync()
+        dt = (time.perf_counter() - t) / n
+        fps[B] = {"ms_per_call": dt * 1e3, "frames_per_s": B / dt}
+        print(f"render batch {B}: {dt * 1e3:.3f} ms/call, {B / dt:.0f} frames/s", flush=True)
+    # where the time goes at batch 1
+    idx = torch.arange(1)
+    params, cams = tr.params(idx), tr.cameras(idx, av.subject.height, av.subject.width).resized(H, W)
+    m = av.model
+    parts = {}
+    with torch.no_grad():
+        for name, fn in (("head_model", lambda: m.frame_inputs(params)),
+                         ("mlp", lambda: m.gaussians(*m.frame_inputs(params))),
+                         ("full", lambda: av.render(params, cams))):
+            for _ in range(5):
+                fn()
+            sync()
+            t = time.perf_counter()
+            for _ in range(50 if not args.smoke else 2):
+                fn()
+            sync()
+            parts[name] = (time.perf_counter() - t) / (50 if not args.smoke else 2) * 1e3
+    out["render"] = {"per_batch": fps, "batch1_breakdown_ms_cumulative": parts, "num_gaussians": m.num_gaussians}
+    print(f"batch-1 cumulative ms: {parts}", flush=True)
+    save()
+
+    # 4. training throughput per batch size
+    thr = {}
+    for B in [int(b) for b in args.batch_sizes.split(",")] if not args.smoke else [1, 2]:
+        steps = 60 if not args.smoke else 6
+        rd = work / f"thr{B}"
+        if dev == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        train_method("flashavatar", subj_dir, rd, {"iterations": steps, "batch_size": B, "device": dev, "backend": backend, "log_every": steps // 3,
+                                                   "preview_every": 0, "checkpoint_every": 1_000_000, "num_workers": 0 if args.smoke else 6, **paper}, progress=False)
+        c = RunDir(rd).read_curves()
+        dt = (c[-1]["time"] - c[0]["time"]) / (c[-1]["step"] - c[0]["step"])
+        thr[B] = {"it_per_s": 1 / dt, "frames_per_s": B / dt, "peak_mem_gb": torch.cuda.max_memory_allocated() / 2**30 if dev == "cuda" else None}
+        print(f"train batch {B}: {1 / dt:.1f} it/s, {B / dt:.0f} frames/s", flush=True)
+    out["train_throughput"] = thr
+    save()
+
+    # 5. memory vs frames
+    mem = {}
+    for n in [int(x) for x in args.memory_frames.split(",")] if not args.smoke else [30]:
+        sd = tile_subject(subj_dir, work / f"subj{n}", n)
+        if dev == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        train_method("flashavatar", sd, work / f"mem{n}", {"iterations": 30 if not args.smoke else 3, "batch_size": 8 if not args.smoke else 1, "device": dev, "backend": backend,
+                                                           "preview_every": 0, "checkpoint_every": 1_000_000, "num_workers": 0 if args.smoke else 6, **paper}, progress=False)
+        mem[n] = torch.cuda.max_memory_allocated() / 2**30 if dev == "cuda" else None
+        print(f"{n} frames: peak GPU memory {mem[n]} GB", flush=True)
+    out["memory_vs_frames_gb"] = mem
+    save()
+    print(json.dumps({k: v for k, v in out.items() if k != "time_to_quality"}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
