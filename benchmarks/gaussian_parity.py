@@ -38,22 +38,26 @@ PARAMS = ("means", "quats", "scales", "opacities", "colors")
 # pair whose alpha sits right at 1/255 (or a pixel at T = 1e-4) may flip between the
 # two, which moves that pixel by up to ~1/255.  Hence loose maxima, tight means.
 TOL_EXACT = {  # cases where both backends implement the same formula
-    "rgb_mean": 2e-5, "rgb_p999": 2e-3, "rgb_max": 2e-2,
-    "alpha_mean": 2e-5, "alpha_max": 2e-2,
-    "depth_mean_rel": 1e-4,
+    "rgb_mean": 1e-5, "rgb_p999": 5e-4, "rgb_max": 1e-2,
+    "alpha_mean": 1e-5, "alpha_max": 1e-2,
+    "depth_mean_rel": 1e-5,
     "radii_visible_agree": 0.999,
-    "grad_cos": 0.999, "grad_rel": 2e-2,
+    "grad_cos": 0.9999, "grad_rel": 1e-2,
 }
 # alpha_max = 0.99 (the contract) through gsplat's opacity clamp: exact only where
 # opacity <= 0.99; opacity gradients differ on purpose (straight-through), so only
 # the images and the other gradients are gated, more loosely
 TOL_CONTRACT = {
-    "rgb_mean": 2e-3, "rgb_p999": 5e-2, "rgb_max": 1e-1,
-    "alpha_mean": 2e-3, "alpha_max": 1e-1,
-    "depth_mean_rel": 2e-3,
+    "rgb_mean": 5e-4, "rgb_p999": 2e-2, "rgb_max": 5e-2,
+    "alpha_mean": 5e-4, "alpha_max": 5e-2,
+    "depth_mean_rel": 1e-4,
     "radii_visible_agree": 0.999,
-    "grad_cos": 0.98, "grad_rel": 0.2,
+    "grad_cos": 0.999, "grad_rel": 5e-2,
 }
+# First seen on an H100 (gsplat 1.5.3, torch 2.11+cu130, --quick): exact cases rgb mean
+# ~1e-7, max 2e-3 (one boundary pair), gradient rel. error <= 1e-3; contract cases rgb
+# mean 2e-5, max 3e-3; radii identical.  B=1, 13.4k Gaussians, 512^2: gsplat 2.7 ms
+# forward / 3.9 ms forward+backward, torch 42 ms / 87 ms.
 
 
 def head_scene(B, N, W, H, sh_degree, opacity_max, seed, device):

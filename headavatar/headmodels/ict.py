@@ -522,8 +522,11 @@ def build_ict_head(path: str | os.PathLike | None = None, parts="avatar", n_iden
     regions, labels = _regions_and_labels(verts_cm[used], faces, part_of_vertex, used, lm_new)
 
     # ---- root joint: the centroid of the skull (face + scalp above the chin), between the ears
-    # (area-weighted: the face is meshed far more densely than the back of the head).
-    skull = np.isin(part_of_vertex, [names.index("face"), names.index("head_neck")]) & (verts_cm[used, 1] > verts_cm[LANDMARK_VERTICES[8], 1])
+    # (area-weighted: the face is meshed far more densely than the back of the head), over
+    # vertices expressions hardly move: joints are regressed from the mesh with its expression
+    # (HeadModel.forward), and a rigid head's pivot should not follow the jaw.
+    still = np.abs(data["expression_deltas"][:, used]).max(axis=(0, 2)) < 0.1  # moved by no expression more than 1 mm
+    skull = np.isin(part_of_vertex, [names.index("face"), names.index("head_neck")]) & (verts_cm[used, 1] > verts_cm[LANDMARK_VERTICES[8], 1]) & still
     vertex_area = np.zeros(len(used))
     np.add.at(vertex_area, faces.reshape(-1), np.repeat(_tri_areas(verts_cm[tris]) / 3.0, 3))
     w = np.where(skull, vertex_area, 0.0)

@@ -168,6 +168,37 @@ class EnvironmentLight:
         return self.radiance.sample(self._map_dirs(d))
 
 
+# ------------------------------------------------------------------ for other renderers
+class EnvMapLighting:
+    """An ``EnvironmentLight`` behind the lighting interface of headavatar.subjects.synthetic
+    (``frame``, ``diffuse(n)``, ``specular(n, v, roughness)``), with split-sum specular.
+
+    This is how the synthetic subject is rendered under a new environment
+    map with its known albedo, roughness and specular maps, as the ground
+    truth of relighting: outgoing radiance = albedo * D(n) + ko * S(r) (F0 A + B).
+    """
+
+    def __init__(self, light: EnvironmentLight, frame: str = "world", f0: float = 0.04, lut: torch.Tensor | None = None):
+        from headavatar.lighting.brdf import split_sum_lut
+
+        if frame not in ("world", "head"):
+            raise UserError(f"lighting frame must be 'head' or 'world', not {frame!r}")
+        self.light, self.frame, self.f0 = light, frame, float(f0)
+        self.lut = split_sum_lut() if lut is None else lut
+
+    def diffuse(self, n: torch.Tensor) -> torch.Tensor:
+        return self.light.to(n.device).diffuse(n) if self.light.device != n.device else self.light.diffuse(n)
+
+    def specular(self, n: torch.Tensor, v: torch.Tensor, roughness: torch.Tensor) -> torch.Tensor:
+        from headavatar.lighting.brdf import lut_lookup
+
+        light = self.light if self.light.device == n.device else self.light.to(n.device)
+        nv = (n * v).sum(-1, keepdim=True)
+        r = 2 * nv * n - v
+        ab = lut_lookup(self.lut.to(n.device), nv[..., 0].clamp(1e-4, 1), roughness[..., 0])
+        return light.specular(r, roughness) * (self.f0 * ab[..., 0:1] + ab[..., 1:2])
+
+
 # ------------------------------------------------------------------ procedural sky
 def procedural_sky(
     height: int = 128,
@@ -209,5 +240,5 @@ def procedural_sky(
     return rad.float().numpy()
 
 
-__all__ = ["EnvironmentLight", "load_envmap", "preprocess_radiance", "procedural_sky", "rotation_y", "level_roughness", "TONEMAPS"]
+__all__ = ["EnvironmentLight", "EnvMapLighting", "load_envmap", "preprocess_radiance", "procedural_sky", "rotation_y", "level_roughness", "TONEMAPS"]
 

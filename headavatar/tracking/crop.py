@@ -66,7 +66,7 @@ def choose_crop(
     shift_up: float = 0.15,
     outlier_dist: float = 1.5,
     max_growth: float = 1.6,
-    min_scale: float = 1.5,
+    min_scale: float = 1.4,
 ) -> CropBox:
     """Square crop covering every frame's head, from face boxes [N,4] (x0, y0, x1, y1) in pixels.
 

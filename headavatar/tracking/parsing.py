@@ -114,7 +114,8 @@ def parse_frame(landmarks: np.ndarray | None, alpha: np.ndarray, image: np.ndarr
     lab[fg & under] = CLOTHING
     lab[fg & neck] = NECK
     if image is not None:
-        _colour_split(lab, image, fg & ~face, face, neck, under, _half_plane(chin - down * 6.0, down, (H, W)), top, face_h, down)
+        _colour_split(lab, image, fg & ~face, face, neck, under, _half_plane(chin - down * 6.0, down, (H, W)), top, face_h, down,
+                      half_jaw=0.5 * neck_width * float(np.linalg.norm(p[_JAW[0]] - p[_JAW[-1]])))
 
     def fill(idx, value):
         cv2.fillPoly(lab, [_poly(p, idx)], int(value), shift=4)
@@ -129,16 +130,18 @@ def parse_frame(landmarks: np.ndarray | None, alpha: np.ndarray, image: np.ndarr
     return lab
 
 
-def _colour_split(lab, image, fg_out, face, neck, under, under_loose, top, face_h, down, step: int = 4, min_samples: int = 40) -> None:
+def _colour_split(lab, image, fg_out, face, neck, under, under_loose, top, face_h, down, half_jaw: float, step: int = 4, min_samples: int = 40) -> None:
     """Relabel, in place, the foreground below the chin line by colour.
 
     Three Gaussian colour models (Lab space, on a 1/``step`` grid): skin from
     the face polygon, hair from the foreground above the forehead, clothing
-    from the foreground well below the chin outside the neck band.  Below the
+    from the lowest third of the foreground under the chin outside the neck
+    band.  Below the
     chin, a pixel goes to whichever model explains it best: hair (long hair
-    over the shoulders), neck (only inside the neck band) or clothing.  A
-    model with too few samples (bald head, no clothes in view) is left out,
-    and the geometric labels stay.
+    over the shoulders, but never within the neck band's width), neck (only
+    inside the neck band) or clothing.  A
+    model with too few samples (bald head) is left out; without a clothing
+    model the geometric labels stay.
     """
     import cv2
 
@@ -151,19 +154,23 @@ def _colour_split(lab, image, fg_out, face, neck, under, under_loose, top, face_
     f_out, f_face, f_neck, f_under = ds(fg_out), ds(face), ds(neck), ds(under_loose)
     ys, xs = np.mgrid[0:h, 0:w]
     along = ((xs * step - top[0]) * down[0] + (ys * step - top[1]) * down[1]).reshape(-1)
+    # clothing samples: the lowest third of the foreground under the chin outside the neck band
+    # (a fixed distance below the chin would leave the image when the face fills the frame)
+    low = f_out & f_under & ~f_neck
+    cloth = low & (along >= np.quantile(along[low], 0.67)) & (along > 1.1 * face_h) if low.sum() >= min_samples else low & False
     models = {}
     for name, sel in (
         ("skin", f_face),
         ("hair", f_out & (along < -0.05 * face_h)),
-        ("cloth", f_out & f_under & ~f_neck & (along > 1.3 * face_h)),
+        ("cloth", cloth),
     ):
         x = lab_img[sel]
         if len(x) >= min_samples:
             mu = x.mean(0)
             cov = np.cov(x, rowvar=False) + np.eye(3) * 25.0  # floor: flat regions
             models[name] = (mu, np.linalg.inv(cov).astype(np.float32), float(np.linalg.slogdet(cov)[1]))
-    if "hair" not in models and "cloth" not in models:
-        return
+    if "cloth" not in models:
+        return  # without a clothing model, colour cannot tell hair from clothes: keep the geometric labels
     amb = f_out & f_under
     x = lab_img[amb]
     if not len(x):
@@ -178,6 +185,10 @@ def _colour_split(lab, image, fg_out, face, neck, under, under_loose, top, face_
     cost = np.stack([nll(models[k]) for k in names], 1)
     if "hair" in names:
         cost[:, names.index("hair")] += 0.25  # ties (one colour everywhere) keep the geometric answer: clothing
+        # long hair hangs beside the neck, not in front of it: no hair within the jaw's width under the chin
+        side = np.array([down[1], -down[0]])
+        lateral = np.abs((xs.reshape(-1)[amb] * step - top[0]) * side[0] + (ys.reshape(-1)[amb] * step - top[1]) * side[1])
+        cost[lateral < half_jaw, names.index("hair")] = np.inf
     in_neck = f_neck[amb]
     if "skin" in models:
         # skin colour counts as neck only inside the band; elsewhere (a low neckline) it is clothing

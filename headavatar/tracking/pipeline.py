@@ -178,15 +178,27 @@ def find_crop(video, info, start: float = 0.0, duration: float | None = None, ma
     fps_guess = info.fps if info.fps > 0 else 25.0
     every = max(1, int(round(fps_guess / 10)))  # ~10 detections per second of video are plenty for a union box
     boxes, times = [], []
-    with FaceDetector() as det, FaceDetector(full_range=True) as det_far, _bar(total, "detect faces", progress) as bar:
+    far: list = []  # the full-range detector, made only if the short-range one misses a frame
+
+    def detect(img):
+        r = det.detect(img)
+        if r is None:
+            if not far:
+                far.append(FaceDetector(full_range=True))
+            r = far[0].detect(img)
+        return r
+
+    with FaceDetector() as det, _bar(total, "detect faces", progress) as bar:
         # BlazeFace looks at 128x128: decoding at 360 px saves most of the colour conversion
         for fr in read_frames(video, start, duration, max_frames, max_side=360, every=every):
             if fr.image is not None:
                 scale_back = max(info.width, info.height) / max(fr.image.shape[:2])
-                r = det.detect(fr.image) or det_far.detect(fr.image)  # the far model only when the near one fails
+                r = detect(fr.image)
                 boxes.append(r[0] * scale_back if r else np.full(4, np.nan))
             times.append(fr.time)
             bar.update(1)
+    for d in far:
+        d.close()
     n = len(times)
     if n == 0:
         raise UserError(f"no frames in {video} between {start:g} s and {'the end' if duration is None else f'{start + duration:g} s'}")
@@ -266,8 +278,7 @@ def _run(video, out_dir, info, model, spec, size, matte, max_frames, start, dura
     n = len(times)
 
     timer.start("track")
-    if overwrite:
-        _clear_previous(out_dir)
+    _clear_previous(out_dir)  # an overwritten subject or an interrupted run: no stale frame may outlive them
     writer = _AsyncSubjectWriter(out_dir, image_ext="." + image_format, overwrite=overwrite)
     try:
         dense, times = track_frames(video, crop, size, n, matte, writer, start, duration, max_frames, progress)
@@ -418,17 +429,29 @@ def _write_overlay(path: Path, writer: _AsyncSubjectWriter, n: int, detected, fo
     from headavatar.tracking.overlay import draw_overlay
     from headavatar.tracking.video import VideoWriter
 
-    with atomic_path(path) as tmp, VideoWriter(tmp, fps) as vw, _bar(n, "overlay", progress) as bar:
+    def frame(i: int) -> np.ndarray:
+        img = cv2.imread(str(writer.root / "frames" / f"{i:06d}{writer.image_ext}"), cv2.IMREAD_COLOR)
+        img = cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
+        return draw_overlay(img, detected[i] if found[i] else None, fitted[i], None if mesh2d is None else mesh2d[i], bool(valid[i]))
+
+    # reading and drawing on two threads (OpenCV releases the GIL) while this one encodes, in order
+    with atomic_path(path) as tmp, VideoWriter(tmp, fps) as vw, _bar(n, "overlay", progress) as bar, \
+            ThreadPoolExecutor(max_workers=2, thread_name_prefix="headavatar-overlay") as pool:
+        pending: deque[Future] = deque()
         for i in range(n):
-            img = cv2.imread(str(writer.root / "frames" / f"{i:06d}{writer.image_ext}"), cv2.IMREAD_COLOR)
-            img = cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
-            vw.write(draw_overlay(img, detected[i] if found[i] else None, fitted[i], None if mesh2d is None else mesh2d[i], bool(valid[i])))
+            pending.append(pool.submit(frame, i))
+            if len(pending) >= 6:
+                vw.write(pending.popleft().result())
+                bar.update(1)
+        while pending:
+            vw.write(pending.popleft().result())
             bar.update(1)
         vw.close()
 
 
 def _clear_previous(out_dir: Path) -> None:
     """Remove a previous run's outputs so that no stale frame outlives a shorter new clip."""
+    (out_dir / "subject.json").unlink(missing_ok=True)  # first: the folder stops looking complete
     for sub in ("frames", "alpha", "parsing"):
         d = out_dir / sub
         if d.is_dir():

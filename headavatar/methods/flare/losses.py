@@ -79,9 +79,10 @@ class MeshRegularizer:
         f = faces.long()
         e = torch.cat([f[:, [0, 1]], f[:, [1, 2]], f[:, [2, 0]]])
         e = torch.cat([e, e.flip(1)])
-        e = torch.unique(e, dim=0)
-        deg = torch.zeros(num_vertices, device=dev).index_add(0, e[:, 0], torch.ones(e.shape[0], device=dev))
-        self.src, self.dst = e[:, 0], e[:, 1]
+        key = torch.unique(e[:, 0] * num_vertices + e[:, 1])  # 1-D keys: far faster than unique(dim=0)
+        src, dst = torch.div(key, num_vertices, rounding_mode="floor"), key % num_vertices
+        deg = torch.zeros(num_vertices, device=dev).index_add(0, src, torch.ones(src.shape[0], device=dev))
+        self.src, self.dst = src, dst
         self.deg = deg.clamp_min(1)[:, None]
         # adjacent face pairs: faces sharing an (undirected) edge
         F_ = f.shape[0]

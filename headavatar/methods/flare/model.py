@@ -128,6 +128,14 @@ class HeadPrior(nn.Module):
         pad = (hi - lo) * cfg.aabb_margin
         self.register_buffer("aabb", torch.stack([lo - pad, hi + pad]))
 
+    def kdtree(self):
+        """cKDTree of the canonical head-model vertices (CPU nearest-neighbour queries), built once."""
+        if getattr(self, "_tree", None) is None:
+            from scipy.spatial import cKDTree
+
+            self._tree = cKDTree(self.verts.detach().cpu().double().numpy())
+        return self._tree
+
     @property
     def num_blend(self) -> int:
         return self.expr_basis.shape[-1]
@@ -424,13 +432,15 @@ def _initial_mesh(verts: torch.Tensor, faces: torch.Tensor) -> tuple[torch.Tenso
     return verts[used].clone(), remap[faces]
 
 
-def nearest_vertices(x: torch.Tensor, ref: torch.Tensor, chunk: int = 4096) -> torch.Tensor:
-    """Index of the nearest ``ref`` point for every ``x`` point (no gradient)."""
+def nearest_vertices(x: torch.Tensor, ref: torch.Tensor, chunk: int = 4096, tree=None) -> torch.Tensor:
+    """Index of the nearest ``ref`` point for every ``x`` point (no gradient); ``tree``: a cKDTree of ref to reuse."""
     x, ref = x.detach(), ref.detach()
     if x.device.type == "cpu":
-        from scipy.spatial import cKDTree
+        if tree is None:
+            from scipy.spatial import cKDTree
 
-        _, idx = cKDTree(ref.double().numpy()).query(x.double().numpy())
+            tree = cKDTree(ref.double().numpy())
+        _, idx = tree.query(x.double().numpy())
         return torch.as_tensor(idx, dtype=torch.int64)
     out = []
     for s in range(0, x.shape[0], chunk):
@@ -438,9 +448,9 @@ def nearest_vertices(x: torch.Tensor, ref: torch.Tensor, chunk: int = 4096) -> t
     return torch.cat(out)
 
 
-def nearest_with_distance(x: torch.Tensor, ref: torch.Tensor, chunk: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
+def nearest_with_distance(x: torch.Tensor, ref: torch.Tensor, chunk: int = 4096, tree=None) -> tuple[torch.Tensor, torch.Tensor]:
     """(index, squared distance) of the nearest ``ref`` point for every ``x`` point."""
-    idx = nearest_vertices(x, ref, chunk).to(x.device)
+    idx = nearest_vertices(x, ref, chunk, tree).to(x.device)
     d2 = (x.detach() - ref.detach()[idx]).square().sum(-1)
     return idx, d2
 

@@ -21,8 +21,9 @@ from headavatar.errors import UserError
 
 def mean_edge_length(V: np.ndarray, F: np.ndarray) -> float:
     e = np.concatenate([F[:, [0, 1]], F[:, [1, 2]], F[:, [2, 0]]])
-    e = np.unique(np.sort(e, 1), axis=0)
-    return float(np.linalg.norm(V[e[:, 0]] - V[e[:, 1]], axis=1).mean())
+    n = len(V)
+    k = np.unique(e.min(1) * n + e.max(1))
+    return float(np.linalg.norm(V[k // n] - V[k % n], axis=1).mean())
 
 
 def gpytoolbox_available() -> bool:
@@ -44,8 +45,10 @@ def split_long_edges(V: np.ndarray, F: np.ndarray, h: float, ratio: float = 1.75
     for _ in range(max_rounds):
         # edge k of a face joins vertices k+1 and k+2 (it is opposite vertex k)
         a, b = np.roll(F, -1, 1), np.roll(F, -2, 1)
-        key = np.sort(np.stack([a, b], -1), -1).reshape(-1, 2)
-        uniq, inv = np.unique(key, axis=0, return_inverse=True)
+        n = len(V)
+        key = (np.minimum(a, b) * n + np.maximum(a, b)).reshape(-1)  # 1-D keys: unique(axis=0) is slow
+        ukey, inv = np.unique(key, return_inverse=True)
+        uniq = np.stack([ukey // n, ukey % n], 1)
         inv = inv.reshape(F.shape)
         long = np.linalg.norm(V[uniq[:, 0]] - V[uniq[:, 1]], axis=1) > ratio * h
         if not long.any():

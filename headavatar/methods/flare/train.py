@@ -190,7 +190,7 @@ def compute_losses(model: FlareModel, out: dict, tgt: dict, cfg: FlareConfig, re
     terms["specular"] = cfg.w_specular * hinge_prior(out["ko"][skin], *cfg.specular_prior)
     if stage == 1 and cfg.w_flame > 0:
         wf = cfg.w_flame * (0.5 if local_it >= cfg.flame_halve_at * scale else 1.0)
-        idx, d2 = nearest_with_distance(out["x_c"], model.prior.verts)
+        idx, d2 = nearest_with_distance(out["x_c"], model.prior.verts, tree=model.prior.kdtree() if out["x_c"].device.type == "cpu" else None)
         valid = d2 < cfg.flame_max_dist2
         zero_blend = ghost = None
         if local_it >= cfg.flame_semantic_from * scale:

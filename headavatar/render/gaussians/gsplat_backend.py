@@ -14,7 +14,7 @@ Two details are adapted to the contract:
     so that saturated opacities keep learning; this is exact wherever the
     opacity is <= alpha_max and differs by at most a factor o/alpha_max in
     alpha near the centre of more opaque splats.  ``alpha_max=0.999`` is gsplat's
-    own behaviour, unchanged.
+    own behaviour, unchanged (larger values act as 0.999).
   * gsplat 1.5 returns per-axis radii [..., 2] of an opacity-aware box; we
     return ceil(3 sqrt(largest eigenvalue)) of the 2D covariance (recovered
     from gsplat's conics) for rendered Gaussians and 0 for culled ones, as the
@@ -58,7 +58,8 @@ def render_gsplat(means, quats, scales, opacities, colors, viewmats, Ks, width: 
     if means.device.type != "cuda":
         raise UserError("the gsplat backend needs CUDA tensors; use --backend torch (or auto) on the CPU")
     width, height = int(width), int(height)
-    opacities = _check_inputs(means, quats, scales, opacities, colors, viewmats, Ks, width, height, sh_degree, backgrounds)
+    opacities = _check_inputs(means, quats, scales, opacities, colors, viewmats, Ks, width, height, sh_degree, backgrounds,
+                              alpha_max)
     gsplat = _import_gsplat()
 
     out_dtype = means.dtype

@@ -14,8 +14,10 @@ each other (see the package docstring for the shared contract):
   >= 1/255, pixels visited front to back by camera depth of the centres;
 * early stop: as gsplat and the Inria rasteriser do, a pixel stops at the first
   contribution that would bring its transmittance to <= 1e-4; that one and all
-  behind it are dropped.  This makes a difference only in nearly opaque
-  pixels (< 1e-4 of the colour) but it keeps the two backends equal;
+  behind it are dropped (the background then gets the transmittance before
+  it).  Only nearly opaque pixels change, by at most the transmittance at the
+  stop (< 1e-4 / (1 - alpha_max)), but it keeps the two backends equal and
+  lets hidden pairs be skipped;
 * ``alpha_max``: 0.99 by default (the contract; Inria / FlashAvatar).  gsplat
   hard-codes 0.999: pass ``alpha_max=0.999`` to reproduce gsplat exactly.
   Both agree whenever opacities are <= 0.99.
@@ -33,7 +35,7 @@ log(1 - alpha) restarted at each pixel (float64), colours are scattered with
 pairs, which bounds memory; the transmittance carries over between layers
 and spans that lie only on pixels that have already stopped are never
 expanded, which skips most hidden pairs of a dense head.  The backward pass
-recomputes alphas from the saved (span, pixel, transmittance) of the pairs
+takes the saved (span, pixel, transmittance, o*exp(-sigma)) of the pairs
 that contributed, gets the suffix sums of front-to-back compositing from
 prefix sums (layers back to front), and reduces per span before per Gaussian.
 """
@@ -44,6 +46,7 @@ import math
 from typing import NamedTuple
 
 import torch
+from torch.autograd.function import once_differentiable
 
 from headavatar.render.gaussians import RenderOutput, register_backend
 from headavatar.render.gaussians.sh import eval_sh
@@ -72,13 +75,14 @@ def render_torch(means, quats, scales, opacities, colors, viewmats, Ks, width: i
     ``alpha_max`` is the per-splat alpha clamp (0.999 reproduces gsplat exactly).
     ``max_pairs`` bounds the (Gaussian, pixel) pairs expanded at once (about
     100 bytes each at the peak); results do not depend on it.  Pairs that
-    contribute are kept for the backward pass (20 bytes each).
+    contribute are kept for the backward pass (24 bytes each).
     """
     unknown = set(kw) - _FOREIGN_OPTIONS
     if unknown:
         raise TypeError(f"render_torch got unexpected options {sorted(unknown)}")
     width, height = int(width), int(height)
-    opacities = _check_inputs(means, quats, scales, opacities, colors, viewmats, Ks, width, height, sh_degree, backgrounds)
+    opacities = _check_inputs(means, quats, scales, opacities, colors, viewmats, Ks, width, height, sh_degree, backgrounds,
+                              alpha_max)
     B, N = means.shape[:2]
 
     proj = _project(means, quats, scales, opacities, viewmats, Ks, width, height, near, far, eps2d)
@@ -107,8 +111,11 @@ def render_torch(means, quats, scales, opacities, colors, viewmats, Ks, width: i
 # ----------------------------------------------------------------------------- inputs
 
 
-def _check_inputs(means, quats, scales, opacities, colors, viewmats, Ks, width, height, sh_degree, backgrounds):
+def _check_inputs(means, quats, scales, opacities, colors, viewmats, Ks, width, height, sh_degree, backgrounds,
+                  alpha_max=0.99):
     """Shape checks (these are programming errors, hence ValueError); returns opacities as [B,N]."""
+    if not 0.0 < alpha_max < 1.0:
+        raise ValueError(f"alpha_max must be in (0, 1), got {alpha_max}")
     if means.dim() != 3 or means.shape[-1] != 3:
         raise ValueError(f"means must be [B,N,3], got {tuple(means.shape)}")
     B, N = means.shape[:2]
@@ -260,9 +267,9 @@ def _row_spans(params, img, W, H, layer_pairs):
     # sigma <= thr is a quadratic inequality in dx = mx - px on this row
     disc = Bg * Bg * dy * dy - Ag * (Cg * dy * dy - 2.0 * thr.index_select(0, gauss))
     half = torch.sqrt(disc.clamp_min(0)) / Ag
-    cx = mx.index_select(0, gauss) + Bg * dy / Ag  # the px where sigma is smallest on this row
-    i0 = torch.ceil(cx - half - 0.5 - _SPAN_MARGIN).clamp(0, W)
-    i1 = torch.floor(cx + half - 0.5 + _SPAN_MARGIN).clamp(-1, W - 1)
+    centre = mx.index_select(0, gauss) + Bg * dy / Ag  # the px where sigma is smallest on this row
+    i0 = torch.ceil(centre - half - 0.5 - _SPAN_MARGIN).clamp(0, W)
+    i1 = torch.floor(centre + half - 0.5 + _SPAN_MARGIN).clamp(-1, W - 1)
     count = torch.where(disc >= 0, i1 - i0 + 1, torch.zeros_like(i0)).clamp_min(0).long()
     nz = torch.nonzero(count).squeeze(1)  # increasing: the spans stay in depth order
     pick = lambda t: t.index_select(0, nz)  # noqa: E731
@@ -306,7 +313,8 @@ class _Runs(NamedTuple):
 
 
 def _runs(pix, npix) -> _Runs:
-    # bincount + cumsum: cheaper than nonzero over the pairs
+    """Runs of ``pix`` (sorted, values < npix); bincount + cumsum is cheaper than
+    a nonzero over the pairs."""
     counts = torch.bincount(pix, minlength=npix)
     ends = torch.cumsum(counts, 0)
     has = torch.nonzero(counts).squeeze(1)
@@ -361,7 +369,7 @@ class _Composite(torch.autograd.Function):
         stopped = torch.zeros(npix, dtype=torch.bool, device=dev)
         layer_pairs = max(min(int(_LAYER_PAIRS_PER_PIXEL * npix), max_pairs), 1)
         spans, layers = _row_spans(params, img, W, H, layer_pairs)
-        kept_r, kept_pix, kept_t, bounds = [], [], [], [0]
+        kept_r, kept_pix, kept_t, kept_og, bounds = [], [], [], [], [0]
         for li, (a, b) in enumerate(layers):
             sel = torch.arange(a, b, device=dev)
             if li:
@@ -384,9 +392,9 @@ class _Composite(torch.autograd.Function):
             keep = torch.nonzero(valid & (log_ti > _LOG_T_MIN)).squeeze(1)
             # stopping is monotone along a run, so a pixel stopped iff its last pair failed
             stopped[runs.pix] = log_ti.index_select(0, runs.last) <= _LOG_T_MIN
-            r, pix, lt = r.index_select(0, keep), pix.index_select(0, keep), lt.index_select(0, keep)
+            r, pix, lt, og = (t.index_select(0, keep) for t in (r, pix, lt, og))
             te = torch.exp(log_ti.index_select(0, keep) - lt)  # transmittance in front of the pair
-            w = alpha.index_select(0, keep) * te
+            w = og.clamp_max(alpha_max) * te
             g = spans.gauss.index_select(0, r)
             for c in range(D):
                 out[c].index_add_(0, pix, feats[c].index_select(0, g) * w)
@@ -395,6 +403,7 @@ class _Composite(torch.autograd.Function):
                 kept_r.append(r)
                 kept_pix.append(pix)
                 kept_t.append(te)
+                kept_og.append(og)
                 bounds.append(bounds[-1] + r.numel())
         t_final = torch.exp(log_t)
         if save:
@@ -402,13 +411,14 @@ class _Composite(torch.autograd.Function):
                 return torch.cat(xs) if xs else torch.zeros(0, dtype=dtype, device=dev)
 
             ctx.save_for_backward(params, feats, cat(kept_r, torch.long), cat(kept_pix, torch.long),
-                                  cat(kept_t, dt), t_final)
+                                  cat(kept_t, dt), cat(kept_og, dt), t_final)
             ctx.spans, ctx.meta = spans, (alpha_max, bounds)
         return torch.cat([out, (1.0 - t_final)[None]], 0)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_out):
-        params, feats, kept_r, kept_pix, kept_t, t_final = ctx.saved_tensors
+        params, feats, kept_r, kept_pix, kept_t, kept_og, t_final = ctx.saved_tensors
         spans, (alpha_max, bounds) = ctx.spans, ctx.meta
         D = feats.shape[0]
         dt = feats.dtype
@@ -423,9 +433,8 @@ class _Composite(torch.autograd.Function):
         for s, e in reversed(list(zip(bounds[:-1], bounds[1:]))):
             if e == s:
                 continue
-            r, pix, te = kept_r[s:e], kept_pix[s:e], kept_t[s:e]
+            r, pix, te, og = kept_r[s:e], kept_pix[s:e], kept_t[s:e], kept_og[s:e]
             dx = spans.cx.index_select(0, r) - (pix - spans.first.index_select(0, r)).to(dt)
-            og = _span_alpha(spans, r, dx)
             alpha = og.clamp_max(alpha_max)
             w = alpha * te
             g = spans.gauss.index_select(0, r)
