@@ -582,9 +582,6 @@ def build_flame_head(
             "num_flame_faces": int(len(flame_f)),
             "mouth_faces": {"count": int(n_mouth), "source": mouth_src},
             "eyelids": eyelid_paths is not None,
-            # FLAME regresses its joints from the shape *and expression* mesh (HeadModel.forward
-            # uses the identity-only mesh; see docs/FORMATS.md "Known differences")
-            "joints_from_expression": True,
             "files": {
                 "model_path": _relname(model_p, base),
                 "masks_path": _relname(masks_p, base),

@@ -141,7 +141,7 @@ class LandmarkModel:
             x = x[used]
             if R is not None:
                 x = torch.einsum("lu,uck->clk", R, x)  # [3,L,K]: each coordinate a contiguous block
-            return x.reshape(-1, x.shape[-1]).contiguous()
+            return x.reshape(x.shape[0] * x.shape[1], x.shape[-1]).contiguous()
 
         self.template = rows(model.template[..., None])[:, 0]  # [P*3]
         self.shape_rows = rows(model.shape_basis)  # [P*3,S]
@@ -149,8 +149,9 @@ class LandmarkModel:
         self.P = L if self.rigid else U
         self.skin_weights = model.skin_weights[used]
         self.joints_template = model.joint_regressor @ model.template  # [J,3]
-        self.joints_shape = torch.einsum("jv,vcs->jcs", model.joint_regressor, model.shape_basis).reshape(-1, model.num_shape)  # [J*3,S]
-        self.joints_expr = torch.einsum("jv,vce->jce", model.joint_regressor, model.expr_basis).reshape(-1, model.num_expression)  # [J*3,E]
+        J3 = 3 * model.num_joints
+        self.joints_shape = torch.einsum("jv,vcs->jcs", model.joint_regressor, model.shape_basis).reshape(J3, model.num_shape)  # [J*3,S]
+        self.joints_expr = torch.einsum("jv,vce->jce", model.joint_regressor, model.expr_basis).reshape(J3, model.num_expression)  # [J*3,E]
         self.pose_basis = None
         if model.pose_basis is not None and model.num_joints > 1:
             cols = (used[:, None] * 3 + torch.arange(3, device=used.device)).reshape(-1)
@@ -272,12 +273,6 @@ def _robust(e2: torch.Tensor, delta: float) -> torch.Tensor:
     return delta * delta * (torch.sqrt(1 + e2 / (delta * delta)) - 1)
 
 
-def _project(X: torch.Tensor, f: torch.Tensor, cx: float, cy: float) -> torch.Tensor:
-    """World points [B,L,3] -> pixels [B,L,2] for the fixed camera (x_cam = (x, -y, -z))."""
-    z = (-X[..., 2]).clamp_min(1e-4)
-    return torch.stack([f * X[..., 0] / z + cx, f * (-X[..., 1]) / z + cy], -1)
-
-
 def _closed_form_pose(X: torch.Tensor, uv: torch.Tensor, w: torch.Tensor, f: float, cx: float, cy: float):
     """Scaled-orthographic pose per frame.  X [L,3] model points, uv [M,L,2], w [L].
 
@@ -331,17 +326,9 @@ def _projection_jacobian(Xc, f, scale):
 
 def _root_and_camera_columns(q, a, x, rc):
     """d Xc / d(root axis-angle a, cxy, log z) [M,L,3,6] for posed points whose offset from the
-    posed root pivot is q (world axes): the root's rotation left-multiplies everything below it."""
-    t2 = (a * a).sum(-1)
-    small = t2 < 1e-8
-    t = t2.clamp_min(1e-12).sqrt()
-    b = torch.where(small, 0.5 - t2 / 24, (1 - torch.cos(t)) / t2.clamp_min(1e-12))
-    c = torch.where(small, 1.0 / 6 - t2 / 120, (t - torch.sin(t)) / (t2 * t).clamp_min(1e-12))
-    ax = torch.zeros(a.shape[0], 3, 3, device=a.device, dtype=a.dtype)
-    ax[:, 0, 1], ax[:, 0, 2], ax[:, 1, 2] = -a[:, 2], a[:, 1], -a[:, 0]
-    ax = ax - ax.transpose(1, 2)
-    # left Jacobian of SO(3): R(a + da) ~ exp([Jl da]x) R(a), so d(R w)/da_k = Jl[:, k] x (R w)
-    Jl = torch.eye(3, device=a.device, dtype=a.dtype) + b[:, None, None] * ax + c[:, None, None] * (ax @ ax)
+    posed root pivot is q (world axes): the root's rotation left-multiplies everything below it,
+    so d(R w)/da_k = Jl[:, k] x (R w)."""
+    Jl = _left_jacobian(a)
     z = x[:, 5:6].exp()
     pc = torch.cat([x[:, 3:5] * z, z], -1)
     cols = [torch.cross(Jl[:, None, :, k].expand_as(q), q, dim=-1) * rc for k in range(3)]
@@ -352,36 +339,62 @@ def _root_and_camera_columns(q, a, x, rc):
     return torch.stack(cols + [ex, ey, pc[:, None].expand_as(q)], -1)
 
 
-def _skinned_jacobians(lmodel, project, rotations, v, joints, x, logf, target, rc, scale, extra_cols):
-    """Residual derivatives of a skinned model for the Gauss-Newton curvature (gradients stay exact).
+def _left_jacobian(a: torch.Tensor) -> torch.Tensor:
+    """SO(3) left Jacobian [B,3,3] of axis-angle a [B,3]: R(a + da) ~ exp([Jl da]x) R(a)."""
+    t2 = (a * a).sum(-1)
+    small = t2 < 1e-8
+    t = t2.clamp_min(1e-12).sqrt()
+    b = torch.where(small, 0.5 - t2 / 24, (1 - torch.cos(t)) / t2.clamp_min(1e-12))
+    c = torch.where(small, 1.0 / 6 - t2 / 120, (t - torch.sin(t)) / (t2 * t).clamp_min(1e-12))
+    ax = torch.zeros(a.shape[0], 3, 3, device=a.device, dtype=a.dtype)
+    ax[:, 0, 1], ax[:, 0, 2], ax[:, 1, 2] = -a[:, 2], a[:, 1], -a[:, 0]
+    ax = ax - ax.transpose(1, 2)
+    return torch.eye(3, device=a.device, dtype=a.dtype) + b[:, None, None] * ax + c[:, None, None] * (ax @ ax)
 
-    Closed form for the root rotation, camera position, rest points (each point's blended
-    skinning rotation) and log f; central differences for the other fitted joints' rotations
-    ``extra_cols``; rest joints other than the root are treated as fixed (their dependence on
-    identity and expression is weak and only slows convergence a little).
+
+def _skinned_jacobians(lmodel, rotations, v, joints, x, logf, rc, scale, fitted_joints):
+    """Closed-form residual derivatives of a skinned model, for the Gauss-Newton curvature only
+    (gradients come from autograd and stay exact).
+
+    Rotating joint k by da turns everything it carries (its own and its descendants' skinning
+    shares) about the posed joint by R_parent Jl(a_k) da.  Pose correctives and the rest
+    joints other than the root are held fixed here (weak dependencies: they only slow
+    convergence a little).
     """
+    M = x.shape[0]
     z = x[:, 5:6].exp()
     pc = torch.cat([x[:, 3:5] * z, z], -1)
-    X, Tl = lmodel.pose(v, joints, rotations(x), pc * rc - joints[:, 0], frames=True)
-    f = logf.exp()
-    P, uvc = _projection_jacobian(X * rc, f, scale)
-    dX = _root_and_camera_columns(X - pc[:, None] * rc, x[:, 0:3], x, rc)
-    cols = [P @ dX]
-    if extra_cols:
-        M = x.shape[0]
-        h = 1e-3
-        xs = x.expand(2 * len(extra_cols), *x.shape).clone()
-        for r, k in enumerate(extra_cols):
-            xs[2 * r, :, k] += h
-            xs[2 * r + 1, :, k] -= h
-        R = xs.shape[0]
-        rep = lambda a: a.expand(R, *a.shape).reshape(R * M, *a.shape[1:])  # noqa: E731
-        out = project(rep(v), rep(joints), xs.reshape(R * M, -1), logf, rep(target)).reshape(len(extra_cols), 2, M, -1, 2)
-        cols.append(((out[:, 0] - out[:, 1]) / (2 * h)).permute(1, 2, 3, 0))
+    rv = rotations(x)
+    X, Tl = lmodel.pose(v, joints, rv, pc * rc - joints[:, 0], frames=True)
+    P, uvc = _projection_jacobian(X * rc, logf.exp(), scale)
+    cols = [P @ _root_and_camera_columns(X - pc[:, None] * rc, x[:, 0:3], x, rc)]
+    if fitted_joints:
+        rots = _aa_to_matrix(rv)
+        G = lmodel.global_transforms(rots, joints)  # [M,J,4,4], rest -> posed (before translation)
+        if lmodel.pose_basis is not None:
+            eye = torch.eye(3, dtype=rots.dtype, device=rots.device)
+            v = v + ((rots[:, 1:] - eye).reshape(M, -1) @ lmodel.pose_basis).reshape(M, -1, 3)
+        for k in fitted_joints:
+            desc = [j for j in range(lmodel.num_joints) if _is_descendant(lmodel.parents, j, k)]
+            o = (G[:, k, :3, :3] @ joints[:, k, :, None])[..., 0] + G[:, k, :3, 3]  # posed joint k
+            carried = sum(lmodel.skin_weights[None, :, j, None] * ((G[:, j, None, :3, :3] @ v[..., None])[..., 0] + G[:, j, None, :3, 3] - o[:, None]) for j in desc)
+            carried = lmodel.blend @ carried  # [M,L,3]
+            parent = G[:, lmodel.parents[k], :3, :3] if lmodel.parents[k] >= 0 else torch.eye(3, device=x.device).expand(M, 3, 3)
+            axes = parent @ _left_jacobian(rv[:, k])  # world axis of each coordinate's rotation
+            dX = torch.stack([torch.cross(axes[:, None, :, i].expand_as(carried), carried, dim=-1) * rc for i in range(3)], -1)
+            cols.append(P @ dX)
     Jv = P @ (rc[:, None] * Tl)
     Jj = torch.zeros(*Jv.shape[:-1], joints.shape[1], 3, dtype=Jv.dtype, device=Jv.device)
     Jj[..., 0, :] = -Jv  # the root pivot (exact for points bound to the root alone)
     return torch.cat(cols, -1), Jv, Jj, uvc
+
+
+def _is_descendant(parents: list[int], j: int, k: int) -> bool:
+    while j >= 0:
+        if j == k:
+            return True
+        j = parents[j]
+    return False
 
 
 def _spd_inverse(A: torch.Tensor) -> torch.Tensor:
@@ -637,7 +650,7 @@ def _fit(model, landmarks2d, image_size, valid, embedding, weights, cfg: FitConf
         if lmodel.rigid:
             Jpose, Jv, Jj, Jf = _rigid_jacobians(v, joints, x, y[S], rc, scale)
         else:
-            Jpose, Jv, Jj, Jf = _skinned_jacobians(lmodel, project, rotations, v, joints, x, y[S], uv, rc, scale, [i_jaw, i_jaw + 1, i_jaw + 2] if jaw is not None else [])
+            Jpose, Jv, Jj, Jf = _skinned_jacobians(lmodel, rotations, v, joints, x, y[S], rc, scale, [jaw] if jaw is not None else [])
         Jx = x.new_zeros(M, L, 2, d)
         Jx[..., 0:6] = Jpose[..., 0:6]
         if jaw is not None:

@@ -36,7 +36,7 @@ class FlareAvatar:
         self.subject = Subject.open(subject_dir or info["subject"])
         self.size = training_size(self.subject, self.cfg.resolution)
         self.light_frame = info.get("light_frame") or resolve_light_frame(self.cfg, self.subject)
-        self.model = build_model(self.subject, self.cfg, self.device, head_overrides)
+        self.model = build_model(self.subject, self.cfg, self.device, head_overrides or run.head_overrides)
         self.step, state = run.load_checkpoint(map_location=self.device)
         restore_model(self.model, state)
         self.model.eval()

@@ -74,6 +74,7 @@ class FlareConfig:
     w_albedo: float = 0.01  # x min(1, it / 500)
     albedo_ramp: int = 500
     albedo_jitter: float = 0.01
+    albedo_samples: int = 0  # vertices per step for the albedo term (0 = all, the reference; fewer = cheaper on a CPU)
     w_white_light: float = 0.01
     w_roughness: float = 0.01
     w_specular: float = 0.01

@@ -80,8 +80,12 @@ class HashGrid(nn.Module):
         else:
             feat = self.table.index_select(0, idx.reshape(-1))
         feat = feat.reshape(N, L, 8, self.features)
-        w = torch.where(self.corners.bool()[None, None], f[:, :, None, :], 1 - f[:, :, None, :]).prod(-1)  # [N,L,8]
-        return (feat * w[..., None]).sum(2).reshape(N, L * self.features)
+        # trilinear weights as an outer product of per-axis (1-f, f); corner c = (c0 + 2 c1 + 4 c2) matches _CORNERS
+        wx = torch.stack([1 - f[..., 0], f[..., 0]], -1)  # [N,L,2]
+        wy = torch.stack([1 - f[..., 1], f[..., 1]], -1)
+        wz = torch.stack([1 - f[..., 2], f[..., 2]], -1)
+        w = (wz[..., :, None, None] * wy[..., None, :, None] * wx[..., None, None, :]).reshape(N, L, 8)
+        return torch.einsum("nlcf,nlc->nlf", feat, w).reshape(N, L * self.features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]

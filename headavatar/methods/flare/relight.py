@@ -187,7 +187,7 @@ def evaluate_relighting(run_dir, envmap="sky", device="auto", frames: str = "tes
         raise UserError(f"{subj.root} is not a synthetic subject: relighting ground truth exists only for subjects made by 'headavatar synth'")
     dev = avatar.device
     light = load_light(envmap, env_size, tonemap, 2.0, exposure, rotation, dev)
-    head = subj.head_model()
+    head = subj.head_model(**avatar.run.head_overrides)
     tex_cfg = synth.get("texture", {})
     tex = procedural_textures(head, size=int(tex_cfg.get("size", 512)), seed=int(tex_cfg.get("seed", synth.get("seed", 0))))
     tr = subj.tracking

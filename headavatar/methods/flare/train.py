@@ -181,6 +181,8 @@ def compute_losses(model: FlareModel, out: dict, tgt: dict, cfg: FlareConfig, re
     if cfg.w_albedo > 0:
         ramp = min(1.0, local_it / max(1.0, cfg.albedo_ramp * scale))
         x = model.prior.normalize(v.detach())
+        if 0 < cfg.albedo_samples < x.shape[0]:
+            x = x[torch.randint(0, x.shape[0], (cfg.albedo_samples,), device=x.device)]
         m0 = model.shader.material.raw(x)[:, :4]
         m1 = model.shader.material.raw(x + cfg.albedo_jitter * torch.randn_like(x))[:, :4]
         terms["albedo"] = cfg.w_albedo * ramp * model.robust(m0 - m1)
@@ -241,7 +243,7 @@ def train_flare(subject_dir: Path, run: RunDir, cfg: FlareConfig, resume: bool =
     test_idx = subject.split.get("test", [])
 
     def fresh():
-        m = build_model(subject, cfg, device)
+        m = build_model(subject, cfg, device, run.head_overrides)
         if sched.n1 == 0:
             m.enter_stage2()
         return m
