@@ -96,7 +96,10 @@ def write_report(run_dir, title: str | None = None, extra_sections: list[tuple[s
     videos = [p for p in sorted(run.root.rglob("*.mp4"))]
     if videos:
         parts.append("<h2>Videos</h2><ul>" + "".join(f"<li><a href='{esc(str(p.relative_to(run.root)))}'>{esc(str(p.relative_to(run.root)))}</a></li>" for p in videos) + "</ul>")
-    for name, body in extra_sections or []:
+    from headavatar.export import report_section
+
+    exports = report_section(run.root)
+    for name, body in ([exports] if exports else []) + list(extra_sections or []):
         parts.append(f"<h2>{esc(name)}</h2>{body}")
     parts.append("<h2>Configuration</h2><pre>" + esc(json.dumps(info["config"], indent=1)) + "</pre>")
     page = ("<!doctype html><html><head><meta charset='utf-8'><title>headavatar report</title><style>"

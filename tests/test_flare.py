@@ -140,6 +140,31 @@ def test_deformation_with_head_model_targets_reproduces_the_head_model(small_hea
     assert (got - want).abs().max() < 1e-4
 
 
+def test_deformation_with_a_flame_like_model(tmp_path):
+    """Pose correctives, eyelid extras and FLAME's joints: the same identity with the model's own bases."""
+    from fixtures_flame import write_flame_dir
+
+    from headavatar.headmodels.flame import build_flame_head
+
+    write_flame_dir(tmp_path / "flame")
+    head = build_flame_head(tmp_path / "flame")
+    assert head.pose_basis is not None and head.extras_sizes()
+    cfg = FlareConfig()
+    g = torch.Generator().manual_seed(1)
+    shape = torch.randn(head.num_shape, generator=g) * 0.3
+    prior = HeadPrior(head, shape, torch.zeros(head.num_expression), cfg)
+    assert prior.num_blend == head.num_expression + sum(head.extras_sizes().values())
+    assert prior.num_pose == 9 * (head.num_joints - 1) and prior.skin_weights.shape[1] == head.num_joints + 1
+    B = 2
+    params = {"expression": torch.randn(B, head.num_expression, generator=g) * 0.5,
+              "joint_rotations": torch.randn(B, head.num_joints, 3, generator=g) * 0.15, "translation": torch.zeros(B, 3),
+              "extras": {k: torch.zeros(B, n) for k, n in head.extras_sizes().items()}}  # FLAME's extras act after skinning
+    frame = prior.frame_inputs(params, cfg.world_scale)
+    got = deform(prior.verts, prior.expr_basis, prior.pose_basis, prior.skin_weights, prior, frame)
+    want = head(shape=shape[None].expand(B, -1), **params) * cfg.world_scale
+    assert (got - want).abs().max() < 1e-4
+
+
 def test_global_transforms_rest_pose_is_identity(small_head):
     J = small_head.num_joints
     G = global_transforms(small_head.parents, torch.eye(3).expand(1, J, 3, 3), torch.randn(1, J, 3))
@@ -267,18 +292,27 @@ def test_load_render_and_resume(trained, tmp_path):
 
 
 def test_relight_cli_with_a_small_hdr(trained, tmp_path):
+    import argparse
+
     from headavatar.lighting import procedural_sky
     from headavatar.lighting.hdr_io import write_hdr
+    from headavatar.methods.flare.cli import add_relight_arguments, relight_command
     from headavatar.methods.flare.relight import relight_run
 
     _, run = trained
     hdr = tmp_path / "sky.hdr"
     write_hdr(hdr, procedural_sky(16))
-    res = relight_run(run, hdr, tmp_path / "relit.mp4", device="cpu", frames="test", env_size=8, spin=90.0, progress=False)
-    assert res["frames"] == 1 and (tmp_path / "relit.mp4").stat().st_size > 0
+    p = argparse.ArgumentParser()
+    add_relight_arguments(p)
+    args = p.parse_args([str(run), "--envmap", str(hdr), "-o", str(tmp_path / "relit.mp4"), "--device", "cpu", "--frames", "test",
+                         "--env-size", "8", "--spin", "90"])
+    assert relight_command(args) == 0
+    assert (tmp_path / "relit.mp4").stat().st_size > 0
     assert (tmp_path / "relit_intrinsics.mp4").is_file()
     names = sorted(p.name for p in (tmp_path / "relit_intrinsics").iterdir())
     assert names == sorted(["relit.png", "albedo.png", "roughness.png", "specular.png", "normal.png", "diffuse_shading.png", "specular_shading.png"])
+    res = relight_run(run, "sky", tmp_path / "plain.mp4", device="cpu", frames="test", env_size=8, background="grey", intrinsics=False, progress=False)
+    assert res["frames"] == 1 and "intrinsics_video" not in res
     bad = tmp_path / "bad.hdr"
     bad.write_bytes(b"not an hdr")
     with pytest.raises(UserError, match="Radiance"):

@@ -241,3 +241,33 @@ def test_short_training_on_imported_subjects(fa_subject, im_subject, flame, tmp_
         run = train_method("flashavatar", subj.root, tmp_path / name, overrides, progress=False)
         curve = [json.loads(line) for line in (run / "curves.jsonl").read_text().splitlines()]
         assert [r["step"] for r in curve] == [1, 2, 3] and all(np.isfinite(r["loss"]) for r in curve)
+
+
+# ------------------------------------------------------------------- CLI
+def test_cli_import_train_eval(flame, tmp_path, capsys):
+    """The issue's interface: headavatar import flashavatar|imavatar ... then train/eval with --flame-dir."""
+    from headavatar.cli.main import main as cli
+
+    d, fake = flame
+    fx = write_flashavatar(tmp_path / "fa", n_frames=6, size=(48, 40))
+    out = tmp_path / "fa_subject"
+    assert cli(["import", "flashavatar", str(fx["dataset"]), "--tracker-dir", str(fx["tracker"].parent), "--flame-dir", str(d),
+                "-o", str(out), "--test-frames", "2"]) == 0
+    assert "wrote subject" in capsys.readouterr().out
+    run = tmp_path / "run"
+    assert cli(["train", str(out), "-o", str(run), "--flame-dir", str(d), "--iterations", "2", "--resolution", "32", "--quiet",
+                "--set", "uv_resolution=32", "--set", "lpips_weight=0", "--device", "cpu"]) == 0
+    # the FLAME folder is remembered by the run: eval needs no flag
+    assert cli(["eval", str(run), "--no-lpips", "--no-video", "--device", "cpu"]) == 0
+    assert json.loads((run / "eval" / "metrics.json").read_text())["num_frames"] == 2
+
+    a = write_imavatar_sequence(tmp_path / "im", "A", fake, n_frames=3, size=32)
+    write_imavatar_sequence(tmp_path / "im", "B", fake, n_frames=2, size=32, seed=1, shape=a["shape"])
+    assert cli(["import", "imavatar", str(tmp_path / "im"), "--flame-dir", str(d), "-o", str(tmp_path / "im_subject"),
+                "--train", "A", "--test", "B"]) == 0
+    # errors: a missing FLAME folder and a missing dataset are one line each, exit 2
+    capsys.readouterr()
+    assert cli(["import", "imavatar", str(tmp_path / "im"), "--flame-dir", str(tmp_path / "nope"), "-o", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "error" in err
+    assert cli(["import", "flashavatar", str(tmp_path / "nope"), "--tracker-dir", str(tmp_path), "--flame-dir", str(d), "-o", str(tmp_path / "y")]) == 2

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from headavatar.errors import UserError
 
+EXPORT_DIR = "export"  # RUN_DIR/export: the default destination
 FORMATS = {"flashavatar": ("ply",), "flare": ("glb", "obj")}
 _WHAT = {"ply": "3D Gaussians", "glb": "a textured mesh", "obj": "a textured mesh"}
 _METHOD_WHAT = {"flashavatar": "FlashAvatar run (3D Gaussians)", "flare": "FLARE run (a mesh)"}
@@ -35,10 +36,22 @@ def resolve_format(method: str, fmt: str | None, out) -> str:
     return fmt
 
 
-def export_run(run_dir, out, format: str | None = None, frames=None, device="cpu", texture_size: int = 1024, uv: str = "auto",
+def default_output(run_dir, fmt: str, frames=None) -> Path:
+    """Where ``headavatar export`` writes without -o: RUN_DIR/export/ (the report links what is there)."""
+    root = Path(run_dir) / EXPORT_DIR
+    if frames is None or frames == "canonical":
+        return root / f"canonical.{fmt}"
+    s = str(frames).strip()
+    if s.isdigit():
+        return root / f"frame_{int(s):06d}.{fmt}"
+    return root / f"{fmt}_{s.replace(',', '_')}"
+
+
+def export_run(run_dir, out=None, format: str | None = None, frames=None, device="cpu", texture_size: int = 1024, uv: str = "auto",
                morph_targets: bool = True, head_overrides: dict | None = None) -> list[Path]:
     """Export a trained run; returns the files written.
 
+    out: the file (or, for several frames, the folder) to write; None: ``default_output``.
     frames: None / "canonical" (neutral pose), a frame index (one file at ``out``), or
     "all" / "train" / "test" / a list of indices (``out`` is a folder, one file per frame).
     texture_size, uv, morph_targets: FLARE meshes only (see ``bake_flare_mesh``).
@@ -47,10 +60,15 @@ def export_run(run_dir, out, format: str | None = None, frames=None, device="cpu
     from headavatar.methods import load_avatar
     from headavatar.methods.run import RunDir
 
-    method = RunDir(run_dir).read_info().get("method")
-    fmt = resolve_format(method, format, out)  # before loading: a wrong format fails at once
+    from headavatar.subjects.format import Subject
+
+    info = RunDir(run_dir).read_info()
+    # format and frames are checked before the avatar is loaded, so a typo fails at once
+    fmt = resolve_format(info.get("method"), format, out if out is not None else "")
+    if out is None:
+        out = default_output(run_dir, fmt, frames if not isinstance(frames, (list, tuple)) else ",".join(map(str, frames)))
+    sel = parse_frames(frames, Subject.open(info["subject"]))
     avatar = load_avatar(run_dir, device, head_overrides)
-    sel = parse_frames(frames, avatar.subject)
     if fmt == "ply":
         from headavatar.export.ply import export_ply
 
@@ -90,4 +108,28 @@ def export_flare_mesh(avatar, out, fmt: str, frames: None | int | list[int], tex
     return written
 
 
-__all__ = ["export_run", "export_flare_mesh", "resolve_format", "FORMATS"]
+def report_section(run_dir) -> tuple[str, str] | None:
+    """("Exports", HTML list linking RUN_DIR/export/*) for report.html, or None when nothing was exported there."""
+    import html
+
+    root = Path(run_dir) / EXPORT_DIR
+    if not root.is_dir():
+        return None
+    items = []
+    for p in sorted(root.iterdir()):
+        if p.name.startswith("."):
+            continue  # an interrupted write's temporary file
+        rel = f"{EXPORT_DIR}/{p.name}"
+        if p.is_dir():
+            n = len([q for q in p.iterdir() if q.suffix in (".ply", ".glb", ".obj")])
+            items.append(f"<li><a href='{html.escape(rel)}/'>{html.escape(p.name)}/</a> ({n} frames)</li>")
+        elif p.suffix in (".ply", ".glb", ".obj"):
+            items.append(f"<li><a href='{html.escape(rel)}'>{html.escape(p.name)}</a> ({p.stat().st_size / 1e6:.1f} MB)</li>")
+    if not items:
+        return None
+    body = ("<p>Exported files (docs/EXPORT.md): .ply opens in 3D Gaussian Splatting viewers, .glb/.obj in Blender and game engines. "
+            "Live viewer: <code>headavatar view " + html.escape(str(run_dir)) + "</code>.</p><ul>" + "".join(items) + "</ul>")
+    return "Exports", body
+
+
+__all__ = ["export_run", "export_flare_mesh", "resolve_format", "default_output", "report_section", "FORMATS", "EXPORT_DIR"]

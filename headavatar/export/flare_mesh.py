@@ -37,11 +37,15 @@ UV_MODES = ("auto", "head", "atlas")
 
 def head_topology_uvs(model) -> tuple[np.ndarray, np.ndarray] | None:
     """(uvs [T,2], uv_faces [F,3]) of the head model if FLARE's mesh is still the head model's mesh, else None."""
-    from headavatar.methods.flare.model import _initial_mesh
-
     head = model.head
-    _, faces0 = _initial_mesh(model.prior.verts, model.prior.faces)
-    if faces0.shape != model.faces.shape or not torch.equal(faces0.cpu(), model.faces.cpu()):
+    hf = head.faces.detach().cpu()
+    # FLARE starts from the head model's faces over its referenced vertices only (renumbered in order)
+    used = torch.unique(hf)
+    remap = torch.full((head.num_vertices,), -1, dtype=torch.int64)
+    remap[used] = torch.arange(used.numel())
+    faces0 = remap[hf]
+    mf = model.faces.detach().cpu().long()
+    if faces0.shape != mf.shape or not torch.equal(faces0, mf) or model.num_vertices != used.numel():
         return None  # remeshed: the head model's UVs no longer index these faces
     return head.uvs.detach().cpu().numpy(), head.uv_faces.detach().cpu().numpy()
 

@@ -159,7 +159,7 @@ def export_ply(avatar, out, frames: None | int | list[int]) -> list[Path]:
         p = write_gaussian_ply(out / f"frame_{i:06d}.ply", g["means"][0], g["quats"][0], g["scales"][0], g["opacities"][0], g["colors"][0])
         written.append(p)
         index.append({"frame": i, "file": p.name, "time": float(tr.timestamps[i])})
-    write_json_file(out / "frames.json", {"format": "3dgs-ply", "fps": avatar.subject.fps, "frames": index})
+    written.append(write_json_file(out / "frames.json", {"format": "3dgs-ply", "fps": avatar.subject.fps, "frames": index}))
     return written
 
 

@@ -219,9 +219,8 @@ class ViewerScene:
             return params, R, t, torch.as_tensor(tr.K[0], dtype=torch.float32)
         if not 0 <= st.frame < n:
             raise BadRequest(f"unknown frame index {st.frame}: the subject has {n} frames (0-{n - 1}; -1 = canonical)")
-        i = st.frame
-        params = frame_params(self.avatar, i)
-        return params, torch.as_tensor(tr.R[i], dtype=torch.float32), torch.as_tensor(tr.t[i], dtype=torch.float32), torch.as_tensor(tr.K[i], dtype=torch.float32)
+        f = lambda a: torch.as_tensor(a[st.frame], dtype=torch.float32)  # noqa: E731
+        return frame_params(self.avatar, st.frame), f(tr.R), f(tr.t), f(tr.K)
 
     def _target(self, params: dict) -> torch.Tensor:
         """Orbit centre: the centre of the head's bounding box in this frame (before the sliders, so it stays put)."""

@@ -30,19 +30,25 @@ def _static_text(name: str) -> str:
     return resources.files("headavatar.viewer").joinpath("static", name).read_text(encoding="utf-8")
 
 
-def initial_query(scene: ViewerScene) -> str:
-    """The first frame the page shows (the tracked frame 0, seen by its own camera)."""
-    return urlencode({"f": 0, "s": scene.default_size})
+def initial_frame(scene: ViewerScene, page_query: dict[str, str]) -> int:
+    """The frame the page opens on: ``/?f=N`` (-1 = canonical), else the tracked frame 0."""
+    try:
+        f = int(page_query.get("f", 0))
+    except ValueError:
+        return 0
+    return f if -1 <= f < scene.tracking.num_frames else 0
 
 
-def page_html(scene: ViewerScene) -> str:
-    info = scene.info()
+def page_html(scene: ViewerScene, page_query: dict[str, str] | None = None) -> str:
+    """The page, opening on ``/?f=N`` and playing with ``/?play=1``; its first frame is seen by the tracking camera."""
+    q = page_query or {}
+    info = dict(scene.info(), start={"frame": initial_frame(scene, q), "play": q.get("play") in ("1", "true", "yes")})
     page = _static_text("index.html")
     # a '</' inside the JSON would close the <script> element; '<\/' is the same string to JSON
     info_json = json.dumps(info).replace("</", "<\\/")
     return (page.replace("{{TITLE}}", html.escape(f"headavatar · {info['subject']} · {info['method']}"))
                 .replace("{{INFO_JSON}}", info_json)
-                .replace("{{FIRST_FRAME}}", html.escape("/render?" + initial_query(scene))))
+                .replace("{{FIRST_FRAME}}", html.escape("/render?" + urlencode({"f": info["start"]["frame"], "s": scene.default_size}))))
 
 
 class ViewerHandler(BaseHTTPRequestHandler):
@@ -54,7 +60,7 @@ class ViewerHandler(BaseHTTPRequestHandler):
         scene = self.server.scene
         try:
             if url.path in ("/", "/index.html"):
-                self._send(HTTPStatus.OK, page_html(scene).encode(), "text/html; charset=utf-8")
+                self._send(HTTPStatus.OK, page_html(scene, dict(parse_qsl(url.query))).encode(), "text/html; charset=utf-8")
             elif url.path in _STATIC:
                 name, ctype = _STATIC[url.path]
                 self._send(HTTPStatus.OK, _static_text(name).encode(), ctype)

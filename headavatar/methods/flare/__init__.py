@@ -4,73 +4,31 @@ A canonical mesh (the head model's, remeshed once) deformed by a learnt
 blendshape/skinning network; materials (albedo, roughness, specular
 intensity) from an MLP on canonical positions; a neural light in training and
 any HDR environment map for relighting (``headavatar relight``).
+
+This module stays light (no torch import) so that the command line can read
+``headavatar.methods.flare.cli`` without loading the models.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from headavatar.methods import register_method
 from headavatar.methods.flare.config import FlareConfig
-from headavatar.methods.run import RunDir
+
+if TYPE_CHECKING:
+    from headavatar.methods.flare.avatar import FlareAvatar
+    from headavatar.methods.run import RunDir
 
 
-class FlareAvatar:
-    """A trained FLARE avatar: ``render`` (neural light, for eval/render) and ``relight`` (environment map)."""
+def __getattr__(name: str):
+    # FlareAvatar and composite live in avatar.py (imports torch); loaded on first use
+    if name in ("FlareAvatar", "composite"):
+        from headavatar.methods.flare import avatar
 
-    method = "flare"
-    eval_protocol = "imavatar"
-
-    def __init__(self, run: RunDir, device, subject_dir: Path | None = None, head_overrides: dict | None = None):
-        from headavatar.config import from_dict
-        from headavatar.methods.flare.train import build_model, resolve_light_frame, restore_model, training_size
-        from headavatar.subjects.format import Subject
-        from headavatar.utils.device import resolve_device
-
-        info = run.require_method("flare")
-        self.run = run
-        self.cfg = from_dict(FlareConfig, info["config"], where=str(run.info_path))
-        self.device = resolve_device(device) if isinstance(device, str) else device
-        self.subject = Subject.open(subject_dir or info["subject"])
-        self.size = training_size(self.subject, self.cfg.resolution)
-        self.light_frame = info.get("light_frame") or resolve_light_frame(self.cfg, self.subject)
-        self.model = build_model(self.subject, self.cfg, self.device, head_overrides or run.head_overrides)
-        self.step, state = run.load_checkpoint(map_location=self.device)
-        restore_model(self.model, state)
-        self.model.eval()
-        self.background = torch.tensor(self.cfg.background, dtype=torch.float32, device=self.device)
-
-    @property
-    def head(self):
-        return self.model.head
-
-    @torch.no_grad()
-    def render(self, params: dict, cameras, background: torch.Tensor | None = None) -> dict:
-        """sRGB frames under the learnt light: {"rgb": [B,H,W,3] in [0,1], "alpha": [B,H,W,1]}."""
-        out = self.model.render(params, cameras, light_frame=self.light_frame)
-        bg = self.background if background is None else background
-        return {"rgb": composite(out["rgb"], out["alpha"], bg), "alpha": out["alpha"]}
-
-    @torch.no_grad()
-    def relight(self, params: dict, cameras, light, background=None, intrinsics: bool = False, light_frame: str = "world") -> dict:
-        """Render under an EnvironmentLight; see headavatar.methods.flare.relight for the outputs."""
-        from headavatar.methods.flare.relight import relight_frames
-
-        return relight_frames(self, params, cameras, light, background, intrinsics, light_frame)
-
-
-def composite(rgb_lin_premult: torch.Tensor, alpha: torch.Tensor, background: torch.Tensor) -> torch.Tensor:
-    """Premultiplied linear radiance -> sRGB over an sRGB background (blend in sRGB, as the GT mattes are)."""
-    from headavatar.methods.flare.shading import linear_to_srgb
-
-    a = alpha.clamp(0, 1)
-    fg = linear_to_srgb((rgb_lin_premult / a.clamp_min(1e-6)).clamp(0, 1))
-    bg = background.to(fg)
-    if bg.dim() == 1:
-        bg = bg.view(1, 1, 1, -1)
-    return (fg * a + bg * (1 - a)).clamp(0, 1)
+        return getattr(avatar, name)
+    raise AttributeError(name)
 
 
 @register_method
@@ -78,10 +36,12 @@ class FlareMethod:
     name = "flare"
     config_cls = FlareConfig
 
-    def train(self, subject_dir: Path, run: RunDir, cfg: FlareConfig, resume: bool = False, progress: bool = True) -> None:
+    def train(self, subject_dir: Path, run: "RunDir", cfg: FlareConfig, resume: bool = False, progress: bool = True) -> None:
         from headavatar.methods.flare.train import train_flare
 
         train_flare(subject_dir, run, cfg, resume=resume, progress=progress)
 
-    def load(self, run: RunDir, device="cpu", subject_dir=None) -> FlareAvatar:
+    def load(self, run: "RunDir", device="cpu", subject_dir=None) -> "FlareAvatar":
+        from headavatar.methods.flare.avatar import FlareAvatar
+
         return FlareAvatar(run, device, subject_dir)

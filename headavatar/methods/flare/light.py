@@ -45,7 +45,7 @@ def _legendre_q_coeffs(l_max: int) -> dict[tuple[int, int], np.ndarray]:
     return q
 
 
-class SphericalHarmonics:
+class SphericalHarmonics(nn.Module):
     """Orthonormal complex Y_l^m for m = 0..l, l in ``degrees``, as one matrix product per call.
 
     Y_l^m(d) = N_lm Q_l^m(z) (x + i y)^m with z the polar axis; the
@@ -53,6 +53,7 @@ class SphericalHarmonics:
     """
 
     def __init__(self, degrees=IDE_DEGREES):
+        super().__init__()
         self.degrees = tuple(degrees)
         lmax = max(self.degrees)
         q = _legendre_q_coeffs(lmax)
@@ -65,13 +66,14 @@ class SphericalHarmonics:
                 cols.append(c)
                 ms.append(m)
                 ls.append(l)
-        self.coeffs = torch.tensor(np.stack(cols, 1), dtype=torch.float32)  # [lmax+1, K]
-        self.m = torch.tensor(ms)
+        # non-persistent buffers: they follow .to(device) and stay out of checkpoints
+        self.register_buffer("coeffs", torch.tensor(np.stack(cols, 1), dtype=torch.float32), persistent=False)  # [lmax+1, K]
+        self.register_buffer("m", torch.tensor(ms), persistent=False)
+        self.register_buffer("sigma", torch.tensor([l * (l + 1) / 2 for l in ls], dtype=torch.float32), persistent=False)
         self.l = ls
         self.lmax = lmax
-        self.sigma = torch.tensor([l * (l + 1) / 2 for l in ls], dtype=torch.float32)
 
-    def __call__(self, d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """d [...,3] unit vectors -> (real [...,K], imag [...,K])."""
         x, y, z = d.unbind(-1)
         zp = z[..., None] ** torch.arange(self.lmax + 1, device=d.device, dtype=d.dtype)

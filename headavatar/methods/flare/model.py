@@ -82,7 +82,11 @@ def jaw_open_sign(head: HeadModel) -> float:
 
 
 class HeadPrior(nn.Module):
-    """What the FLARE model takes from the head model, in scaled units (buffers, so they follow .to())."""
+    """What the FLARE model takes from the head model, in scaled units.
+
+    Buffers (so they follow .to()) but not persistent: rebuilt from the subject at load, never
+    stored in checkpoints.
+    """
 
     def __init__(self, head: HeadModel, shape: torch.Tensor, canonical_expression: torch.Tensor, cfg, canonical_extras: dict | None = None):
         super().__init__()
@@ -104,29 +108,34 @@ class HeadPrior(nn.Module):
         expr_full[:, :E] = expr_can
         with torch.no_grad():
             verts = head(shape=shape, expression=expr_full, joint_rotations=rots_can, extras=extras_can)[0]
-            joints_rest = torch.einsum("jv,bvc->bjc", head.joint_regressor, head.shaped(shape))[0]
+            # joints are regressed from the shaped mesh, expression included (HeadModel.forward, FLAME):
+            # linear in the expression, so keep the identity part and the per-coefficient part
+            joints_id = torch.einsum("jv,bvc->bjc", head.joint_regressor, head.shaped(shape))[0]
+            joints_expr = torch.einsum("jv,vce->jce", head.joint_regressor, head.expr_basis[..., :E])
         R_can = axis_angle_to_matrix(rots_can)
-        G_can = global_transforms(self.parents, R_can, joints_rest[None] * s)[0]
+        joints_can = joints_id + joints_expr @ expr_can[0]
+        G_can = global_transforms(self.parents, R_can, joints_can[None] * s)[0]
         # blendshape "expression" = expression coefficients ⊕ extras; bases to match
         bases = [head.expr_basis[..., :E]] + [head.post_basis[k] for k in self.extras_sizes]
-        self.register_buffer("verts", verts * s)  # canonical head-model vertices [Vh,3]
-        self.register_buffer("faces", head.faces.clone())
-        self.register_buffer("joints_rest", joints_rest * s)
-        self.register_buffer("G_can", G_can)
-        self.register_buffer("psi_can", torch.cat([expr_can] + [extras_can[k] for k in self.extras_sizes], -1)[0])
-        self.register_buffer("pose_can", pose_features(R_can)[0])
-        self.register_buffer("expr_basis", torch.cat(bases, -1) * s)  # [Vh,3,Ne]
+        self.register_buffer("verts", verts * s, persistent=False)  # canonical head-model vertices [Vh,3]
+        self.register_buffer("faces", head.faces.clone(), persistent=False)
+        self.register_buffer("joints_id", joints_id * s, persistent=False)  # [J,3]
+        self.register_buffer("joints_expr", joints_expr * s, persistent=False)  # [J,3,E]
+        self.register_buffer("G_can", G_can, persistent=False)
+        self.register_buffer("psi_can", torch.cat([expr_can] + [extras_can[k] for k in self.extras_sizes], -1)[0], persistent=False)
+        self.register_buffer("pose_can", pose_features(R_can)[0], persistent=False)
+        self.register_buffer("expr_basis", torch.cat(bases, -1) * s, persistent=False)  # [Vh,3,Ne]
         Np = 9 * (head.num_joints - 1)
         if head.pose_basis is not None:
             pb = head.pose_basis.reshape(Np, -1, 3).permute(1, 0, 2) * s  # [Vh,Np,3]
         else:
             pb = torch.zeros(head.num_vertices, Np, 3, device=dev)
-        self.register_buffer("pose_basis", pb)
-        self.register_buffer("skin_weights", F.pad(head.skin_weights, (1, 0)))  # ghost bone first, target 0
-        self.register_buffer("skin_f0", _head_vertex_skin(head))  # [Vh] 1 = skin F0
+        self.register_buffer("pose_basis", pb, persistent=False)
+        self.register_buffer("skin_weights", F.pad(head.skin_weights, (1, 0)), persistent=False)  # ghost bone first, target 0
+        self.register_buffer("skin_f0", _head_vertex_skin(head), persistent=False)  # [Vh] 1 = skin F0
         lo, hi = self.verts.min(0).values, self.verts.max(0).values
         pad = (hi - lo) * cfg.aabb_margin
-        self.register_buffer("aabb", torch.stack([lo - pad, hi + pad]))
+        self.register_buffer("aabb", torch.stack([lo - pad, hi + pad]), persistent=False)
 
     def kdtree(self):
         """cKDTree of the canonical head-model vertices (CPU nearest-neighbour queries), built once."""
@@ -152,7 +161,8 @@ class HeadPrior(nn.Module):
         extras = params.get("extras") or {}
         psi = torch.cat([expr] + [extras.get(k, expr.new_zeros(B, n)) for k, n in self.extras_sizes.items()], -1)
         R = axis_angle_to_matrix(params["joint_rotations"])
-        G = global_transforms(self.parents, R, self.joints_rest[None])
+        joints = self.joints_id[None] + torch.einsum("jce,be->bjc", self.joints_expr, expr)
+        G = global_transforms(self.parents, R, joints)
         ghost = torch.eye(3, 4, dtype=G.dtype, device=G.device).expand(B, 1, 3, 4)
         t = params.get("translation")
         t = expr.new_zeros(B, 3) if t is None else t * scale

@@ -47,7 +47,7 @@ def relight_frames(avatar, params: dict, cameras, light, background=None, intrin
     background: None (the environment seen behind the head), an RGB triple in
     [0,1] (sRGB), or an sRGB image tensor [B,H,W,3].
     """
-    from headavatar.methods.flare import composite
+    from headavatar.methods.flare.avatar import composite
 
     model = avatar.model
     out = model.render(params, cameras, light=light, intrinsics=intrinsics, light_frame=light_frame)
@@ -107,9 +107,15 @@ def relight_run(run_dir, envmap, out_path, device="auto", frames: str = "all", b
     bgs = {"env": None, "white": (1.0, 1.0, 1.0), "black": (0.0, 0.0, 0.0), "grey": (0.5, 0.5, 0.5)}
     if background not in bgs:
         raise UserError(f"--background must be one of {', '.join(bgs)} (got {background!r})")
-    avatar = load_avatar(run_dir, device)
-    dev = avatar.device
-    light0 = load_light(envmap, env_size, tonemap, 2.0, exposure, rotation, dev)
+    if light_frame not in ("world", "head"):
+        raise UserError(f"--light-frame must be world or head (got {light_frame!r})")
+    if batch_size < 1:
+        raise UserError("--batch-size must be at least 1")
+    from headavatar.utils.device import resolve_device
+
+    dev = resolve_device(device) if isinstance(device, str) else device
+    light0 = load_light(envmap, env_size, tonemap, 2.0, exposure, rotation, dev)  # a bad map fails before the model loads
+    avatar = load_avatar(run_dir, dev)
     subj = avatar.subject
     tr = subj.tracking
     idx_all = {"all": list(range(subj.num_frames)), "test": subj.split.get("test", []), "train": subj.split["train"]}.get(frames)

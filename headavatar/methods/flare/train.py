@@ -225,7 +225,8 @@ def restore_model(model: FlareModel, state: dict) -> None:
         model.enter_stage2()
     mesh = state["mesh"]
     model.set_mesh(mesh["verts"], mesh["faces"])
-    model.load_state_dict(state["model"])
+    # the head-model prior is rebuilt from the subject; checkpoints of earlier versions stored it
+    model.load_state_dict({k: v for k, v in state["model"].items() if not k.startswith("prior.")})
 
 
 # ------------------------------------------------------------------ training

@@ -20,6 +20,7 @@ class FlashAvatarConfig:
     sh_increase_every: int = 500  # the active SH degree rises by one every this many iterations
     init_opacity: float = 0.1
     init_with_mlp_offsets: bool = True  # reference: initial positions include the untrained MLP's offsets
+    zero_init_deform: bool = False  # start the MLP's output layer at zero: no offset, rotation or scale change at init
     # --- training
     iterations: int = 150_000
     batch_size: int = 1

@@ -59,6 +59,10 @@ class FlashAvatarModel(nn.Module):
         self.register_buffer("mu_t", mu_t)
         self.register_buffer("pe", positional_encoding(mu_t, cfg.pe_frequencies))
         self.mlp = DeformMLP(self.pe.shape[1], head.condition_dim, cfg.mlp_width, cfg.mlp_layers)
+        if cfg.zero_init_deform:
+            # tanh(0) = 0: Gaussians start on the tracked surface and the MLP learns a residual
+            nn.init.zeros_(self.mlp.out.weight)
+            nn.init.zeros_(self.mlp.out.bias)
         n = mu_t.shape[0]
         k_rest = (cfg.sh_degree + 1) ** 2 - 1
         self.sh_dc = nn.Parameter(torch.zeros(n, 1, 3))

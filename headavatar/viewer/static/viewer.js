@@ -112,8 +112,15 @@
     sel.addEventListener("change", () => { state.light = sel.value; setStatus("preparing the environment…"); refresh(); });
   }
 
+  // where the page opens (/?f=N, /?play=1): the server already put that frame in the page
+  if (INFO.start.frame < 0) { state.canonical = true; $("canonical").checked = true; } else setFrame(INFO.start.frame);
+  if (INFO.start.play) togglePlay();
+
   $("title").textContent = `${INFO.subject}`;
   $("subtitle").textContent = `${INFO.method} · ${INFO.num_frames} frames · ${INFO.fps} fps`;
-  setStatus(img.complete && img.naturalWidth ? "frame 0" : "rendering…");
-  img.addEventListener("load", () => { if (statusEl.textContent === "rendering…") setStatus("frame 0"); }, { once: true });
+  const first = state.canonical ? "canonical pose" : `frame ${state.f}`;
+  if (!playing) {
+    setStatus(img.complete && img.naturalWidth ? first : "rendering…");
+    img.addEventListener("load", () => { if (statusEl.textContent === "rendering…") setStatus(first); }, { once: true });
+  }
 })();

@@ -1,0 +1,40 @@
+"""`headavatar relight` on the command line: argument definitions (no heavy imports, so --help stays
+instant) and the handler.  headavatar/cli/main.py wires them:
+
+    from headavatar.methods.flare.cli import add_relight_arguments, relight_command
+    r = sub.add_parser("relight", help="relight a FLARE run under an HDR environment map (+ intrinsic images)")
+    add_relight_arguments(r)
+    COMMANDS["relight"] = relight_command
+"""
+
+from __future__ import annotations
+
+
+def add_relight_arguments(p) -> None:
+    """Arguments of `headavatar relight RUN_DIR --envmap MAP.hdr -o OUT.mp4`."""
+    p.add_argument("run", help="FLARE run folder")
+    p.add_argument("--envmap", required=True, help="lat-long HDR environment map (.hdr or .exr), or 'sky' for the built-in procedural sky")
+    p.add_argument("-o", "--output", required=True, help="output video (.mp4); intrinsic images go beside it (OUT_intrinsics.mp4, OUT_intrinsics/)")
+    p.add_argument("--frames", default="all", help="all (default), train or test")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--env-size", type=int, default=256, help="cube-map face size for prefiltering (power of two; 512 as the reference, slower)")
+    p.add_argument("--tonemap", default="reinhard", help="reinhard (the reference: x/(1+x), x2) or none (raw HDR, x2)")
+    p.add_argument("--exposure", type=float, default=0.0, help="stops applied to the map before the tone map")
+    p.add_argument("--rotate", type=float, default=0.0, help="turn the map about the vertical axis (degrees)")
+    p.add_argument("--spin", type=float, default=0.0, help="degrees the map turns over the clip (a rotating light)")
+    p.add_argument("--background", default="env", help="env (the map behind the head, default), white, black or grey")
+    p.add_argument("--light-frame", default="world", help="world (default: the map is fixed in the room) or head (it turns with the head)")
+    p.add_argument("--no-intrinsics", action="store_true", help="only the relit video")
+
+
+def relight_command(args) -> int:
+    from headavatar.methods.flare.relight import relight_run
+
+    res = relight_run(args.run, args.envmap, args.output, device=args.device, frames=args.frames, batch_size=args.batch_size,
+                      env_size=args.env_size, tonemap=args.tonemap, exposure=args.exposure, rotation=args.rotate, spin=args.spin,
+                      background=args.background, intrinsics=not args.no_intrinsics, light_frame=args.light_frame)
+    print(f"wrote {res['frames']} relit frames to {res['video']}")
+    if "intrinsics_video" in res:
+        print(f"intrinsic images: {res['intrinsics_video']} ({res['intrinsics_layout']}) and {res['intrinsics_folder']}/")
+    return 0
