@@ -9,6 +9,8 @@
 
 from __future__ import annotations
 
+import fcntl
+import os
 from pathlib import Path
 
 import torch
@@ -55,3 +57,27 @@ def untrained_flare_run(subject: Path, run: Path, mesh: str = "head", seed: int 
     rd.save_checkpoint(0, {"step": 0, "stage": 1, "mesh": {"verts": model.base_verts.detach().cpu(), "faces": model.faces.cpu()},
                            "model": model.state_dict()})
     return run
+
+
+def shared_runs(tmp_path_factory) -> dict[str, Path]:
+    """The subject and the three runs, built once per test session and shared by the pytest-xdist workers.
+
+    They live beside the workers' own temporary folders; a file lock lets the first
+    worker build them while the others wait.  Tests must treat them as read-only
+    (copy a run before writing into it).
+    """
+    base = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        base = base.parent  # the session's folder, common to all workers
+    root = base / "avatar_runs"
+    root.mkdir(exist_ok=True)
+    runs = {"subject": root / "subject", "fa": root / "fa", "flare": root / "flare", "flare_sphere": root / "flare_sphere"}
+    with open(root / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (root / "done").exists():
+            synthetic_subject(runs["subject"])
+            tiny_flashavatar_run(runs["subject"], runs["fa"])
+            untrained_flare_run(runs["subject"], runs["flare"])
+            untrained_flare_run(runs["subject"], runs["flare_sphere"], mesh="sphere")
+            (root / "done").touch()
+    return runs

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from avatar_runs import synthetic_subject, tiny_flashavatar_run, untrained_flare_run
+from avatar_runs import shared_runs
 from headavatar.errors import UserError
 from headavatar.export import export_run
 from headavatar.export.frames import frame_params, neutral_params
@@ -23,10 +23,7 @@ trimesh = pytest.importorskip("trimesh", reason="trimesh (the independent mesh r
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    root = tmp_path_factory.mktemp("export")
-    subject = synthetic_subject(root / "subject")
-    return {"subject": subject, "fa": tiny_flashavatar_run(subject, root / "fa"), "flare": untrained_flare_run(subject, root / "flare"),
-            "flare_sphere": untrained_flare_run(subject, root / "flare_sphere", mesh="sphere")}
+    return shared_runs(tmp_path_factory)  # read-only: tests that write into a run copy it first
 
 
 @pytest.fixture(scope="module")
@@ -120,6 +117,8 @@ def test_export_errors(runs, tmp_path):
         export_run(runs["fa"], tmp_path / "x.ply", frames="abc")
     with pytest.raises(UserError, match="must end in .ply"):
         export_run(runs["fa"], tmp_path / "x.txt", "ply")
+    with pytest.raises(UserError, match="--texture-size must lie between 16 and 8192"):
+        export_run(runs["flare"], tmp_path / "x.glb", texture_size=4)
     with pytest.raises(UserError, match="unknown export format 'fbx'"):
         export_run(runs["fa"], tmp_path / "x.fbx", "fbx")
     bare = tmp_path / "bare"

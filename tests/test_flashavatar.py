@@ -147,3 +147,25 @@ def test_cli_errors(subject, tmp_path, capsys):
     assert cli(["train", str(subject), "-o", str(run4), "--iterations", "3"]) == 2
     assert "already holds a training run" in capsys.readouterr().err
     assert sorted(p.name for p in (run4 / "checkpoints").iterdir()) == before
+
+
+def test_nan_loss_is_a_clear_error(subject, tmp_path, monkeypatch, capsys):
+    import headavatar.methods.flashavatar.train as fa_train
+
+    real = fa_train.huber
+    calls = {"n": 0}
+
+    def poisoned(pred, gt, delta):
+        calls["n"] += 1
+        out = real(pred, gt, delta)
+        return out * float("nan") if calls["n"] > 8 else out  # NaN from the 5th iteration on
+
+    monkeypatch.setattr(fa_train, "huber", poisoned)
+    run = tmp_path / "nan"
+    rc = cli(["train", str(subject), "-o", str(run), "--iterations", "20", "--quiet", "--set", "log_every=5", "--set", "checkpoint_every=2",
+              "--set", "uv_resolution=32", "--set", "mlp_width=32", "--set", "resolution=32", "--set", "lpips_weight=0"])
+    err = capsys.readouterr().err
+    assert rc == 3 and "diverged" in err and "--resume" in err and err.count("\n") == 1
+    # the checkpoints written before the divergence are intact and loadable
+    step, state = RunDir(run).load_checkpoint()
+    assert step == 4 and all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())

@@ -16,7 +16,7 @@ import pytest
 import torch
 from PIL import Image
 
-from avatar_runs import synthetic_subject, tiny_flashavatar_run, untrained_flare_run
+from avatar_runs import shared_runs
 from headavatar.errors import UserError
 from headavatar.viewer import ViewerScene, ViewState, make_server, open_viewer, orbit_camera
 
@@ -25,9 +25,7 @@ CHROMIUM = "/usr/bin/chromium"
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    root = tmp_path_factory.mktemp("viewer")
-    subject = synthetic_subject(root / "subject")
-    return {"fa": tiny_flashavatar_run(subject, root / "fa"), "flare": untrained_flare_run(subject, root / "flare")}
+    return shared_runs(tmp_path_factory)  # read-only
 
 
 @pytest.fixture(scope="module")
@@ -150,6 +148,7 @@ def test_page_draws_the_avatar_in_chromium(viewer, tmp_path):
     head = np.abs(want - bg).sum(-1) > 30
     assert head.mean() > 0.05, "the avatar covers too little of the frame for this check to mean anything"
     assert np.abs(shown[head] - bg).sum(-1).mean() > 30, "the avatar is not drawn where the model renders it"
-    assert shown[~head].std(0).max() < 8 and np.abs(shown[~head].mean(0) - bg).max() < 6  # and the rest is the background
+    far = np.abs(want - bg).sum(-1) < 3
+    assert np.abs(shown[far] - bg).mean() < 4  # and away from it, the background (the status line overlays a corner)
     panel_px = img[:, vw + 20 :]
     assert panel_px.mean() < 90  # the dark control panel is laid out beside the frame

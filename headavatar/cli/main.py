@@ -122,6 +122,27 @@ def build_parser() -> argparse.ArgumentParser:
     _add_flame_dir(tk)
     tk.add_argument("--overwrite", action="store_true")
 
+    x = sub.add_parser("export", help="write a trained avatar to standard files: .ply (FlashAvatar), .glb / .obj (FLARE)")
+    x.add_argument("run", help="run folder")
+    x.add_argument("-o", "--output", help="file to write, or folder for several frames (default: RUN_DIR/export/)")
+    x.add_argument("--format", help="ply (FlashAvatar), glb or obj (FLARE); default: from -o's suffix, else ply / glb")
+    x.add_argument("--frame", default="canonical", help="canonical (default: neutral pose), a frame index, all, train, test, or a list like 0,10,20")
+    x.add_argument("--texture-size", type=int, default=1024, help="FLARE: size of the baked maps in pixels")
+    x.add_argument("--uv", default="auto", choices=["auto", "head", "atlas"], help="FLARE: UV layout")
+    x.add_argument("--no-morph-targets", action="store_true", help="FLARE glb: leave out the expression morph targets")
+    x.add_argument("--device", default="auto")
+    _add_flame_dir(x)
+
+    v = sub.add_parser("view", help="local web viewer that renders the avatar live (orbit, play, sliders, environment maps)")
+    v.add_argument("run", help="run folder")
+    v.add_argument("--port", type=int, default=8080, help="port (0 picks a free one)")
+    v.add_argument("--host", default="127.0.0.1", help="0.0.0.0 lets other machines in")
+    v.add_argument("--device", default="auto")
+    v.add_argument("--size", type=int, help="render size, long side (default: training size)")
+    v.add_argument("--envmap", action="append", default=[], metavar="HDR", help="FLARE: .hdr/.exr map to offer (repeatable)")
+    v.add_argument("--verbose", action="store_true")
+    _add_flame_dir(v)
+
     return p
 
 
@@ -244,8 +265,25 @@ def cmd_track(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    from headavatar.export import export_run
+
+    files = export_run(args.run, args.output, args.format, frames=args.frame, device=args.device, texture_size=args.texture_size,
+                       uv=args.uv, morph_targets=not args.no_morph_targets, head_overrides=_head_overrides(args))
+    print("wrote " + ", ".join(map(str, files[:2])) + (f" and {len(files) - 2} more" if len(files) > 2 else ""))
+    return 0
+
+
+def cmd_view(args) -> int:
+    from headavatar.viewer import serve
+
+    serve(args.run, host=args.host, port=args.port, device=args.device, size=args.size, envmaps=args.envmap,
+          head_overrides=_head_overrides(args), verbose=args.verbose)
+    return 0
+
+
 COMMANDS = {"train": cmd_train, "eval": cmd_eval, "render": cmd_render, "synth": cmd_synth, "demo": cmd_demo,
-            "import": cmd_import, "head-model": cmd_head_model, "track": cmd_track}
+            "import": cmd_import, "head-model": cmd_head_model, "track": cmd_track, "export": cmd_export, "view": cmd_view}
 
 
 def main(argv: list[str] | None = None) -> int:

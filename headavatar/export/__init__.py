@@ -56,15 +56,17 @@ def export_run(run_dir, out=None, format: str | None = None, frames=None, device
     "all" / "train" / "test" / a list of indices (``out`` is a folder, one file per frame).
     texture_size, uv, morph_targets: FLARE meshes only (see ``bake_flare_mesh``).
     """
+    from headavatar.export.flare_mesh import check_options
     from headavatar.export.frames import parse_frames
     from headavatar.methods import load_avatar
     from headavatar.methods.run import RunDir
-
     from headavatar.subjects.format import Subject
 
     info = RunDir(run_dir).read_info()
-    # format and frames are checked before the avatar is loaded, so a typo fails at once
+    # options are checked before the avatar is loaded, so a typo fails at once
     fmt = resolve_format(info.get("method"), format, out if out is not None else "")
+    if fmt != "ply":
+        check_options(texture_size, uv)
     if out is None:
         out = default_output(run_dir, fmt, frames if not isinstance(frames, (list, tuple)) else ",".join(map(str, frames)))
     sel = parse_frames(frames, Subject.open(info["subject"]))

@@ -72,6 +72,13 @@ def bake_materials(model, canon_points: torch.Tensor, chunk: int = 1 << 16) -> d
     return {k: torch.cat(v) if v else canon_points.new_zeros(0, 3 if k == "kd" else 1) for k, v in outs.items()}
 
 
+def check_options(texture_size: int, uv: str) -> None:
+    if uv not in UV_MODES:
+        raise UserError(f"--uv must be one of {', '.join(UV_MODES)} (got {uv!r})")
+    if not 16 <= int(texture_size) <= 8192:
+        raise UserError(f"--texture-size must lie between 16 and 8192 (got {texture_size})")
+
+
 @torch.no_grad()
 def bake_flare_mesh(avatar, frame: int | None = None, texture_size: int = 1024, uv: str = "auto", morph_targets: bool = True,
                     textures: bool = True) -> TexturedMesh:
@@ -80,10 +87,7 @@ def bake_flare_mesh(avatar, frame: int | None = None, texture_size: int = 1024, 
 
     if avatar.method != "flare":
         raise UserError(f"a textured mesh is exported from FLARE runs; {avatar.run.root} is a '{avatar.method}' run")
-    if uv not in UV_MODES:
-        raise UserError(f"--uv must be one of {', '.join(UV_MODES)} (got {uv!r})")
-    if not 16 <= int(texture_size) <= 8192:
-        raise UserError(f"--texture-size must lie between 16 and 8192 (got {texture_size})")
+    check_options(texture_size, uv)
     model = avatar.model
     s = model.scale
     d = model.deformation()

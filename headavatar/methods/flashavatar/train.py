@@ -164,6 +164,9 @@ def train_flashavatar(subject_dir: Path, run: RunDir, cfg: FlashAvatarConfig, re
             if cfg.preview_every and (it % cfg.preview_every == 0 or last):
                 write_image(run.root / "previews" / f"{it:07d}.jpg", to_uint8(torch.cat([gt[0], pred[0].detach()], 1)))
             if it % cfg.checkpoint_every == 0 or last:
+                if n_sum and not torch.isfinite(loss_sum).item():  # never checkpoint a diverged model
+                    raise TrainingDiverged(f"training diverged before iteration {it} (non-finite loss); resume from the last checkpoint "
+                                           f"with lower learning rates: headavatar train ... --resume --set lr_mlp=5e-5")
                 _save(run, it, model, opt, time.perf_counter() - t0)
             if out_of_time:
                 break
