@@ -133,6 +133,12 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--device", default="auto")
     _add_flame_dir(x)
 
+    from headavatar.methods.flare.cli import add_relight_arguments
+
+    rl = sub.add_parser("relight", help="relight a FLARE run under an HDR environment map (+ intrinsic images)")
+    add_relight_arguments(rl)
+    _add_flame_dir(rl)
+
     v = sub.add_parser("view", help="local web viewer that renders the avatar live (orbit, play, sliders, environment maps)")
     v.add_argument("run", help="run folder")
     v.add_argument("--port", type=int, default=8080, help="port (0 picks a free one)")
@@ -274,6 +280,12 @@ def cmd_export(args) -> int:
     return 0
 
 
+def cmd_relight(args) -> int:
+    from headavatar.methods.flare.cli import relight_command
+
+    return relight_command(args)
+
+
 def cmd_view(args) -> int:
     from headavatar.viewer import serve
 
@@ -283,7 +295,7 @@ def cmd_view(args) -> int:
 
 
 COMMANDS = {"train": cmd_train, "eval": cmd_eval, "render": cmd_render, "synth": cmd_synth, "demo": cmd_demo,
-            "import": cmd_import, "head-model": cmd_head_model, "track": cmd_track, "export": cmd_export, "view": cmd_view}
+            "import": cmd_import, "head-model": cmd_head_model, "track": cmd_track, "export": cmd_export, "view": cmd_view, "relight": cmd_relight}
 
 
 def main(argv: list[str] | None = None) -> int:

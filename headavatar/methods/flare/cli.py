@@ -33,7 +33,8 @@ def relight_command(args) -> int:
 
     res = relight_run(args.run, args.envmap, args.output, device=args.device, frames=args.frames, batch_size=args.batch_size,
                       env_size=args.env_size, tonemap=args.tonemap, exposure=args.exposure, rotation=args.rotate, spin=args.spin,
-                      background=args.background, intrinsics=not args.no_intrinsics, light_frame=args.light_frame)
+                      background=args.background, intrinsics=not args.no_intrinsics, light_frame=args.light_frame,
+                      head_overrides={"dir": args.flame_dir} if getattr(args, "flame_dir", None) else None)
     print(f"wrote {res['frames']} relit frames to {res['video']}")
     if "intrinsics_video" in res:
         print(f"intrinsic images: {res['intrinsics_video']} ({res['intrinsics_layout']}) and {res['intrinsics_folder']}/")

@@ -85,12 +85,13 @@ def load_light(envmap, size: int = 256, tonemap: str = "reinhard", scale: float 
 
 def relight_run(run_dir, envmap, out_path, device="auto", frames: str = "all", batch_size: int = 4, env_size: int = 256,
                 tonemap: str = "reinhard", exposure: float = 0.0, rotation: float = 0.0, spin: float = 0.0, background: str = "env",
-                intrinsics: bool = True, light_frame: str = "world", progress: bool = True) -> dict:
+                intrinsics: bool = True, light_frame: str = "world", progress: bool = True, head_overrides: dict | None = None) -> dict:
     """Relight a FLARE run's sequence: writes OUT.mp4 (+ OUT_intrinsics.mp4 and OUT_intrinsics/*.png of the first frame).
 
     envmap: .hdr/.exr lat-long map, or "sky" for the built-in procedural sky.
     spin: degrees the environment turns about the vertical over the clip (0 = fixed).
     background: env (the map behind the head), white, black or grey.
+    head_overrides: options to build the subject's head model here (e.g. {"dir": FLAME folder}).
     """
     from tqdm import tqdm
 
@@ -115,7 +116,7 @@ def relight_run(run_dir, envmap, out_path, device="auto", frames: str = "all", b
 
     dev = resolve_device(device) if isinstance(device, str) else device
     light0 = load_light(envmap, env_size, tonemap, 2.0, exposure, rotation, dev)  # a bad map fails before the model loads
-    avatar = load_avatar(run_dir, dev)
+    avatar = load_avatar(run_dir, dev, head_overrides)
     subj = avatar.subject
     tr = subj.tracking
     idx_all = {"all": list(range(subj.num_frames)), "test": subj.split.get("test", []), "train": subj.split["train"]}.get(frames)

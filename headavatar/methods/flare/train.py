@@ -77,6 +77,10 @@ def check_config(cfg: FlareConfig) -> None:
         raise UserError(f"ide_attenuation must be refnerf or flare (got {cfg.ide_attenuation!r})")
     if cfg.world_scale <= 0:
         raise UserError("world_scale must be positive")
+    if cfg.remesh_backend not in ("auto", "gpytoolbox", "builtin"):
+        raise UserError(f"remesh_backend must be auto, gpytoolbox or builtin (got {cfg.remesh_backend!r})")
+    if cfg.mesh_backend not in ("auto", "torch", "nvdiffrast"):
+        raise UserError(f"mesh_backend must be auto, torch or nvdiffrast (got {cfg.mesh_backend!r})")
     if cfg.backend not in ("auto", "torch", "nvdiffrast"):
         raise UserError(f"FLARE renders meshes: --backend must be auto, torch or nvdiffrast (got {cfg.backend!r})")
 
@@ -338,13 +342,22 @@ def train_flare(subject_dir: Path, run: RunDir, cfg: FlareConfig, resume: bool =
             if cfg.preview_every and (it % cfg.preview_every == 0 or it == cfg.iterations):
                 _preview(run, it, out, tgt)
             if it % cfg.checkpoint_every == 0 or it == cfg.iterations:
-                run.save_checkpoint(it, checkpoint_state(model, opts, it, time.perf_counter() - t0, _extra(info)))
+                if _finite(loss, model):  # never checkpoint a diverged model: recovery goes back to checkpoints
+                    run.save_checkpoint(it, checkpoint_state(model, opts, it, time.perf_counter() - t0, _extra(info)))
+                else:
+                    print(f"warning: not checkpointing iteration {it}: the model holds NaN/Inf")
     except KeyboardInterrupt:
         if it > start:
             run.save_checkpoint(it, checkpoint_state(model, opts, it, time.perf_counter() - t0, _extra(info)))
         raise
     finally:
         pbar.close()
+
+
+def _finite(loss: torch.Tensor, model: FlareModel) -> bool:
+    if not bool(torch.isfinite(loss.detach())):
+        return False
+    return all(bool(torch.isfinite(p).all()) for p in model.parameters())
 
 
 def _extra(info: dict) -> dict:
