@@ -35,6 +35,31 @@ from headavatar.utils.rotations import axis_angle_to_6d, axis_angle_to_matrix
 REQUIRED_REGIONS = ("face", "mouth_interior", "lips", "eyes", "hair", "neck", "boundary")
 
 
+def global_transforms(parents: list[int], rots: torch.Tensor, joints: torch.Tensor) -> torch.Tensor:
+    """Per-joint transforms [B,J,4,4] mapping rest-pose points to posed points.
+
+    rots: local rotations [B,J,3,3] (relative to the parent); joints: rest joint positions [B|1,J,3].
+    """
+    B, J = rots.shape[:2]
+    joints = joints.expand(B, -1, -1)
+    rel = joints.clone()
+    for j in range(1, J):
+        rel[:, j] = joints[:, j] - joints[:, parents[j]]
+    local = torch.zeros(B, J, 4, 4, dtype=rots.dtype, device=rots.device)
+    local[..., :3, :3] = rots
+    local[..., :3, 3] = rel
+    local[..., 3, 3] = 1
+    chain = [local[:, 0]]
+    for j in range(1, J):
+        chain.append(chain[parents[j]] @ local[:, j])
+    G = torch.stack(chain, 1)
+    # remove the rest-pose joint location: G' x = G (x - j_rest)
+    offset = (G[..., :3, :3] @ joints[..., None])[..., 0]
+    G = G.clone()
+    G[..., :3, 3] = G[..., :3, 3] - offset
+    return G
+
+
 @dataclass
 class HeadModel:
     name: str
@@ -171,24 +196,7 @@ class HeadModel:
     __call__ = forward
 
     def _global_transforms(self, rots: torch.Tensor, joints: torch.Tensor) -> torch.Tensor:
-        """Per-joint transforms that map rest-pose points to posed points. [B,J,4,4]."""
-        B, J = rots.shape[:2]
-        rel = joints.clone()
-        for j in range(1, J):
-            rel[:, j] = joints[:, j] - joints[:, self.parents[j]]
-        local = torch.zeros(B, J, 4, 4, dtype=rots.dtype, device=rots.device)
-        local[..., :3, :3] = rots
-        local[..., :3, 3] = rel
-        local[..., 3, 3] = 1
-        chain = [local[:, 0]]
-        for j in range(1, J):
-            chain.append(chain[self.parents[j]] @ local[:, j])
-        G = torch.stack(chain, 1)
-        # remove the rest-pose joint location: G' x = G (x - j_rest)
-        offset = (G[..., :3, :3] @ joints[..., None])[..., 0]
-        G = G.clone()
-        G[..., :3, 3] = G[..., :3, 3] - offset
-        return G
+        return global_transforms(self.parents, rots, joints)
 
     def landmarks(self, vertices: torch.Tensor) -> torch.Tensor:
         """[B,V,3] -> [B,68,3] via the barycentric landmark embedding."""

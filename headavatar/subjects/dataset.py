@@ -13,7 +13,19 @@ import numpy as np
 import torch
 from PIL import Image
 
+from headavatar.errors import UserError
 from headavatar.subjects.format import HEAD_LABELS, MOUTH_LABELS, Subject
+
+
+def training_size(subject: Subject, resolution: int | None) -> tuple[int, int]:
+    """(H, W) to train/evaluate at: the subject's size, or scaled so the long side is ``resolution``."""
+    H, W = subject.height, subject.width
+    if not resolution:
+        return H, W
+    if resolution < 16:
+        raise UserError(f"--resolution {resolution} is too small (minimum 16)")
+    s = resolution / max(H, W)
+    return max(1, round(H * s)), max(1, round(W * s))
 
 
 class FrameDataset(torch.utils.data.Dataset):

@@ -35,6 +35,7 @@ from headavatar.methods.flare.materials import MaterialMLP
 from headavatar.methods.flare.shading import SplitSum, prepare_shading_normal, reflect
 from headavatar.render.mesh.ops import face_normals, vertex_normals
 from headavatar.utils.rotations import axis_angle_to_matrix
+from headavatar.headmodels.base import global_transforms as _lbs_transforms
 
 # Parsing labels (headavatar.subjects.format.LABELS) whose surface gets the skin F0 (FLARE's channels 0-2).
 SKIN_F0_LABELS = (1, 2, 3, 4, 7)
@@ -42,22 +43,8 @@ SKIN_F0_LABELS = (1, 2, 3, 4, 7)
 
 # ------------------------------------------------------------------ kinematics
 def global_transforms(parents: list[int], rots: torch.Tensor, joints: torch.Tensor) -> torch.Tensor:
-    """Per-joint rest->posed transforms [B,J,4,4] from local rotations [B,J,3,3] and rest joints [B|1,J,3]."""
-    B, J = rots.shape[:2]
-    joints = joints.expand(B, -1, -1)
-    rel = joints.clone()
-    for j in range(1, J):
-        rel[:, j] = joints[:, j] - joints[:, parents[j]]
-    local = torch.zeros(B, J, 4, 4, dtype=rots.dtype, device=rots.device)
-    local[..., :3, :3] = rots
-    local[..., :3, 3] = rel
-    local[..., 3, 3] = 1
-    chain = [local[:, 0]]
-    for j in range(1, J):
-        chain.append(chain[parents[j]] @ local[:, j])
-    G = torch.stack(chain, 1)
-    offset = (G[..., :3, :3] @ joints[..., None])[..., 0]
-    return torch.cat([G[..., :3, :3], (G[..., :3, 3] - offset)[..., None]], -1)  # [B,J,3,4]
+    """Per-joint rest->posed transforms [B,J,3,4] (the head models' LBS transforms without the last row)."""
+    return _lbs_transforms(parents, rots, joints)[..., :3, :]
 
 
 def pose_features(rots: torch.Tensor) -> torch.Tensor:

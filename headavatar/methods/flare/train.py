@@ -31,7 +31,7 @@ from headavatar.methods.flare.losses import (
 from headavatar.methods.flare.model import FlareModel, nearest_with_distance
 from headavatar.methods.flare.shading import linear_to_srgb, srgb_to_linear
 from headavatar.methods.run import RunDir
-from headavatar.subjects.dataset import FrameDataset, InfiniteSampler, collate
+from headavatar.subjects.dataset import training_size, FrameDataset, InfiniteSampler, collate
 from headavatar.subjects.format import LABEL_IDS, Subject
 from headavatar.utils.device import resolve_device
 from headavatar.utils.io import write_image, write_json
@@ -43,16 +43,6 @@ CLOTH = LABEL_IDS["clothing"]
 
 
 # ------------------------------------------------------------------ set-up
-def training_size(subject: Subject, resolution: int | None) -> tuple[int, int]:
-    H, W = subject.height, subject.width
-    if not resolution:
-        return H, W
-    if resolution < 16:
-        raise UserError(f"--resolution {resolution} is too small (minimum 16)")
-    s = resolution / max(H, W)
-    return max(1, round(H * s)), max(1, round(W * s))
-
-
 def resolve_light_frame(cfg: FlareConfig, subject: Subject) -> str:
     if cfg.light_frame in ("world", "head"):
         return cfg.light_frame

@@ -14,22 +14,11 @@ from headavatar.errors import TrainingDiverged, UserError
 from headavatar.methods.flashavatar.config import FlashAvatarConfig
 from headavatar.methods.flashavatar.model import FlashAvatarModel
 from headavatar.methods.run import RunDir
-from headavatar.subjects.dataset import FrameDataset, InfiniteSampler, collate, prepare_targets
+from headavatar.subjects.dataset import training_size, FrameDataset, InfiniteSampler, collate, prepare_targets
 from headavatar.subjects.format import Subject
 from headavatar.utils.device import resolve_device
 from headavatar.utils.io import write_image
 from headavatar.utils.video import to_uint8
-
-
-def training_size(subject: Subject, resolution: int | None) -> tuple[int, int]:
-    """(H, W) for training: the subject's size, or scaled so the long side is ``resolution``."""
-    H, W = subject.height, subject.width
-    if not resolution:
-        return H, W
-    if resolution < 16:
-        raise UserError(f"--resolution {resolution} is too small (minimum 16)")
-    s = resolution / max(H, W)
-    return max(1, round(H * s)), max(1, round(W * s))
 
 
 def huber(pred: torch.Tensor, gt: torch.Tensor, delta: float) -> torch.Tensor:
