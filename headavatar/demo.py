@@ -83,7 +83,7 @@ def run_demo(args, overrides: dict) -> int:
 
     print("[3/4] evaluating on the held-out frames")
     res = evaluate_run(run_dir, device=overrides.get("device", "auto"), lpips=True)
-    print("[4/4] rendering the sequence and writing the report")
+    print("[4/4] rendering the sequence, exporting and writing the report")
     render_run(run_dir, run_dir / "render_all.mp4", device=overrides.get("device", "auto"), side_by_side=True, progress=True)
     sections = []
     if args.method == "flare":
@@ -95,6 +95,10 @@ def run_demo(args, overrides: dict) -> int:
         sections.append(("Relighting (held-out frames under a new light, against ground truth)",
                          f"<p>Video: <a href='relit_sky.mp4'>relit_sky.mp4</a>; intrinsic images: <a href='relit_sky_intrinsics.mp4'>relit_sky_intrinsics.mp4</a></p>"
                          f"<table>{rows}</table>"))
+    from headavatar.export import export_run
+
+    exported = export_run(run_dir, device=overrides.get("device", "auto"), texture_size=256 if args.quick else 512)
+    print(f"      exported {', '.join(str(p) for p in exported[:2])}")
     report = write_report(run_dir, title=f"headavatar demo: {args.method} on the synthetic subject", extra_sections=sections)
     m = res["metrics"]["mean"]
     wall = time.perf_counter() - t0
