@@ -65,6 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--batch-size", type=int, default=4)
     e.add_argument("--no-video", action="store_true", help="skip the side-by-side video")
     e.add_argument("--no-lpips", action="store_true", help="skip LPIPS (if its weights are not installed)")
+    e.add_argument("--protocol", choices=["flashavatar", "imavatar"], help="scoring protocol (default: the method's own; docs/METRICS.md)")
     _add_flame_dir(e)
 
     r = sub.add_parser("render", help="render a run's sequence, or another subject's tracking (reenactment)")
@@ -185,11 +186,11 @@ def cmd_eval(args) -> int:
     from headavatar.methods.evaluate import evaluate_run
 
     res = evaluate_run(args.run, device=args.device, split=args.split, batch_size=args.batch_size, video=not args.no_video, lpips=not args.no_lpips,
-                       head_overrides=_head_overrides(args))
+                       head_overrides=_head_overrides(args), protocol=args.protocol)
     m = res["metrics"]["mean"]
     parts = [f"{k} {v:.4f}" for k, v in m.items()]
     print(f"{res['num_frames']} {args.split} frames: " + ", ".join(parts))
-    print(f"wrote {Path(args.run) / 'eval' / 'metrics.json'}")
+    print(f"protocol: {res['protocol']}")
     return 0
 
 

@@ -17,11 +17,18 @@ from headavatar.utils.video import to_uint8, write_video
 
 
 def evaluate_run(run_dir, device="cpu", split: str = "test", batch_size: int = 4, video: bool = True, progress: bool = True, lpips: bool = True,
-                 head_overrides: dict | None = None) -> dict:
+                 head_overrides: dict | None = None, protocol: str | None = None, out_name: str | None = None) -> dict:
+    """Score a run; ``protocol``: "flashavatar" or "imavatar" (default: the method's own).
+
+    Writes RUN_DIR/eval/metrics.json (or metrics_<protocol>.json when another protocol is asked for).
+    """
     from headavatar.methods import load_avatar
     from headavatar.metrics.protocols import aggregate, evaluate_frames
 
     avatar = load_avatar(run_dir, device, head_overrides)
+    protocol = protocol or avatar.eval_protocol
+    if protocol not in ("flashavatar", "imavatar"):
+        raise UserError(f"unknown protocol '{protocol}'; choose flashavatar or imavatar")
     subj = avatar.subject
     frames = subj.split.get(split, [])
     if not frames:
@@ -48,7 +55,7 @@ def evaluate_run(run_dir, device="cpu", split: str = "test", batch_size: int = 4
         sync(avatar.device)
         render_time += time.perf_counter() - t
         pred = out["rgb"].permute(0, 3, 1, 2)
-        if avatar.eval_protocol == "imavatar":
+        if protocol == "imavatar":
             gt_img = b["image"].to(avatar.device).permute(0, 3, 1, 2).float() / 255
             mask = b["alpha"].to(avatar.device).float() / 255
             res = evaluate_frames(pred, gt_img, mask, "imavatar", exclude=(b["parsing"].to(avatar.device) == 8).float(),
@@ -79,7 +86,7 @@ def evaluate_run(run_dir, device="cpu", split: str = "test", batch_size: int = 4
         "render_fps_note": f"model evaluation + rasterisation only (no I/O), batch {batch_size}, device {avatar.device}",
         "per_frame": rows,
     }
-    write_json(out_dir / "metrics.json", result)
+    write_json(out_dir / (out_name or ("metrics.json" if protocol == avatar.eval_protocol else f"metrics_{protocol}.json")), result)
     if video:
         write_video(out_dir / "side_by_side.mp4", side_by_side, fps=subj.fps)
     worst = sorted((r for r in rows if not r.get("skipped")), key=lambda r: r["psnr"])[:3]
