@@ -120,3 +120,26 @@ class InfiniteSampler(torch.utils.data.Sampler):
                     yield k
                 count += 1
             epoch += 1
+
+
+def training_stream(subject: Subject, indices, size: tuple[int, int], batch_size: int, seed: int, frames_per_pass: int,
+                    num_workers: int, cache_mb: int, start_step: int, device: torch.device):
+    """(dataset, iterator of collated uint8 batches) for a training loop resumed at ``start_step``.
+
+    Worker processes decode and prefetch; pinned memory on CUDA lets the copy overlap compute.
+    """
+    data = FrameDataset(subject, indices, size, cache_bytes=cache_mb << 20)
+    sampler = InfiniteSampler(len(data), seed=seed, per_pass=min(frames_per_pass, len(data)), start=start_step * batch_size)
+    loader = torch.utils.data.DataLoader(
+        data, batch_size=batch_size, sampler=sampler, collate_fn=collate, num_workers=num_workers,
+        pin_memory=device.type == "cuda", persistent_workers=num_workers > 0, prefetch_factor=4 if num_workers > 0 else None,
+    )
+    return data, iter(loader)
+
+
+def heldout_sample(subject: Subject, test_indices, count: int, size: tuple[int, int]) -> FrameDataset | None:
+    """``count`` held-out frames spread evenly over the test split (for in-training PSNR curves)."""
+    if count <= 0 or not test_indices:
+        return None
+    pick = np.linspace(0, len(test_indices) - 1, min(count, len(test_indices))).round().astype(int)
+    return FrameDataset(subject, [test_indices[i] for i in pick], size)

@@ -31,7 +31,7 @@ from headavatar.methods.flare.losses import (
 from headavatar.methods.flare.model import FlareModel, nearest_with_distance
 from headavatar.methods.flare.shading import linear_to_srgb, srgb_to_linear
 from headavatar.methods.run import RunDir
-from headavatar.subjects.dataset import training_size, FrameDataset, InfiniteSampler, collate
+from headavatar.subjects.dataset import heldout_sample, training_size, training_stream, FrameDataset, collate
 from headavatar.subjects.format import LABEL_IDS, Subject
 from headavatar.utils.device import resolve_device
 from headavatar.utils.io import write_image, write_json
@@ -265,19 +265,10 @@ def train_flare(subject_dir: Path, run: RunDir, cfg: FlareConfig, resume: bool =
                                                    "stage1_iterations": sched.n1, "stage2_iterations": sched.n2, "remesh_iterations": sched.remesh})
         opts = make_optimizers(model, cfg, model.stage, 1.0, 0)
 
-    data = FrameDataset(subject, train_idx, (H, W), cache_bytes=cfg.cache_mb << 20)
-    sampler = InfiniteSampler(len(data), seed=cfg.seed, per_pass=min(cfg.frames_per_pass, len(data)), start=start * cfg.batch_size)
-    loader = torch.utils.data.DataLoader(
-        data, batch_size=cfg.batch_size, sampler=sampler, collate_fn=collate, num_workers=cfg.num_workers,
-        pin_memory=device.type == "cuda", persistent_workers=cfg.num_workers > 0, prefetch_factor=4 if cfg.num_workers > 0 else None,
-    )
-    batches = iter(loader)
+    data, batches = training_stream(subject, train_idx, (H, W), cfg.batch_size, cfg.seed, cfg.frames_per_pass, cfg.num_workers, cfg.cache_mb, start, device)
     perceptual = VGGPerceptual(cfg.perceptual_size).to(device) if cfg.w_perceptual > 0 else None
     reg = MeshRegularizer(model.faces, model.num_vertices)
-    eval_set = None
-    if cfg.eval_every > 0 and test_idx:
-        pick = np.linspace(0, len(test_idx) - 1, min(cfg.eval_frames, len(test_idx))).round().astype(int)
-        eval_set = FrameDataset(subject, [test_idx[i] for i in pick], (H, W))
+    eval_set = heldout_sample(subject, test_idx, cfg.eval_frames if cfg.eval_every > 0 else 0, (H, W))
 
     pbar = tqdm(total=cfg.iterations, initial=start, disable=not progress, desc="train flare", unit="it", dynamic_ncols=True)
     t0 = time.perf_counter() - elapsed
@@ -318,8 +309,8 @@ def train_flare(subject_dir: Path, run: RunDir, cfg: FlareConfig, resume: bool =
                 if problem:
                     it, model, opts = _recover(run, model, cfg, info, problem, it, fresh)
                     reg = MeshRegularizer(model.faces, model.num_vertices)
-                    sampler.start = it * cfg.batch_size
-                    batches = iter(loader)
+                    data, batches = training_stream(subject, train_idx, (H, W), cfg.batch_size, cfg.seed, cfg.frames_per_pass,
+                                                    cfg.num_workers, cfg.cache_mb, it, device)
                     pbar.n = it
                     pbar.refresh()
                     sums = _Sums(device)

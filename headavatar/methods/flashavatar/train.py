@@ -14,7 +14,7 @@ from headavatar.errors import TrainingDiverged, UserError
 from headavatar.methods.flashavatar.config import FlashAvatarConfig
 from headavatar.methods.flashavatar.model import FlashAvatarModel
 from headavatar.methods.run import RunDir
-from headavatar.subjects.dataset import training_size, FrameDataset, InfiniteSampler, collate, prepare_targets
+from headavatar.subjects.dataset import heldout_sample, training_size, training_stream, FrameDataset, InfiniteSampler, collate, prepare_targets
 from headavatar.subjects.format import Subject
 from headavatar.utils.device import resolve_device
 from headavatar.utils.io import write_image
@@ -80,13 +80,7 @@ def train_flashavatar(subject_dir: Path, run: RunDir, cfg: FlashAvatarConfig, re
     else:
         run.write_info("flashavatar", subject_dir, cfg, {"num_gaussians": model.num_gaussians, "train_size": [H, W]})
 
-    data = FrameDataset(subject, train_idx, (H, W), cache_bytes=cfg.cache_mb << 20)
-    sampler = InfiniteSampler(len(data), seed=cfg.seed, per_pass=min(cfg.frames_per_pass, len(data)), start=start * cfg.batch_size)
-    loader = torch.utils.data.DataLoader(
-        data, batch_size=cfg.batch_size, sampler=sampler, collate_fn=collate, num_workers=cfg.num_workers,
-        pin_memory=device.type == "cuda", persistent_workers=cfg.num_workers > 0, prefetch_factor=4 if cfg.num_workers > 0 else None,
-    )
-    batches = iter(loader)
+    data, batches = training_stream(subject, train_idx, (H, W), cfg.batch_size, cfg.seed, cfg.frames_per_pass, cfg.num_workers, cfg.cache_mb, start, device)
     if not resume:
         first = next(iter(torch.utils.data.DataLoader(data, batch_size=1, sampler=InfiniteSampler(len(data), seed=cfg.seed), collate_fn=collate)))
         model.initialize_from_frame(tr.params(first["index"].numpy(), device))
@@ -97,10 +91,7 @@ def train_flashavatar(subject_dir: Path, run: RunDir, cfg: FlashAvatarConfig, re
 
         lpips_net = LPIPS(net="vgg").to(device)
 
-    eval_set = None
-    if cfg.eval_every > 0 and test_idx:
-        pick = np.linspace(0, len(test_idx) - 1, min(cfg.eval_frames, len(test_idx))).round().astype(int)
-        eval_set = FrameDataset(subject, [test_idx[i] for i in pick], (H, W))
+    eval_set = heldout_sample(subject, test_idx, cfg.eval_frames if cfg.eval_every > 0 else 0, (H, W))
 
     pbar = tqdm(total=cfg.iterations, initial=start, disable=not progress, desc="train flashavatar", unit="it", dynamic_ncols=True)
     t0 = time.perf_counter() - elapsed
