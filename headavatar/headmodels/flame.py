@@ -29,6 +29,7 @@ an empty part of the UV atlas (about the texel area FlameMesh gives the mouth).
 from __future__ import annotations
 
 import os
+import pickle
 import re
 import warnings
 from pathlib import Path
@@ -41,6 +42,9 @@ from headavatar.headmodels import register_head_model
 from headavatar.headmodels.base import HeadModel
 from headavatar.headmodels.flame_pickle import ForeignPickleError, load_npy_object, load_pickle
 from headavatar.headmodels.obj import read_obj, triangulate
+
+# what a truncated or non-pickle file raises while being unpickled
+_BAD_PICKLE = (EOFError, ValueError, TypeError, AttributeError, IndexError, KeyError, pickle.UnpicklingError)
 
 FLAME_NUM_VERTICES = 5023
 FLAME_NUM_FACES = 9976
@@ -131,7 +135,7 @@ def read_flame_model(path: Path, expect_version: str = "2020") -> tuple[dict[str
         data = load_pickle(path)
     except ForeignPickleError as e:
         raise UserError(f"{path} is not a FLAME model file: it is a pickle of other objects (it references {e.module}.{e.name}); pass FLAME 2020's generic_model.pkl") from None
-    except (EOFError, ValueError, TypeError, AttributeError, IndexError, KeyError, __import__("pickle").UnpicklingError) as e:
+    except _BAD_PICKLE as e:
         raise UserError(f"{path} is damaged or not a pickle ({type(e).__name__}: {e}); download FLAME 2020 again") from None
     except OSError as e:
         raise UserError(f"cannot read {path}: {e}") from None
@@ -198,7 +202,7 @@ def read_flame_masks(path: Path, num_vertices: int = FLAME_NUM_VERTICES) -> dict
         data = load_pickle(path)
     except ForeignPickleError as e:
         raise UserError(f"{path} is not FLAME_masks.pkl: it references {e.module}.{e.name}") from None
-    except (EOFError, ValueError, TypeError, AttributeError, IndexError, KeyError, __import__("pickle").UnpicklingError) as e:
+    except _BAD_PICKLE as e:
         raise UserError(f"{path} is damaged or not a pickle ({type(e).__name__}: {e}); download FLAME_masks.pkl again") from None
     if not isinstance(data, dict) or not data:
         raise UserError(f"{path} is not FLAME_masks.pkl (expected a dict of region name -> vertex indices)")
@@ -237,7 +241,7 @@ def read_landmark_embedding(path: Path, num_faces: int = FLAME_NUM_FACES) -> tup
             data = load_pickle(path, allow_torch=True)
     except ForeignPickleError as e:
         raise UserError(f"{path} is not a FLAME landmark embedding: it references {e.module}.{e.name}") from None
-    except (OSError, EOFError, ValueError, TypeError, AttributeError, IndexError, KeyError, __import__("pickle").UnpicklingError) as e:
+    except (OSError, *_BAD_PICKLE) as e:
         raise UserError(f"{path} is damaged or not a landmark embedding ({type(e).__name__}: {e})") from None
     if not isinstance(data, dict):
         raise UserError(f"{path} is not a FLAME landmark embedding (expected a dict of arrays)")

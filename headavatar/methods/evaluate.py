@@ -6,13 +6,12 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
 from tqdm import tqdm
 
 from headavatar.errors import UserError
 from headavatar.subjects.dataset import FrameDataset, collate, prepare_targets
 from headavatar.utils.device import sync
-from headavatar.utils.io import write_json
+from headavatar.utils.io import write_image, write_json
 from headavatar.utils.video import to_uint8, write_video
 
 
@@ -23,6 +22,7 @@ def evaluate_run(run_dir, device="cpu", split: str = "test", batch_size: int = 4
     Writes RUN_DIR/eval/metrics.json (or metrics_<protocol>.json when another protocol is asked for).
     """
     from headavatar.methods import load_avatar
+    from headavatar.metrics.lpips import LPIPSCache
     from headavatar.metrics.protocols import aggregate, evaluate_frames
 
     avatar = load_avatar(run_dir, device, head_overrides)
@@ -36,8 +36,6 @@ def evaluate_run(run_dir, device="cpu", split: str = "test", batch_size: int = 4
     H, W = avatar.size
     data = FrameDataset(subj, frames, (H, W))
     tr = subj.tracking
-    from headavatar.metrics.lpips import LPIPSCache
-
     lpips_cache = LPIPSCache()
     rows = []
     render_time = 0.0
@@ -92,7 +90,5 @@ def evaluate_run(run_dir, device="cpu", split: str = "test", batch_size: int = 4
     worst = sorted((r for r in rows if not r.get("skipped")), key=lambda r: r["psnr"])[:3]
     for r in worst:
         k = frames.index(r["frame"])
-        from headavatar.utils.io import write_image
-
         write_image(out_dir / "worst" / f"{r['frame']:06d}.jpg", side_by_side[k])
     return result
