@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from headavatar.methods import load_avatar, train_method  # noqa: E402
 from headavatar.methods.run import RunDir  # noqa: E402
@@ -37,6 +38,56 @@ from headavatar.subjects.synthetic import make_synthetic_subject  # noqa: E402
 def sync():
     if torch.cuda.is_available():
         torch.cuda.synchronize()
+
+
+def timeit(fn, n: int, warmup: int = 5) -> float:
+    """Median-free mean wall ms per call over n calls after warm-up, synchronised at both ends."""
+    for _ in range(warmup):
+        fn()
+    sync()
+    t = time.perf_counter()
+    for _ in range(n):
+        fn()
+    sync()
+    return (time.perf_counter() - t) / n * 1e3
+
+
+def avatar_parity(av, idx, smoke: bool) -> dict:
+    """The trained avatar's frames through gsplat and the torch reference: image and gradient agreement."""
+    from headavatar.render.gaussians import render_gaussians
+
+    tr = av.subject.tracking.on_device(av.device)
+    H, W = av.size
+    params, cams = tr.params(idx), tr.cameras(idx, av.subject.height, av.subject.width).resized(H, W)
+    with torch.no_grad():
+        g = av.model.gaussians(*av.model.frame_inputs(params))
+    deg = av.cfg.sh_degree
+    res = {}
+    grads = {}
+    for key, be in (("ref", "torch"), ("fast", "gsplat" if not smoke else "torch")):
+        leaves = {k: v.detach().clone().requires_grad_(True) for k, v in g.items()}
+        bg = av.background.view(1, 3).expand(len(idx), 3)
+        out = render_gaussians(leaves["means"], leaves["quats"], leaves["scales"], leaves["opacities"], leaves["colors"][:, :, : (deg + 1) ** 2],
+                               cams.viewmats, cams.K, W, H, sh_degree=deg, backgrounds=bg, backend=be, **({"max_pairs": 1 << 24} if be == "torch" else {}))
+        w = torch.linspace(0.5, 1.5, 3, device=av.device)
+        (out.rgb * w).sum().backward()
+        res[key] = out.rgb.detach()
+        grads[key] = {k: v.grad.detach().flatten() for k, v in leaves.items()}
+    a, b = res.values()
+    ga, gb = grads.values()
+    d = (a - b).abs()
+    r = {"frames": [int(i) for i in idx], "rgb_mean_abs_diff": d.mean().item(), "rgb_p999_abs_diff": d.flatten().float().quantile(0.999).item() if d.numel() < 2**24 else None,
+         "rgb_max_abs_diff": d.max().item(), "psnr_between_backends": (-10 * torch.log10((d ** 2).mean())).item()}
+    for k in ga:
+        cos = torch.nn.functional.cosine_similarity(ga[k].double(), gb[k].double(), dim=0).item()
+        r[f"grad_cos_{k}"] = cos
+    r["ok"] = r["rgb_mean_abs_diff"] < 1e-3 and all(r[f"grad_cos_{k}"] > 0.99 for k in ga if k != "opacities") and r["grad_cos_opacities"] > 0.95
+    return r
+
+
+def _bf16(fn):
+    with torch.autocast("cuda" if torch.cuda.is_available() else "cpu", dtype=torch.bfloat16):
+        return fn()
 
 
 def tile_subject(src: Path, dst: Path, n: int) -> Path:
@@ -101,7 +152,7 @@ def main():
     bs_ttq = 1 if args.smoke else 8
     t = time.perf_counter()
     train_method("flashavatar", subj_dir, work / "ttq", {
-        "iterations": 1_000_000, "max_seconds": 5 if args.smoke else args.ttq_seconds, "batch_size": bs_ttq, "device": dev, "backend": backend,
+        "iterations": 1_000_000, "lpips_weight": 0.0, "max_seconds": 5 if args.smoke else args.ttq_seconds, "batch_size": bs_ttq, "device": dev, "backend": backend,
         "eval_every": 10 if args.smoke else 100, "eval_frames": 24, "log_every": 10 if args.smoke else 50, "preview_every": 0,
         "checkpoint_every": 1_000_000, "num_workers": 0 if args.smoke else 6, **paper}, progress=False)
     curves = [c for c in RunDir(work / "ttq").read_curves() if "test_psnr" in c]
@@ -112,44 +163,79 @@ def main():
     print(f"time-to-quality: final held-out PSNR {final:.2f} dB after {curves[-1]['time']:.0f} s; within 0.3 dB after {within['time']:.1f} s", flush=True)
     save()
 
-    # 3. render FPS
+    # 3. render FPS (head model + MLP + rasterisation), CUDA graphs on (the default) and off
     av = load_avatar(work / "ttq", dev)
+    out["avatar_parity"] = avatar_parity(av, torch.arange(2, device=av.device) + av.subject.split["test"][0], args.smoke)
+    print(f"avatar parity (gsplat vs torch): {out['avatar_parity']}", flush=True)
+    save()
     tr = av.subject.tracking.on_device(av.device)
     H, W = av.size
+    n = 200 if not args.smoke else 2
     fps = {}
-    for B in (1, 16, 64) if not args.smoke else (1, 4):
-        idx = torch.arange(B) % av.subject.num_frames
-        params, cams = tr.params(idx), tr.cameras(idx, av.subject.height, av.subject.width).resized(H, W)
-        for _ in range(5):
-            av.render(params, cams)
-        sync()
-        n = 50 if not args.smoke else 2
-        t = time.perf_counter()
-        for _ in range(n):
-            av.render(params, cams)
-        sync()
-        dt = (time.perf_counter() - t) / n
-        fps[B] = {"ms_per_call": dt * 1e3, "frames_per_s": B / dt}
-        print(f"render batch {B}: {dt * 1e3:.3f} ms/call, {B / dt:.0f} frames/s", flush=True)
-    # where the time goes at batch 1
-    idx = torch.arange(1)
-    params, cams = tr.params(idx), tr.cameras(idx, av.subject.height, av.subject.width).resized(H, W)
+    for graphs in (True, False):
+        av.cuda_graphs = graphs
+        for B in (1, 16, 64, 128) if not args.smoke else (1, 4):
+            idx = torch.arange(B, device=av.device) % av.subject.num_frames
+            params, cams = tr.params(idx), tr.cameras(idx, av.subject.height, av.subject.width).resized(H, W)
+            dt = timeit(lambda: av.render(params, cams), max(10, n // B)) / 1e3
+            fps[f"B{B}_{'graphs' if graphs else 'eager'}"] = {"batch": B, "cuda_graphs": graphs, "ms_per_call": dt * 1e3, "frames_per_s": B / dt}
+            print(f"render batch {B} ({'graphs' if graphs else 'eager'}): {dt * 1e3:.3f} ms/call, {B / dt:.0f} frames/s", flush=True)
+    av.cuda_graphs = True
+    out["render"] = {"per_batch": fps, "num_gaussians": av.model.num_gaussians}
+    save()
+
+    # where the time goes, per batch size (each part timed alone, ms per call)
     m = av.model
     parts = {}
-    with torch.no_grad():
-        for name, fn in (("head_model", lambda: m.frame_inputs(params)),
-                         ("mlp", lambda: m.gaussians(*m.frame_inputs(params))),
-                         ("full", lambda: av.render(params, cams))):
-            for _ in range(5):
-                fn()
-            sync()
-            t = time.perf_counter()
-            for _ in range(50 if not args.smoke else 2):
-                fn()
-            sync()
-            parts[name] = (time.perf_counter() - t) / (50 if not args.smoke else 2) * 1e3
-    out["render"] = {"per_batch": fps, "batch1_breakdown_ms_cumulative": parts, "num_gaussians": m.num_gaussians}
-    print(f"batch-1 cumulative ms: {parts}", flush=True)
+    import gsplat_probe  # noqa: F401  (benchmarks/gsplat_probe.py: raw gsplat call with no wrapper)
+    for B in (1, 16) if not args.smoke else (1,):
+        idx = torch.arange(B, device=av.device)
+        params, cams = tr.params(idx), tr.cameras(idx, av.subject.height, av.subject.width).resized(H, W)
+        with torch.no_grad():
+            cond, verts = m.frame_inputs(params)
+            g = m.gaussians(cond, verts)
+            bg = av.background.view(1, 3).expand(B, 3)
+            ref_mlp = torch.nn.Sequential(torch.nn.Linear(51 + cond.shape[1], 256), torch.nn.ReLU(),
+                                          *[x for _ in range(5) for x in (torch.nn.Linear(256, 256), torch.nn.ReLU())], torch.nn.Linear(256, 10)).to(av.device)
+            x_ref = torch.cat([m.pe[None].expand(B, -1, -1), cond[:, None].expand(-1, m.num_gaussians, -1)], -1)
+            p = {
+                "head_model": lambda: m.frame_inputs(params),
+                "mlp_fp32": lambda: m.mlp(m.pe, cond),
+                "mlp_bf16": lambda: _bf16(lambda: m.mlp(m.pe, cond)),
+                "reference_mlp_fp32_concat_input": lambda: ref_mlp(x_ref),
+                "gaussians_eager(head+mlp+assembly)": lambda: av._gaussians(params),
+                "gaussians_graphed": lambda: av._graphed(params),
+                "raster_gsplat_raw": lambda: gsplat_probe.raw(g, cams, bg, av.cfg.sh_degree),
+                "raster_gsplat_raw_rgb_only": lambda: gsplat_probe.raw(g, cams, bg, None),
+                "raster_wrapper": lambda: m.render(g, cams, av.background, av.cfg.sh_degree, "gsplat" if not args.smoke else "torch"),
+                "full_render_graphed": lambda: av.render(params, cams),
+            }
+            if args.smoke:
+                p = {k: v for k, v in p.items() if "gsplat" not in k}
+            parts[B] = {k: timeit(fn, 100 if not args.smoke else 2) for k, fn in p.items()}
+        print(f"batch {B} breakdown ms: " + ", ".join(f"{k} {v:.3f}" for k, v in parts[B].items()), flush=True)
+    out["render_breakdown_ms"] = parts
+    # the bare training step (model + rasterise + loss + backward + Adam, no data loading)
+    bare = {}
+    from headavatar.methods.flashavatar.train import huber, make_optimizer
+    for B in (1, 8, 16) if not args.smoke else (1,):
+        idx = torch.arange(B, device=av.device)
+        params, cams = tr.params(idx), tr.cameras(idx, av.subject.height, av.subject.width).resized(H, W)
+        gt = torch.rand(B, H, W, 3, device=av.device)
+        opt = make_optimizer(m, av.cfg)
+        m.train()
+
+        def step():
+            cond, verts = m.frame_inputs(params)
+            pred = m.render(m.gaussians(cond, verts), cams, av.background, av.cfg.sh_degree, "gsplat" if not args.smoke else "torch").rgb
+            loss = huber(pred, gt, 0.1)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        ms = timeit(step, 50 if not args.smoke else 2)
+        bare[B] = {"ms_per_step": ms, "frames_per_s": B / ms * 1e3}
+        print(f"bare training step batch {B}: {ms:.2f} ms, {B / ms * 1e3:.0f} frames/s", flush=True)
+    out["bare_train_step"] = bare
     save()
 
     # 4. training throughput per batch size
@@ -159,7 +245,7 @@ def main():
         rd = work / f"thr{B}"
         if dev == "cuda":
             torch.cuda.reset_peak_memory_stats()
-        train_method("flashavatar", subj_dir, rd, {"iterations": steps, "batch_size": B, "device": dev, "backend": backend, "log_every": steps // 3,
+        train_method("flashavatar", subj_dir, rd, {"iterations": steps, "lpips_weight": 0.0, "batch_size": B, "device": dev, "backend": backend, "log_every": steps // 3,
                                                    "preview_every": 0, "checkpoint_every": 1_000_000, "num_workers": 0 if args.smoke else 6, **paper}, progress=False)
         c = RunDir(rd).read_curves()
         dt = (c[-1]["time"] - c[0]["time"]) / (c[-1]["step"] - c[0]["step"])
@@ -174,7 +260,7 @@ def main():
         sd = tile_subject(subj_dir, work / f"subj{n}", n)
         if dev == "cuda":
             torch.cuda.reset_peak_memory_stats()
-        train_method("flashavatar", sd, work / f"mem{n}", {"iterations": 30 if not args.smoke else 3, "batch_size": 8 if not args.smoke else 1, "device": dev, "backend": backend,
+        train_method("flashavatar", sd, work / f"mem{n}", {"lpips_weight": 0.0, "iterations": 30 if not args.smoke else 3, "batch_size": 8 if not args.smoke else 1, "device": dev, "backend": backend,
                                                            "preview_every": 0, "checkpoint_every": 1_000_000, "num_workers": 0 if args.smoke else 6, **paper}, progress=False)
         mem[n] = torch.cuda.max_memory_allocated() / 2**30 if dev == "cuda" else None
         print(f"{n} frames: peak GPU memory {mem[n]} GB", flush=True)

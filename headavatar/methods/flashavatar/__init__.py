@@ -9,6 +9,7 @@ import torch
 from headavatar.methods import register_method
 from headavatar.methods.flashavatar.config import FlashAvatarConfig
 from headavatar.methods.run import RunDir
+from headavatar.utils.cudagraph import CudaGraphed
 
 
 class FlashAvatarAvatar:
@@ -17,7 +18,8 @@ class FlashAvatarAvatar:
     method = "flashavatar"
     eval_protocol = "flashavatar"
 
-    def __init__(self, run: RunDir, device, subject_dir: Path | None = None, head_overrides: dict | None = None):
+    def __init__(self, run: RunDir, device, subject_dir: Path | None = None, head_overrides: dict | None = None,
+                 cuda_graphs: bool = True):
         from headavatar.config import from_dict
         from headavatar.methods.flashavatar.train import build_model, training_size
         from headavatar.subjects.format import Subject
@@ -35,6 +37,14 @@ class FlashAvatarAvatar:
         self.model.eval()
         self.background = torch.tensor(self.cfg.background, dtype=torch.float32, device=self.device)
         self.backend = self.cfg.backend
+        # head model + MLP + Gaussian assembly replayed from CUDA graphs (one per batch size):
+        # at batch 1 their kernel launches cost more than the work
+        self.cuda_graphs = cuda_graphs
+        self._graphed = CudaGraphed(self._gaussians)
+
+    def _gaussians(self, params: dict) -> dict:
+        cond, verts = self.model.frame_inputs(params)
+        return self.model.gaussians(cond, verts)
 
     @property
     def head(self):
@@ -42,8 +52,7 @@ class FlashAvatarAvatar:
 
     @torch.no_grad()
     def render(self, params: dict, cameras, background: torch.Tensor | None = None) -> dict:
-        cond, verts = self.model.frame_inputs(params)
-        g = self.model.gaussians(cond, verts)
+        g = (self._graphed if self.cuda_graphs else self._gaussians)(params)
         bg = self.background if background is None else background
         out = self.model.render(g, cameras, bg, self.cfg.sh_degree, self.backend)
         return {"rgb": out.rgb, "alpha": out.alpha}

@@ -8,6 +8,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from headavatar.errors import UserError
 from headavatar.headmodels.base import HeadModel
 from headavatar.methods.flashavatar.config import FlashAvatarConfig
 from headavatar.methods.flashavatar.embedding import barycentric_points, positional_encoding, sample_uv_texels
@@ -72,6 +73,12 @@ class FlashAvatarModel(nn.Module):
         self.log_scale = nn.Parameter(torch.full((n, 3), math.log(1e-3)))
         self.rotation = nn.Parameter(torch.tensor([1.0, 0.0, 0.0, 0.0]).repeat(n, 1))
 
+    def _mlp_bf16(self, device: torch.device) -> bool:
+        p = self.cfg.mlp_precision
+        if p not in ("auto", "fp32", "bf16"):
+            raise UserError(f"mlp_precision must be auto, fp32 or bf16, got {p!r}")
+        return p == "bf16" or (p == "auto" and device.type == "cuda")
+
     @property
     def num_gaussians(self) -> int:
         return self.mu_t.shape[0]
@@ -94,7 +101,9 @@ class FlashAvatarModel(nn.Module):
         """Per-frame Gaussians [B,N,...] from the condition and the posed mesh."""
         B = cond.shape[0]
         mu_m = barycentric_points(verts, self.head.faces, self.face_idx, self.bary)
-        o = self.mlp(self.pe, cond)
+        with torch.autocast(cond.device.type, dtype=torch.bfloat16, enabled=self._mlp_bf16(cond.device)):
+            o = self.mlp(self.pe, cond)
+        o = o.float()
         means = mu_m + self.cfg.offset_scale * o[..., 0:3]
         dq = torch.cat([torch.exp(o[..., 3:4]), o[..., 4:7]], -1)  # not normalised, as the reference
         quats = quaternion_multiply(self.rotation[None].expand(B, -1, -1), dq)

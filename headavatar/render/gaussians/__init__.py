@@ -30,7 +30,6 @@ Semantics shared by all backends (they are checked against each other):
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -38,12 +37,26 @@ import torch
 from headavatar.errors import UserError
 
 
-@dataclass
 class RenderOutput:
-    rgb: torch.Tensor  # [B,H,W,3]
-    alpha: torch.Tensor  # [B,H,W,1]
-    depth: torch.Tensor  # [B,H,W,1] alpha-weighted mean depth (camera z); 0 where empty
-    radii: torch.Tensor  # [B,N] screen radius in pixels (0 = culled)
+    """rgb [B,H,W,3], alpha [B,H,W,1], depth [B,H,W,1] (alpha-weighted mean camera z; 0 where
+    empty), radii [B,N] int32 screen radius in pixels (0 = culled).
+
+    ``radii`` may be given as a function and is then computed on first access: a
+    backend that has to derive it (gsplat) costs nothing extra for callers that
+    never look at it (training, rendering).
+    """
+
+    __slots__ = ("rgb", "alpha", "depth", "_radii")
+
+    def __init__(self, rgb: torch.Tensor, alpha: torch.Tensor, depth: torch.Tensor,
+                 radii: torch.Tensor | Callable[[], torch.Tensor]):
+        self.rgb, self.alpha, self.depth, self._radii = rgb, alpha, depth, radii
+
+    @property
+    def radii(self) -> torch.Tensor:
+        if callable(self._radii):
+            self._radii = self._radii()
+        return self._radii
 
 
 _BACKENDS: dict[str, Callable[..., RenderOutput]] = {}

@@ -79,8 +79,9 @@ def render_gsplat(means, quats, scales, opacities, colors, viewmats, Ks, width: 
     )
     # [B, 1, H, W, D+1] and [B, 1, H, W, 1]: one camera per batch element
     rgb, depth = render[:, 0, ..., :-1], render[:, 0, ..., -1:]
-    radii = _contract_radii(meta["radii"][:, 0], meta["conics"][:, 0])
-    return RenderOutput(rgb=rgb.to(out_dtype), alpha=alphas[:, 0].to(out_dtype), depth=depth.to(out_dtype), radii=radii)
+    radii_xy, conics = meta["radii"][:, 0], meta["conics"][:, 0]
+    return RenderOutput(rgb=rgb.to(out_dtype), alpha=alphas[:, 0].to(out_dtype), depth=depth.to(out_dtype),
+                        radii=lambda: _contract_radii(radii_xy, conics))
 
 
 def _contract_radii(radii_xy: torch.Tensor, conics: torch.Tensor) -> torch.Tensor:

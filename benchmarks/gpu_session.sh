@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# One call on the GPU machine: install gsplat from the carried wheel, build (or reuse) its CUDA
+# kernels, then run the requested steps, writing logs and JSON under $OUT.
+#   bash benchmarks/gpu_session.sh [parity] [fa] [flare] [train:SUBJECT_DIR ...]
+# Needs .whl/gsplat-*.whl (carried; see docs/BENCHMARKS.md). A stripped, gzipped build of the
+# kernels comes back as $OUT/gsplat_cuda.so.gz; carried back in .whl/ it skips the compile.
+set -uo pipefail
+OUT=${OUT:-/tmp/gpu_out}; mkdir -p "$OUT"
+export PYTHONPATH=/tmp/site:$PWD TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=16 PYTHONUNBUFFERED=1 TORCH_EXTENSIONS_DIR=/tmp/ext
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+if [ ! -d /tmp/site/gsplat ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/gsplat-*.whl || exit 1
+  if [ -f .whl/gsplat_cuda.so.gz ]; then  # a build from an earlier call: load it instead of compiling
+    gunzip -c .whl/gsplat_cuda.so.gz > /tmp/gsplat_cuda.so
+    cat > /tmp/site/gsplat/csrc.py <<'PY'
+import importlib.util, torch  # noqa: F401  (torch first: the extension links against it)
+_spec = importlib.util.spec_from_file_location("gsplat_cuda", "/tmp/gsplat_cuda.so")
+_m = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_m)
+globals().update({k: getattr(_m, k) for k in dir(_m) if not k.startswith("__")})
+PY
+  fi
+fi
+t0=$(date +%s)
+python3 -c "from gsplat.cuda._backend import _C; assert _C is not None, 'gsplat kernels unavailable'" || exit 1
+echo "gsplat kernels ready in $(( $(date +%s) - t0 )) s"
+so=$(find /tmp/ext -name gsplat_cuda.so 2>/dev/null | head -1)
+if [ -n "$so" ] && [ ! -f .whl/gsplat_cuda.so.gz ]; then
+  strip -S -o /tmp/g.so "$so" 2>/dev/null || cp "$so" /tmp/g.so; gzip -c /tmp/g.so > "$OUT/gsplat_cuda.so.gz"; ls -la "$OUT/gsplat_cuda.so.gz"
+fi
+rc=0
+for step in "$@"; do
+  echo "=== $step ($(date +%T))"
+  case "$step" in
+    parity) python3 benchmarks/gaussian_parity.py --quick --no-timing --out "$OUT/parity.json" 2>&1 | tee "$OUT/parity.log" || rc=1 ;;
+    fa) python3 benchmarks/flashavatar_gpu.py --out "$OUT/fa.json" --ttq-seconds "${TTQ_SECONDS:-150}" --memory-frames 200,2000 2>&1 | tee "$OUT/fa.log" || rc=1 ;;
+    flare) python3 benchmarks/flare_speed.py --device cuda --out "$OUT/flare.json" ${FLARE_ARGS:-} 2>&1 | tee "$OUT/flare.log" || rc=1 ;;
+    train:*)
+      s=${step#train:}; n=$(basename "$s"); r=/tmp/runs/$n
+      python3 -m headavatar train "$s" -o "$r" --device cuda ${TRAIN_ARGS:-} 2>&1 | tee "$OUT/train_$n.log" | tail -5 || rc=1
+      python3 -m headavatar eval "$r" --device cuda --no-video --no-lpips 2>&1 | tee "$OUT/eval_$n.log" || rc=1
+      mkdir -p "$OUT/run_$n"; cp "$r/run.json" "$r/curves.jsonl" "$OUT/run_$n/"; cp "$r"/eval/metrics.json "$OUT/run_$n/" 2>/dev/null
+      ck=$(ls "$r"/checkpoints/*.pt 2>/dev/null | tail -1); [ -n "$ck" ] && cp "$ck" "$OUT/run_$n/" ;;
+    *) echo "unknown step $step"; rc=2 ;;
+  esac
+done
+exit $rc

@@ -1,0 +1,91 @@
+"""Replay a tensor function from CUDA graphs, one graph per input signature.
+
+Rendering an avatar at batch 1 launches a few hundred small kernels (head
+model, MLP, Gaussian assembly) whose launch cost exceeds their run time; one
+graph replay removes it.  Only functions without host synchronisation and
+with shape-stable outputs can be captured.  When capture fails, that
+signature is run eagerly from then on (the function stays correct, only
+slower).  Outputs of a replay live in the graph's static memory and are
+overwritten by the next call with the same signature: consume or clone them
+first.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+
+
+def _flatten(obj: Any, out: list) -> Any:
+    """Nested dicts/tuples/lists of tensors -> structure spec, appending tensors to ``out``."""
+    if isinstance(obj, torch.Tensor):
+        out.append(obj)
+        return ("T", tuple(obj.shape), obj.dtype)
+    if isinstance(obj, dict):
+        return ("D", tuple((k, _flatten(obj[k], out)) for k in sorted(obj)))
+    if isinstance(obj, (tuple, list)):
+        return ("L", tuple(_flatten(v, out) for v in obj))
+    return ("V", obj)
+
+
+def _rebuild(spec: Any, it) -> Any:
+    kind = spec[0]
+    if kind == "T":
+        return next(it)
+    if kind == "D":
+        return {k: _rebuild(s, it) for k, s in spec[1]}
+    if kind == "L":
+        return tuple(_rebuild(s, it) for s in spec[1])
+    return spec[1]
+
+
+class CudaGraphed:
+    """``CudaGraphed(fn)(*args)`` == ``fn(*args)`` for CUDA tensor arguments, replayed from a graph.
+
+    Arguments may be nested dicts/tuples/lists of tensors and plain values
+    (plain values are part of the signature).  Use under ``torch.no_grad()``:
+    the graph records no autograd state.
+    """
+
+    def __init__(self, fn: Callable, max_graphs: int = 8, warmup: int = 2):
+        self.fn, self.max_graphs, self.warmup = fn, max_graphs, warmup
+        self._graphs: dict[Any, tuple] = {}
+        self._eager: set = set()
+
+    def __call__(self, *args):
+        flat: list[torch.Tensor] = []
+        spec = _flatten(args, flat)
+        if (not flat or any(t.device.type != "cuda" for t in flat) or torch.is_grad_enabled()
+                or spec in self._eager or (spec not in self._graphs and len(self._graphs) >= self.max_graphs)):
+            return self.fn(*args)
+        entry = self._graphs.get(spec)
+        if entry is None:
+            entry = self._capture(spec, flat)
+            if entry is None:
+                self._eager.add(spec)
+                return self.fn(*args)
+            self._graphs[spec] = entry
+        graph, static_in, static_out = entry
+        for dst, src in zip(static_in, flat):
+            dst.copy_(src, non_blocking=True)
+        graph.replay()
+        return static_out
+
+    def _capture(self, spec, flat: list[torch.Tensor]):
+        static_in = [t.detach().clone() for t in flat]
+        static_args = _rebuild(spec, iter(static_in))
+        try:
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                for _ in range(self.warmup):
+                    self.fn(*static_args)
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                static_out = self.fn(*static_args)
+        except Exception:  # a host sync or an uncapturable op inside fn: run it eagerly
+            torch.cuda.synchronize()
+            return None
+        return graph, static_in, static_out
