@@ -33,6 +33,7 @@ from headavatar.methods import load_avatar, train_method  # noqa: E402
 from headavatar.methods.run import RunDir  # noqa: E402
 from headavatar.subjects.format import Subject  # noqa: E402
 from headavatar.subjects.synthetic import make_synthetic_subject  # noqa: E402
+from headavatar.utils.cudagraph import CudaGraphed  # noqa: E402
 
 
 def sync():
@@ -117,7 +118,7 @@ def main():
     ap.add_argument("--smoke", action="store_true")
     ap.add_argument("--ttq-seconds", type=float, default=100.0)
     ap.add_argument("--frames", type=int, default=160)
-    ap.add_argument("--batch-sizes", default="1,8,16")
+    ap.add_argument("--batch-sizes", default="1,8,16,32")
     ap.add_argument("--memory-frames", default="2000")
     args = ap.parse_args()
     dev = "cpu" if args.smoke else "cuda"
@@ -203,8 +204,8 @@ def main():
                 "mlp_fp32": lambda: m.mlp(m.pe, cond),
                 "mlp_bf16": lambda: _bf16(lambda: m.mlp(m.pe, cond)),
                 "reference_mlp_fp32_concat_input": lambda: ref_mlp(x_ref),
-                "gaussians_eager(head+mlp+assembly)": lambda: av._gaussians(params),
-                "gaussians_graphed": lambda: av._graphed(params),
+                "gaussians_eager(head+mlp+assembly+sh)": lambda: av._gaussians(params, cams.viewmats),
+                "gaussians_graphed": lambda: av._graphed(params, cams.viewmats),
                 "raster_gsplat_raw": lambda: gsplat_probe.raw(g, cams, bg, av.cfg.sh_degree),
                 "raster_gsplat_raw_rgb_only": lambda: gsplat_probe.raw(g, cams, bg, None),
                 "raster_wrapper": lambda: m.render(g, cams, av.background, av.cfg.sh_degree, "gsplat" if not args.smoke else "torch"),
@@ -225,16 +226,40 @@ def main():
         opt = make_optimizer(m, av.cfg)
         m.train()
 
-        def step():
-            cond, verts = m.frame_inputs(params)
-            pred = m.render(m.gaussians(cond, verts), cams, av.background, av.cfg.sh_degree, "gsplat" if not args.smoke else "torch").rgb
+        fin = CudaGraphed(m.frame_inputs) if dev == "cuda" else m.frame_inputs
+        phases = {}
+
+        def step(timed=False):
+            marks = [time.perf_counter()]
+
+            def mark():
+                if timed:
+                    sync()
+                    marks.append(time.perf_counter())
+            with torch.no_grad():
+                cond, verts = fin(params)
+            mark()
+            g = m.gaussians(cond, verts)
+            mark()
+            pred = m.render(g, cams, av.background, av.cfg.sh_degree, "gsplat" if not args.smoke else "torch").rgb
+            mark()
             loss = huber(pred, gt, 0.1)
             opt.zero_grad(set_to_none=True)
+            mark()
             loss.backward()
+            mark()
             opt.step()
+            mark()
+            if timed:
+                for name, a, b in zip(("head_model", "mlp+assembly", "rasterise", "loss", "backward", "adam"), marks, marks[1:]):
+                    phases[name] = phases.get(name, 0.0) + (b - a) * 1e3
         ms = timeit(step, 50 if not args.smoke else 2)
-        bare[B] = {"ms_per_step": ms, "frames_per_s": B / ms * 1e3}
-        print(f"bare training step batch {B}: {ms:.2f} ms, {B / ms * 1e3:.0f} frames/s", flush=True)
+        reps = 20 if not args.smoke else 1
+        for _ in range(reps):
+            step(True)
+        bare[B] = {"ms_per_step": ms, "frames_per_s": B / ms * 1e3, "phases_ms_synced": {k: v / reps for k, v in phases.items()}}
+        print(f"bare training step batch {B}: {ms:.2f} ms, {B / ms * 1e3:.0f} frames/s; synced phases ms: "
+              + ", ".join(f"{k} {v / reps:.2f}" for k, v in phases.items()), flush=True)
     out["bare_train_step"] = bare
     save()
 

@@ -122,14 +122,25 @@ class InfiniteSampler(torch.utils.data.Sampler):
             epoch += 1
 
 
+def frame_bytes(size: tuple[int, int]) -> int:
+    """uint8 bytes of one training frame (RGB + alpha + parsing) at ``size``."""
+    return size[0] * size[1] * 5
+
+
 def training_stream(subject: Subject, indices, size: tuple[int, int], batch_size: int, seed: int, frames_per_pass: int,
-                    num_workers: int, cache_mb: int, start_step: int, device: torch.device):
+                    num_workers: int, cache_mb: int, start_step: int, device: torch.device, device_cache_mb: int = 0):
     """(dataset, iterator of collated uint8 batches) for a training loop resumed at ``start_step``.
 
-    Worker processes decode and prefetch; pinned memory on CUDA lets the copy overlap compute.
+    When all training frames fit in ``device_cache_mb`` (uint8) they are decoded once and kept on
+    ``device``; batches are then gathered there, with no loader in the loop.  Otherwise worker
+    processes decode and prefetch, and pinned memory on CUDA lets the copy overlap compute.  Either
+    way the batches come in the same order (one seeded sampler), and device memory is bounded by
+    ``device_cache_mb``, whatever the number of frames.
     """
     data = FrameDataset(subject, indices, size, cache_bytes=cache_mb << 20)
     sampler = InfiniteSampler(len(data), seed=seed, per_pass=min(frames_per_pass, len(data)), start=start_step * batch_size)
+    if device_cache_mb > 0 and len(data) * frame_bytes(size) <= device_cache_mb << 20:
+        return data, _resident_batches(data, sampler, batch_size, num_workers, device)
     loader = torch.utils.data.DataLoader(
         data, batch_size=batch_size, sampler=sampler, collate_fn=collate, num_workers=num_workers,
         pin_memory=device.type == "cuda", persistent_workers=num_workers > 0, prefetch_factor=4 if num_workers > 0 else None,
@@ -143,3 +154,29 @@ def heldout_sample(subject: Subject, test_indices, count: int, size: tuple[int, 
         return None
     pick = np.linspace(0, len(test_indices) - 1, min(count, len(test_indices))).round().astype(int)
     return FrameDataset(subject, [test_indices[i] for i in pick], size)
+
+
+def _resident_batches(data: FrameDataset, sampler: InfiniteSampler, batch_size: int, num_workers: int, device: torch.device):
+    """Decode every frame of ``data`` once onto ``device`` (uint8), then yield batches gathered there."""
+    H, W = data.size
+    n = len(data)
+    image = torch.empty((n, H, W, 3), dtype=torch.uint8, device=device)
+    alpha = torch.empty((n, H, W), dtype=torch.uint8, device=device)
+    parsing = torch.empty((n, H, W), dtype=torch.uint8, device=device)
+    index = torch.empty(n, dtype=torch.long)
+    loader = torch.utils.data.DataLoader(data, batch_size=16, shuffle=False, collate_fn=collate, num_workers=num_workers)
+    k = 0
+    for b in loader:
+        m = len(b["index"])
+        image[k:k + m].copy_(b["image"])
+        alpha[k:k + m].copy_(b["alpha"])
+        parsing[k:k + m].copy_(b["parsing"])
+        index[k:k + m] = b["index"]
+        k += m
+    data._cache.clear()  # the host copies are no longer needed
+    data._cached = 0
+    order = iter(sampler)
+    while True:
+        pos = torch.tensor([next(order) for _ in range(batch_size)], dtype=torch.long)
+        dpos = pos.to(device)
+        yield {"index": index[pos], "image": image[dpos], "alpha": alpha[dpos], "parsing": parsing[dpos]}

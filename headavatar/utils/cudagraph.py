@@ -83,7 +83,8 @@ class CudaGraphed:
                     self.fn(*static_args)
             torch.cuda.current_stream().wait_stream(side)
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
+            # thread_local: a loader's pin-memory thread may allocate while this thread captures
+            with torch.cuda.graph(graph, capture_error_mode="thread_local"):
                 static_out = self.fn(*static_args)
         except Exception:  # a host sync or an uncapturable op inside fn: run it eagerly
             torch.cuda.synchronize()

@@ -9,6 +9,8 @@ import torch
 from headavatar.methods import register_method
 from headavatar.methods.flashavatar.config import FlashAvatarConfig
 from headavatar.methods.run import RunDir
+from headavatar.render.gaussians import render_gaussians
+from headavatar.render.gaussians.sh import sh_to_rgb
 from headavatar.utils.cudagraph import CudaGraphed
 
 
@@ -42,9 +44,12 @@ class FlashAvatarAvatar:
         self.cuda_graphs = cuda_graphs
         self._graphed = CudaGraphed(self._gaussians)
 
-    def _gaussians(self, params: dict) -> dict:
+    def _gaussians(self, params: dict, viewmats: torch.Tensor) -> dict:
         cond, verts = self.model.frame_inputs(params)
-        return self.model.gaussians(cond, verts)
+        g = self.model.gaussians(cond, verts)
+        # view-dependent colour evaluated here (inside the graph), so the rasteriser takes plain RGB
+        g["colors"] = sh_to_rgb(self.cfg.sh_degree, g["colors"], g["means"], viewmats)
+        return g
 
     @property
     def head(self):
@@ -52,9 +57,12 @@ class FlashAvatarAvatar:
 
     @torch.no_grad()
     def render(self, params: dict, cameras, background: torch.Tensor | None = None) -> dict:
-        g = (self._graphed if self.cuda_graphs else self._gaussians)(params)
+        g = (self._graphed if self.cuda_graphs else self._gaussians)(params, cameras.viewmats)
         bg = self.background if background is None else background
-        out = self.model.render(g, cameras, bg, self.cfg.sh_degree, self.backend)
+        B = g["means"].shape[0]
+        out = render_gaussians(g["means"], g["quats"], g["scales"], g["opacities"], g["colors"], cameras.viewmats, cameras.K,
+                               cameras.width, cameras.height, sh_degree=None, backgrounds=bg.to(g["means"]).view(1, 3).expand(B, 3),
+                               backend=self.backend, render_depth=False)
         return {"rgb": out.rgb, "alpha": out.alpha}
 
 

@@ -53,3 +53,6 @@ class FlashAvatarConfig:
     backend: str = "auto"  # Gaussian rasterizer: auto | torch | gsplat
     num_workers: int = 0  # data-loading worker processes (0 = in the training process)
     cache_mb: int = 512  # decoded uint8 frames kept in host memory
+    # training frames kept on the accelerator as uint8 when they all fit in this budget (no loader in
+    # the loop); larger subjects stream through the loader, so memory never grows past it
+    device_cache_mb: int = 1024

@@ -16,6 +16,7 @@ from headavatar.methods.flashavatar.model import FlashAvatarModel
 from headavatar.methods.run import RunDir
 from headavatar.subjects.dataset import heldout_sample, training_size, training_stream, FrameDataset, InfiniteSampler, collate, prepare_targets
 from headavatar.subjects.format import Subject
+from headavatar.utils.cudagraph import CudaGraphed
 from headavatar.utils.device import resolve_device
 from headavatar.utils.io import write_image
 from headavatar.utils.video import to_uint8
@@ -83,7 +84,8 @@ def train_flashavatar(subject_dir: Path, run: RunDir, cfg: FlashAvatarConfig, re
     else:
         run.write_info("flashavatar", subject_dir, cfg, {"num_gaussians": model.num_gaussians, "train_size": [H, W]})
 
-    data, batches = training_stream(subject, train_idx, (H, W), cfg.batch_size, cfg.seed, cfg.frames_per_pass, cfg.num_workers, cfg.cache_mb, start, device)
+    data, batches = training_stream(subject, train_idx, (H, W), cfg.batch_size, cfg.seed, cfg.frames_per_pass, cfg.num_workers, cfg.cache_mb, start, device,
+                                     cfg.device_cache_mb if device.type == "cuda" else 0)
     if not resume:
         first = next(iter(torch.utils.data.DataLoader(data, batch_size=1, sampler=InfiniteSampler(len(data), seed=cfg.seed), collate_fn=collate)))
         model.initialize_from_frame(tr.params(first["index"].numpy(), device))
@@ -95,6 +97,9 @@ def train_flashavatar(subject_dir: Path, run: RunDir, cfg: FlashAvatarConfig, re
         lpips_net = LPIPS(net="vgg").to(device)
 
     eval_set = heldout_sample(subject, test_idx, cfg.eval_frames if cfg.eval_every > 0 else 0, (H, W))
+
+    # the head model's forward (no gradient) replayed from a CUDA graph: hundreds of small launches
+    frame_inputs = CudaGraphed(model.frame_inputs) if device.type == "cuda" else model.frame_inputs
 
     pbar = tqdm(total=cfg.iterations, initial=start, disable=not progress, desc="train flashavatar", unit="it", dynamic_ncols=True)
     t0 = time.perf_counter() - elapsed
@@ -109,7 +114,8 @@ def train_flashavatar(subject_dir: Path, run: RunDir, cfg: FlashAvatarConfig, re
             idx = batch["index"]
             params = dtr.params(idx)
             cams = dtr.cameras(idx, subject.height, subject.width).resized(H, W)
-            cond, verts = model.frame_inputs(params)
+            with torch.no_grad():
+                cond, verts = frame_inputs(params)
             g = model.gaussians(cond, verts)
             sh_deg = min(cfg.sh_degree, (it - 1) // max(1, cfg.sh_increase_every))
             pred = model.render(g, cams, bg, sh_deg, cfg.backend).rgb

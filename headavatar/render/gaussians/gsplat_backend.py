@@ -50,7 +50,7 @@ def _import_gsplat():
 @register_backend("gsplat")
 def render_gsplat(means, quats, scales, opacities, colors, viewmats, Ks, width: int, height: int,
                   sh_degree: int | None = None, backgrounds=None, near: float = 0.01, far: float = 1e10,
-                  eps2d: float = 0.3, alpha_max: float = 0.99, **kw) -> RenderOutput:
+                  eps2d: float = 0.3, alpha_max: float = 0.99, render_depth: bool = True, **kw) -> RenderOutput:
     """Render B frames with ``gsplat.rasterization``; same arguments as ``render_torch``."""
     unknown = set(kw) - _FOREIGN_OPTIONS - _PASSTHROUGH
     if unknown:
@@ -74,13 +74,14 @@ def render_gsplat(means, quats, scales, opacities, colors, viewmats, Ks, width: 
         f32(viewmats)[:, None], f32(Ks)[:, None], width, height,
         near_plane=near, far_plane=far, eps2d=eps2d, sh_degree=sh_degree,
         packed=False, backgrounds=None if bg is None else bg[:, None],
-        render_mode="RGB+ED", rasterize_mode="classic",
+        render_mode="RGB+ED" if render_depth else "RGB", rasterize_mode="classic",
         **{k: v for k, v in kw.items() if k in _PASSTHROUGH},
     )
     # [B, 1, H, W, D+1] and [B, 1, H, W, 1]: one camera per batch element
-    rgb, depth = render[:, 0, ..., :-1], render[:, 0, ..., -1:]
+    # without render_depth the depth channel is absent and ``depth`` is None
+    rgb, depth = (render[:, 0, ..., :-1], render[:, 0, ..., -1:]) if render_depth else (render[:, 0], None)
     radii_xy, conics = meta["radii"][:, 0], meta["conics"][:, 0]
-    return RenderOutput(rgb=rgb.to(out_dtype), alpha=alphas[:, 0].to(out_dtype), depth=depth.to(out_dtype),
+    return RenderOutput(rgb=rgb.to(out_dtype), alpha=alphas[:, 0].to(out_dtype), depth=None if depth is None else depth.to(out_dtype),
                         radii=lambda: _contract_radii(radii_xy, conics))
 
 

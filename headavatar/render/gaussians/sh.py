@@ -89,3 +89,16 @@ def RGB2SH(rgb: torch.Tensor) -> torch.Tensor:
 def SH2RGB(sh: torch.Tensor) -> torch.Tensor:
     """Rendered colour of a DC coefficient (before the clamp at 0)."""
     return sh * C0 + 0.5
+
+
+def camera_centres(viewmats: torch.Tensor) -> torch.Tensor:
+    """[B,3] world positions of the cameras of world-to-camera matrices [B,4,4]."""
+    R, t = viewmats[:, :3, :3], viewmats[:, :3, 3]
+    return -(R.transpose(1, 2) @ t[:, :, None])[..., 0]
+
+
+def sh_to_rgb(degree: int, coeffs: torch.Tensor, means: torch.Tensor, viewmats: torch.Tensor) -> torch.Tensor:
+    """3DGS colour ``max(SH(view dir) + 0.5, 0)`` [B,N,3] of coefficients [B,N,K,3] at means [B,N,3]
+    seen from the cameras ``viewmats`` [B,4,4] (what a rasteriser computes from SH inputs)."""
+    dirs = means - camera_centres(viewmats)[:, None, :]
+    return torch.clamp_min(eval_sh(degree, coeffs, dirs) + 0.5, 0.0)

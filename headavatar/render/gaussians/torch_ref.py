@@ -49,7 +49,7 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from headavatar.render.gaussians import RenderOutput, register_backend
-from headavatar.render.gaussians.sh import eval_sh
+from headavatar.render.gaussians.sh import camera_centres, eval_sh
 from headavatar.utils.rotations import quaternion_to_matrix
 
 ALPHA_THRESHOLD = 1.0 / 255.0
@@ -63,7 +63,8 @@ _SPAN_MARGIN = 1e-3  # px; enlarge enumerated spans a little, the exact alpha te
 
 # options of other backends that this one accepts and ignores, so that callers of
 # render_gaussians(backend="auto") can pass them unconditionally
-_FOREIGN_OPTIONS = frozenset({"tile_size", "packed", "absgrad", "sparse_grad", "rasterize_mode", "channel_chunk"})
+# render_depth=False lets a fast backend skip the depth channel; this one always has it (it is cheap here)
+_FOREIGN_OPTIONS = frozenset({"render_depth", "tile_size", "packed", "absgrad", "sparse_grad", "rasterize_mode", "channel_chunk"})
 
 
 @register_backend("torch")
@@ -216,9 +217,7 @@ def _candidate_colors(means, colors, viewmats, sh_degree, cand, N):
     """[Gc, D] colours of the candidates ``cand`` (flat indices into B*N, None for all)."""
     if sh_degree is None:
         return _take(colors.reshape(-1, colors.shape[-1]), cand)
-    R, t = viewmats[:, :3, :3], viewmats[:, :3, 3]
-    centres = -(R.transpose(1, 2) @ t[:, :, None])[..., 0]  # [B,3]
-    dirs = means - centres[:, None, :]
+    dirs = means - camera_centres(viewmats)[:, None, :]
     k = (sh_degree + 1) ** 2
     coeffs = colors if colors.shape[2] == k else colors[:, :, :k]
     dirs, coeffs = _take(dirs.reshape(-1, 3), cand), _take(coeffs.reshape(-1, k, 3), cand)
