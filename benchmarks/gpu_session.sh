@@ -2,13 +2,15 @@
 # One call on the GPU machine: install gsplat from the carried wheel, build (or reuse) its CUDA
 # kernels, then run the requested steps, writing logs and JSON under $OUT.
 #   bash benchmarks/gpu_session.sh [parity] [fa] [flare] [train:SUBJECT_DIR ...]
-# Needs .whl/gsplat-*.whl (carried; see docs/BENCHMARKS.md). A stripped, gzipped build of the
+# Uses an installed gsplat, else installs .whl/gsplat-*.whl (carried to a machine without network). A stripped, gzipped build of the
 # kernels comes back as $OUT/gsplat_cuda.so.gz; carried back in .whl/ it skips the compile.
 set -uo pipefail
 OUT=${OUT:-/tmp/gpu_out}; mkdir -p "$OUT"
 export PYTHONPATH=/tmp/site:$PWD TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=16 PYTHONUNBUFFERED=1 TORCH_EXTENSIONS_DIR=/tmp/ext
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
-if [ ! -d /tmp/site/gsplat ]; then
+if python3 -c "import gsplat" 2>/dev/null; then
+  :  # gsplat already installed (or carried in an earlier call)
+elif [ ! -d /tmp/site/gsplat ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/gsplat-*.whl || exit 1
   if [ -f .whl/gsplat_cuda.so.gz ]; then  # a build from an earlier call: load it instead of compiling
     gunzip -c .whl/gsplat_cuda.so.gz > /tmp/gsplat_cuda.so
