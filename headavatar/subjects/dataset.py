@@ -53,6 +53,11 @@ class FrameDataset(torch.utils.data.Dataset):
                 self._cached += nbytes
         return item
 
+    def clear_cache(self) -> None:
+        """Drop the decoded host copies (e.g. once they live on the accelerator)."""
+        self._cache.clear()
+        self._cached = 0
+
     def _load(self, i: int) -> dict:
         f = self.subject.load_frame(i)
         H, W = self.size
@@ -163,7 +168,7 @@ def _resident_batches(data: FrameDataset, sampler: InfiniteSampler, batch_size: 
     image = torch.empty((n, H, W, 3), dtype=torch.uint8, device=device)
     alpha = torch.empty((n, H, W), dtype=torch.uint8, device=device)
     parsing = torch.empty((n, H, W), dtype=torch.uint8, device=device)
-    index = torch.empty(n, dtype=torch.long)
+    index = torch.tensor(data.indices, dtype=torch.long)
     loader = torch.utils.data.DataLoader(data, batch_size=16, shuffle=False, collate_fn=collate, num_workers=num_workers)
     k = 0
     for b in loader:
@@ -171,10 +176,8 @@ def _resident_batches(data: FrameDataset, sampler: InfiniteSampler, batch_size: 
         image[k:k + m].copy_(b["image"])
         alpha[k:k + m].copy_(b["alpha"])
         parsing[k:k + m].copy_(b["parsing"])
-        index[k:k + m] = b["index"]
         k += m
-    data._cache.clear()  # the host copies are no longer needed
-    data._cached = 0
+    data.clear_cache()
     order = iter(sampler)
     while True:
         pos = torch.tensor([next(order) for _ in range(batch_size)], dtype=torch.long)

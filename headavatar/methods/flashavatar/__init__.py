@@ -9,7 +9,6 @@ import torch
 from headavatar.methods import register_method
 from headavatar.methods.flashavatar.config import FlashAvatarConfig
 from headavatar.methods.run import RunDir
-from headavatar.render.gaussians import render_gaussians
 from headavatar.render.gaussians.sh import sh_to_rgb
 from headavatar.utils.cudagraph import CudaGraphed
 
@@ -59,10 +58,7 @@ class FlashAvatarAvatar:
     def render(self, params: dict, cameras, background: torch.Tensor | None = None) -> dict:
         g = (self._graphed if self.cuda_graphs else self._gaussians)(params, cameras.viewmats)
         bg = self.background if background is None else background
-        B = g["means"].shape[0]
-        out = render_gaussians(g["means"], g["quats"], g["scales"], g["opacities"], g["colors"], cameras.viewmats, cameras.K,
-                               cameras.width, cameras.height, sh_degree=None, backgrounds=bg.to(g["means"]).view(1, 3).expand(B, 3),
-                               backend=self.backend, render_depth=False)
+        out = self.model.render(g, cameras, bg, backend=self.backend, render_depth=False)
         return {"rgb": out.rgb, "alpha": out.alpha}
 
 

@@ -48,6 +48,8 @@ class DeformMLP(nn.Module):
 class FlashAvatarModel(nn.Module):
     def __init__(self, head: HeadModel, cfg: FlashAvatarConfig, shape: torch.Tensor):
         super().__init__()
+        if cfg.mlp_precision not in ("auto", "fp32", "bf16"):
+            raise UserError(f"mlp_precision must be auto, fp32 or bf16, got {cfg.mlp_precision!r}")
         self.cfg = cfg
         self.head = head
         face_idx, bary = sample_uv_texels(head, cfg.uv_resolution, cfg.exclude_boundary)
@@ -75,8 +77,6 @@ class FlashAvatarModel(nn.Module):
 
     def _mlp_bf16(self, device: torch.device) -> bool:
         p = self.cfg.mlp_precision
-        if p not in ("auto", "fp32", "bf16"):
-            raise UserError(f"mlp_precision must be auto, fp32 or bf16, got {p!r}")
         return p == "bf16" or (p == "auto" and device.type == "cuda")
 
     @property
@@ -113,13 +113,21 @@ class FlashAvatarModel(nn.Module):
         opac = torch.sigmoid(self.opacity_logit)[None].expand(B, -1)
         return {"means": means, "quats": quats, "scales": scales, "opacities": opac, "colors": colors}
 
-    def render(self, g: dict, cameras, background: torch.Tensor, sh_degree: int | None = None, backend: str = "auto") -> RenderOutput:
+    def render(self, g: dict, cameras, background: torch.Tensor, sh_degree: int | None = None, backend: str = "auto",
+               render_depth: bool = True) -> RenderOutput:
+        """Rasterise ``g``; colours are SH coefficients [B,N,K,3] (``sh_degree``: the model's when None)
+        or, already evaluated for these cameras, RGB [B,N,3]."""
         B = g["means"].shape[0]
         bg = background.to(g["means"]).view(1, 3).expand(B, 3)
-        deg = self.cfg.sh_degree if sh_degree is None else sh_degree
+        if g["colors"].dim() == 3:
+            deg, colors = None, g["colors"]
+        else:
+            deg = self.cfg.sh_degree if sh_degree is None else sh_degree
+            colors = g["colors"][:, :, : (deg + 1) ** 2]
         return render_gaussians(
-            g["means"], g["quats"], g["scales"], g["opacities"], g["colors"][:, :, : (deg + 1) ** 2],
+            g["means"], g["quats"], g["scales"], g["opacities"], colors,
             cameras.viewmats, cameras.K, cameras.width, cameras.height, sh_degree=deg, backgrounds=bg, backend=backend,
+            render_depth=render_depth,
         )
 
     # ----------------------------------------------------------------- init
