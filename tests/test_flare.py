@@ -227,6 +227,39 @@ def test_robust_loss_partition_and_priors():
     assert float(hinge_prior(torch.tensor([0.9]), 0.5, 0.1)) == pytest.approx(2.0)
 
 
+def test_masked_losses_equal_the_indexed_ones():
+    """The sync-free masked means give what boolean indexing gives (and 0 when nothing is selected)."""
+    from types import SimpleNamespace
+
+    from headavatar.methods.flare.losses import head_prior_loss
+    from headavatar.methods.flare.train import _vertices_of
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(50, 1, generator=g)
+    m = torch.rand(50, generator=g) > 0.6
+    assert float(hinge_prior(x, 0.3, 0.1, mask=m)) == pytest.approx(float(hinge_prior(x[m], 0.3, 0.1)), rel=1e-6)
+    assert float(hinge_prior(x, 0.3, 0.1, mask=torch.zeros(50, dtype=torch.bool))) == 0.0
+    V, Vh, J, Ne, Np = 40, 30, 4, 5, 9
+    prior = SimpleNamespace(skin_weights=torch.rand(Vh, J, generator=g), expr_basis=torch.rand(Vh, 3, Ne, generator=g),
+                            pose_basis=torch.rand(Vh, Np, 3, generator=g))
+    E, P, W = torch.rand(V, 3, Ne, generator=g), torch.rand(V, Np, 3, generator=g), torch.rand(V, J, generator=g)
+    idx = torch.randint(0, Vh, (V,), generator=g)
+    valid, zb, ghost = (torch.rand(V, generator=g) > p for p in (0.3, 0.8, 0.8))
+    got = head_prior_loss(E, P, W, idx, valid, prior, zb, ghost, 5.0, 1e4)
+    tw = torch.where(ghost[:, None], torch.eye(J)[0].expand(V, J), prior.skin_weights[idx])
+    keep = (~zb).float()[:, None, None]
+    te, tp = prior.expr_basis[idx] * keep, prior.pose_basis[idx] * keep
+    v = valid
+    want = 5.0 * (W[v] - tw[v]).square().mean() + 1e4 * (E[v] - te[v]).square().mean() + 1e4 * (P[v] - tp[v]).square().mean()
+    assert float(got) == pytest.approx(float(want), rel=1e-5)
+    assert float(head_prior_loss(E, P, W, idx, torch.zeros(V, dtype=torch.bool), prior)) == 0.0
+    faces = torch.tensor([[0, 1, 2], [2, 3, 4], [5, 6, 7]])
+    face = torch.tensor([0, 2, 2, 1])
+    pixels = torch.tensor([True, False, False, False])
+    assert _vertices_of(pixels, face, faces, 9).nonzero().squeeze(1).tolist() == [0, 1, 2]
+    assert not _vertices_of(torch.zeros(4, dtype=torch.bool), face, faces, 9).any()
+
+
 def test_config_defaults_are_the_reference_and_schedule_scales():
     c = FlareConfig()
     assert (c.iterations - c.stage2_iterations, c.stage2_iterations, c.batch_size) == (1500, 1000, 4)

