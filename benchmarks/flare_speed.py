@@ -1,7 +1,7 @@
 """FLARE training speed (both stages) on a synthetic subject, and held-out PSNR of the result.
 
     python benchmarks/flare_speed.py [--resolution 512] [--frames 60] [--iterations 2500] [--stage2 1000]
-                                     [--batch-size 4] [--device cuda] [--subject DIR] [--set KEY=VALUE ...] [--out results.json]
+                                     [--batch-size 4] [--device cuda] [--subject DIR] [--set KEY=VALUE ...] [--relight] [--out results.json]
 
 Defaults are the reference setting (flare.md §8: 1500 + 1000 iterations,
 batch 4, 512², perceptual loss on).  Prints the time of the subject
@@ -38,6 +38,7 @@ def main(argv=None) -> int:
     ap.add_argument("--subject", default=None, help="use this subject folder (created there if missing)")
     ap.add_argument("--keep", default=None, help="keep the run in this folder")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="more FLARE config overrides")
+    ap.add_argument("--relight", action="store_true", help="also score relighting of the held-out frames under the built-in sky (env 256, 2x supersampled GT)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
 
@@ -117,6 +118,14 @@ def main(argv=None) -> int:
         "heldout_frames": len(test),
         "loadavg": os.getloadavg(),
     }
+    if args.relight:
+        from headavatar.methods.flare.relight import evaluate_relighting
+
+        t = time.perf_counter()
+        ev = evaluate_relighting(run_dir, "sky", device=device, frames="test", env_size=256, supersample=2)
+        res["relight"] = {"mean": ev["mean"], "albedo_scale": ev["albedo_scale"], "exposure_scale": ev["exposure_scale"],
+                          "seconds": time.perf_counter() - t}
+        print("relit PSNR under the sky (dB): " + ", ".join(f"{k} {v:.2f}" for k, v in ev["mean"].items()))
     s = res["seconds"]
     print(f"device {res['device']}, {args.resolution}², batch {args.batch_size}, {subject.num_frames} frames")
     print(f"synthetic subject {s['synthetic_subject']:.1f} s | stage 1 ({n1} it) {s['stage1']:.1f} s (remesh {s['remesh']:.1f} s) | "

@@ -91,9 +91,15 @@ def run_demo(args, overrides: dict) -> int:
 
         print("      relighting under the built-in procedural sky")
         rel = demo_relight(run_dir, device=overrides.get("device", "auto"), quick=args.quick)
-        rows = "".join(f"<tr><td>{k}</td><td>{v:.4f}</td></tr>" for k, v in rel["relit_psnr"].items() if isinstance(v, (int, float)))
+        rp = rel["relit_psnr"]
+        print("      relit PSNR (dB): " + ", ".join(f"{name} {rp[key]:.2f}" for name, key in
+                                                 (("uncalibrated", "psnr_raw"), ("calibrated to the capture light", "psnr_calibrated"),
+                                                  ("albedo-aligned", "psnr_albedo_aligned")) if key in rp))
+        rows = "".join(f"<tr><td>{k}</td><td>{v:.4f}</td></tr>" for k, v in rp.items() if isinstance(v, (int, float)))
         sections.append(("Relighting (held-out frames under a new light, against ground truth)",
                          f"<p>Video: <a href='relit_sky.mp4'>relit_sky.mp4</a>; intrinsic images: <a href='relit_sky_intrinsics.mp4'>relit_sky_intrinsics.mp4</a></p>"
+                         "<p>raw: the learnt materials as they are; calibrated: exposure calibrated against the subject's recorded capture light "
+                         "(what <code>headavatar relight</code> does); albedo_aligned: albedo scale fitted to the true albedo (docs/RELIGHTING.md).</p>"
                          f"<table>{rows}</table>"))
     from headavatar.export import export_run
 

@@ -358,9 +358,31 @@ def test_relighting_ground_truth_evaluation(trained):
     _, run = trained
     res = evaluate_relighting(run, "sky", device="cpu", frames="test", env_size=8, supersample=1, max_frames=1)
     m = res["mean"]
-    assert set(m) == {"psnr_raw", "psnr_matte_raw", "psnr_albedo_aligned", "psnr_matte_albedo_aligned"}
-    assert all(math.isfinite(v) and v > 5 for v in m.values()) and len(res["albedo_scale"]) == 3
+    assert set(m) == {"psnr_raw", "psnr_matte_raw", "psnr_calibrated", "psnr_matte_calibrated", "psnr_albedo_aligned", "psnr_matte_albedo_aligned"}
+    assert all(math.isfinite(v) and v > 5 for v in m.values()) and len(res["albedo_scale"]) == 3 and len(res["exposure_scale"]) == 3
     assert (run / "relight_eval" / "metrics.json").is_file()
+
+
+def test_exposure_calibration_recovers_a_known_light_scale(trained):
+    """A capture light that is the learnt light x(2, 3, 4) in the same frame gives materials x(2, 3, 4)."""
+    from headavatar.methods import load_avatar
+    from headavatar.methods.flare.calibration import capture_light, exposure_scale
+    from headavatar.subjects.synthetic import FunctionLighting, StudioLighting, capture_lighting, lighting_from_spec, lighting_spec
+
+    _, run = trained
+    av = load_avatar(run, "cpu")
+    learnt = av.model.shader.light
+    factor = torch.tensor([0.5, 1 / 3, 0.25])
+    cap = FunctionLighting(lambda n: learnt.diffuse(n) * factor, frame="head")
+    k = exposure_scale(av, cap, frames=3)
+    assert torch.allclose(k, 1 / factor, rtol=1e-4)
+    # the synthetic subject records its studio light; specs round-trip
+    rec = capture_light(av, "auto")
+    assert isinstance(rec, StudioLighting) and rec.frame == "head"
+    assert lighting_spec(lighting_from_spec(lighting_spec(rec))) == lighting_spec(rec)
+    assert capture_lighting({"lighting": "FunctionLighting"}) is None and capture_light(av, "none") is None
+    with pytest.raises(UserError, match="no such light probe"):
+        capture_light(av, "/no/probe.hdr")
 
 
 def test_wrong_method_runs_are_refused(trained, tmp_path):

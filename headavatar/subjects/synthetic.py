@@ -172,6 +172,42 @@ class FunctionLighting:
         return None if self.specular_fn is None else self.specular_fn(n, v, roughness)
 
 
+def lighting_spec(light) -> dict | None:
+    """A JSON description of a StudioLighting or SHLighting (None for other lightings): subjects record
+    their capture light with it, so relighting can calibrate exposure against it (docs/RELIGHTING.md)."""
+    if isinstance(light, StudioLighting):
+        return {"type": "StudioLighting", "frame": light.frame, "lights": [[list(map(float, d)), list(map(float, c))] for d, c in light.lights],
+                "sky": list(map(float, light.sky)), "ground": list(map(float, light.ground)), "wrap": float(light.wrap),
+                "specular_scale": float(light.specular_scale)}
+    if isinstance(light, SHLighting):
+        return {"type": "SHLighting", "frame": light.frame, "coeffs": light.coeffs.tolist(), "specular_scale": float(light.specular_scale)}
+    return None
+
+
+def lighting_from_spec(spec: dict) -> Lighting:
+    kind = spec.get("type")
+    args = {k: v for k, v in spec.items() if k != "type"}
+    if kind == "StudioLighting":
+        args["lights"] = tuple((tuple(d), tuple(c)) for d, c in args.get("lights", ()))
+        for k in ("sky", "ground"):
+            if k in args:
+                args[k] = tuple(args[k])
+        return StudioLighting(**args)
+    if kind == "SHLighting":
+        return SHLighting(**args)
+    raise UserError(f"unknown lighting type {kind!r} in the subject's metadata (known: StudioLighting, SHLighting)")
+
+
+def capture_lighting(synthetic_meta: dict | None) -> Lighting | None:
+    """The lighting a synthetic subject was rendered under, from its metadata (None when unknown)."""
+    meta = synthetic_meta or {}
+    if meta.get("lighting_spec"):
+        return lighting_from_spec(meta["lighting_spec"])
+    if meta.get("lighting") in ("head", "world"):  # the default studio light, by name (subjects made before lighting_spec)
+        return StudioLighting(frame=meta["lighting"])
+    return None
+
+
 def make_lighting(lighting) -> Lighting:
     """"head" / "world" -> the default StudioLighting in that frame; lighting objects pass through."""
     if isinstance(lighting, str):
@@ -539,7 +575,7 @@ def make_synthetic_subject(
     split = default_split(N, test_fraction)
     extra = {
         "synthetic": {
-            "seed": int(seed), "lighting": light_name, "supersample": int(supersample), "background": BACKGROUND,
+            "seed": int(seed), "lighting": light_name, "lighting_spec": lighting_spec(light), "supersample": int(supersample), "background": BACKGROUND,
             "texture": {"size": int(texture_size), "seed": int(seed)},
         }
     }
@@ -547,6 +583,6 @@ def make_synthetic_subject(
 
 
 __all__ = [
-    "make_synthetic_subject", "render_synthetic_frames", "make_synthetic_animation", "synthetic_camera",
+    "make_synthetic_subject", "render_synthetic_frames", "make_synthetic_animation", "synthetic_camera", "capture_lighting", "lighting_spec", "lighting_from_spec",
     "StudioLighting", "SHLighting", "FunctionLighting", "Lighting", "make_lighting", "sh9_basis", "BACKGROUND",
 ]

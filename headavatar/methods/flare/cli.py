@@ -26,6 +26,10 @@ def add_relight_arguments(p) -> None:
     p.add_argument("--background", default="env", help="env (the map behind the head, default), white, black or grey")
     p.add_argument("--light-frame", default="world", help="world (default: the map is fixed in the room) or head (it turns with the head)")
     p.add_argument("--no-intrinsics", action="store_true", help="only the relit video")
+    p.add_argument("--calibrate", default="auto",
+                   help="exposure calibration of the learnt materials against the capture light: auto (the subject's recorded capture light "
+                        "when it has one, as synthetic subjects do; else none), none, subject (require it), or a lat-long .hdr/.exr light "
+                        "probe of the capture environment (docs/RELIGHTING.md)")
 
 
 def relight_command(args) -> int:
@@ -34,8 +38,10 @@ def relight_command(args) -> int:
     res = relight_run(args.run, args.envmap, args.output, device=args.device, frames=args.frames, batch_size=args.batch_size,
                       env_size=args.env_size, tonemap=args.tonemap, exposure=args.exposure, rotation=args.rotate, spin=args.spin,
                       background=args.background, intrinsics=not args.no_intrinsics, light_frame=args.light_frame,
-                      head_overrides={"dir": args.flame_dir} if getattr(args, "flame_dir", None) else None)
-    print(f"wrote {res['frames']} relit frames to {res['video']}")
+                      head_overrides={"dir": args.flame_dir} if getattr(args, "flame_dir", None) else None, calibrate=args.calibrate)
+    k = res.get("exposure_scale")
+    print(f"wrote {res['frames']} relit frames to {res['video']}"
+          + (f" (materials calibrated to the capture light: x{k[0]:.3f}, x{k[1]:.3f}, x{k[2]:.3f})" if k else " (uncalibrated exposure)"))
     if "intrinsics_video" in res:
         print(f"intrinsic images: {res['intrinsics_video']} ({res['intrinsics_layout']}) and {res['intrinsics_folder']}/")
     return 0

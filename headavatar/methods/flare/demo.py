@@ -49,4 +49,5 @@ def demo_relight(run_dir, device="auto", quick: bool = False, progress: bool = T
     out = relight_run(run_dir, "sky", run_dir / "relit_sky.mp4", device=device, env_size=env_size, spin=360.0, progress=progress)
     ev = evaluate_relighting(run_dir, "sky", device=device, frames="test", env_size=env_size, supersample=1 if quick else 2,
                              max_frames=4 if quick else None)
-    return {"video": out["video"], "intrinsics_video": out.get("intrinsics_video"), "relit_psnr": ev["mean"], "albedo_scale": ev["albedo_scale"]}
+    return {"video": out["video"], "intrinsics_video": out.get("intrinsics_video"), "relit_psnr": ev["mean"], "albedo_scale": ev["albedo_scale"],
+            "exposure_scale": ev["exposure_scale"]}

@@ -349,8 +349,12 @@ class FlareModel(nn.Module):
             return torch.full_like(skin, self.cfg.f0_stage1)
         return self.cfg.f0_other + (self.cfg.f0_skin - self.cfg.f0_other) * skin
 
-    def render(self, params: dict, cameras, light=None, deformation=None, intrinsics: bool = False, light_frame: str = "world") -> dict:
+    def render(self, params: dict, cameras, light=None, deformation=None, intrinsics: bool = False, light_frame: str = "world",
+               material_scale: torch.Tensor | None = None) -> dict:
         """Render frames. ``light``: None (the neural light) or an EnvironmentLight (relighting).
+
+        ``material_scale`` [3]: multiplies the albedo (per channel) and the specular intensity (by
+        its mean): the exposure calibration of headavatar.methods.flare.calibration.
 
         ``light_frame``: "world" (light fixed in the room) or "head" (the light
         turns with the head's root joint: lookups use head-frame directions).
@@ -387,6 +391,9 @@ class FlareModel(nn.Module):
         view = F.normalize(centers[b] - pos, dim=-1)
         n = prepare_shading_normal(g[:, 6:9], geom_n, view)
         kd, kr, ko = self.shader.material(self.prior.normalize(g[:, 0:3]))
+        if material_scale is not None:
+            ms = torch.as_tensor(material_scale, dtype=kd.dtype, device=kd.device)
+            kd, ko = kd * ms, ko * ms.mean()
         n_dot_v = (n * view).sum(-1, keepdim=True).clamp(1e-4, 1.0)
         refl = reflect(view, n)
         n_l, r_l = n, refl

@@ -41,16 +41,18 @@ def _to_image(vals: torch.Tensor, pix: torch.Tensor, B: int, H: int, W: int, fil
 
 
 @torch.no_grad()
-def relight_frames(avatar, params: dict, cameras, light, background=None, intrinsics: bool = False, light_frame: str = "world") -> dict:
+def relight_frames(avatar, params: dict, cameras, light, background=None, intrinsics: bool = False, light_frame: str = "world",
+                   material_scale: torch.Tensor | None = None) -> dict:
     """Relit frames {"rgb" [B,H,W,3] sRGB, "alpha", "linear" (premultiplied radiance)} (+ intrinsic maps).
 
     background: None (the environment seen behind the head), an RGB triple in
     [0,1] (sRGB), or an sRGB image tensor [B,H,W,3].
+    material_scale: exposure calibration of the materials (headavatar.methods.flare.calibration).
     """
     from headavatar.methods.flare.avatar import composite
 
     model = avatar.model
-    out = model.render(params, cameras, light=light, intrinsics=intrinsics, light_frame=light_frame)
+    out = model.render(params, cameras, light=light, intrinsics=intrinsics, light_frame=light_frame, material_scale=material_scale)
     B, H, W = out["rgb"].shape[:3]
     if background is None:
         env = light.background(view_directions(cameras))  # linear radiance
@@ -85,13 +87,15 @@ def load_light(envmap, size: int = 256, tonemap: str = "reinhard", scale: float 
 
 def relight_run(run_dir, envmap, out_path, device="auto", frames: str = "all", batch_size: int = 4, env_size: int = 256,
                 tonemap: str = "reinhard", exposure: float = 0.0, rotation: float = 0.0, spin: float = 0.0, background: str = "env",
-                intrinsics: bool = True, light_frame: str = "world", progress: bool = True, head_overrides: dict | None = None) -> dict:
+                intrinsics: bool = True, light_frame: str = "world", progress: bool = True, head_overrides: dict | None = None,
+                calibrate: str = "auto") -> dict:
     """Relight a FLARE run's sequence: writes OUT.mp4 (+ OUT_intrinsics.mp4 and OUT_intrinsics/*.png of the first frame).
 
     envmap: .hdr/.exr lat-long map, or "sky" for the built-in procedural sky.
     spin: degrees the environment turns about the vertical over the clip (0 = fixed).
     background: env (the map behind the head), white, black or grey.
     head_overrides: options to build the subject's head model here (e.g. {"dir": FLAME folder}).
+    calibrate: exposure calibration against the capture light (headavatar.methods.flare.calibration.CALIBRATE_HELP).
     """
     from tqdm import tqdm
 
@@ -117,6 +121,9 @@ def relight_run(run_dir, envmap, out_path, device="auto", frames: str = "all", b
     dev = resolve_device(device) if isinstance(device, str) else device
     light0 = load_light(envmap, env_size, tonemap, 2.0, exposure, rotation, dev)  # a bad map fails before the model loads
     avatar = load_avatar(run_dir, dev, head_overrides)
+    from headavatar.methods.flare.calibration import resolve_exposure
+
+    scale = resolve_exposure(avatar, calibrate, tonemap)
     subj = avatar.subject
     tr = subj.tracking
     idx_all = {"all": list(range(subj.num_frames)), "test": subj.split.get("test", []), "train": subj.split["train"]}.get(frames)
@@ -142,7 +149,7 @@ def relight_run(run_dir, envmap, out_path, device="auto", frames: str = "all", b
                 k = s + j
                 light = light0.rotated(spin * k / max(1, n - 1)) if spin else light0
                 one = {key: (v[j : j + 1] if isinstance(v, torch.Tensor) else {kk: vv[j : j + 1] for kk, vv in v.items()}) for key, v in params.items()}
-                res = relight_frames(avatar, one, cams[j], light, bgs[background], intrinsics, light_frame)
+                res = relight_frames(avatar, one, cams[j], light, bgs[background], intrinsics, light_frame, scale)
                 if intrinsics:
                     row1 = torch.cat([res["rgb"][0], res["albedo"][0], res["roughness"][0], res["specular"][0]], 1)
                     row2 = torch.cat([res["normal"][0], res["diffuse_shading"][0], res["specular_shading"][0], res["alpha"][0].expand(-1, -1, 3)], 1)
@@ -154,7 +161,7 @@ def relight_run(run_dir, envmap, out_path, device="auto", frames: str = "all", b
         bar.close()
 
     n = write_video(out_path, frames_iter(), fps=subj.fps)
-    outputs = {"video": str(out_path), "frames": n}
+    outputs = {"video": str(out_path), "frames": n, "exposure_scale": None if scale is None else [round(float(x), 4) for x in scale]}
     if intrinsics and grid_frames:
         grid = out_path.with_name(out_path.stem + "_intrinsics" + out_path.suffix)
         write_video(grid, grid_frames, fps=subj.fps)
@@ -177,13 +184,21 @@ def evaluate_relighting(run_dir, envmap="sky", device="auto", frames: str = "tes
     reported over the whole image (the IMavatar protocol's convention) and as
     the mean over the matte.  The learnt albedo is only defined up to a scale
     per channel against the training light (kd * D is what the images
-    constrain), so the result is also given after fitting that scale on the
-    albedo (least squares against the true albedo, over the same pixels):
-    ``*_albedo_aligned``.
+    constrain), so three figures are given:
+
+    * ``*_raw``: the learnt materials as they are (uncalibrated);
+    * ``*_calibrated``: after the exposure calibration against the subject's
+      recorded capture light (headavatar.methods.flare.calibration; uses the
+      light, not the true albedo), what ``headavatar relight`` does by default;
+    * ``*_albedo_aligned``: after fitting the scale on the albedo itself (least
+      squares against the true albedo, the usual protocol of inverse-rendering
+      benchmarks).
     """
     from headavatar.headmodels.procedural_texture import procedural_textures
     from headavatar.lighting.envmap import EnvMapLighting
     from headavatar.methods import load_avatar
+    from headavatar.methods.flare.calibration import exposure_scale
+    from headavatar.subjects.synthetic import capture_lighting
     from headavatar.subjects.synthetic import render_synthetic_frames
     from headavatar.utils.io import write_image, write_json
 
@@ -194,6 +209,8 @@ def evaluate_relighting(run_dir, envmap="sky", device="auto", frames: str = "tes
         raise UserError(f"{subj.root} is not a synthetic subject: relighting ground truth exists only for subjects made by 'headavatar synth'")
     dev = avatar.device
     light = load_light(envmap, env_size, tonemap, 2.0, exposure, rotation, dev)
+    capture = capture_lighting(synth)
+    k = exposure_scale(avatar, capture) if capture is not None else None
     head = subj.head_model(**avatar.run.head_overrides)
     tex_cfg = synth.get("texture", {})
     tex = procedural_textures(head, size=int(tex_cfg.get("size", 512)), seed=int(tex_cfg.get("seed", synth.get("seed", 0))))
@@ -202,7 +219,7 @@ def evaluate_relighting(run_dir, envmap="sky", device="auto", frames: str = "tes
     if max_frames:
         idx = idx[:max_frames]
     H, W = avatar.size
-    gt_light = EnvMapLighting(light.to("cpu"), frame="world", f0=0.04)
+    gt_light = EnvMapLighting(light, frame="world", f0=0.04)
     alb_light = _AlbedoLighting()
     rows, pairs = [], []
     num = torch.zeros(3, dtype=torch.float64)
@@ -210,9 +227,11 @@ def evaluate_relighting(run_dir, envmap="sky", device="auto", frames: str = "tes
     cache = []
     for i in idx:
         cams = tr.cameras([i], subj.height, subj.width).resized(H, W)
-        gt, alpha, _ = render_synthetic_frames(head, tex, tr.subset([i]), cams, gt_light, None, supersample)
-        gt_alb, _, _ = render_synthetic_frames(head, tex, tr.subset([i]), cams, alb_light, None, supersample)
+        gt, alpha, _ = render_synthetic_frames(head, tex, tr.subset([i]), cams, gt_light, None, supersample, device=dev)
+        gt_alb, _, _ = render_synthetic_frames(head, tex, tr.subset([i]), cams, alb_light, None, supersample, device=dev)
         res = relight_frames(avatar, tr.params([i], dev), cams.to(dev), light, (1.0, 1.0, 1.0), True, "world")
+        if k is not None:
+            res["calibrated"] = relight_frames(avatar, tr.params([i], dev), cams.to(dev), light, (1.0, 1.0, 1.0), False, "world", k)["rgb"][0].cpu()
         a = torch.from_numpy(alpha[0]).float()[..., None] / 255
         g = torch.from_numpy(gt[0]).float() / 255
         g = (g - 0.5 * (1 - a)) / a.clamp_min(1e-6)  # un-composite the generator's grey backdrop
@@ -233,24 +252,27 @@ def evaluate_relighting(run_dir, envmap="sky", device="auto", frames: str = "tes
         img = torch.zeros(H * W, 3).index_put((parts["pix"].cpu(),), linear_to_srgb(lin.clamp(0, 1))).reshape(H, W, 3)
         aligned = img * alpha_p + (1 - alpha_p)
         row = {"frame": int(i)}
-        for name, p in (("raw", pred), ("albedo_aligned", aligned)):
+        variants = [("raw", pred)] + ([("calibrated", res["calibrated"])] if k is not None else []) + [("albedo_aligned", aligned)]
+        for name, p in variants:
             pw = p * a + (1 - a)
             gw = g.clamp(0, 1) * a + (1 - a)
             err = ((pw - gw) ** 2 * a).sum()
             row[f"psnr_{name}"] = float(-10 * torch.log10(err / (H * W * 3)))
             row[f"psnr_matte_{name}"] = float(-10 * torch.log10(err / (3 * a.sum()).clamp_min(1)))
         rows.append(row)
-        pairs.append(np.concatenate([to_uint8(g.clamp(0, 1) * a + (1 - a)), to_uint8(pred * a + (1 - a)), to_uint8(aligned * a + (1 - a))], 1))
+        pairs.append(np.concatenate([to_uint8(g.clamp(0, 1) * a + (1 - a))] + [to_uint8(p * a + (1 - a)) for _, p in variants], 1))
     keys = [k for k in rows[0] if k != "frame"]
     summary = {k: float(np.mean([r[k] for r in rows])) for k in keys}
-    result = {"envmap": str(envmap), "frames": [r["frame"] for r in rows], "albedo_scale": s.tolist(), "mean": summary, "per_frame": rows,
+    result = {"envmap": str(envmap), "frames": [r["frame"] for r in rows], "albedo_scale": s.tolist(),
+              "exposure_scale": None if k is None else k.tolist(), "mean": summary, "per_frame": rows,
+              "images": "gt | " + " | ".join(name for name, _ in variants),
               "protocol": "GT = synthetic generator under the same EnvironmentLight (world frame, F0 0.04) with the true maps; "
                           "both composited on white with the GT matte; psnr_* over all pixels (IMavatar convention), psnr_matte_* over the matte"}
     out_dir = Path(run_dir) / "relight_eval"
     write_json(out_dir / "metrics.json", result)
     if write_images:
-        for k, img in enumerate(pairs[:4]):
-            write_image(out_dir / f"gt_relit_aligned_{rows[k]['frame']:06d}.png", img)
+        for j, img in enumerate(pairs[:4]):
+            write_image(out_dir / f"gt_relit_{rows[j]['frame']:06d}.png", img)
     return result
 
 
