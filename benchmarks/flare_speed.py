@@ -118,6 +118,8 @@ def main(argv=None) -> int:
         "heldout_frames": len(test),
         "loadavg": os.getloadavg(),
     }
+    if args.out:  # the training figures are kept even if the relighting step below fails
+        Path(args.out).write_text(json.dumps(res, indent=2) + "\n")
     if args.relight:
         from headavatar.methods.flare.relight import evaluate_relighting
 

@@ -268,8 +268,9 @@ def prefilter_ggx(chain: list[CubeMap], size: int, roughness: float, samples: in
     omega_s = 1 / (len(xi) * pdf)
     omega_p = 4 * math.pi / (6 * chain[0].size ** 2)
     lod = (0.5 * torch.log2(omega_s / omega_p) + 1).clamp(0, len(chain) - 1)  # +1: Karis' bias for smoother results
-    w = (nl / nl.sum()).to(dt)
-    l_t, lod = l_t.to(dt), lod.to(dt)
+    # the sample set is built in float64 on the CPU; the lookups run where the map lives
+    w = (nl / nl.sum()).to(dev, dt)
+    l_t, lod = l_t.to(dev, dt), lod.to(dev, dt)
     out = []
     for s in range(0, d.shape[0], chunk):
         n = d[s : s + chunk]
