@@ -346,6 +346,11 @@ def test_relight_cli_with_a_small_hdr(trained, tmp_path):
     assert names == sorted(["relit.png", "albedo.png", "roughness.png", "specular.png", "normal.png", "diffuse_shading.png", "specular_shading.png"])
     res = relight_run(run, "sky", tmp_path / "plain.mp4", device="cpu", frames="test", env_size=8, background="grey", intrinsics=False, progress=False)
     assert res["frames"] == 1 and "intrinsics_video" not in res
+    assert len(res["exposure_scale"]) == 3  # auto: the synthetic subject's recorded capture light
+    probe = relight_run(run, "sky", tmp_path / "probe.mp4", device="cpu", frames="test", env_size=8, intrinsics=False, progress=False, calibrate=str(hdr))
+    assert all(math.isfinite(v) and v > 0 for v in probe["exposure_scale"])
+    raw = relight_run(run, "sky", tmp_path / "raw.mp4", device="cpu", frames="test", env_size=8, intrinsics=False, progress=False, calibrate="none")
+    assert raw["exposure_scale"] is None
     bad = tmp_path / "bad.hdr"
     bad.write_bytes(b"not an hdr")
     with pytest.raises(UserError, match="Radiance"):
