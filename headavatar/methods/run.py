@@ -138,6 +138,20 @@ class RunDir:
                 pass  # a line cut by a kill
         return rows
 
+    def resume(self, iterations: int, map_location="cpu", progress: bool = True) -> tuple[int, dict, float] | None:
+        """Start of a resumed training: the newest readable checkpoint, with the RNG restored and the
+        curve rows logged past it dropped.  Returns (step, state, elapsed seconds), or None when the run
+        already has ``iterations`` steps (nothing to do; said once).  The method restores its own
+        model and optimisers from ``state``."""
+        start, state = self.load_checkpoint(map_location=map_location)
+        torch.set_rng_state(state["rng"])
+        self.truncate_curves(start)
+        if start >= iterations:
+            if progress:
+                print(f"run already trained to {start} iterations (asked: {iterations}); nothing to do")
+            return None
+        return start, state, float(state.get("elapsed", 0.0))
+
     def truncate_curves(self, step: int) -> None:
         """After a resume, drop rows logged past the checkpoint we resumed from."""
         rows = [r for r in self.read_curves() if r.get("step", 0) <= step]

@@ -245,19 +245,15 @@ def train_flare(subject_dir: Path, run: RunDir, cfg: FlareConfig, resume: bool =
     info = {"stage": 1, "remeshes": 0, "lr_scale": 1.0, "recoveries": 0, "remesh_log": []}
     start, elapsed = 0, 0.0
     if resume:
-        start, state = run.load_checkpoint(map_location=device)
+        resumed = run.resume(cfg.iterations, device, progress)
+        if resumed is None:
+            return
+        start, state, elapsed = resumed
         restore_model(model, state)
         info.update({k: state[k] for k in ("remeshes", "lr_scale", "recoveries", "remesh_log") if k in state})
-        elapsed = float(state.get("elapsed", 0.0))
         opts = make_optimizers(model, cfg, model.stage, info["lr_scale"], info["remeshes"])
         opts[0].load_state_dict(state["opt_vert"])
         opts[1].load_state_dict(state["opt_net"])
-        torch.set_rng_state(state["rng"])
-        run.truncate_curves(start)
-        if start >= cfg.iterations:
-            if progress:
-                print(f"run already trained to {start} iterations (asked: {cfg.iterations}); nothing to do")
-            return
     else:
         run.write_info("flare", subject_dir, cfg, {"train_size": [H, W], "light_frame": light_frame, "head_model": subject.head_model_spec.get("name"),
                                                    "stage1_iterations": sched.n1, "stage2_iterations": sched.n2, "remesh_iterations": sched.remesh})

@@ -69,18 +69,14 @@ def train_flashavatar(subject_dir: Path, run: RunDir, cfg: FlashAvatarConfig, re
 
     start, elapsed = 0, 0.0
     if resume:
-        start, state = run.load_checkpoint(map_location=device)
+        resumed = run.resume(cfg.iterations, device, progress)
+        if resumed is None:
+            return
+        start, state, elapsed = resumed
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         for group in opt.param_groups:  # a run may resume on another device than it was saved on
             group["fused"] = device.type == "cuda"
-        torch.set_rng_state(state["rng"])
-        elapsed = float(state.get("elapsed", 0.0))
-        run.truncate_curves(start)
-        if start >= cfg.iterations:
-            if progress:
-                print(f"run already trained to {start} iterations (asked: {cfg.iterations}); nothing to do")
-            return
     else:
         run.write_info("flashavatar", subject_dir, cfg, {"num_gaussians": model.num_gaussians, "train_size": [H, W]})
 
