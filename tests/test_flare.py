@@ -165,6 +165,30 @@ def test_deformation_with_a_flame_like_model(tmp_path):
     assert (got - want).abs().max() < 1e-4
 
 
+def test_root_only_head_model_trains_without_nan(small_head):
+    """ICT-FaceKit has one joint (no jaw): no pose correctives, and the head-model prior must stay finite."""
+    import dataclasses
+
+    from headavatar.methods.flare.losses import head_prior_loss
+    from headavatar.methods.flare.model import FlareModel, nearest_with_distance
+
+    V = small_head.num_vertices
+    reg = small_head.joint_regressor[:1]
+    head = dataclasses.replace(small_head, joint_names=["root"], parents=[-1], joint_regressor=reg / reg.sum(), skin_weights=torch.ones(V, 1),
+                               pose_basis=None, condition_joints=[])
+    cfg = FlareConfig()
+    model = FlareModel(head, cfg, torch.zeros(head.num_shape), torch.zeros(head.num_expression))
+    x_c, E, P, W = model.deformation()
+    assert P.shape[1] == 0 and W.shape[1] == 2  # ghost bone + root
+    idx, d2 = nearest_with_distance(x_c, model.prior.verts)
+    loss = head_prior_loss(E, P, W, idx, d2 < cfg.flame_max_dist2, model.prior)
+    loss.backward()
+    assert torch.isfinite(loss) and all(torch.isfinite(p.grad).all() for p in model.deformer.parameters() if p.grad is not None)
+    params = {"expression": torch.zeros(2, head.num_expression), "joint_rotations": torch.zeros(2, 1, 3), "translation": torch.zeros(2, 3)}
+    verts, _ = model.posed(params)
+    assert verts.shape == (2, model.num_vertices, 3) and torch.isfinite(verts).all()
+
+
 def test_global_transforms_rest_pose_is_identity(small_head):
     J = small_head.num_joints
     G = global_transforms(small_head.parents, torch.eye(3).expand(1, J, 3, 3), torch.randn(1, J, 3))

@@ -197,6 +197,8 @@ def head_prior_loss(E, P, W, target_idx, valid, prior, zero_blend=None, ghost=No
 
     def msq(a, b):
         d = (a - b).square().reshape(a.shape[0], -1)
+        if d.shape[1] == 0:  # nothing to match: no pose correctives for a head model with only a root joint (ICT-FaceKit)
+            return d.sum()
         return (d * m[:, None]).sum() / (n * d.shape[1])
 
     return w_skin * msq(W, tw) + w_blend * msq(E, te) + w_blend * msq(P, tp)
