@@ -20,21 +20,7 @@ import numpy as np
 import torch
 
 from headavatar.errors import UserError
-from headavatar.utils.rotations import axis_angle_to_matrix
-
-CALIBRATE_HELP = ("auto (the subject's recorded capture light when it has one, else none), none, subject (require the recorded one), "
-                  "or a lat-long .hdr/.exr light probe of the capture environment (world frame)")
-
-
-def light_in_frame(n_world: torch.Tensor, params: dict, frame: str, batch_of: torch.Tensor) -> torch.Tensor:
-    """World normals [N,3] -> the light's frame: unchanged for "world", R^T n with the head's root rotation for "head"."""
-    if frame == "world":
-        return n_world
-    if frame != "head":
-        raise ValueError(f"light frame must be world or head, not {frame!r}")
-    R = axis_angle_to_matrix(params["joint_rotations"][:, 0])[batch_of]
-    return torch.einsum("nij,ni->nj", R, n_world)
-
+from headavatar.methods.flare.model import to_light_frame
 
 @torch.no_grad()
 def exposure_scale(avatar, capture, frames: int = 8) -> torch.Tensor:
@@ -59,7 +45,8 @@ def exposure_scale(avatar, capture, frames: int = 8) -> torch.Tensor:
         out = model.render(params, cams, light_frame=learnt_frame)
         b = torch.zeros(out["n"].shape[0], dtype=torch.long, device=dev)
         d_learnt = out["diffuse"].double().cpu()
-        d_capture = capture.diffuse(light_in_frame(out["n"], params, capture.frame, b).cpu()).double()
+        (n_capture,) = to_light_frame(capture.frame, params, b, out["n"])
+        d_capture = capture.diffuse(n_capture.cpu()).double()
         num += (d_learnt * d_capture).sum(0)
         den += (d_capture * d_capture).sum(0)
     if float(den.min()) <= 0:
@@ -67,8 +54,13 @@ def exposure_scale(avatar, capture, frames: int = 8) -> torch.Tensor:
     return (num / den).float()
 
 
-def capture_light(avatar, calibrate: str | Path, env_size: int = 64, tonemap: str = "reinhard", device="cpu"):
-    """The capture lighting named by ``calibrate`` (see CALIBRATE_HELP), or None for no calibration."""
+def capture_light(avatar, calibrate: str | Path, env_size: int = 64, tonemap: str = "reinhard"):
+    """The capture lighting named by ``calibrate``, or None for no calibration.
+
+    ``calibrate``: "auto" (the subject's recorded capture light when it has one, else none), "none",
+    "subject" (require the recorded one), or a lat-long .hdr/.exr light probe of the capture
+    environment (world frame, prepared with the same ``tonemap`` as the new map).
+    """
     from headavatar.subjects.synthetic import capture_lighting
 
     key = str(calibrate)
@@ -93,4 +85,4 @@ def resolve_exposure(avatar, calibrate: str | Path = "auto", tonemap: str = "rei
     return None if light is None else exposure_scale(avatar, light)
 
 
-__all__ = ["exposure_scale", "capture_light", "resolve_exposure", "light_in_frame", "CALIBRATE_HELP"]
+__all__ = ["exposure_scale", "capture_light", "resolve_exposure"]

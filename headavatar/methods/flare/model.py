@@ -396,13 +396,7 @@ class FlareModel(nn.Module):
             kd, ko = kd * ms, ko * ms.mean()
         n_dot_v = (n * view).sum(-1, keepdim=True).clamp(1e-4, 1.0)
         refl = reflect(view, n)
-        n_l, r_l = n, refl
-        if light_frame == "head":
-            R = axis_angle_to_matrix(params["joint_rotations"][:, 0])[b]  # [N,3,3] head -> world
-            n_l = torch.einsum("nij,ni->nj", R, n)  # R^T n
-            r_l = torch.einsum("nij,ni->nj", R, refl)
-        elif light_frame != "world":
-            raise ValueError(f"light_frame must be world or head, not {light_frame!r}")
+        n_l, r_l = to_light_frame(light_frame, params, b, n, refl)
         if light is None:
             D, S = self.shader.light.both(n_l, r_l, kr)
         else:
@@ -422,6 +416,17 @@ class FlareModel(nn.Module):
             out["diffuse_shading"] = sh["diffuse_shading"]
             out["specular_shading"] = sh["specular_shading"]
         return out
+
+
+def to_light_frame(frame: str, params: dict, batch_of: torch.Tensor, *dirs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """World directions [N,3] -> the light's frame: unchanged for "world"; for "head" (the light turns with
+    the head) R^T d with the root rotation of each direction's frame (``batch_of`` [N])."""
+    if frame == "world":
+        return dirs
+    if frame != "head":
+        raise ValueError(f"light_frame must be world or head, not {frame!r}")
+    R = axis_angle_to_matrix(params["joint_rotations"][:, 0])[batch_of]  # [N,3,3] head -> world
+    return tuple(torch.einsum("nij,ni->nj", R, d) for d in dirs)
 
 
 def _takes_topology(backend) -> bool:
@@ -459,4 +464,5 @@ def nearest_with_distance(x: torch.Tensor, ref: torch.Tensor, chunk: int = 4096,
     return idx, d2
 
 
-__all__ = ["FlareModel", "HeadPrior", "DeformerNet", "deform", "global_transforms", "pose_features", "nearest_vertices", "nearest_with_distance"]
+__all__ = ["FlareModel", "HeadPrior", "DeformerNet", "deform", "global_transforms", "pose_features", "nearest_vertices", "nearest_with_distance",
+           "to_light_frame"]

@@ -95,7 +95,7 @@ def relight_run(run_dir, envmap, out_path, device="auto", frames: str = "all", b
     spin: degrees the environment turns about the vertical over the clip (0 = fixed).
     background: env (the map behind the head), white, black or grey.
     head_overrides: options to build the subject's head model here (e.g. {"dir": FLAME folder}).
-    calibrate: exposure calibration against the capture light (headavatar.methods.flare.calibration.CALIBRATE_HELP).
+    calibrate: exposure calibration against the capture light (headavatar.methods.flare.calibration.capture_light).
     """
     from tqdm import tqdm
 
@@ -210,7 +210,7 @@ def evaluate_relighting(run_dir, envmap="sky", device="auto", frames: str = "tes
     dev = avatar.device
     light = load_light(envmap, env_size, tonemap, 2.0, exposure, rotation, dev)
     capture = capture_lighting(synth)
-    k = exposure_scale(avatar, capture) if capture is not None else None
+    exposure_k = exposure_scale(avatar, capture) if capture is not None else None
     head = subj.head_model(**avatar.run.head_overrides)
     tex_cfg = synth.get("texture", {})
     tex = procedural_textures(head, size=int(tex_cfg.get("size", 512)), seed=int(tex_cfg.get("seed", synth.get("seed", 0))))
@@ -230,8 +230,8 @@ def evaluate_relighting(run_dir, envmap="sky", device="auto", frames: str = "tes
         gt, alpha, _ = render_synthetic_frames(head, tex, tr.subset([i]), cams, gt_light, None, supersample, device=dev)
         gt_alb, _, _ = render_synthetic_frames(head, tex, tr.subset([i]), cams, alb_light, None, supersample, device=dev)
         res = relight_frames(avatar, tr.params([i], dev), cams.to(dev), light, (1.0, 1.0, 1.0), True, "world")
-        if k is not None:
-            res["calibrated"] = relight_frames(avatar, tr.params([i], dev), cams.to(dev), light, (1.0, 1.0, 1.0), False, "world", k)["rgb"][0].cpu()
+        if exposure_k is not None:
+            res["calibrated"] = relight_frames(avatar, tr.params([i], dev), cams.to(dev), light, (1.0, 1.0, 1.0), False, "world", exposure_k)["rgb"][0].cpu()
         a = torch.from_numpy(alpha[0]).float()[..., None] / 255
         g = torch.from_numpy(gt[0]).float() / 255
         g = (g - 0.5 * (1 - a)) / a.clamp_min(1e-6)  # un-composite the generator's grey backdrop
@@ -252,7 +252,7 @@ def evaluate_relighting(run_dir, envmap="sky", device="auto", frames: str = "tes
         img = torch.zeros(H * W, 3).index_put((parts["pix"].cpu(),), linear_to_srgb(lin.clamp(0, 1))).reshape(H, W, 3)
         aligned = img * alpha_p + (1 - alpha_p)
         row = {"frame": int(i)}
-        variants = [("raw", pred)] + ([("calibrated", res["calibrated"])] if k is not None else []) + [("albedo_aligned", aligned)]
+        variants = [("raw", pred)] + ([("calibrated", res["calibrated"])] if exposure_k is not None else []) + [("albedo_aligned", aligned)]
         for name, p in variants:
             pw = p * a + (1 - a)
             gw = g.clamp(0, 1) * a + (1 - a)
@@ -264,7 +264,7 @@ def evaluate_relighting(run_dir, envmap="sky", device="auto", frames: str = "tes
     keys = [k for k in rows[0] if k != "frame"]
     summary = {k: float(np.mean([r[k] for r in rows])) for k in keys}
     result = {"envmap": str(envmap), "frames": [r["frame"] for r in rows], "albedo_scale": s.tolist(),
-              "exposure_scale": None if k is None else k.tolist(), "mean": summary, "per_frame": rows,
+              "exposure_scale": None if exposure_k is None else exposure_k.tolist(), "mean": summary, "per_frame": rows,
               "images": "gt | " + " | ".join(name for name, _ in variants),
               "protocol": "GT = synthetic generator under the same EnvironmentLight (world frame, F0 0.04) with the true maps; "
                           "both composited on white with the GT matte; psnr_* over all pixels (IMavatar convention), psnr_matte_* over the matte"}
