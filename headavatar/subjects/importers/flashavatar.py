@@ -30,12 +30,15 @@ import numpy as np
 import torch
 
 from headavatar.errors import UserError
+from headavatar.log import get_logger
 from headavatar.subjects.format import LABEL_IDS, Subject, SubjectWriter, Tracking
 from headavatar.subjects.importers.common import gray, load_flame, put_frame, split_last
 from headavatar.utils.io import read_image
 from headavatar.utils.rotations import matrix_to_axis_angle, rotation_6d_to_matrix
 
 IMAGE_EXTS = (".jpg", ".png", ".jpeg")
+
+_log = get_logger(__name__)
 
 
 # -------------------------------------------------------------- .frame files
@@ -177,7 +180,7 @@ def import_flashavatar(
     template_obj=None,
     landmarks_path=None,
     eyelids_dir=None,
-    log: Callable[[str], None] | None = print,
+    log: Callable[[str], None] | None = _log.info,
 ) -> Subject:
     """FlashAvatar's data (``dataset/<id>`` + metrical-tracker's checkpoints) -> a native subject.
 

@@ -29,12 +29,15 @@ import numpy as np
 import torch
 
 from headavatar.errors import UserError
+from headavatar.log import get_logger
 from headavatar.headmodels.base import HeadModel
 from headavatar.subjects.format import Subject, SubjectWriter, Tracking
 from headavatar.subjects.importers.common import CELEBAMASK_TO_LABELS, gray, load_flame, put_frame, split_last
 from headavatar.utils.io import read_image
 
 FRAME_KEYS = ("file_path", "world_mat", "expression", "pose")
+
+_log = get_logger(__name__)
 
 
 # ----------------------------------------------------------------- reading
@@ -138,7 +141,7 @@ def import_imavatar(
     masks_path=None,
     template_obj=None,
     landmarks_path=None,
-    log: Callable[[str], None] | None = print,
+    log: Callable[[str], None] | None = _log.info,
 ) -> Subject:
     """IMavatar/FLARE sequences -> one native subject; split = the named train/test sequences.
 
