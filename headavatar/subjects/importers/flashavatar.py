@@ -66,7 +66,8 @@ def load_tracker_frame(path: Path) -> dict:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UserError(f"{path} holds objects other than arrays ({first}); it is not a metrical-tracker checkpoint") from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as e:
-        raise UserError(f"{path} is damaged or not a torch file ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); re-run the tracker on this frame") from None
+        first = str(e).splitlines()[0] if str(e) else ""
+        raise UserError(f"{path} is damaged or not a torch file ({type(e).__name__}: {first}); re-run the tracker on this frame") from None
     if not isinstance(data, dict):
         raise UserError(f"{path} is not a metrical-tracker checkpoint (it holds a {type(data).__name__}, not a dict)")
     flat: dict = {}
@@ -327,7 +328,7 @@ def _read_tracker_frames(ck: Path, pairs: list[tuple[int, Path, Path]], principa
     exprs, rots, Ks, Rs, ts, lids = [], [], [], [], [], []
     shape = None
     img_size = None
-    for n, (k, fpath, _) in enumerate(pairs):
+    for n, (_, fpath, _) in enumerate(pairs):
         fr = load_tracker_frame(fpath)
         missing_keys = [key for key in _NEEDED if key not in fr]
         if missing_keys:

@@ -29,8 +29,8 @@ import numpy as np
 import torch
 
 from headavatar.errors import UserError
-from headavatar.log import get_logger
 from headavatar.headmodels.base import HeadModel
+from headavatar.log import get_logger
 from headavatar.subjects.format import Subject, SubjectWriter, Tracking
 from headavatar.subjects.importers.common import CELEBAMASK_TO_LABELS, gray, load_flame, put_frame, split_last
 from headavatar.utils.io import read_image
@@ -91,7 +91,8 @@ def _find(folder: Path, k: int) -> Path | None:
     return None
 
 
-def opencv_camera(intr: np.ndarray, world_mat: np.ndarray, H: int, W: int, source_scale: float, head_point: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def opencv_camera(intr: np.ndarray, world_mat: np.ndarray, H: int, W: int, source_scale: float,
+                  head_point: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """IMavatar (intrinsics, world_mat) -> headavatar (K, R, t) in metres; see the module docstring."""
     M = np.asarray(world_mat, dtype=np.float64)
     R, t = M[:3, :3], M[:3, 3]
