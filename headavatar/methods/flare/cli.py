@@ -43,7 +43,7 @@ def relight_command(args) -> int:
     k = res.get("exposure_scale")
     log = get_logger(__name__)
     log.info(f"wrote {res['frames']} relit frames to {res['video']}"
-          + (f" (materials calibrated to the capture light: x{k[0]:.3f}, x{k[1]:.3f}, x{k[2]:.3f})" if k else " (uncalibrated exposure)"))
+             + (f" (materials calibrated to the capture light: x{k[0]:.3f}, x{k[1]:.3f}, x{k[2]:.3f})" if k else " (uncalibrated exposure)"))
     if "intrinsics_video" in res:
         log.info(f"intrinsic images: {res['intrinsics_video']} ({res['intrinsics_layout']}) and {res['intrinsics_folder']}/")
     return 0
