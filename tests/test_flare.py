@@ -454,7 +454,7 @@ def test_nan_loss_recovers_from_the_last_checkpoint(trained, tmp_path, monkeypat
     monkeypatch.setattr(flare_train, "shading_loss", flaky)
     cfg = {**TINY, "iterations": 4, "stage2_iterations": 0, "remesh_at": "[]", "log_every": 1, "checkpoint_every": 2}
     train_method("flare", subj, tmp_path / "nan", cfg, progress=False)
-    assert "restarting from the last checkpoint" in capsys.readouterr().out
+    assert "warning: " in (err := capsys.readouterr().err) and "restarting from the last checkpoint" in err
     rows = [json.loads(x) for x in (tmp_path / "nan" / "curves.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3, 4] and all(math.isfinite(r["loss"]) for r in rows)
     state = torch.load(tmp_path / "nan" / "checkpoints" / "ckpt_0000004.pt", weights_only=True)

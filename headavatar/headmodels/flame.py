@@ -134,7 +134,8 @@ def read_flame_model(path: Path, expect_version: str = "2020") -> tuple[dict[str
     try:
         data = load_pickle(path)
     except ForeignPickleError as e:
-        raise UserError(f"{path} is not a FLAME model file: it is a pickle of other objects (it references {e.module}.{e.name}); pass FLAME 2020's generic_model.pkl") from None
+        raise UserError(f"{path} is not a FLAME model file: it is a pickle of other objects (it references {e.module}.{e.name}); "
+                        "pass FLAME 2020's generic_model.pkl") from None
     except _BAD_PICKLE as e:
         raise UserError(f"{path} is damaged or not a pickle ({type(e).__name__}: {e}); download FLAME 2020 again") from None
     except OSError as e:
@@ -261,9 +262,11 @@ def read_landmark_embedding(path: Path, num_faces: int = FLAME_NUM_FACES) -> tup
     elif get("lmk_face_idx") is not None and get("lmk_b_coords") is not None:
         fi, bc, src = get("lmk_face_idx").reshape(-1), get("lmk_b_coords").reshape(-1, 3), "lmk_face_idx"
     else:
-        raise UserError(f"{path} has none of the known landmark keys (full_lmk_faces_idx, static_/dynamic_lmk_*, lmk_face_idx); it is not a FLAME landmark embedding")
+        raise UserError(f"{path} has none of the known landmark keys (full_lmk_faces_idx, static_/dynamic_lmk_*, lmk_face_idx); "
+                        "it is not a FLAME landmark embedding")
     if len(fi) < 68 or len(bc) != len(fi):
-        raise UserError(f"{path} has {len(fi)} landmarks, 68 are needed (RingNet's 51-point static embedding lacks the jaw line; use DECA's landmark_embedding.npy)")
+        raise UserError(f"{path} has {len(fi)} landmarks, 68 are needed "
+                        "(RingNet's 51-point static embedding lacks the jaw line; use DECA's landmark_embedding.npy)")
     fi, bc = fi[:68].astype(np.int64), bc[:68].astype(np.float64)
     if fi.min() < 0 or fi.max() >= num_faces:
         raise UserError(f"{path}: landmark faces outside FLAME's {num_faces} faces; it belongs to another model")
@@ -301,7 +304,8 @@ def match_template(flame_faces: np.ndarray, obj_path: Path, V: int = FLAME_NUM_V
     """
     verts, uvs, polys, puvs = read_obj(obj_path)
     if len(verts) != V:
-        raise UserError(f"template OBJ {obj_path} has {len(verts)} vertices, FLAME has {V}: it is not a FLAME template (use head_template_mesh.obj or FlameMesh.obj)")
+        raise UserError(f"template OBJ {obj_path} has {len(verts)} vertices, FLAME has {V}: "
+                        "it is not a FLAME template (use head_template_mesh.obj or FlameMesh.obj)")
     if len(uvs) == 0 or (puvs[polys >= 0] < 0).any():
         raise UserError(f"template OBJ {obj_path} has no texture coordinates on every face; FLAME's UV template is needed (head_template_mesh.obj)")
     tris, _ = triangulate(polys)

@@ -490,7 +490,7 @@ def _teeth_points(L: _Layout, lip_z: float):
     phi_max = math.asin(0.021 / R)
     phi = np.linspace(-phi_max, phi_max, L.teeth_cols + 1)
     out = []
-    for kind, (y0, y1), back in (("upper", (MOUTH_Y - 0.0004, MOUTH_Y + 0.0085), 0.0035), ("lower", (MOUTH_Y - 0.008, MOUTH_Y + 0.0003), 0.0048)):
+    for _kind, (y0, y1), back in (("upper", (MOUTH_Y - 0.0004, MOUTH_Y + 0.0085), 0.0035), ("lower", (MOUTH_Y - 0.008, MOUTH_Y + 0.0003), 0.0048)):
         zf = lip_z - back
         ys = np.linspace(y1, y0, 3)
         PH, Y = np.meshgrid(phi, ys, indexing="ij")
@@ -707,7 +707,8 @@ def _expression_bases(model_v: np.ndarray, info: dict) -> np.ndarray:
     lip_x = np.clip(1 - (x / xc) ** 2, 0, None)
     B = {}
     corner = g(xc, MOUTH_Y, 0.012, 0.010)
-    B["smile"] = np.stack([sx * 0.0035 * corner, 0.0045 * corner + 0.002 * g(0.040, -0.004, 0.015, 0.013), -0.002 * corner + 0.001 * g(0.040, -0.004, 0.015, 0.013)], -1)
+    cheek = g(0.040, -0.004, 0.015, 0.013)
+    B["smile"] = np.stack([sx * 0.0035 * corner, 0.0045 * corner + 0.002 * cheek, -0.002 * corner + 0.001 * cheek], -1)
     B["frown"] = np.stack([sx * 0.001 * corner, -0.0045 * corner - 0.001 * gm(0, -0.055, 0.012, 0.008), -0.001 * corner], -1)
     brow = g(0.030, 0.050, 0.028, 0.016) * _smoothstep(0.036, 0.046, y)
     brow_soft = g(0.030, 0.052, 0.030, 0.024)
@@ -842,7 +843,8 @@ def build_procedural_head(resolution: float = 1.0) -> HeadModel:
     neck = is_head * _smoothstep(u13 - 0.012, u13 + 0.004, grid_u) * (1 - hair)
     lips = _lips_mask(x, y, front, xc) * (1 - neck)
     brows = _brow_mask(x, y, front) * (1 - hair)
-    nose_m = front * _smoothstep(0.004, 0.0, np.abs(x) - (0.0085 + 0.006 * _smoothstep(0.03, 0.0, y))) * _smoothstep(-0.016, -0.012, y) * _smoothstep(0.044, 0.038, y)
+    nose_half_width = 0.0085 + 0.006 * _smoothstep(0.03, 0.0, y)
+    nose_m = front * _smoothstep(0.004, 0.0, np.abs(x) - nose_half_width) * _smoothstep(-0.016, -0.012, y) * _smoothstep(0.044, 0.038, y)
     lid_s = np.zeros(nV)  # 0 at a lid's hidden edge, 1 at its margin (for the lash line)
     for k in ("lid_upper_left", "lid_upper_right", "lid_lower_left", "lid_lower_right"):
         lid_s[rng[k]] = _lid_params(L)[0].reshape(-1)
@@ -897,7 +899,7 @@ def build_procedural_head(resolution: float = 1.0) -> HeadModel:
     # ---- expressions
     info = {"is_head": is_head, "front": front, "lip_side": lip_side, "x_corner": xc}
     eye = gen.eye(_DEFAULT_PARAMS)
-    for side, sgn in (("left", 1.0), ("right", -1.0)):
+    for side in ("left", "right"):
         info[f"lid_upper_{side}"] = rng[f"lid_upper_{side}"]
         info[f"lid_lower_{side}"] = rng[f"lid_lower_{side}"]
         info[f"blink_{side}"] = _lid_points(L, "upper", 1.0) - _lid_points(L, "upper", 0.0)

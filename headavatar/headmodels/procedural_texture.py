@@ -251,7 +251,8 @@ def procedural_textures(model, size: int = 512, seed: int = 0) -> dict[str, np.n
         al = np.degrees(np.arccos(np.clip(d[:, 2], -1, 1)))
         ps = np.arctan2(d[:, 1], d[:, 0])
         fib = _value_noise(np.stack([np.cos(ps) * 3, np.sin(ps) * 3, al * 0.02], -1), 4.0, nseed + 23)
-        sclera = np.array([0.78, 0.74, 0.70]) * (1 - 0.12 * _smooth01((al - 40) / 40))[:, None] + np.array([0.04, 0.0, 0.0]) * _smooth01((al - 45) / 40)[:, None]
+        sclera = (np.array([0.78, 0.74, 0.70]) * (1 - 0.12 * _smooth01((al - 40) / 40))[:, None]
+                  + np.array([0.04, 0.0, 0.0]) * _smooth01((al - 45) / 40)[:, None])
         iris = iris_c[None] * (1 + 0.45 * fib[:, None]) * (1 - 0.45 * _smooth01((al - 22) / 6))[:, None]
         t_iris = _smooth01((27.5 - al) / 2.0)[:, None]
         t_pup = _smooth01((11.0 - al) / 1.5)[:, None]

@@ -1,44 +1,46 @@
 """Avatar methods (flashavatar, flare) found through a registry.
 
-A method is a class with:
-  name: str
-  config_cls: a dataclass whose defaults reproduce the paper
-  train(subject_dir, run_dir, cfg, resume, progress) -> None
-  load(run_dir, device) -> an Avatar (see avatar.py) for eval/render/export
+A method is a class implementing ``Method`` (below), registered with ``@register_method``
+in its package ``headavatar/methods/<name>/__init__.py``; built-ins are imported on first use.
 """
 
 from __future__ import annotations
 
-import importlib
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar, Protocol
 
-from headavatar.errors import UserError
+from headavatar.registry import Registry
 
-_METHODS: dict[str, type] = {}
-_BUILTIN = {"flashavatar": "headavatar.methods.flashavatar", "flare": "headavatar.methods.flare"}
+
+class Method(Protocol):
+    """What a training method provides; ``get_method(name)`` returns the class."""
+
+    name: ClassVar[str]
+    config_cls: ClassVar[type]  # a dataclass whose defaults reproduce the paper
+
+    def train(self, subject_dir: Path, run, cfg, resume: bool = False, progress: bool = True) -> None:
+        """Train on the subject in ``subject_dir`` into ``run`` (a RunDir), resuming when asked."""
+
+    def load(self, run, device="cpu"):
+        """Open a trained run (a RunDir) for eval/render/export/view."""
+
+
+METHODS: Registry[type[Method]] = Registry(
+    "method", builtins={"flashavatar": "headavatar.methods.flashavatar", "flare": "headavatar.methods.flare"}
+)
 
 
 def register_method(cls):
-    _METHODS[cls.name] = cls
-    return cls
+    """Class decorator: register a method under its ``name``."""
+    return METHODS.register(entry=cls)
 
 
-def get_method(name: str):
-    if name not in _METHODS and name in _BUILTIN:
-        try:
-            importlib.import_module(_BUILTIN[name])
-        except ModuleNotFoundError as e:
-            if e.name and e.name.startswith(_BUILTIN[name]):
-                raise UserError(f"method '{name}' is not available in this version of headavatar") from None
-            raise
-    if name not in _METHODS:
-        raise UserError(f"unknown method '{name}'; choose one of: {', '.join(available_methods())}")
-    return _METHODS[name]
+def get_method(name: str) -> type[Method]:
+    return METHODS.get(name)
 
 
 def available_methods() -> list[str]:
-    return sorted(set(_BUILTIN) | set(_METHODS))
+    return METHODS.available()
 
 
 def train_method(method: str, subject_dir, run_dir, overrides: dict[str, Any] | list[str] | None = None,

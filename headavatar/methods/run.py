@@ -19,7 +19,10 @@ import torch
 from headavatar import __version__
 from headavatar.config import from_dict, to_dict
 from headavatar.errors import UserError
+from headavatar.log import get_logger
 from headavatar.utils.io import atomic_path, read_json, write_json
+
+_log = get_logger(__name__)
 
 _CKPT = re.compile(r"ckpt_(\d+)\.pt$")
 
@@ -148,7 +151,7 @@ class RunDir:
         self.truncate_curves(start)
         if start >= iterations:
             if progress:
-                print(f"run already trained to {start} iterations (asked: {iterations}); nothing to do")
+                _log.info(f"run already trained to {start} iterations (asked: {iterations}); nothing to do")
             return None
         return start, state, float(state.get("elapsed", 0.0))
 

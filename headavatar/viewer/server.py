@@ -13,15 +13,18 @@ from __future__ import annotations
 import errno
 import html
 import json
+import logging
 import socket
-import sys
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from importlib import resources
 from urllib.parse import parse_qsl, urlencode, urlsplit
 
 from headavatar.errors import UserError
+from headavatar.log import get_logger
 from headavatar.viewer.scene import BadRequest, ViewerScene, ViewState
+
+_log = get_logger(__name__)
 
 _STATIC = {"/viewer.js": ("viewer.js", "text/javascript; charset=utf-8"), "/viewer.css": ("viewer.css", "text/css; charset=utf-8")}
 
@@ -90,8 +93,8 @@ class ViewerHandler(BaseHTTPRequestHandler):
             self.wfile.write(body)
 
     def log_message(self, format: str, *args) -> None:  # noqa: A002 (the stdlib's signature)
-        if self.server.verbose:
-            sys.stderr.write("viewer: " + (format % args) + "\n")
+        # one line per request: shown with `view --verbose`, else only at the logger's verbose level
+        _log.log(logging.INFO if self.server.verbose else logging.DEBUG, "viewer: %s", format % args)
 
 
 class ViewerServer(ThreadingHTTPServer):

@@ -33,6 +33,7 @@ def add_relight_arguments(p) -> None:
 
 
 def relight_command(args) -> int:
+    from headavatar.log import get_logger
     from headavatar.methods.flare.relight import relight_run
 
     res = relight_run(args.run, args.envmap, args.output, device=args.device, frames=args.frames, batch_size=args.batch_size,
@@ -40,8 +41,9 @@ def relight_command(args) -> int:
                       background=args.background, intrinsics=not args.no_intrinsics, light_frame=args.light_frame,
                       head_overrides={"dir": args.flame_dir} if getattr(args, "flame_dir", None) else None, calibrate=args.calibrate)
     k = res.get("exposure_scale")
-    print(f"wrote {res['frames']} relit frames to {res['video']}"
-          + (f" (materials calibrated to the capture light: x{k[0]:.3f}, x{k[1]:.3f}, x{k[2]:.3f})" if k else " (uncalibrated exposure)"))
+    log = get_logger(__name__)
+    log.info(f"wrote {res['frames']} relit frames to {res['video']}"
+             + (f" (materials calibrated to the capture light: x{k[0]:.3f}, x{k[1]:.3f}, x{k[2]:.3f})" if k else " (uncalibrated exposure)"))
     if "intrinsics_video" in res:
-        print(f"intrinsic images: {res['intrinsics_video']} ({res['intrinsics_layout']}) and {res['intrinsics_folder']}/")
+        log.info(f"intrinsic images: {res['intrinsics_video']} ({res['intrinsics_layout']}) and {res['intrinsics_folder']}/")
     return 0

@@ -24,6 +24,7 @@ import torch
 from tqdm import tqdm
 
 from headavatar.errors import TrainingDiverged, UserError
+from headavatar.log import get_logger
 from headavatar.methods.flare.config import FlareConfig
 from headavatar.methods.flare.losses import (
     MeshRegularizer, VGGPerceptual, head_prior_loss, hinge_prior, mask_loss, shading_loss, white_light_loss,
@@ -36,6 +37,8 @@ from headavatar.subjects.format import LABEL_IDS, Subject
 from headavatar.utils.device import resolve_device
 from headavatar.utils.io import write_image, write_json
 from headavatar.utils.video import to_uint8
+
+_log = get_logger(__name__)
 
 SKIN_PRIOR_LABELS = (LABEL_IDS["skin"], LABEL_IDS["lips"], LABEL_IDS["neck"])  # FLARE's channel 0
 MOUTH_INTERIOR = LABEL_IDS["mouth_interior"]
@@ -319,7 +322,7 @@ def train_flare(subject_dir: Path, run: RunDir, cfg: FlareConfig, resume: bool =
                 if _finite(loss, model):  # never checkpoint a diverged model: recovery goes back to checkpoints
                     run.save_checkpoint(it, checkpoint_state(model, opts, it, time.perf_counter() - t0, _extra(info)))
                 else:
-                    print(f"warning: not checkpointing iteration {it}: the model holds NaN/Inf")
+                    _log.warning(f"not checkpointing iteration {it}: the model holds NaN/Inf")
     except KeyboardInterrupt:
         if it > start:
             run.save_checkpoint(it, checkpoint_state(model, opts, it, time.perf_counter() - t0, _extra(info)))
@@ -404,7 +407,7 @@ def _recover(run: RunDir, model: FlareModel, cfg: FlareConfig, info: dict, probl
             f"try --set light_activation=softplus, lower learning rates (--set lr_shader=5e-4) or check the subject's masks"
         )
     info["lr_scale"] *= 0.5
-    print(f"warning: {problem} at iteration {it}; restarting from the last checkpoint with learning rates x{info['lr_scale']:g}")
+    _log.warning(f"{problem} at iteration {it}; restarting from the last checkpoint with learning rates x{info['lr_scale']:g}")
     if run.checkpoints():
         step, state = run.load_checkpoint(map_location=model.base_verts.device)
         model = fresh()

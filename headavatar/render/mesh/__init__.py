@@ -13,18 +13,22 @@ row 0 of every buffer is the *top* image row (NDC y = -1); pixel centres at +0.5
     perspective-correct barycentric weights of vertices 1 and 2 (vertex 0 gets 1-u-v),
     differentiable with respect to ``clip``.
 ``interpolate(attr [B,V,C] or [V,C], rast, faces)`` -> [B,H,W,C] (0 where empty).
-``antialias(color [B,H,W,C], rast, clip, faces)`` -> [B,H,W,C]: blends across
+``antialias(color [B,H,W,C], rast, clip, faces, topology=None)`` -> [B,H,W,C]: blends across
     silhouette edges by the analytic coverage of the edge, which gives gradients
-    to vertex positions at silhouettes.
+    to vertex positions at silhouettes. ``topology``: the mesh's edge table
+    (``torch_ref.edge_topology(faces)``) when the caller keeps it; a backend may ignore it.
+
+A backend registers a factory ``(device) -> MeshBackend`` in ``MESH_BACKENDS`` (see
+headavatar/registry.py); ``get_mesh_backend`` resolves ``auto`` and builds one.
 """
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Callable, Protocol
 
 import torch
 
-from headavatar.errors import UserError
+from headavatar.registry import Registry
 
 
 class MeshBackend(Protocol):
@@ -34,7 +38,8 @@ class MeshBackend(Protocol):
 
     def interpolate(self, attr: torch.Tensor, rast: torch.Tensor, faces: torch.Tensor) -> torch.Tensor: ...
 
-    def antialias(self, color: torch.Tensor, rast: torch.Tensor, clip: torch.Tensor, faces: torch.Tensor) -> torch.Tensor: ...
+    def antialias(self, color: torch.Tensor, rast: torch.Tensor, clip: torch.Tensor, faces: torch.Tensor,
+                  topology: torch.Tensor | None = None) -> torch.Tensor: ...
 
 
 def nvdiffrast_available() -> tuple[bool, str]:
@@ -47,19 +52,18 @@ def nvdiffrast_available() -> tuple[bool, str]:
     return True, "ok"
 
 
+# name -> factory(device) -> MeshBackend; each backend's module registers it when imported
+MESH_BACKENDS: Registry[Callable[[torch.device], MeshBackend]] = Registry(
+    "mesh backend",
+    builtins={"torch": "headavatar.render.mesh.torch_ref", "nvdiffrast": "headavatar.render.mesh.nvdiffrast_backend"},
+    checks={"nvdiffrast": nvdiffrast_available},
+    hint="--mesh-backend auto picks nvdiffrast on CUDA when it is installed, else torch",
+)
+
+
 def get_mesh_backend(name: str = "auto", device: torch.device | str = "cpu") -> MeshBackend:
+    """A mesh backend for ``device``: ``auto`` is nvdiffrast on CUDA when it is installed, else torch."""
     device = torch.device(device)
     if name == "auto":
         name = "nvdiffrast" if device.type == "cuda" and nvdiffrast_available()[0] else "torch"
-    if name == "torch":
-        from headavatar.render.mesh.torch_ref import TorchMeshBackend
-
-        return TorchMeshBackend()
-    if name == "nvdiffrast":
-        ok, why = nvdiffrast_available()
-        if not ok:
-            raise UserError(f"mesh backend nvdiffrast unavailable: {why}; use --mesh-backend torch")
-        from headavatar.render.mesh.nvdiffrast_backend import NvdiffrastBackend
-
-        return NvdiffrastBackend(device)
-    raise UserError(f"unknown mesh backend '{name}'; choose auto, torch or nvdiffrast")
+    return MESH_BACKENDS.get(name)(device)

@@ -20,6 +20,8 @@ import sys
 
 import torch
 
+from headavatar.render.mesh import MESH_BACKENDS
+
 
 def _cuda_context(dr, device: torch.device):
     try:
@@ -38,6 +40,7 @@ def _cuda_context(dr, device: torch.device):
         return dr.RasterizeCudaContext(device=device)
 
 
+@MESH_BACKENDS.register("nvdiffrast")
 class NvdiffrastBackend:
     name = "nvdiffrast"
 

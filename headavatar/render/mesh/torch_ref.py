@@ -39,6 +39,8 @@ from typing import Iterator
 
 import torch
 
+from headavatar.render.mesh import MESH_BACKENDS
+
 _INT64_MAX = torch.iinfo(torch.int64).max
 # Largest |fixed-point coordinate|: the products in the edge functions stay < 2**62.
 _GUARD = 1 << 29
@@ -599,3 +601,8 @@ class TorchMeshBackend:
         topology: torch.Tensor | None = None,
     ) -> torch.Tensor:
         return antialias(color, rast, clip, faces, self.topology(faces) if topology is None else topology)
+
+
+@MESH_BACKENDS.register("torch")
+def _make_torch_backend(device: torch.device) -> TorchMeshBackend:
+    return TorchMeshBackend()  # device-agnostic: it runs wherever ``clip`` lives

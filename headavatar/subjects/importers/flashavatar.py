@@ -23,6 +23,7 @@ import pickle
 import re
 import warnings
 import zipfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -30,12 +31,15 @@ import numpy as np
 import torch
 
 from headavatar.errors import UserError
+from headavatar.log import get_logger
 from headavatar.subjects.format import LABEL_IDS, Subject, SubjectWriter, Tracking
 from headavatar.subjects.importers.common import gray, load_flame, put_frame, split_last
 from headavatar.utils.io import read_image
 from headavatar.utils.rotations import matrix_to_axis_angle, rotation_6d_to_matrix
 
 IMAGE_EXTS = (".jpg", ".png", ".jpeg")
+
+_log = get_logger(__name__)
 
 
 # -------------------------------------------------------------- .frame files
@@ -62,7 +66,8 @@ def load_tracker_frame(path: Path) -> dict:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UserError(f"{path} holds objects other than arrays ({first}); it is not a metrical-tracker checkpoint") from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as e:
-        raise UserError(f"{path} is damaged or not a torch file ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); re-run the tracker on this frame") from None
+        first = str(e).splitlines()[0] if str(e) else ""
+        raise UserError(f"{path} is damaged or not a torch file ({type(e).__name__}: {first}); re-run the tracker on this frame") from None
     if not isinstance(data, dict):
         raise UserError(f"{path} is not a metrical-tracker checkpoint (it holds a {type(data).__name__}, not a dict)")
     flat: dict = {}
@@ -177,7 +182,7 @@ def import_flashavatar(
     template_obj=None,
     landmarks_path=None,
     eyelids_dir=None,
-    log: Callable[[str], None] | None = print,
+    log: Callable[[str], None] | None = _log.info,
 ) -> Subject:
     """FlashAvatar's data (``dataset/<id>`` + metrical-tracker's checkpoints) -> a native subject.
 
@@ -201,6 +206,60 @@ def import_flashavatar(
         raise UserError(f"{imgs_dir} holds no numbered images (00001.jpg ...)")
 
     notes: list[str] = []
+    pairing = _pair_frames(ck, frames, imgs_dir, img_numbers, frame_offset, notes)
+    pairs, frame_offset = pairing.pairs, pairing.offset
+    tr = _read_tracker_frames(ck, pairs, principal_point)
+    first = read_image(pairs[0][2], "RGB")
+    H, W = first.shape[:2]
+    _match_image_size(tr, H, W, notes)
+    _model, spec = _load_flame_for(ck, tr, notes, flame_dir, model_path=model_path, masks_path=masks_path,
+                                  template_obj=template_obj, landmarks_path=landmarks_path, eyelids_dir=eyelids_dir)
+    N = len(pairs)
+    tracking = tr.tracking(timestamps=np.array([(k + frame_offset - 1) / fps for k, _, _ in pairs], dtype=np.float64))
+    split, split_notes = split_last(N, test_frames, max_train)
+    notes += split_notes
+    for s in split_notes:
+        warnings.warn(s, stacklevel=2)
+
+    # keep the source's image format: JPEG files are copied as they are (no re-encoding loss)
+    ext = ".jpg" if pairs[0][2].suffix.lower() in (".jpg", ".jpeg") else ".png"
+    writer = SubjectWriter(out_dir, image_ext=ext, overwrite=overwrite)
+    _write_frames(writer, dataset_dir, pairs, frame_offset, first, log and say)
+
+    meta = {
+        "source": {
+            "format": "flashavatar",
+            "dataset": dataset_dir.name,
+            "frame_offset": frame_offset,
+            "frame_offset_from": pairing.how,
+            # the explicit pairing: subject frame n <- tracker .frame, image number
+            "frames": [[int(k), int(k + frame_offset)] for k, _, _ in pairs],
+            "frames_columns": ["tracker_frame", "image_number"],
+            "camera": "head motion in the camera (FLAME global/neck rotation and translation are zero); K, R, t from opencv.{K,R,t}",
+            "principal_point": principal_point,
+            "notes": notes,
+        }
+    }
+    subj = writer.finalize(tracking, spec, (H, W), split=split, fps=fps, extra_meta=meta)
+    say(f"imported {N} frames ({W}x{H}) from {dataset_dir} + {ck}: {len(split['train'])} train, {len(split['test'])} test; "
+        f"frame k.frame <-> image k+{frame_offset} ({pairing.how})")
+    return subj
+
+
+# ------------------------------------------------------------- import: parts
+@dataclass
+class _Pairing:
+    """Tracker frames and images paired: ``pairs`` of (frame number, .frame path, image path)."""
+
+    pairs: list[tuple[int, Path, Path]]
+    offset: int  # image number of .frame 0
+    how: str  # how the offset was decided
+
+
+def _pair_frames(ck: Path, frames: list[tuple[int, Path]], imgs_dir: Path, img_numbers: list[int],
+                 frame_offset: int | None, notes: list[str]) -> _Pairing:
+    """The explicit pairing table: the offset given, detected, or FlashAvatar's (1); a tracker
+    one frame short (metrical-tracker#22) is noted, and warned about when the offset was a guess."""
     offset_how, confirmed = "given", True
     if frame_offset is None:
         det, why = detect_frame_offset(ck, frames, imgs_dir)
@@ -210,7 +269,6 @@ def import_flashavatar(
             frame_offset, offset_how = det, why
     frame_offset = int(frame_offset)
 
-    # the explicit pairing table
     pairs, missing = [], []
     for k, p in frames:
         ip = _image_path(imgs_dir, k + frame_offset)
@@ -230,18 +288,47 @@ def import_flashavatar(
             # the guess pairs .frame 0 with image 1; a tracker run with begin_frames: 1 started at image 2
             msg += (f". If the tracker ran with begin_frames: 1, .frame k is image k+{frame_offset + 1}: "
                     f"re-import with --frame-offset {frame_offset + 1}")
-            warnings.warn(msg, stacklevel=2)
+            warnings.warn(msg, stacklevel=3)  # attributed to import_flashavatar's caller
         notes.append(msg)
     elif unused:
         notes.append(f"{len(unused)} image(s) without a tracker frame are not used (first: {unused[0]:05d})")
+    return _Pairing(pairs, frame_offset, offset_how)
 
-    # tracking
-    model, spec = None, None
+
+@dataclass
+class _TrackerData:
+    """What the .frame files hold, stacked over the paired frames (float64 until stored)."""
+
+    shape: np.ndarray  # [S], from the first frame
+    expression: np.ndarray  # [N,E]
+    joint_rotations: np.ndarray  # [N,5,3] axis-angle: global, neck (zero), jaw, eyes
+    K: np.ndarray  # [N,3,3]
+    R: np.ndarray  # [N,3,3]
+    t: np.ndarray  # [N,3]
+    eyelids: np.ndarray  # [N,2]
+    img_size: tuple[int, int] | None  # the tracker's [H, W], when stored
+
+    def tracking(self, timestamps: np.ndarray) -> Tracking:
+        N = len(self.expression)
+        return Tracking(
+            shape=self.shape.astype(np.float32),
+            expression=self.expression.astype(np.float32),
+            joint_rotations=self.joint_rotations.astype(np.float32),
+            translation=np.zeros((N, 3), np.float32),
+            K=self.K.astype(np.float32), R=self.R.astype(np.float32), t=self.t.astype(np.float32),
+            extras={"eyelids": self.eyelids.astype(np.float32)},
+            timestamps=timestamps,
+        )
+
+
+def _read_tracker_frames(ck: Path, pairs: list[tuple[int, Path, Path]], principal_point: str) -> _TrackerData:
+    """Read and check every paired .frame: the identity from the first, per-frame expression,
+    jaw/eye rotations (6D -> axis-angle), camera and eyelids."""
     N = len(pairs)
     exprs, rots, Ks, Rs, ts, lids = [], [], [], [], [], []
     shape = None
     img_size = None
-    for n, (k, fpath, _) in enumerate(pairs):
+    for n, (_, fpath, _) in enumerate(pairs):
         fr = load_tracker_frame(fpath)
         missing_keys = [key for key in _NEEDED if key not in fr]
         if missing_keys:
@@ -263,63 +350,54 @@ def import_flashavatar(
         Rs.append(_arr(fr, "opencv.R", (3, 3), fpath))
         ts.append(_arr(fr, "opencv.t", (3,), fpath))
         lids.append(_arr(fr, "flame.eyelids", (2,), fpath) if "flame.eyelids" in fr else np.zeros(2))
-    exprs_a = np.stack(exprs)
     rot6 = np.stack(rots)  # [N,5,6]
     aa = _rot6d_to_aa(rot6[:, 2:])  # jaw, eyes
     joint_rot = np.concatenate([np.zeros((N, 2, 3)), aa], 1)
     K = np.stack(Ks)
     R = np.stack(Rs)
-    t = np.stack(ts)
     if np.abs(np.linalg.det(R) - 1).max() > 1e-3:
         raise UserError(f"{ck}: 'opencv.R' is not a rotation in every frame; the checkpoints are damaged")
     if principal_point == "opencv":
         K[:, 0, 2] += 0.5
         K[:, 1, 2] += 0.5
+    return _TrackerData(shape, np.stack(exprs), joint_rot, K, R, np.stack(ts), np.stack(lids), img_size)
 
-    # images: one size for all, and the tracker's img_size
-    first = read_image(pairs[0][2], "RGB")
-    H, W = first.shape[:2]
-    if img_size is not None and img_size != (H, W):
-        sy, sx = H / img_size[0], W / img_size[1]
-        if abs(sx - sy) > 1e-3 * max(sx, sy):
-            raise UserError(
-                f"images are {W}x{H} but the tracker ran at {img_size[1]}x{img_size[0]} (img_size [H, W]) with another aspect ratio; "
-                "use the tracker's cropped images"
-            )
-        K[:, :2] *= sx
-        notes.append(f"images are {W}x{H}, the tracker's {img_size[1]}x{img_size[0]}: intrinsics scaled by {sx:.4g}")
 
-    model, spec = load_flame(
-        flame_dir, n_shape=int(min(shape.size, 300)), n_expr=int(min(exprs_a.shape[1], 100)), model_path=model_path,
-        masks_path=masks_path, template_obj=template_obj, landmarks_path=landmarks_path, eyelids_dir=eyelids_dir,
-    )
-    if shape.size > 300 or exprs_a.shape[1] > 100:
-        raise UserError(f"{ck}: {shape.size} shape / {exprs_a.shape[1]} expression values, FLAME 2020 has at most 300 / 100")
+def _match_image_size(tr: _TrackerData, H: int, W: int, notes: list[str]) -> None:
+    """Scale the intrinsics when the images are the tracker's at another size (same aspect ratio only)."""
+    if tr.img_size is None or tr.img_size == (H, W):
+        return
+    sy, sx = H / tr.img_size[0], W / tr.img_size[1]
+    if abs(sx - sy) > 1e-3 * max(sx, sy):
+        raise UserError(
+            f"images are {W}x{H} but the tracker ran at {tr.img_size[1]}x{tr.img_size[0]} (img_size [H, W]) with another aspect ratio; "
+            "use the tracker's cropped images"
+        )
+    tr.K[:, :2] *= sx
+    notes.append(f"images are {W}x{H}, the tracker's {tr.img_size[1]}x{tr.img_size[0]}: intrinsics scaled by {sx:.4g}")
+
+
+def _load_flame_for(ck: Path, tr: _TrackerData, notes: list[str], flame_dir, **files) -> tuple:
+    """The user's FLAME, cut to the tracked shape/expression sizes; missing eyelid blendshapes are warned about."""
+    n_shape, n_expr = tr.shape.size, tr.expression.shape[1]
+    model, spec = load_flame(flame_dir, n_shape=int(min(n_shape, 300)), n_expr=int(min(n_expr, 100)), **files)
+    if n_shape > 300 or n_expr > 100:
+        raise UserError(f"{ck}: {n_shape} shape / {n_expr} expression values, FLAME 2020 has at most 300 / 100")
     if not model.meta.get("eyelids"):
         msg = ("eyelid blendshapes (l_eyelid.npy, r_eyelid.npy) not found in the FLAME folder: the tracked eyelids are stored "
                "but not applied, and the condition vector lacks them (118 instead of 120); copy them from metrical-tracker's flame/blendshapes/")
-        warnings.warn(msg, stacklevel=2)
+        warnings.warn(msg, stacklevel=3)  # attributed to import_flashavatar's caller
         notes.append(msg)
+    return model, spec
 
-    tracking = Tracking(
-        shape=shape.astype(np.float32),
-        expression=exprs_a.astype(np.float32),
-        joint_rotations=joint_rot.astype(np.float32),
-        translation=np.zeros((N, 3), np.float32),
-        K=K.astype(np.float32), R=R.astype(np.float32), t=t.astype(np.float32),
-        extras={"eyelids": np.stack(lids).astype(np.float32)},
-        timestamps=np.array([(k + frame_offset - 1) / fps for k, _, _ in pairs], dtype=np.float64),
-    )
-    split, split_notes = split_last(N, test_frames, max_train)
-    notes += split_notes
-    for s in split_notes:
-        warnings.warn(s, stacklevel=2)
 
-    # keep the source's image format: JPEG files are copied as they are (no re-encoding loss)
-    ext = ".jpg" if pairs[0][2].suffix.lower() in (".jpg", ".jpeg") else ".png"
-    writer = SubjectWriter(out_dir, image_ext=ext, overwrite=overwrite)
+def _write_frames(writer: SubjectWriter, dataset_dir: Path, pairs: list[tuple[int, Path, Path]], frame_offset: int,
+                  first: np.ndarray, say: Callable[[str], None] | None) -> None:
+    """Copy every paired image with its matte and the labels made from FlashAvatar's two masks."""
+    H, W = first.shape[:2]
+    N = len(pairs)
     alpha_dir, parsing_dir = dataset_dir / "alpha", dataset_dir / "parsing"
-    for n, (k, fpath, ip) in enumerate(pairs):
+    for n, (k, _, ip) in enumerate(pairs):
         num = k + frame_offset
         img = first if n == 0 else read_image(ip, "RGB")
         if img.shape[:2] != (H, W):
@@ -329,27 +407,8 @@ def import_flashavatar(
         mouth = _read_mask(parsing_dir, num, ("_mouth",), (H, W), "mouth mask")
         parsing = parsing_from_masks(alpha, head, mouth)
         put_frame(writer, n, ip, img, alpha, parsing)
-        if log and (n + 1) % 500 == 0:
+        if say and (n + 1) % 500 == 0:
             say(f"  {n + 1}/{N} frames")
-
-    meta = {
-        "source": {
-            "format": "flashavatar",
-            "dataset": dataset_dir.name,
-            "frame_offset": frame_offset,
-            "frame_offset_from": offset_how,
-            # the explicit pairing: subject frame n <- tracker .frame, image number
-            "frames": [[int(k), int(k + frame_offset)] for k, _, _ in pairs],
-            "frames_columns": ["tracker_frame", "image_number"],
-            "camera": "head motion in the camera (FLAME global/neck rotation and translation are zero); K, R, t from opencv.{K,R,t}",
-            "principal_point": principal_point,
-            "notes": notes,
-        }
-    }
-    subj = writer.finalize(tracking, spec, (H, W), split=split, fps=fps, extra_meta=meta)
-    say(f"imported {N} frames ({W}x{H}) from {dataset_dir} + {ck}: {len(split['train'])} train, {len(split['test'])} test; "
-        f"frame k.frame <-> image k+{frame_offset} ({offset_how})")
-    return subj
 
 
 def _read_mask(folder: Path, num: int, suffixes: tuple[str, ...], size: tuple[int, int], what: str) -> np.ndarray | None:

@@ -23,18 +23,21 @@ import json
 import re
 import warnings
 from pathlib import Path
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import numpy as np
 import torch
 
 from headavatar.errors import UserError
 from headavatar.headmodels.base import HeadModel
+from headavatar.log import get_logger
 from headavatar.subjects.format import Subject, SubjectWriter, Tracking
 from headavatar.subjects.importers.common import CELEBAMASK_TO_LABELS, gray, load_flame, put_frame, split_last
 from headavatar.utils.io import read_image
 
 FRAME_KEYS = ("file_path", "world_mat", "expression", "pose")
+
+_log = get_logger(__name__)
 
 
 # ----------------------------------------------------------------- reading
@@ -88,7 +91,8 @@ def _find(folder: Path, k: int) -> Path | None:
     return None
 
 
-def opencv_camera(intr: np.ndarray, world_mat: np.ndarray, H: int, W: int, source_scale: float, head_point: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def opencv_camera(intr: np.ndarray, world_mat: np.ndarray, H: int, W: int, source_scale: float,
+                  head_point: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """IMavatar (intrinsics, world_mat) -> headavatar (K, R, t) in metres; see the module docstring."""
     M = np.asarray(world_mat, dtype=np.float64)
     R, t = M[:3, :3], M[:3, 3]
@@ -138,7 +142,7 @@ def import_imavatar(
     masks_path=None,
     template_obj=None,
     landmarks_path=None,
-    log: Callable[[str], None] | None = print,
+    log: Callable[[str], None] | None = _log.info,
 ) -> Subject:
     """IMavatar/FLARE sequences -> one native subject; split = the named train/test sequences.
 
@@ -151,6 +155,76 @@ def import_imavatar(
     """
     say = log or (lambda s: None)
     seqs = find_sequences(Path(subject_root))
+    notes: list[str] = []
+    train_l, test_l = _choose_sequences(seqs, train, test, subject_root, notes)
+    if not (float(source_scale) > 0):
+        raise UserError(f"source_scale must be positive, got {source_scale}")
+
+    order = [(n, "train") for n in train_l] + [(n, "test") for n in test_l]
+    params = {n: read_params(seqs[n]) for n, _ in order}
+    shape = _common_shape(seqs, params, order, train_l[0], notes)
+    E = len(params[train_l[0]]["frames"][0]["expression"])
+    if shape.size > 300 or E > 100:
+        raise UserError(f"{shape.size} shape / {E} expression parameters; FLAME 2020 has at most 300 / 100")
+
+    model, spec = load_flame(flame_dir, n_shape=shape.size, n_expr=E, eyelids=False, model_path=model_path,
+                             masks_path=masks_path, template_obj=template_obj, landmarks_path=landmarks_path)
+    head_point = model.template.double().mean(0).numpy() * source_scale
+
+    items = _gather_frames(seqs, params, order)
+    first = read_image(items[0].image, "RGB")
+    H, W = first.shape[:2]
+    if H != W:
+        msg = f"images are {W}x{H}: IMavatar's normalised intrinsics assume square images; using W for x and H for y"
+        warnings.warn(msg, stacklevel=2)
+        notes.append(msg)
+
+    tracking, keypoints = _read_tracking(seqs, params, items, shape, E, H, W, source_scale, head_point, fps)
+    check = _landmark_check(model, tracking, keypoints, items, order, H, W, max_landmark_error, notes, say)
+
+    N = len(items)
+    roles = np.array([it.role for it in items])
+    if test_l:
+        split = {"train": [int(i) for i in np.nonzero(roles == "train")[0]], "test": [int(i) for i in np.nonzero(roles == "test")[0]]}
+    else:
+        split, sn = split_last(N, None)
+        notes += sn
+
+    writer = SubjectWriter(out_dir, image_ext=".png", overwrite=overwrite)
+    _write_frames(writer, seqs, items, first)
+
+    meta = {
+        "source": {
+            "format": "imavatar",
+            "sequences": {"train": train_l, "test": test_l},
+            "frames": [[it.sequence, int(it.number)] for it in items],
+            "frames_columns": ["sequence", "image_number"],
+            "source_scale": float(source_scale),
+            "camera": "OpenCV from IMavatar's chain: R' = F R, t' = F t / source_scale, fx = W|i0|, fy = H|i1|, cx = W i2, cy = H i3",
+            "landmark_check": check,
+            "notes": notes,
+        }
+    }
+    subj = writer.finalize(tracking, spec, (H, W), split=split, fps=fps, extra_meta=meta)
+    say(f"imported {N} frames ({W}x{H}) from {len(order)} sequence(s): train {', '.join(train_l)}"
+        + (f"; test {', '.join(test_l)}" if test_l else "; test = last 15% of the frames"))
+    return subj
+
+
+# ------------------------------------------------------------- import: parts
+class _Frame(NamedTuple):
+    """One frame to import: its sequence, role (train/test), image number, image file and JSON entry."""
+
+    sequence: str
+    role: str
+    number: int
+    image: Path
+    params: dict
+
+
+def _choose_sequences(seqs: dict[str, Path], train, test, subject_root, notes: list[str]) -> tuple[list[str], list[str]]:
+    """The train and test sequences: as named, the complement of the named ones, or by default
+    the last sequence (by name) for testing when there are several."""
     names = list(seqs)
 
     def as_list(x, what):
@@ -163,7 +237,6 @@ def import_imavatar(
         return lst
 
     train_l, test_l = as_list(train, "train"), as_list(test, "test")
-    notes: list[str] = []
     if train_l is None and test_l is None:
         if len(names) > 1:
             train_l, test_l = names[:-1], names[-1:]
@@ -179,31 +252,27 @@ def import_imavatar(
         raise UserError(f"sequence(s) {', '.join(sorted(overlap))} are named for both training and testing")
     if not train_l:
         raise UserError("no training sequence left; name them with --train")
-    if not (float(source_scale) > 0):
-        raise UserError(f"source_scale must be positive, got {source_scale}")
+    return train_l, test_l
 
-    order = [(n, "train") for n in train_l] + [(n, "test") for n in test_l]
-    params = {n: read_params(seqs[n]) for n, _ in order}
-    shape = np.asarray(params[train_l[0]]["shape_params"], dtype=np.float64).reshape(-1)
+
+def _common_shape(seqs: dict[str, Path], params: dict[str, dict], order: list[tuple[str, str]], ref: str, notes: list[str]) -> np.ndarray:
+    """The identity (shape_params) of sequence ``ref``; other sequences with another identity are warned about."""
+    shape = np.asarray(params[ref]["shape_params"], dtype=np.float64).reshape(-1)
     for n, _ in order:
         other = np.asarray(params[n]["shape_params"], dtype=np.float64).reshape(-1)
         if other.shape != shape.shape:
-            raise UserError(f"{seqs[n] / 'flame_params.json'}: {other.size} shape parameters, {train_l[0]} has {shape.size}")
+            raise UserError(f"{seqs[n] / 'flame_params.json'}: {other.size} shape parameters, {ref} has {shape.size}")
         d = float(np.abs(other - shape).max())
         if d > 1e-4:
-            msg = f"sequence {n} has other shape_params than {train_l[0]} (max difference {d:.3g}); using {train_l[0]}'s"
-            warnings.warn(msg, stacklevel=2)
+            msg = f"sequence {n} has other shape_params than {ref} (max difference {d:.3g}); using {ref}'s"
+            warnings.warn(msg, stacklevel=3)  # attributed to import_imavatar's caller
             notes.append(msg)
-    E = len(params[train_l[0]]["frames"][0]["expression"])
-    if shape.size > 300 or E > 100:
-        raise UserError(f"{shape.size} shape / {E} expression parameters; FLAME 2020 has at most 300 / 100")
+    return shape
 
-    model, spec = load_flame(flame_dir, n_shape=shape.size, n_expr=E, eyelids=False, model_path=model_path,
-                             masks_path=masks_path, template_obj=template_obj, landmarks_path=landmarks_path)
-    head_point = model.template.double().mean(0).numpy() * source_scale
 
-    # gather frames
-    items = []  # (seq, role, k, image path, json frame)
+def _gather_frames(seqs: dict[str, Path], params: dict[str, dict], order: list[tuple[str, str]]) -> list[_Frame]:
+    """Every frame of the chosen sequences, in order, with its image file (which must exist)."""
+    items = []
     for n, role in order:
         seq = seqs[n]
         path = seq / "flame_params.json"
@@ -212,18 +281,18 @@ def import_imavatar(
             ip = _find(seq / "image", k)
             if ip is None:
                 raise UserError(f"{seq / 'image'} has no image {k}.png for frame '{fr['file_path']}' of {path}")
-            items.append((n, role, k, ip, fr))
-    first = read_image(items[0][3], "RGB")
-    H, W = first.shape[:2]
-    if H != W:
-        msg = f"images are {W}x{H}: IMavatar's normalised intrinsics assume square images; using W for x and H for y"
-        warnings.warn(msg, stacklevel=2)
-        notes.append(msg)
+            items.append(_Frame(n, role, k, ip, fr))
+    return items
 
+
+def _read_tracking(seqs: dict[str, Path], params: dict[str, dict], items: list[_Frame], shape: np.ndarray, E: int, H: int, W: int,
+                   source_scale: float, head_point: np.ndarray, fps: float) -> tuple[Tracking, np.ndarray | None]:
+    """Check each frame's parameters and convert its camera; returns the tracking and the
+    keypoints in pixels ([N,68,2]; None unless every frame has ``flame_keypoints``)."""
     N = len(items)
     exprs, poses, Ks, Rs, ts, kps = [], [], [], [], [], []
     have_kp = True
-    for n_, role, k, ip, fr in items:
+    for n_, _, k, _, fr in items:
         where = f"{seqs[n_] / 'flame_params.json'} frame {k}"
         e = np.asarray(fr["expression"], dtype=np.float64).reshape(-1)
         p = np.asarray(fr["pose"], dtype=np.float64).reshape(-1)
@@ -241,7 +310,11 @@ def import_imavatar(
             raise UserError(f"{where}: the rotation of 'world_mat' is not a rotation (det {np.linalg.det(wm[:3, :3]):.3g})")
         intr = np.asarray(params[n_]["intrinsics"], dtype=np.float64).reshape(-1)
         K, R, t = opencv_camera(intr, wm, H, W, source_scale, head_point)
-        exprs.append(e), poses.append(p.reshape(5, 3)), Ks.append(K), Rs.append(R), ts.append(t)
+        exprs.append(e)
+        poses.append(p.reshape(5, 3))
+        Ks.append(K)
+        Rs.append(R)
+        ts.append(t)
         kp = fr.get("flame_keypoints")
         if kp is None:
             have_kp = False
@@ -255,50 +328,52 @@ def import_imavatar(
         shape=shape.astype(np.float32), expression=np.stack(exprs).astype(np.float32),
         joint_rotations=np.stack(poses).astype(np.float32), translation=np.zeros((N, 3), np.float32),
         K=np.stack(Ks).astype(np.float32), R=np.stack(Rs).astype(np.float32), t=np.stack(ts).astype(np.float32),
-        timestamps=np.array([(k - 1) / fps for _, _, k, _, _ in items], dtype=np.float64),
+        timestamps=np.array([(it.number - 1) / fps for it in items], dtype=np.float64),
     )
+    return tracking, (np.stack(kps) if have_kp else None)
 
-    # the camera-chain check
-    check: dict = {}
-    if not have_kp:
+
+def _landmark_check(model: HeadModel, tracking: Tracking, keypoints: np.ndarray | None, items: list[_Frame],
+                    order: list[tuple[str, str]], H: int, W: int, max_landmark_error: float | None, notes: list[str],
+                    say: Callable[[str], None]) -> dict:
+    """The camera-chain check: FLAME's landmarks projected onto ``flame_keypoints``; refuses the
+    import above ``max_landmark_error`` and warns above 2% of the image size."""
+    if keypoints is None:
         check = {"skipped": "flame_keypoints missing in some frame"}
     elif not model.meta.get("has_landmarks"):
         check = {"skipped": "no FLAME landmark embedding (landmark_embedding.npy) in the FLAME folder"}
     else:
-        err = landmark_reprojection(model, tracking, np.stack(kps), H, W)
+        err = landmark_reprojection(model, tracking, keypoints, H, W)
         check = {
             "mean_px": float(err.mean()), "inner_mean_px": float(err[:, 17:].mean()),
             "median_px": float(np.median(err)), "max_px": float(err.max()),
-            "per_sequence_mean_px": {n: float(err[[i for i, it in enumerate(items) if it[0] == n]].mean()) for n, _ in order},
+            "per_sequence_mean_px": {n: float(err[[i for i, it in enumerate(items) if it.sequence == n]].mean()) for n, _ in order},
             "image_size": [H, W],
             "note": "FLAME's static 68 landmarks vs IMavatar's flame_keypoints; the 17 jaw-line points of the keypoints slide "
                     "with head yaw (DECA's dynamic contour), so inner_mean_px (points 18-68) is the cleaner figure",
         }
     if check.get("skipped"):
         say(f"landmark check skipped: {check['skipped']}")
-        warnings.warn(f"landmark reprojection check skipped: {check['skipped']}", stacklevel=2)
-    else:
-        say(f"landmark reprojection: mean {check['mean_px']:.3f} px, inner face {check['inner_mean_px']:.3f} px, max {check['max_px']:.3f} px ({W}x{H})")
-        if max_landmark_error is not None and check["mean_px"] > max_landmark_error:
-            raise UserError(
-                f"FLAME's landmarks land {check['mean_px']:.2f} px (mean) from flame_keypoints, more than the allowed {max_landmark_error} px: "
-                "the camera chain or the FLAME files do not match this data (check source_scale and that FLAME 2020 is used)"
-            )
-        if check["inner_mean_px"] > 0.02 * max(H, W):
-            msg = (f"FLAME's landmarks land {check['inner_mean_px']:.1f} px (mean, inner face) from flame_keypoints: the cameras or "
-                   "FLAME files may not match this data")
-            warnings.warn(msg, stacklevel=2)
-            notes.append(msg)
+        warnings.warn(f"landmark reprojection check skipped: {check['skipped']}", stacklevel=3)
+        return check
+    say(f"landmark reprojection: mean {check['mean_px']:.3f} px, inner face {check['inner_mean_px']:.3f} px, max {check['max_px']:.3f} px ({W}x{H})")
+    if max_landmark_error is not None and check["mean_px"] > max_landmark_error:
+        raise UserError(
+            f"FLAME's landmarks land {check['mean_px']:.2f} px (mean) from flame_keypoints, more than the allowed {max_landmark_error} px: "
+            "the camera chain or the FLAME files do not match this data (check source_scale and that FLAME 2020 is used)"
+        )
+    if check["inner_mean_px"] > 0.02 * max(H, W):
+        msg = (f"FLAME's landmarks land {check['inner_mean_px']:.1f} px (mean, inner face) from flame_keypoints: the cameras or "
+               "FLAME files may not match this data")
+        warnings.warn(msg, stacklevel=3)
+        notes.append(msg)
+    return check
 
-    roles = np.array([r for _, r, _, _, _ in items])
-    if test_l:
-        split = {"train": [int(i) for i in np.nonzero(roles == "train")[0]], "test": [int(i) for i in np.nonzero(roles == "test")[0]]}
-    else:
-        split, sn = split_last(N, None)
-        notes += sn
 
-    writer = SubjectWriter(out_dir, image_ext=".png", overwrite=overwrite)
-    for i, (n_, role, k, ip, fr) in enumerate(items):
+def _write_frames(writer: SubjectWriter, seqs: dict[str, Path], items: list[_Frame], first: np.ndarray) -> None:
+    """Store every frame with its mask (or the image's alpha channel) and its semantic map as labels."""
+    H, W = first.shape[:2]
+    for i, (n_, _, k, ip, _) in enumerate(items):
         seq = seqs[n_]
         img = first if i == 0 else read_image(ip, "RGB")
         if img.shape[:2] != (H, W):
@@ -324,23 +399,6 @@ def import_imavatar(
             if a is not None and a.shape != (H, W):
                 raise UserError(f"{name} of {ip} is {a.shape[1]}x{a.shape[0]}, the image {W}x{H}")
         put_frame(writer, i, ip, img, alpha, parsing)
-
-    meta = {
-        "source": {
-            "format": "imavatar",
-            "sequences": {"train": train_l, "test": test_l},
-            "frames": [[n_, int(k)] for n_, _, k, _, _ in items],
-            "frames_columns": ["sequence", "image_number"],
-            "source_scale": float(source_scale),
-            "camera": "OpenCV from IMavatar's chain: R' = F R, t' = F t / source_scale, fx = W|i0|, fy = H|i1|, cx = W i2, cy = H i3",
-            "landmark_check": check,
-            "notes": notes,
-        }
-    }
-    subj = writer.finalize(tracking, spec, (H, W), split=split, fps=fps, extra_meta=meta)
-    say(f"imported {N} frames ({W}x{H}) from {len(order)} sequence(s): train {', '.join(train_l)}"
-        + (f"; test {', '.join(test_l)}" if test_l else "; test = last 15% of the frames"))
-    return subj
 
 
 def semantic_to_labels(a: np.ndarray, path: Path) -> np.ndarray:

@@ -1,0 +1,73 @@
+"""The one registry style: registering, lazy built-ins, checks, and one-line errors that list the choices."""
+
+import sys
+import types
+
+import pytest
+
+from headavatar.errors import UserError
+from headavatar.registry import Registry
+
+
+def test_register_get_and_errors():
+    reg = Registry("widget", hint="use --widget")
+    reg.register("a", entry=1)
+
+    @reg.register("b")
+    def make_b():
+        return 2
+
+    class C:
+        name = "c"
+
+    assert reg.register(entry=C) is C  # a class may carry its own name
+    assert reg.get("a") == 1 and reg.get("b") is make_b and reg.get("c") is C
+    assert reg.available() == ["a", "b", "c"] and "b" in reg and "z" not in reg
+    with pytest.raises(UserError, match=r"unknown widget 'z'; choose one of: a, b, c \(use --widget\)"):
+        reg.get("z")
+    with pytest.raises(TypeError, match="needs a name"):
+        reg.register(entry=object())
+
+
+def test_builtins_are_imported_on_first_use(monkeypatch):
+    mod = types.ModuleType("headavatar_test_widget")
+    reg = Registry("widget", builtins={"lazy": mod.__name__, "gone": "headavatar_test_no_such_module", "silent": "json"})
+
+    def fake_import(name):
+        assert name == mod.__name__
+        reg.register("lazy", entry="the entry")
+        sys.modules[name] = mod
+        return mod
+
+    monkeypatch.setattr("importlib.import_module", fake_import)
+    assert reg.available() == ["gone", "lazy", "silent"]  # listed without importing
+    assert reg.get("lazy") == "the entry"
+    monkeypatch.undo()
+    with pytest.raises(UserError, match="widget 'gone' is not available in this version"):
+        reg.get("gone")
+    with pytest.raises(RuntimeError, match="did not register"):
+        reg.get("silent")
+
+
+def test_checks_run_before_the_entry_is_used():
+    state = {"ok": False}
+    reg = Registry("backend", builtins={"fast": "headavatar_test_never_imported"},
+                   checks={"fast": lambda: (state["ok"], "no accelerator")})
+    with pytest.raises(UserError, match="backend 'fast' is unavailable: no accelerator"):
+        reg.get("fast")  # refused before its module is imported
+    reg.register("slow", entry="s", check=lambda: (True, "ok"))
+    assert reg.get("slow") == "s"
+
+
+def test_the_project_registries():
+    from headavatar.headmodels import HEAD_MODELS, load_head_model
+    from headavatar.methods import METHODS, get_method
+    from headavatar.render.mesh import MESH_BACKENDS, get_mesh_backend
+
+    assert {"flashavatar", "flare"} <= set(METHODS.available()) and get_method("flare").name == "flare"
+    assert {"procedural", "flame", "ict"} <= set(HEAD_MODELS.available())
+    assert {"torch", "nvdiffrast"} <= set(MESH_BACKENDS.available()) and get_mesh_backend("torch").name == "torch"
+    with pytest.raises(UserError, match="unknown head model 'nope'; choose one of: flame, ict, procedural"):
+        load_head_model("nope")
+    with pytest.raises(UserError, match="unknown mesh backend 'gl'"):
+        get_mesh_backend("gl")
