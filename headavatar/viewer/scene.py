@@ -245,10 +245,7 @@ class ViewerScene:
         return p
 
     def _jaw_sign(self) -> float:
-        from headavatar.methods.flare.model import jaw_open_sign
-
-        with torch.no_grad():
-            return jaw_open_sign(self.head) or 1.0
+        return self.head.jaw_open_sign() or 1.0
 
     def _render_gaussians(self, params: dict, cams, st: ViewState) -> torch.Tensor:
         """FlashAvatar: the Gaussians of a pose are kept, so orbiting only re-rasterises."""
