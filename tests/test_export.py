@@ -189,7 +189,7 @@ def test_mesh_writer_on_the_procedural_head(tmp_path):
 def test_flare_glb_with_morph_targets(runs, flare, tmp_path):
     from headavatar.export.flare_mesh import bake_materials, blend_names, posed_vertices
     from headavatar.export.mesh import uv_texel_samples
-    from headavatar.methods.flare.shading import linear_to_srgb
+    from headavatar.lighting.color import linear_to_srgb
 
     out = tmp_path / "flare.glb"
     export_run(runs["flare"], out, texture_size=64)

@@ -83,7 +83,7 @@ def check_options(texture_size: int, uv: str) -> None:
 def bake_flare_mesh(avatar, frame: int | None = None, texture_size: int = 1024, uv: str = "auto", morph_targets: bool = True,
                     textures: bool = True) -> TexturedMesh:
     """The FLARE avatar as a TexturedMesh (see the module docstring).  ``frame`` None = canonical."""
-    from headavatar.methods.flare.shading import linear_to_srgb
+    from headavatar.lighting.color import linear_to_srgb
 
     if avatar.method != "flare":
         raise UserError(f"a textured mesh is exported from FLARE runs; {avatar.run.root} is a '{avatar.method}' run")

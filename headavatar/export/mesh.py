@@ -347,7 +347,7 @@ def head_model_mesh(head, shape=None, textures: dict | None = None, morph_target
     """
     import torch
 
-    from headavatar.methods.flare.shading import linear_to_srgb
+    from headavatar.lighting.color import linear_to_srgb
 
     with torch.no_grad():
         s = None if shape is None else torch.as_tensor(shape, dtype=torch.float32).reshape(1, -1).to(head.template)

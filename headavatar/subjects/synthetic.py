@@ -33,6 +33,7 @@ import torch
 
 from headavatar.camera import Cameras, fov_to_focal, intrinsics, look_at
 from headavatar.errors import UserError
+from headavatar.lighting.color import linear_to_srgb
 from headavatar.subjects.format import Subject, SubjectWriter, Tracking, default_split
 from headavatar.utils.rotations import axis_angle_to_matrix, matrix_to_axis_angle
 
@@ -378,8 +379,7 @@ def make_synthetic_animation(model, num_frames: int, fps: float = 25.0, seed: in
 
 # =================================================================== renderer
 def _srgb_encode(x: torch.Tensor) -> torch.Tensor:
-    x = x.clamp(0, 1)
-    return torch.where(x <= 0.0031308, 12.92 * x, 1.055 * x.clamp_min(0.0031308) ** (1 / 2.4) - 0.055)
+    return linear_to_srgb(x.clamp(0, 1))
 
 
 def _as_params(tracking_or_params) -> dict:

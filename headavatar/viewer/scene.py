@@ -265,7 +265,7 @@ class ViewerScene:
         if name not in self._lights:
             if name not in BUILTIN_LIGHTS and name not in self.env_paths:
                 raise BadRequest(f"unknown environment '{name}' (have: {', '.join(list(BUILTIN_LIGHTS) + list(self.env_paths))})")
-            from headavatar.methods.flare.relight import load_light
+            from headavatar.lighting.envmap import load_light
 
             self._lights[name] = load_light(self.env_paths.get(name, name), size=self.env_size, device=self.avatar.device)
         return self._lights[name]

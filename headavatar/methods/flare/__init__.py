@@ -23,11 +23,11 @@ if TYPE_CHECKING:
 
 
 def __getattr__(name: str):
-    # FlareAvatar and composite live in avatar.py (imports torch); loaded on first use
-    if name in ("FlareAvatar", "composite"):
+    # FlareAvatar lives in avatar.py (imports torch); loaded on first use
+    if name == "FlareAvatar":
         from headavatar.methods.flare import avatar
 
-        return getattr(avatar, name)
+        return avatar.FlareAvatar
     raise AttributeError(name)
 
 

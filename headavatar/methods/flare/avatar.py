@@ -7,6 +7,7 @@ from pathlib import Path
 import torch
 
 from headavatar.methods.flare.config import FlareConfig
+from headavatar.methods.flare.shading import composite
 from headavatar.methods.run import RunDir
 
 
@@ -53,14 +54,3 @@ class FlareAvatar:
 
         return relight_frames(self, params, cameras, light, background, intrinsics, light_frame)
 
-
-def composite(rgb_lin_premult: torch.Tensor, alpha: torch.Tensor, background: torch.Tensor) -> torch.Tensor:
-    """Premultiplied linear radiance -> sRGB over an sRGB background (blend in sRGB, as the GT mattes are)."""
-    from headavatar.methods.flare.shading import linear_to_srgb
-
-    a = alpha.clamp(0, 1)
-    fg = linear_to_srgb((rgb_lin_premult / a.clamp_min(1e-6)).clamp(0, 1))
-    bg = background.to(fg)
-    if bg.dim() == 1:
-        bg = bg.view(1, 1, 1, -1)
-    return (fg * a + bg * (1 - a)).clamp(0, 1)

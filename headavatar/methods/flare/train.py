@@ -29,7 +29,7 @@ from headavatar.methods.flare.losses import (
     MeshRegularizer, VGGPerceptual, head_prior_loss, hinge_prior, mask_loss, shading_loss, white_light_loss,
 )
 from headavatar.methods.flare.model import FlareModel, nearest_with_distance
-from headavatar.methods.flare.shading import linear_to_srgb, srgb_to_linear
+from headavatar.lighting.color import linear_to_srgb, srgb_to_linear
 from headavatar.methods.run import RunDir
 from headavatar.subjects.dataset import heldout_sample, training_size, training_stream, FrameDataset, collate
 from headavatar.subjects.format import LABEL_IDS, Subject
