@@ -1,4 +1,4 @@
-"""A trained FLARE avatar (eval, render, relight, export)."""
+"""A trained FLARE avatar behind the Avatar protocol (headavatar.methods.avatar): render, relight, mesh export."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ from pathlib import Path
 
 import torch
 
+from headavatar.methods.avatar import MESH, RELIGHT
 from headavatar.methods.flare.config import FlareConfig
 from headavatar.methods.flare.shading import composite
 from headavatar.methods.run import RunDir
@@ -16,10 +17,12 @@ class FlareAvatar:
 
     method = "flare"
     eval_protocol = "imavatar"
+    capabilities = frozenset({MESH, RELIGHT})
 
     def __init__(self, run: RunDir, device, subject_dir: Path | None = None, head_overrides: dict | None = None):
         from headavatar.config import from_dict
-        from headavatar.methods.flare.train import build_model, resolve_light_frame, restore_model, training_size
+        from headavatar.methods.flare.build import build_model, resolve_light_frame, restore_model
+        from headavatar.subjects.dataset import training_size
         from headavatar.subjects.format import Subject
         from headavatar.utils.device import resolve_device
 
@@ -54,3 +57,15 @@ class FlareAvatar:
 
         return relight_frames(self, params, cameras, light, background, intrinsics, light_frame)
 
+    # ------------------------------------------------------------ MESH
+    def textured_mesh(self, params: dict | None = None, texture_size: int = 1024, uv: str = "auto", morph_targets: bool = True,
+                      textures: bool = True):
+        """The mesh with baked albedo/roughness/specular maps and, canonical only, expression morph targets."""
+        from headavatar.methods.flare.export_mesh import textured_mesh
+
+        return textured_mesh(self, params, texture_size, uv, morph_targets, textures)
+
+    def posed_mesh(self, base, params: dict):
+        from headavatar.methods.flare.export_mesh import posed_mesh
+
+        return posed_mesh(self, base, params)
