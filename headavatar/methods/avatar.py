@@ -104,6 +104,23 @@ class RelightableAvatar(Protocol):
         ...
 
 
+def open_run(run: "RunDir", method: str, config_cls: type, device: Any, subject_dir: Path | None = None):
+    """What every avatar's loading starts with: (run.json's info, the config, the device, the subject, (H, W)).
+
+    ``config_cls`` needs a ``resolution`` field (long side of the rendered images; 0/None = the subject's).
+    """
+    from headavatar.config import from_dict
+    from headavatar.subjects.dataset import training_size
+    from headavatar.subjects.format import Subject
+    from headavatar.utils.device import resolve_device
+
+    info = run.require_method(method)
+    cfg = from_dict(config_cls, info["config"], where=str(run.info_path))
+    dev = resolve_device(device) if isinstance(device, str) else device
+    subject = Subject.open(subject_dir or info["subject"])
+    return info, cfg, dev, subject, training_size(subject, cfg.resolution)
+
+
 class MethodProtocol(Protocol):
     name: str
     config_cls: type
@@ -121,5 +138,5 @@ class MethodProtocol(Protocol):
         ...
 
 
-__all__ = ["Avatar", "GaussianAvatar", "MeshAvatar", "RelightableAvatar", "MethodProtocol", "DemoSettings", "GAUSSIANS", "MESH", "RELIGHT",
+__all__ = ["Avatar", "GaussianAvatar", "open_run", "MeshAvatar", "RelightableAvatar", "MethodProtocol", "DemoSettings", "GAUSSIANS", "MESH", "RELIGHT",
            "CAPABILITIES"]

@@ -6,8 +6,7 @@ from pathlib import Path
 
 import torch
 
-from headavatar.config import from_dict
-from headavatar.methods.avatar import GAUSSIANS
+from headavatar.methods.avatar import GAUSSIANS, open_run
 from headavatar.render.gaussians import render_gaussians
 from headavatar.render.gaussians.sh import RGB2SH
 from headavatar.subjects.dataset import FrameDataset, collate, prepare_targets, training_size
@@ -34,12 +33,8 @@ class ToyAvatar:
     capabilities = frozenset({GAUSSIANS})
 
     def __init__(self, run, device, subject_dir=None):
-        info = run.require_method(NAME)
         self.run = run
-        self.cfg = from_dict(ToyConfig, info["config"], where=str(run.info_path))
-        self.device = torch.device(device if device != "auto" else "cpu")
-        self.subject = Subject.open(subject_dir or info["subject"])
-        self.size = training_size(self.subject, self.cfg.resolution)
+        _, self.cfg, self.device, self.subject, self.size = open_run(run, NAME, ToyConfig, device, subject_dir)
         self.head = self.subject.head_model(**run.head_overrides).to(self.device)
         self.step, state = run.load_checkpoint(map_location=self.device)
         self.colour = state["colour"]

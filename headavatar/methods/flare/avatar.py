@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from headavatar.methods.avatar import MESH, RELIGHT
+from headavatar.methods.avatar import MESH, RELIGHT, open_run
 from headavatar.methods.flare.config import FlareConfig
 from headavatar.methods.flare.shading import composite
 from headavatar.methods.run import RunDir
@@ -20,18 +20,10 @@ class FlareAvatar:
     capabilities = frozenset({MESH, RELIGHT})
 
     def __init__(self, run: RunDir, device, subject_dir: Path | None = None, head_overrides: dict | None = None):
-        from headavatar.config import from_dict
         from headavatar.methods.flare.build import build_model, resolve_light_frame, restore_model
-        from headavatar.subjects.dataset import training_size
-        from headavatar.subjects.format import Subject
-        from headavatar.utils.device import resolve_device
 
-        info = run.require_method("flare")
         self.run = run
-        self.cfg = from_dict(FlareConfig, info["config"], where=str(run.info_path))
-        self.device = resolve_device(device) if isinstance(device, str) else device
-        self.subject = Subject.open(subject_dir or info["subject"])
-        self.size = training_size(self.subject, self.cfg.resolution)
+        info, self.cfg, self.device, self.subject, self.size = open_run(run, self.method, FlareConfig, device, subject_dir)
         self.light_frame = info.get("light_frame") or resolve_light_frame(self.cfg, self.subject)
         self.model = build_model(self.subject, self.cfg, self.device, head_overrides or run.head_overrides)
         self.step, state = run.load_checkpoint(map_location=self.device)

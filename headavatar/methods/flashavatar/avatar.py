@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from headavatar.methods.avatar import GAUSSIANS
+from headavatar.methods.avatar import GAUSSIANS, open_run
 from headavatar.methods.flashavatar.config import FlashAvatarConfig
 from headavatar.methods.run import RunDir
 from headavatar.render.gaussians.sh import sh_to_rgb
@@ -22,18 +22,10 @@ class FlashAvatarAvatar:
 
     def __init__(self, run: RunDir, device, subject_dir: Path | None = None, head_overrides: dict | None = None,
                  cuda_graphs: bool = True):
-        from headavatar.config import from_dict
         from headavatar.methods.flashavatar.build import build_model
-        from headavatar.subjects.dataset import training_size
-        from headavatar.subjects.format import Subject
-        from headavatar.utils.device import resolve_device
 
-        info = run.require_method("flashavatar")
         self.run = run
-        self.cfg = from_dict(FlashAvatarConfig, info["config"], where=str(run.info_path))
-        self.device = resolve_device(device) if isinstance(device, str) else device
-        self.subject = Subject.open(subject_dir or info["subject"])
-        self.size = training_size(self.subject, self.cfg.resolution)
+        _, self.cfg, self.device, self.subject, self.size = open_run(run, self.method, FlashAvatarConfig, device, subject_dir)
         self.model = build_model(self.subject, self.cfg, self.device, head_overrides or run.head_overrides)
         self.step, state = run.load_checkpoint(map_location=self.device)
         self.model.load_state_dict(state["model"])
