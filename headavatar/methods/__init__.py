@@ -1,10 +1,13 @@
 """Avatar methods (flashavatar, flare) found through a registry.
 
-A method is a class with:
+A method is a class (``MethodProtocol`` in avatar.py) with:
   name: str
   config_cls: a dataclass whose defaults reproduce the paper
+  capabilities, describe: what its avatars can give (Gaussians, a mesh, relighting) and a phrase for messages
   train(subject_dir, run_dir, cfg, resume, progress) -> None
-  load(run_dir, device) -> an Avatar (see avatar.py) for eval/render/export
+  load(run_dir, device) -> an Avatar (the protocol in avatar.py) for eval/render/export/viewer
+  demo_settings(quick), demo_extras(...): what `headavatar demo` needs
+Registered with ``@register_method``; nothing outside the method's folder names it.
 """
 
 from __future__ import annotations
