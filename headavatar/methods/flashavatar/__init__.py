@@ -18,15 +18,6 @@ if TYPE_CHECKING:
     from headavatar.methods.run import RunDir
 
 
-def __getattr__(name: str):
-    # FlashAvatarAvatar lives in avatar.py (imports torch); loaded on first use
-    if name == "FlashAvatarAvatar":
-        from headavatar.methods.flashavatar import avatar
-
-        return avatar.FlashAvatarAvatar
-    raise AttributeError(name)
-
-
 @register_method
 class FlashAvatarMethod:
     name = "flashavatar"
