@@ -75,3 +75,31 @@ def test_viewer_through_the_protocol(demo):
         server.shutdown()
         server.server_close()
         thread.join(10)
+
+
+def test_inference_does_not_import_training_code(tmp_path_factory):
+    """Loading, rendering, exporting and relighting a run of either built-in method leaves the training modules unloaded."""
+    import subprocess
+    import sys
+
+    from avatar_runs import shared_runs
+
+    runs = shared_runs(tmp_path_factory)
+    out = tmp_path_factory.mktemp("no_train")
+    code = f"""
+import sys
+from headavatar.export import export_run
+from headavatar.lighting import load_light
+from headavatar.methods import load_avatar
+from headavatar.export.frames import frame_params
+for name, fmt in (("fa", "ply"), ("flare", "glb")):
+    a = load_avatar({str(runs['fa'].parent)!r} + "/" + name, "cpu")
+    tr = a.subject.tracking
+    a.render(frame_params(a, 0), tr.cameras([0], a.subject.height, a.subject.width).resized(*a.size))
+    export_run({str(runs['fa'].parent)!r} + "/" + name, {str(out)!r} + "/x." + fmt, texture_size=16)
+a.relight(frame_params(a, 0), tr.cameras([0], a.subject.height, a.subject.width).resized(*a.size), load_light("sky", 8))
+print(sorted(m for m in sys.modules if m.startswith("headavatar.methods") and m.endswith(".train")))
+"""
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert res.stdout.strip().splitlines()[-1] == "[]"
