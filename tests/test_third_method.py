@@ -103,3 +103,20 @@ print(sorted(m for m in sys.modules if m.startswith("headavatar.methods") and m.
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-2000:]
     assert res.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_builtin_avatars_keep_the_protocol(tmp_path_factory):
+    """What each built-in method declares is what its avatar offers (export and viewer rely on the declaration)."""
+    from avatar_runs import shared_runs
+
+    from headavatar.methods import get_method
+    from headavatar.methods.avatar import CAPABILITIES, GAUSSIANS, MESH, RELIGHT, RelightableAvatar
+
+    runs = shared_runs(tmp_path_factory)
+    kinds = {GAUSSIANS: GaussianAvatar, MESH: MeshAvatar, RELIGHT: RelightableAvatar}
+    for name in ("fa", "flare"):
+        a = load_avatar(runs[name], "cpu")
+        assert isinstance(a, Avatar)
+        assert get_method(a.method).capabilities == a.capabilities and a.capabilities <= set(CAPABILITIES)
+        for cap, proto in kinds.items():
+            assert (cap in a.capabilities) == isinstance(a, proto), (name, cap)
