@@ -44,9 +44,8 @@ def main(argv=None) -> int:
     from headavatar.config import apply_overrides
     from headavatar.methods.flare.config import FlareConfig
     from headavatar.methods.flare.losses import VGGPerceptual
-    from headavatar.methods.flare.train import (
-        MeshRegularizer, _remesh, _stream, build_model, compute_losses, flare_targets, make_optimizers, resolve_light_frame,
-    )
+    from headavatar.methods.flare.build import build_model, resolve_light_frame
+    from headavatar.methods.flare.train import MeshRegularizer, _remesh, _stream, compute_losses, flare_targets, make_optimizers
     from headavatar.subjects.format import Subject
     from headavatar.subjects.synthetic import make_synthetic_subject
     from headavatar.utils.device import resolve_device, sync

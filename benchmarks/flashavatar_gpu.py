@@ -204,7 +204,7 @@ def main():
                 "mlp_fp32": lambda: m.mlp(m.pe, cond),
                 "mlp_bf16": lambda: _bf16(lambda: m.mlp(m.pe, cond)),
                 "reference_mlp_fp32_concat_input": lambda: ref_mlp(x_ref),
-                "gaussians_eager(head+mlp+assembly+sh)": lambda: av._gaussians(params, cams.viewmats),
+                "gaussians_eager(head+mlp+assembly+sh)": lambda: av._gaussians_rgb(params, cams.viewmats),
                 "gaussians_graphed": lambda: av._graphed(params, cams.viewmats),
                 "raster_gsplat_raw": lambda: gsplat_probe.raw(g, cams, bg, av.cfg.sh_degree),
                 "raster_gsplat_raw_rgb_only": lambda: gsplat_probe.raw(g, cams, bg, None),

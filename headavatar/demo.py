@@ -3,43 +3,17 @@
 The demo's training settings differ from the paper's (fewer Gaussians, fewer
 iterations, smaller images) so that it finishes in minutes on 2 CPU cores;
 they are listed in docs/FLASHAVATAR.md.  With a GPU, `headavatar train` with
-the defaults runs the paper's setting.
+the defaults runs the paper's setting.  Each method supplies its settings and
+any steps of its own (``demo_settings``, ``demo_extras``: headavatar.methods.avatar).
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 from headavatar.errors import UserError
-
-
-@dataclass
-class DemoSettings:
-    frames: int
-    image_size: int  # synthetic subject resolution
-    overrides: dict
-
-
-DEMO = {
-    # method -> (full demo, --quick smoke run).  400 frames: with the 150 tried first, held-out PSNR
-    # stalled about 4 dB under the training PSNR (too few expressions to generalise from).
-    "flashavatar": (
-        DemoSettings(frames=400, image_size=128, overrides={"iterations": 1500, "uv_resolution": 64, "mlp_width": 128, "lpips_weight": 0.0,
-                                                            "zero_init_deform": True, "sh_increase_every": 250,
-                                                            "checkpoint_every": 250, "preview_every": 250, "log_every": 50, "eval_every": 250}),
-        DemoSettings(frames=24, image_size=64, overrides={"iterations": 40, "uv_resolution": 32, "mlp_width": 64, "lpips_weight": 0.0,
-                                                          "zero_init_deform": True,
-                                                          "checkpoint_every": 20, "preview_every": 20, "log_every": 10, "eval_every": 20}),
-    ),
-}
-
-
-def _flare_settings() -> tuple[DemoSettings, DemoSettings]:
-    from headavatar.methods.flare.demo import DEMO_SETTINGS
-
-    return tuple(DemoSettings(frames=d["frames"], image_size=d["image_size"], overrides=dict(d["overrides"])) for d in (DEMO_SETTINGS["full"], DEMO_SETTINGS["quick"]))
+from headavatar.methods.avatar import DemoSettings  # noqa: F401 (re-exported: what a method's demo_settings returns)
 
 
 def run_demo(args, overrides: dict) -> int:
@@ -51,11 +25,10 @@ def run_demo(args, overrides: dict) -> int:
     from headavatar.subjects.format import Subject
     from headavatar.subjects.synthetic import make_synthetic_subject
 
-    get_method(args.method)  # unknown method -> clear error before any work
-    table = {**DEMO, "flare": _flare_settings()} if args.method == "flare" else DEMO
-    if args.method not in table:
+    method = get_method(args.method)()  # unknown method -> clear error before any work
+    if not hasattr(method, "demo_settings"):
         raise UserError(f"no demo settings for method '{args.method}'")
-    settings = table[args.method][1 if args.quick else 0]
+    settings = method.demo_settings(args.quick)
     out = Path(args.output)
     subj_dir, run_dir = out / "subject", out / "run"
     t0 = time.perf_counter()
@@ -85,22 +58,8 @@ def run_demo(args, overrides: dict) -> int:
     res = evaluate_run(run_dir, device=overrides.get("device", "auto"), lpips=True)
     print("[4/4] rendering the sequence, exporting and writing the report")
     render_run(run_dir, run_dir / "render_all.mp4", device=overrides.get("device", "auto"), side_by_side=True, progress=True)
-    sections = []
-    if args.method == "flare":
-        from headavatar.methods.flare.demo import demo_relight
-
-        print("      relighting under the built-in procedural sky")
-        rel = demo_relight(run_dir, device=overrides.get("device", "auto"), quick=args.quick)
-        rp = rel["relit_psnr"]
-        print("      relit PSNR (dB): " + ", ".join(f"{name} {rp[key]:.2f}" for name, key in
-                                                 (("uncalibrated", "psnr_raw"), ("calibrated to the capture light", "psnr_calibrated"),
-                                                  ("albedo-aligned", "psnr_albedo_aligned")) if key in rp))
-        rows = "".join(f"<tr><td>{k}</td><td>{v:.4f}</td></tr>" for k, v in rp.items() if isinstance(v, (int, float)))
-        sections.append(("Relighting (held-out frames under a new light, against ground truth)",
-                         f"<p>Video: <a href='relit_sky.mp4'>relit_sky.mp4</a>; intrinsic images: <a href='relit_sky_intrinsics.mp4'>relit_sky_intrinsics.mp4</a></p>"
-                         "<p>raw: the learnt materials as they are; calibrated: exposure calibrated against the subject's recorded capture light "
-                         "(what <code>headavatar relight</code> does); albedo_aligned: albedo scale fitted to the true albedo (docs/RELIGHTING.md).</p>"
-                         f"<table>{rows}</table>"))
+    extras = getattr(method, "demo_extras", None)
+    sections = extras(run_dir, overrides.get("device", "auto"), args.quick, print) if extras else []
     from headavatar.export import export_run
 
     exported = export_run(run_dir, device=overrides.get("device", "auto"), texture_size=256 if args.quick else 512)

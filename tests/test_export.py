@@ -13,7 +13,7 @@ from avatar_runs import shared_runs
 from headavatar.errors import UserError
 from headavatar.export import export_run
 from headavatar.export.frames import frame_params, neutral_params
-from headavatar.export.ply import PROPERTIES, avatar_gaussians
+from headavatar.export.ply import PROPERTIES
 from headavatar.methods import load_avatar
 from headavatar.render.gaussians import render_gaussians
 
@@ -68,7 +68,7 @@ def test_ply_canonical_round_trip(runs, fa, tmp_path):
     header = out.read_bytes()[:80].decode("ascii", "replace")
     assert header.startswith("ply\nformat binary_little_endian 1.0\nelement vertex ")
     g = _read_ply(out)
-    ref = avatar_gaussians(fa, neutral_params(fa))
+    ref = fa.gaussians(neutral_params(fa))
     N = fa.model.num_gaussians
     assert g["means"].shape == (N, 3) and g["sh"].shape == (N, 16, 3)
     np.testing.assert_allclose(g["means"], ref["means"][0].numpy(), atol=1e-6)
@@ -187,9 +187,9 @@ def test_mesh_writer_on_the_procedural_head(tmp_path):
 
 
 def test_flare_glb_with_morph_targets(runs, flare, tmp_path):
-    from headavatar.export.flare_mesh import bake_materials, blend_names, posed_vertices
+    from headavatar.methods.flare.export_mesh import bake_materials, blend_names, posed_vertices
     from headavatar.export.mesh import uv_texel_samples
-    from headavatar.methods.flare.shading import linear_to_srgb
+    from headavatar.lighting.color import linear_to_srgb
 
     out = tmp_path / "flare.glb"
     export_run(runs["flare"], out, texture_size=64)
@@ -231,14 +231,14 @@ def test_flare_glb_with_morph_targets(runs, flare, tmp_path):
 
 
 def test_flare_obj_frame_and_sequence(runs, flare, tmp_path):
-    from headavatar.export.flare_mesh import posed_vertices
+    from headavatar.methods.flare.export_mesh import posed_vertices
 
     files = export_run(runs["flare"], tmp_path / "f3.obj", frames=3, texture_size=32)
     assert [p.name for p in files] == ["f3.obj", "f3.mtl", "f3_albedo.png", "f3_roughness.png", "f3_specular.png"]
     mtl = (tmp_path / "f3.mtl").read_text()
     assert "map_Kd f3_albedo.png" in mtl and "map_Pr f3_roughness.png" in mtl and "map_Ks f3_specular.png" in mtl
     obj = trimesh.load(tmp_path / "f3.obj", process=False)
-    verts, _ = posed_vertices(flare, 3)
+    verts, _ = posed_vertices(flare, frame_params(flare, 3))
     from scipy.spatial import cKDTree
 
     assert cKDTree(verts).query(np.asarray(obj.vertices))[0].max() < 1e-6
@@ -246,7 +246,7 @@ def test_flare_obj_frame_and_sequence(runs, flare, tmp_path):
     seq = export_run(runs["flare"], tmp_path / "seq", "glb", frames="0,7", texture_size=32)
     assert sorted(p.name for p in seq) == ["frame_000000.glb", "frame_000007.glb", "frames.json"]
     s7 = trimesh.load(tmp_path / "seq" / "frame_000007.glb", process=False)
-    assert cKDTree(posed_vertices(flare, 7)[0]).query(np.asarray(next(iter(s7.geometry.values())).vertices))[0].max() < 1e-6
+    assert cKDTree(posed_vertices(flare, frame_params(flare, 7))[0]).query(np.asarray(next(iter(s7.geometry.values())).vertices))[0].max() < 1e-6
 
 
 def test_flare_remeshed_gets_an_atlas(runs, tmp_path):

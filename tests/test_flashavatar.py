@@ -36,7 +36,7 @@ def _test_psnr(run_dir):
 
 def test_model_layout(subject):
     from headavatar.methods.flashavatar.config import FlashAvatarConfig
-    from headavatar.methods.flashavatar.train import build_model
+    from headavatar.methods.flashavatar.build import build_model
     from headavatar.subjects.format import Subject
 
     subj = Subject.open(subject)

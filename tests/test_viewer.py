@@ -89,7 +89,7 @@ def test_http_api(viewer, runs):
     assert np.abs(moved - want).mean() > 1
     assert _get(base + "render?f=-1&s=48")[0] == 200
     for query, msg in (("f=99", "unknown frame index 99"), ("x=40:1", "expression index 40 out of range"), ("az=left", "'az' must be a number"),
-                       ("light=sky", "only FLARE avatars can be relit")):
+                       ("light=sky", "only avatars that can be relit")):
         with pytest.raises(urllib.error.HTTPError) as e:
             _get(base + "render?" + query)
         assert e.value.code == 400 and msg in e.value.read().decode()
@@ -107,7 +107,7 @@ def test_port_in_use_and_bad_options(runs):
             open_viewer(runs["fa"], port=port, device="cpu")
     with pytest.raises(UserError, match="--port must lie between"):
         make_server(None, port=70000)
-    with pytest.raises(UserError, match="relights FLARE avatars"):
+    with pytest.raises(UserError, match="relights avatars that can be relit"):
         open_viewer(runs["fa"], port=0, device="cpu", envmaps=["sky.hdr"])
 
 

@@ -1,7 +1,9 @@
 """`headavatar export`: a trained avatar to standard files (docs/EXPORT.md).
 
-* FlashAvatar -> ``ply``: 3D Gaussians in the standard 3D Gaussian Splatting layout.
-* FLARE -> ``glb`` (textures and expression morph targets embedded) or ``obj``
+What an avatar can be written as follows from its capabilities (headavatar.methods.avatar):
+
+* Gaussians (FlashAvatar) -> ``ply``: 3D Gaussians in the standard 3D Gaussian Splatting layout.
+* a textured mesh (FLARE) -> ``glb`` (textures and expression morph targets embedded) or ``obj``
   (+ MTL + PNG maps): the mesh with baked albedo, roughness and specular maps.
 
 Each for the canonical pose (the default), one tracked frame, or a sequence
@@ -13,17 +15,27 @@ from __future__ import annotations
 from pathlib import Path
 
 from headavatar.errors import UserError
+from headavatar.methods.avatar import GAUSSIANS, MESH
 
 EXPORT_DIR = "export"  # RUN_DIR/export: the default destination
-FORMATS = {"flashavatar": ("ply",), "flare": ("glb", "obj")}
+# what each capability of an avatar (headavatar.methods.avatar) can be written as
+CAPABILITY_FORMATS = {GAUSSIANS: ("ply",), MESH: ("glb", "obj")}
 _WHAT = {"ply": "3D Gaussians", "glb": "a textured mesh", "obj": "a textured mesh"}
-_METHOD_WHAT = {"flashavatar": "FlashAvatar run (3D Gaussians)", "flare": "FLARE run (a mesh)"}
+
+
+def method_formats(method_cls) -> tuple[str, ...]:
+    """The formats a method's avatars export to, from its capabilities (first = the default)."""
+    caps = getattr(method_cls, "capabilities", frozenset())
+    return tuple(f for cap in (GAUSSIANS, MESH) if cap in caps for f in CAPABILITY_FORMATS[cap])
 
 
 def resolve_format(method: str, fmt: str | None, out) -> str:
     """The format to write: ``fmt``, else the output's suffix, else the method's first format; checked against the method."""
-    allowed = FORMATS.get(method)
-    if allowed is None:
+    from headavatar.methods import get_method
+
+    cls = get_method(method)
+    allowed = method_formats(cls)
+    if not allowed:
         raise UserError(f"runs of method '{method}' cannot be exported")
     if fmt is None:
         suffix = Path(out).suffix.lower().lstrip(".")
@@ -32,7 +44,7 @@ def resolve_format(method: str, fmt: str | None, out) -> str:
     if fmt not in _WHAT:
         raise UserError(f"unknown export format '{fmt}'; choose one of: ply, glb, obj")
     if fmt not in allowed:
-        raise UserError(f"--format {fmt} holds {_WHAT[fmt]}, but this is a {_METHOD_WHAT.get(method, method)}: use --format {' or '.join(allowed)}")
+        raise UserError(f"--format {fmt} holds {_WHAT[fmt]}, but this is a {getattr(cls, 'describe', method + ' run')}: use --format {' or '.join(allowed)}")
     return fmt
 
 
@@ -54,10 +66,10 @@ def export_run(run_dir, out=None, format: str | None = None, frames=None, device
     out: the file (or, for several frames, the folder) to write; None: ``default_output``.
     frames: None / "canonical" (neutral pose), a frame index (one file at ``out``), or
     "all" / "train" / "test" / a list of indices (``out`` is a folder, one file per frame).
-    texture_size, uv, morph_targets: FLARE meshes only (see ``bake_flare_mesh``).
+    texture_size, uv, morph_targets: meshes only (see ``headavatar.methods.avatar.MeshAvatar``).
     """
-    from headavatar.export.flare_mesh import check_options
     from headavatar.export.frames import parse_frames
+    from headavatar.export.mesh import check_mesh_options
     from headavatar.methods import load_avatar
     from headavatar.methods.run import RunDir
     from headavatar.subjects.format import Subject
@@ -66,7 +78,7 @@ def export_run(run_dir, out=None, format: str | None = None, frames=None, device
     # options are checked before the avatar is loaded, so a typo fails at once
     fmt = resolve_format(info.get("method"), format, out if out is not None else "")
     if fmt != "ply":
-        check_options(texture_size, uv)
+        check_mesh_options(texture_size, uv)
     if out is None:
         out = default_output(run_dir, fmt, frames if not isinstance(frames, (list, tuple)) else ",".join(map(str, frames)))
     sel = parse_frames(frames, Subject.open(info["subject"]))
@@ -75,24 +87,32 @@ def export_run(run_dir, out=None, format: str | None = None, frames=None, device
         from headavatar.export.ply import export_ply
 
         return export_ply(avatar, out, sel)
-    return export_flare_mesh(avatar, out, fmt, sel, texture_size=texture_size, uv=uv, morph_targets=morph_targets)
+    return export_mesh(avatar, out, fmt, sel, texture_size=texture_size, uv=uv, morph_targets=morph_targets)
 
 
-def export_flare_mesh(avatar, out, fmt: str, frames: None | int | list[int], texture_size: int = 1024, uv: str = "auto",
-                      morph_targets: bool = True) -> list[Path]:
+def export_mesh(avatar, out, fmt: str, frames: None | int | list[int], texture_size: int = 1024, uv: str = "auto",
+                morph_targets: bool = True) -> list[Path]:
+    """Write an avatar with the MESH capability: canonical (frames None), one tracked frame (an int) or a sequence (a folder)."""
+    import dataclasses
+
     from headavatar.export.files import write_json_file
-    from headavatar.export.flare_mesh import bake_flare_mesh, frame_mesh
+    from headavatar.export.frames import frame_params
     from headavatar.export.mesh import write_glb, write_mesh, write_obj_geometry, write_obj_material
 
+    if MESH not in avatar.capabilities:
+        raise UserError(f"--format {fmt} holds a textured mesh: {avatar.run.root} is a '{avatar.method}' run without one")
     out = Path(out)
     if frames is None or isinstance(frames, int):
         if out.suffix.lower() != f".{fmt}":
             raise UserError(f"output {out} must end in .{fmt}")
-        return write_mesh(bake_flare_mesh(avatar, frames, texture_size, uv, morph_targets), out, fmt)
+        mesh = avatar.textured_mesh(None if frames is None else frame_params(avatar, frames), texture_size, uv, morph_targets)
+        if frames is not None:
+            mesh = dataclasses.replace(mesh, extras={**mesh.extras, "frame": int(frames)})
+        return write_mesh(mesh, out, fmt)
     if out.exists() and not out.is_dir():
         raise UserError(f"{out} exists and is not a folder: a sequence is written as a folder of .{fmt} files")
     out.mkdir(parents=True, exist_ok=True)
-    base = bake_flare_mesh(avatar, None, texture_size, uv, morph_targets=False)  # maps baked once, shared by every frame
+    base = avatar.textured_mesh(None, texture_size, uv, morph_targets=False)  # maps baked once, shared by every frame
     written: list[Path] = []
     mtl = None
     if fmt == "obj":
@@ -102,7 +122,8 @@ def export_flare_mesh(avatar, out, fmt: str, frames: None | int | list[int], tex
     tr = avatar.subject.tracking
     index = []
     for i in frames:
-        m = frame_mesh(base, avatar, i)
+        m = avatar.posed_mesh(base, frame_params(avatar, i))
+        m = dataclasses.replace(m, extras={**m.extras, "frame": int(i)})
         p = out / f"frame_{i:06d}.{fmt}"
         written.append(write_glb(m, p) if fmt == "glb" else write_obj_geometry(m, p, mtl))
         index.append({"frame": i, "file": p.name, "time": float(tr.timestamps[i])})
@@ -134,4 +155,4 @@ def report_section(run_dir) -> tuple[str, str] | None:
     return "Exports", body
 
 
-__all__ = ["export_run", "export_flare_mesh", "resolve_format", "default_output", "report_section", "FORMATS", "EXPORT_DIR"]
+__all__ = ["export_run", "export_mesh", "resolve_format", "method_formats", "default_output", "report_section", "CAPABILITY_FORMATS", "EXPORT_DIR"]

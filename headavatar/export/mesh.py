@@ -81,6 +81,17 @@ class TexturedMesh:
 
 
 # ------------------------------------------------------------------ geometry helpers
+UV_MODES = ("auto", "head", "atlas")  # the head model's own UVs when the mesh still has its topology, else a generated atlas
+
+
+def check_mesh_options(texture_size: int, uv: str) -> None:
+    """The mesh export options (``--texture-size``, ``--uv``), checked before any work."""
+    if uv not in UV_MODES:
+        raise UserError(f"--uv must be one of {', '.join(UV_MODES)} (got {uv!r})")
+    if not 16 <= int(texture_size) <= 8192:
+        raise UserError(f"--texture-size must lie between 16 and 8192 (got {texture_size})")
+
+
 def split_uv_seams(faces: np.ndarray, uv_faces: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """One vertex per distinct (position, uv) corner pair.
 
@@ -347,7 +358,7 @@ def head_model_mesh(head, shape=None, textures: dict | None = None, morph_target
     """
     import torch
 
-    from headavatar.methods.flare.shading import linear_to_srgb
+    from headavatar.lighting.color import linear_to_srgb
 
     with torch.no_grad():
         s = None if shape is None else torch.as_tensor(shape, dtype=torch.float32).reshape(1, -1).to(head.template)

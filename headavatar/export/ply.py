@@ -120,34 +120,23 @@ def read_gaussian_ply(path: str | os.PathLike) -> dict[str, np.ndarray]:
     return table_to_gaussians(body.reshape(count[0], len(PROPERTIES)).astype(np.float32))
 
 
-# ------------------------------------------------------------------ FlashAvatar
-def avatar_gaussians(avatar, params: dict) -> dict[str, torch.Tensor]:
-    """FlashAvatar's Gaussians for a batch of head-model inputs, as its renderer gets them ([B,N,...])."""
-    model = avatar.model
-    with torch.no_grad():
-        cond, verts = model.frame_inputs(params)
-        g = model.gaussians(cond, verts)
-    deg = avatar.cfg.sh_degree
-    g = dict(g)
-    g["colors"] = g["colors"][:, :, : (deg + 1) ** 2]  # what the avatar renders with; the rest is padded with zeros
-    return g
-
-
+# ------------------------------------------------------------------ avatars with Gaussians
 def export_ply(avatar, out, frames: None | int | list[int]) -> list[Path]:
-    """Write the canonical Gaussians (frames None), one tracked frame (an int) or a sequence (a list: a folder).
+    """Write an avatar's (GAUSSIANS capability) canonical Gaussians (frames None), one tracked frame (an int) or a sequence (a list: a folder).
 
     A sequence goes to ``out/frame_XXXXXX.ply`` (X = tracked frame index) plus
     ``out/frames.json`` listing the files with their timestamps.
     """
     from headavatar.export.frames import frame_params, neutral_params
+    from headavatar.methods.avatar import GAUSSIANS
 
-    if avatar.method != "flashavatar":
-        raise UserError(f"--format ply holds 3D Gaussians: {avatar.run.root} is a '{avatar.method}' run (a mesh); use --format glb or obj")
+    if GAUSSIANS not in avatar.capabilities:
+        raise UserError(f"--format ply holds 3D Gaussians: {avatar.run.root} is a '{avatar.method}' run without them; use --format glb or obj")
     out = Path(out)
     if frames is None or isinstance(frames, int):
         params = neutral_params(avatar) if frames is None else frame_params(avatar, frames)
         _check_file_target(out, ".ply")
-        g = avatar_gaussians(avatar, params)
+        g = avatar.gaussians(params)
         return [write_gaussian_ply(out, g["means"][0], g["quats"][0], g["scales"][0], g["opacities"][0], g["colors"][0])]
     if out.exists() and not out.is_dir():
         raise UserError(f"{out} exists and is not a folder: a sequence is written as a folder of .ply files")
@@ -155,7 +144,7 @@ def export_ply(avatar, out, frames: None | int | list[int]) -> list[Path]:
     tr = avatar.subject.tracking
     written, index = [], []
     for i in frames:
-        g = avatar_gaussians(avatar, frame_params(avatar, i))
+        g = avatar.gaussians(frame_params(avatar, i))
         p = write_gaussian_ply(out / f"frame_{i:06d}.ply", g["means"][0], g["quats"][0], g["scales"][0], g["opacities"][0], g["colors"][0])
         written.append(p)
         index.append({"frame": i, "file": p.name, "time": float(tr.timestamps[i])})

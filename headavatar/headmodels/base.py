@@ -4,7 +4,7 @@ A head model is data: a template mesh with UVs, linear identity/expression
 bases, a joint hierarchy with linear blend skinning (optionally pose
 correctives), named vertex regions and a 68-point landmark embedding.  The
 ``HeadModel`` class below holds that data and implements the one deformation
-every model shares:
+every model shares (its pieces in headavatar.headmodels.skinning):
 
     v = template + shape_basis @ shape + expr_basis @ expression
         + pose_basis @ pose_features(rotations)          (if the model has one)
@@ -28,36 +28,12 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from headavatar.headmodels.skinning import blend_shapes, global_transforms, pose_correctives, skin, transform_points
 from headavatar.utils.rotations import axis_angle_to_6d, axis_angle_to_matrix
 
 # Region names every head model provides (vertex index arrays).  "boundary" is
 # the rim to exclude (e.g. the bottom of the neck) when sampling Gaussians.
 REQUIRED_REGIONS = ("face", "mouth_interior", "lips", "eyes", "hair", "neck", "boundary")
-
-
-def global_transforms(parents: list[int], rots: torch.Tensor, joints: torch.Tensor) -> torch.Tensor:
-    """Per-joint transforms [B,J,4,4] mapping rest-pose points to posed points.
-
-    rots: local rotations [B,J,3,3] (relative to the parent); joints: rest joint positions [B|1,J,3].
-    """
-    B, J = rots.shape[:2]
-    joints = joints.expand(B, -1, -1)
-    rel = joints.clone()
-    for j in range(1, J):
-        rel[:, j] = joints[:, j] - joints[:, parents[j]]
-    local = torch.zeros(B, J, 4, 4, dtype=rots.dtype, device=rots.device)
-    local[..., :3, :3] = rots
-    local[..., :3, 3] = rel
-    local[..., 3, 3] = 1
-    chain = [local[:, 0]]
-    for j in range(1, J):
-        chain.append(chain[parents[j]] @ local[:, j])
-    G = torch.stack(chain, 1)
-    # remove the rest-pose joint location: G' x = G (x - j_rest)
-    offset = (G[..., :3, :3] @ joints[..., None])[..., 0]
-    G = G.clone()
-    G[..., :3, 3] = G[..., :3, 3] - offset
-    return G
 
 
 @dataclass
@@ -152,9 +128,9 @@ class HeadModel:
                 B = x.shape[0]
         v = self.template[None].expand(B, -1, -1)
         if shape is not None and self.num_shape:
-            v = v + torch.einsum("vcs,bs->bvc", self.shape_basis[..., : shape.shape[-1]], shape)
+            v = v + blend_shapes(self.shape_basis[..., : shape.shape[-1]], shape)
         if expression is not None and self.num_expression:
-            v = v + torch.einsum("vce,be->bvc", self.expr_basis[..., : expression.shape[-1]], expression)
+            v = v + blend_shapes(self.expr_basis[..., : expression.shape[-1]], expression)
         return v
 
     def forward(
@@ -177,17 +153,14 @@ class HeadModel:
         joints_rest = torch.einsum("jv,bvc->bjc", self.joint_regressor, v_shaped)
         v_posed = v_shaped
         if self.pose_basis is not None and J > 1:
-            eye = torch.eye(3, dtype=rots.dtype, device=rots.device)
-            feats = (rots[:, 1:] - eye).reshape(B, -1)
-            v_posed = v_posed + (feats @ self.pose_basis).reshape(B, -1, 3)
-        G = self._global_transforms(rots, joints_rest)  # [B,J,4,4]
-        T = torch.einsum("vj,bjxy->bvxy", self.skin_weights, G)
-        v = (T[..., :3, :3] @ v_posed[..., None])[..., 0] + T[..., :3, 3]
+            v_posed = v_posed + pose_correctives(rots, self.pose_basis)
+        G = self.global_transforms(rots, joints_rest)  # [B,J,4,4]
+        v = skin(v_posed, self.skin_weights, G)
         if extras:
             for k, basis in self.post_basis.items():
                 if k in extras:
-                    v = v + torch.einsum("vck,bk->bvc", basis, extras[k])
-        joints = (G[..., :3, :3] @ joints_rest[..., None])[..., 0] + G[..., :3, 3]
+                    v = v + blend_shapes(basis, extras[k])
+        joints = transform_points(G, joints_rest)
         if translation is not None:
             v = v + translation[:, None]
             joints = joints + translation[:, None]
@@ -195,8 +168,23 @@ class HeadModel:
 
     __call__ = forward
 
-    def _global_transforms(self, rots: torch.Tensor, joints: torch.Tensor) -> torch.Tensor:
+    def global_transforms(self, rots: torch.Tensor, joints: torch.Tensor) -> torch.Tensor:
+        """Rest -> posed transforms [B,J,4,4] of the joints for local rotations [B,J,3,3] and rest joints [B|1,J,3]."""
         return global_transforms(self.parents, rots, joints)
+
+    def jaw_open_sign(self) -> float:
+        """+1 if a positive x rotation of the 'jaw' joint moves the jaw down (FLAME's convention), -1 if up, 0 without a jaw."""
+        if "jaw" not in self.joint_names:
+            return 0.0
+        j = self.joint_index("jaw")
+        rot = torch.zeros(1, self.num_joints, 3)
+        rot[0, j, 0] = 0.2
+        with torch.no_grad():
+            v0 = self(joint_rotations=torch.zeros_like(rot).to(self.template))
+            v1 = self(joint_rotations=rot.to(self.template))
+        w = self.skin_weights[:, j]
+        dy = ((v1 - v0)[0, :, 1] * w).sum() / w.sum().clamp_min(1e-8)
+        return 1.0 if float(dy) <= 0 else -1.0
 
     def landmarks(self, vertices: torch.Tensor) -> torch.Tensor:
         """[B,V,3] -> [B,68,3] via the barycentric landmark embedding."""

@@ -240,5 +240,16 @@ def procedural_sky(
     return rad.float().numpy()
 
 
-__all__ = ["EnvironmentLight", "EnvMapLighting", "load_envmap", "preprocess_radiance", "procedural_sky", "rotation_y", "level_roughness", "TONEMAPS"]
+def load_light(envmap, size: int = 256, tonemap: str = "reinhard", scale: float = 2.0, exposure: float = 0.0, rotation: float = 0.0,
+               device="cpu") -> EnvironmentLight:
+    """EnvironmentLight from a .hdr/.exr path, or "sky" for the built-in procedural sky; ``rotation`` in degrees about +y."""
+    if str(envmap) == "sky":
+        img = preprocess_radiance(torch.from_numpy(procedural_sky(max(64, size))), tonemap, scale, exposure)
+        light = EnvironmentLight.from_latlong(img, size=size, min_size=min(16, size), device=device)
+    else:
+        light = EnvironmentLight.from_file(envmap, tonemap=tonemap, scale=scale, exposure=exposure, size=size, min_size=min(16, size), device=device)
+    return light.rotated(rotation) if rotation else light
+
+
+__all__ = ["EnvironmentLight", "EnvMapLighting", "load_envmap", "load_light", "preprocess_radiance", "procedural_sky", "rotation_y", "level_roughness", "TONEMAPS"]
 

@@ -1,31 +1,26 @@
 """Avatar methods (flashavatar, flare) found through a registry.
 
-A method is a class implementing ``Method`` (below), registered with ``@register_method``
-in its package ``headavatar/methods/<name>/__init__.py``; built-ins are imported on first use.
+A method is a class (``MethodProtocol`` in avatar.py) with:
+  name: str
+  config_cls: a dataclass whose defaults reproduce the paper
+  capabilities, describe: what its avatars can give (Gaussians, a mesh, relighting) and a phrase for messages
+  train(subject_dir, run_dir, cfg, resume, progress) -> None
+  load(run_dir, device) -> an Avatar (the protocol in avatar.py) for eval/render/export/viewer
+  demo_settings(quick), demo_extras(...): what `headavatar demo` needs
+Registered with ``@register_method``; nothing outside the method's folder names it.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, ClassVar, Protocol
+from typing import TYPE_CHECKING, Any
 
 from headavatar.registry import Registry
 
+if TYPE_CHECKING:
+    from headavatar.methods.avatar import MethodProtocol
 
-class Method(Protocol):
-    """What a training method provides; ``get_method(name)`` returns the class."""
-
-    name: ClassVar[str]
-    config_cls: ClassVar[type]  # a dataclass whose defaults reproduce the paper
-
-    def train(self, subject_dir: Path, run, cfg, resume: bool = False, progress: bool = True) -> None:
-        """Train on the subject in ``subject_dir`` into ``run`` (a RunDir), resuming when asked."""
-
-    def load(self, run, device="cpu"):
-        """Open a trained run (a RunDir) for eval/render/export/view."""
-
-
-METHODS: Registry[type[Method]] = Registry(
+METHODS: Registry[type[MethodProtocol]] = Registry(
     "method", builtins={"flashavatar": "headavatar.methods.flashavatar", "flare": "headavatar.methods.flare"}
 )
 
@@ -35,7 +30,7 @@ def register_method(cls):
     return METHODS.register(entry=cls)
 
 
-def get_method(name: str) -> type[Method]:
+def get_method(name: str) -> type[MethodProtocol]:
     return METHODS.get(name)
 
 

@@ -33,6 +33,7 @@ import torch
 
 from headavatar.camera import Cameras, fov_to_focal, intrinsics, look_at
 from headavatar.errors import UserError
+from headavatar.lighting.color import linear_to_srgb
 from headavatar.subjects.format import Subject, SubjectWriter, Tracking, default_split
 from headavatar.utils.rotations import axis_angle_to_matrix, matrix_to_axis_angle
 
@@ -377,11 +378,6 @@ def make_synthetic_animation(model, num_frames: int, fps: float = 25.0, seed: in
 
 
 # =================================================================== renderer
-def _srgb_encode(x: torch.Tensor) -> torch.Tensor:
-    x = x.clamp(0, 1)
-    return torch.where(x <= 0.0031308, 12.92 * x, 1.055 * x.clamp_min(0.0031308) ** (1 / 2.4) - 0.055)
-
-
 def _as_params(tracking_or_params) -> dict:
     if isinstance(tracking_or_params, Tracking):
         return tracking_or_params.params(np.arange(tracking_or_params.num_frames))
@@ -501,7 +497,7 @@ def render_synthetic_frames(
             col_i = pix - row * (W * ss)
             out_idx = torch.div(row, ss, rounding_mode="floor") * W + torch.div(col_i, ss, rounding_mode="floor")
             acc = torch.zeros(H * W, 4 + NUM_LABELS, device=device)
-            vals = torch.cat([_srgb_encode(col), torch.ones_like(col[:, :1]), torch.nn.functional.one_hot(labels0[f + 1], NUM_LABELS).float()], 1)
+            vals = torch.cat([linear_to_srgb(col.clamp(0, 1)), torch.ones_like(col[:, :1]), torch.nn.functional.one_hot(labels0[f + 1], NUM_LABELS).float()], 1)
             acc.index_add_(0, out_idx, vals)
             acc = acc / (ss * ss)
             a_ = acc[:, 3:4]

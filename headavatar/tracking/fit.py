@@ -51,6 +51,7 @@ import torch
 from headavatar.camera import fov_to_focal
 from headavatar.errors import UserError
 from headavatar.headmodels.base import HeadModel
+from headavatar.headmodels.skinning import blend_shapes, blend_transforms, pose_correctives, transform_points
 from headavatar.subjects.format import Tracking
 from headavatar.utils.rotations import (
     axis_angle_to_matrix,
@@ -132,7 +133,7 @@ class LandmarkModel:
         Wb.index_put_((torch.arange(L, device=bary.device)[:, None].expand(-1, 3), local.reshape(L, 3)), bary, accumulate=True)
         self.num_joints = model.num_joints
         self.parents = model.parents
-        self.global_transforms = model._global_transforms
+        self.global_transforms = model.global_transforms
         self.rigid = model.num_joints == 1 and not model.post_basis
         # rigid: blend the bases to the points now; otherwise keep vertex rows and blend after skinning
         R = Wb if self.rigid else None
@@ -207,15 +208,14 @@ class LandmarkModel:
             return (out.transpose(1, 2), R[:, None].expand(-1, self.num_points, -1, -1)) if frames else out.transpose(1, 2)
         rots = _aa_to_matrix(joint_rotations)
         if self.pose_basis is not None:
-            eye = torch.eye(3, dtype=rots.dtype, device=rots.device)
-            v = v + ((rots[:, 1:] - eye).reshape(B, -1) @ self.pose_basis).reshape(B, -1, 3)
+            v = v + pose_correctives(rots, self.pose_basis)
         G = self.global_transforms(rots, joints)
-        T = torch.einsum("vj,bjxy->bvxy", self.skin_weights, G[..., :3, :])  # linear blend of the joints' transforms
-        v = (T[..., :3] * v[..., None, :]).sum(-1) + T[..., 3]
+        T = blend_transforms(self.skin_weights, G)  # linear blend of the joints' transforms
+        v = transform_points(T, v)
         if extras:
             for k, basis in self.post_basis.items():
                 if k in extras:
-                    v = v + torch.einsum("vck,bk->bvc", basis, extras[k])
+                    v = v + blend_shapes(basis, extras[k])
         if translation is not None:
             v = v + translation[:, None]
         if frames:
@@ -372,8 +372,7 @@ def _skinned_jacobians(lmodel, rotations, v, joints, x, logf, rc, scale, fitted_
         rots = _aa_to_matrix(rv)
         G = lmodel.global_transforms(rots, joints)  # [M,J,4,4], rest -> posed (before translation)
         if lmodel.pose_basis is not None:
-            eye = torch.eye(3, dtype=rots.dtype, device=rots.device)
-            v = v + ((rots[:, 1:] - eye).reshape(M, -1) @ lmodel.pose_basis).reshape(M, -1, 3)
+            v = v + pose_correctives(rots, lmodel.pose_basis)
         for k in fitted_joints:
             desc = [j for j in range(lmodel.num_joints) if _is_descendant(lmodel.parents, j, k)]
             o = (G[:, k, :3, :3] @ joints[:, k, :, None])[..., 0] + G[:, k, :3, 3]  # posed joint k

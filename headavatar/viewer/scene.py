@@ -1,8 +1,10 @@
 """What the viewer shows: a view state (frame, orbit, sliders, light) -> a frame rendered by the trained model.
 
-Rendering happens here, in Python, through the avatar's own renderer
-(``avatar.render`` / FLARE's ``relight``): the browser only displays JPEGs, so
-what it shows is exactly what the model renders, on CPU and GPU alike.
+Rendering happens here, in Python, through the avatar's own renderer (the
+Avatar protocol of headavatar.methods.avatar: ``render``, ``render_gaussians``
+for avatars made of Gaussians, ``relight`` for relightable ones): the browser
+only displays JPEGs, so what it shows is exactly what the model renders, on
+CPU and GPU alike.
 
 The view state, as the page sends it (all optional):
 
@@ -12,7 +14,7 @@ The view state, as the page sends it (all optional):
   yaw, pitch, roll   head rotation added to the frame's, degrees (head axes: +y up, +z forward)
   jaw    jaw opening added, degrees (head models with a "jaw" joint)
   x      expression offsets added to the frame's: "index:value,index:value"
-  light  "" (the avatar's own light) or the name of an environment map (FLARE)
+  light  "" (the avatar's own light) or the name of an environment map (relightable avatars)
   s      long side of the image in pixels
 """
 
@@ -30,10 +32,11 @@ import torch
 
 from headavatar.camera import Cameras
 from headavatar.errors import UserError
+from headavatar.methods.avatar import GAUSSIANS, RELIGHT
 from headavatar.utils.rotations import axis_angle_to_matrix, matrix_to_axis_angle
 
 MIN_SIZE, MAX_SIZE = 32, 2048
-BUILTIN_LIGHTS = ("sky",)  # FLARE: environments that need no file
+BUILTIN_LIGHTS = ("sky",)  # relightable avatars: environments that need no file
 
 
 class BadRequest(ValueError):
@@ -132,10 +135,10 @@ class ViewerScene:
         self.head = avatar.head
         self.jaw_index = self.head.joint_index("jaw") if "jaw" in self.head.joint_names else None
         self.jaw_sign = self._jaw_sign() if self.jaw_index is not None else 0.0
-        self.is_flare = avatar.method == "flare"
+        self.relightable = RELIGHT in avatar.capabilities
         self.env_paths: dict[str, str] = {}
-        if envmaps and not self.is_flare:
-            raise UserError("--envmap relights FLARE avatars; this is a FlashAvatar run (its colours are baked in)")
+        if envmaps and not self.relightable:
+            raise UserError(f"--envmap relights avatars that can be relit; this '{avatar.method}' run cannot (its colours are baked in)")
         for p in envmaps or []:
             p = Path(p)
             if not p.is_file():
@@ -154,7 +157,7 @@ class ViewerScene:
     def info(self) -> dict:
         names = list(self.head.expression_names)
         E = self.tracking.expression.shape[1]
-        lights = (["sky"] + list(self.env_paths)) if self.is_flare else []
+        lights = (list(BUILTIN_LIGHTS) + list(self.env_paths)) if self.relightable else []
         return {
             "method": self.avatar.method,
             "subject": self.subject.root.name,
@@ -195,7 +198,7 @@ class ViewerScene:
         params = self._apply_sliders(params, st)
         if st.light:
             return self._relight(params, cams, st.light)[0]
-        if self.avatar.method == "flashavatar":
+        if GAUSSIANS in self.avatar.capabilities:
             return self._render_gaussians(params, cams, st)[0]
         return self.avatar.render(params, cams)["rgb"][0]
 
@@ -245,30 +248,23 @@ class ViewerScene:
         return p
 
     def _jaw_sign(self) -> float:
-        from headavatar.methods.flare.model import jaw_open_sign
-
-        with torch.no_grad():
-            return jaw_open_sign(self.head) or 1.0
+        return self.head.jaw_open_sign() or 1.0
 
     def _render_gaussians(self, params: dict, cams, st: ViewState) -> torch.Tensor:
-        """FlashAvatar: the Gaussians of a pose are kept, so orbiting only re-rasterises."""
-        from headavatar.export.ply import avatar_gaussians
-
+        """Avatars made of Gaussians: the Gaussians of a pose are kept, so orbiting only re-rasterises."""
         key = (st.frame, tuple(sorted(st.expression.items())), st.yaw, st.pitch, st.roll, st.jaw)
         if key != self._cache_key:
-            self._cache_gaussians = avatar_gaussians(self.avatar, params)
+            self._cache_gaussians = self.avatar.gaussians(params)
             self._cache_key = key
-        a = self.avatar
-        g = self._cache_gaussians
-        return a.model.render(g, cams, a.background, a.cfg.sh_degree, a.backend).rgb
+        return self.avatar.render_gaussians(self._cache_gaussians, cams)["rgb"]
 
     def light(self, name: str):
-        if not self.is_flare:
-            raise BadRequest("only FLARE avatars can be relit")
+        if not self.relightable:
+            raise BadRequest(f"only avatars that can be relit take a light; this '{self.avatar.method}' run cannot")
         if name not in self._lights:
             if name not in BUILTIN_LIGHTS and name not in self.env_paths:
                 raise BadRequest(f"unknown environment '{name}' (have: {', '.join(list(BUILTIN_LIGHTS) + list(self.env_paths))})")
-            from headavatar.methods.flare.relight import load_light
+            from headavatar.lighting.envmap import load_light
 
             self._lights[name] = load_light(self.env_paths.get(name, name), size=self.env_size, device=self.avatar.device)
         return self._lights[name]

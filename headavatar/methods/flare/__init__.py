@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from headavatar.methods import register_method
+from headavatar.methods.avatar import MESH, RELIGHT, DemoSettings
 from headavatar.methods.flare.config import FlareConfig
 
 if TYPE_CHECKING:
@@ -23,11 +24,11 @@ if TYPE_CHECKING:
 
 
 def __getattr__(name: str):
-    # FlareAvatar and composite live in avatar.py (imports torch); loaded on first use
-    if name in ("FlareAvatar", "composite"):
+    # FlareAvatar lives in avatar.py (imports torch); loaded on first use
+    if name == "FlareAvatar":
         from headavatar.methods.flare import avatar
 
-        return getattr(avatar, name)
+        return avatar.FlareAvatar
     raise AttributeError(name)
 
 
@@ -35,6 +36,8 @@ def __getattr__(name: str):
 class FlareMethod:
     name = "flare"
     config_cls = FlareConfig
+    capabilities = frozenset({MESH, RELIGHT})
+    describe = "FLARE run (a mesh)"
 
     def train(self, subject_dir: Path, run: "RunDir", cfg: FlareConfig, resume: bool = False, progress: bool = True) -> None:
         from headavatar.methods.flare.train import train_flare
@@ -45,3 +48,15 @@ class FlareMethod:
         from headavatar.methods.flare.avatar import FlareAvatar
 
         return FlareAvatar(run, device, subject_dir)
+
+    def demo_settings(self, quick: bool) -> DemoSettings:
+        from headavatar.methods.flare.demo import DEMO_SETTINGS
+
+        d = DEMO_SETTINGS["quick" if quick else "full"]
+        return DemoSettings(frames=d["frames"], image_size=d["image_size"], overrides=dict(d["overrides"]))
+
+    def demo_extras(self, run_dir: Path, device, quick: bool, log=print) -> list[tuple[str, str]]:
+        """Relighting under the built-in sky, scored against the synthetic subject's ground truth."""
+        from headavatar.methods.flare.demo import demo_relight_step
+
+        return demo_relight_step(run_dir, device, quick, log)

@@ -1,4 +1,4 @@
-"""A trained FLARE avatar (eval, render, relight, export)."""
+"""A trained FLARE avatar behind the Avatar protocol (headavatar.methods.avatar): render, relight, mesh export."""
 
 from __future__ import annotations
 
@@ -6,7 +6,9 @@ from pathlib import Path
 
 import torch
 
+from headavatar.methods.avatar import MESH, RELIGHT, open_run
 from headavatar.methods.flare.config import FlareConfig
+from headavatar.methods.flare.shading import composite
 from headavatar.methods.run import RunDir
 
 
@@ -15,19 +17,13 @@ class FlareAvatar:
 
     method = "flare"
     eval_protocol = "imavatar"
+    capabilities = frozenset({MESH, RELIGHT})
 
     def __init__(self, run: RunDir, device, subject_dir: Path | None = None, head_overrides: dict | None = None):
-        from headavatar.config import from_dict
-        from headavatar.methods.flare.train import build_model, resolve_light_frame, restore_model, training_size
-        from headavatar.subjects.format import Subject
-        from headavatar.utils.device import resolve_device
+        from headavatar.methods.flare.build import build_model, resolve_light_frame, restore_model
 
-        info = run.require_method("flare")
         self.run = run
-        self.cfg = from_dict(FlareConfig, info["config"], where=str(run.info_path))
-        self.device = resolve_device(device) if isinstance(device, str) else device
-        self.subject = Subject.open(subject_dir or info["subject"])
-        self.size = training_size(self.subject, self.cfg.resolution)
+        info, self.cfg, self.device, self.subject, self.size = open_run(run, self.method, FlareConfig, device, subject_dir)
         self.light_frame = info.get("light_frame") or resolve_light_frame(self.cfg, self.subject)
         self.model = build_model(self.subject, self.cfg, self.device, head_overrides or run.head_overrides)
         self.step, state = run.load_checkpoint(map_location=self.device)
@@ -53,14 +49,15 @@ class FlareAvatar:
 
         return relight_frames(self, params, cameras, light, background, intrinsics, light_frame)
 
+    # ------------------------------------------------------------ MESH
+    def textured_mesh(self, params: dict | None = None, texture_size: int = 1024, uv: str = "auto", morph_targets: bool = True,
+                      textures: bool = True):
+        """The mesh with baked albedo/roughness/specular maps and, canonical only, expression morph targets."""
+        from headavatar.methods.flare.export_mesh import textured_mesh
 
-def composite(rgb_lin_premult: torch.Tensor, alpha: torch.Tensor, background: torch.Tensor) -> torch.Tensor:
-    """Premultiplied linear radiance -> sRGB over an sRGB background (blend in sRGB, as the GT mattes are)."""
-    from headavatar.methods.flare.shading import linear_to_srgb
+        return textured_mesh(self, params, texture_size, uv, morph_targets, textures)
 
-    a = alpha.clamp(0, 1)
-    fg = linear_to_srgb((rgb_lin_premult / a.clamp_min(1e-6)).clamp(0, 1))
-    bg = background.to(fg)
-    if bg.dim() == 1:
-        bg = bg.view(1, 1, 1, -1)
-    return (fg * a + bg * (1 - a)).clamp(0, 1)
+    def posed_mesh(self, base, params: dict):
+        from headavatar.methods.flare.export_mesh import posed_mesh
+
+        return posed_mesh(self, base, params)

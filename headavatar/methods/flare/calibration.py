@@ -71,8 +71,7 @@ def capture_light(avatar, calibrate: str | Path, env_size: int = 64, tonemap: st
         if light is None and key == "subject":
             raise UserError(f"{avatar.subject.root} records no capture light: calibrate with a light probe (--calibrate PROBE.hdr) or use --calibrate none")
         return light
-    from headavatar.lighting.envmap import EnvMapLighting
-    from headavatar.methods.flare.relight import load_light
+    from headavatar.lighting.envmap import EnvMapLighting, load_light
 
     if not Path(key).is_file():
         raise UserError(f"--calibrate {key}: no such light probe (give auto, none, subject or a .hdr/.exr file)")

@@ -2,7 +2,8 @@
 the relighting step (relit video under the built-in sky, intrinsic images, and the relit PSNR
 against the synthetic subject's ground truth).
 
-headavatar/demo.py owns the demo; it takes ``DEMO_SETTINGS`` and calls ``demo_relight``.
+headavatar/demo.py owns the demo; it asks the method (FlareMethod.demo_settings / demo_extras), which
+reads ``DEMO_SETTINGS`` and runs ``demo_relight_step``.
 """
 
 from __future__ import annotations
@@ -51,3 +52,19 @@ def demo_relight(run_dir, device="auto", quick: bool = False, progress: bool = T
                              max_frames=4 if quick else None)
     return {"video": out["video"], "intrinsics_video": out.get("intrinsics_video"), "relit_psnr": ev["mean"], "albedo_scale": ev["albedo_scale"],
             "exposure_scale": ev["exposure_scale"]}
+
+
+def demo_relight_step(run_dir, device="auto", quick: bool = False, log=print) -> list[tuple[str, str]]:
+    """The demo's relighting step: runs ``demo_relight``, prints the relit PSNR, returns the report's section."""
+    log("      relighting under the built-in procedural sky")
+    rel = demo_relight(run_dir, device=device, quick=quick)
+    rp = rel["relit_psnr"]
+    log("      relit PSNR (dB): " + ", ".join(f"{name} {rp[key]:.2f}" for name, key in
+                                           (("uncalibrated", "psnr_raw"), ("calibrated to the capture light", "psnr_calibrated"),
+                                            ("albedo-aligned", "psnr_albedo_aligned")) if key in rp))
+    rows = "".join(f"<tr><td>{k}</td><td>{v:.4f}</td></tr>" for k, v in rp.items() if isinstance(v, (int, float)))
+    return [("Relighting (held-out frames under a new light, against ground truth)",
+             f"<p>Video: <a href='relit_sky.mp4'>relit_sky.mp4</a>; intrinsic images: <a href='relit_sky_intrinsics.mp4'>relit_sky_intrinsics.mp4</a></p>"
+             "<p>raw: the learnt materials as they are; calibrated: exposure calibrated against the subject's recorded capture light "
+             "(what <code>headavatar relight</code> does); albedo_aligned: albedo scale fitted to the true albedo (docs/RELIGHTING.md).</p>"
+             f"<table>{rows}</table>")]

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from headavatar.methods.flare.shading import linear_to_srgb
+from headavatar.lighting.color import linear_to_srgb
 
 
 # ------------------------------------------------------------------ image terms

@@ -34,38 +34,11 @@ from headavatar.methods.flare.light import LightMLP
 from headavatar.methods.flare.materials import MaterialMLP
 from headavatar.methods.flare.shading import SplitSum, prepare_shading_normal, reflect
 from headavatar.render.mesh.ops import face_normals, vertex_normals
+from headavatar.headmodels.skinning import blend_shapes, blend_transforms, global_transforms, pose_features, transform_points
 from headavatar.utils.rotations import axis_angle_to_matrix
-from headavatar.headmodels.base import global_transforms as _lbs_transforms
 
 # Parsing labels (headavatar.subjects.format.LABELS) whose surface gets the skin F0 (FLARE's channels 0-2).
 SKIN_F0_LABELS = (1, 2, 3, 4, 7)
-
-
-# ------------------------------------------------------------------ kinematics
-def global_transforms(parents: list[int], rots: torch.Tensor, joints: torch.Tensor) -> torch.Tensor:
-    """Per-joint rest->posed transforms [B,J,3,4] (the head models' LBS transforms without the last row)."""
-    return _lbs_transforms(parents, rots, joints)[..., :3, :]
-
-
-def pose_features(rots: torch.Tensor) -> torch.Tensor:
-    """[B,J,3,3] -> [B, 9(J-1)]: (R_j - I) of every non-root joint, FLAME's pose-corrective input."""
-    eye = torch.eye(3, dtype=rots.dtype, device=rots.device)
-    return (rots[:, 1:] - eye).reshape(rots.shape[0], -1)
-
-
-def jaw_open_sign(head: HeadModel) -> float:
-    """+1 if a positive x rotation of the 'jaw' joint moves the jaw down (FLAME's convention), else -1."""
-    if "jaw" not in head.joint_names:
-        return 0.0
-    j = head.joint_index("jaw")
-    rot = torch.zeros(1, head.num_joints, 3)
-    rot[0, j, 0] = 0.2
-    with torch.no_grad():
-        v0 = head(joint_rotations=torch.zeros_like(rot).to(head.template))
-        v1 = head(joint_rotations=rot.to(head.template))
-    w = head.skin_weights[:, j]
-    dy = ((v1 - v0)[0, :, 1] * w).sum() / w.sum().clamp_min(1e-8)
-    return 1.0 if float(dy) <= 0 else -1.0
 
 
 class HeadPrior(nn.Module):
@@ -87,7 +60,7 @@ class HeadPrior(nn.Module):
         shape = shape.reshape(1, -1).to(dev)
         expr_can = canonical_expression.reshape(1, -1)[:, :E].to(dev)
         rots_can = torch.zeros(1, head.num_joints, 3, device=dev)
-        sign = jaw_open_sign(head)
+        sign = head.jaw_open_sign()
         if sign != 0.0:
             rots_can[0, head.joint_index("jaw"), 0] = sign * cfg.canonical_jaw_open
         extras_can = {k: (canonical_extras or {}).get(k, torch.zeros(1, n)).reshape(1, n).to(dev) for k, n in self.extras_sizes.items()}
@@ -101,7 +74,7 @@ class HeadPrior(nn.Module):
             joints_expr = torch.einsum("jv,vce->jce", head.joint_regressor, head.expr_basis[..., :E])
         R_can = axis_angle_to_matrix(rots_can)
         joints_can = joints_id + joints_expr @ expr_can[0]
-        G_can = global_transforms(self.parents, R_can, joints_can[None] * s)[0]
+        G_can = head.global_transforms(R_can, joints_can[None] * s)[0, :, :3]  # [J,3,4]
         # blendshape "expression" = expression coefficients ⊕ extras; bases to match
         bases = [head.expr_basis[..., :E]] + [head.post_basis[k] for k in self.extras_sizes]
         self.register_buffer("verts", verts * s, persistent=False)  # canonical head-model vertices [Vh,3]
@@ -149,11 +122,15 @@ class HeadPrior(nn.Module):
         psi = torch.cat([expr] + [extras.get(k, expr.new_zeros(B, n)) for k, n in self.extras_sizes.items()], -1)
         R = axis_angle_to_matrix(params["joint_rotations"])
         joints = self.joints_id[None] + torch.einsum("jce,be->bjc", self.joints_expr, expr)
-        G = global_transforms(self.parents, R, joints)
+        G = self.global_transforms(R, joints)
         ghost = torch.eye(3, 4, dtype=G.dtype, device=G.device).expand(B, 1, 3, 4)
         t = params.get("translation")
         t = expr.new_zeros(B, 3) if t is None else t * scale
         return {"psi": psi, "pose": pose_features(R), "G": torch.cat([ghost, G], 1), "translation": t}
+
+    def global_transforms(self, rots: torch.Tensor, joints: torch.Tensor) -> torch.Tensor:
+        """The head model's joint transforms [B,J,3,4] (rest -> posed, scaled units)."""
+        return global_transforms(self.parents, rots, joints)[..., :3, :]
 
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
         """Canonical positions -> [0,1]³ over the (padded) canonical box."""
@@ -233,12 +210,11 @@ def deform(x_c: torch.Tensor, E: torch.Tensor, P: torch.Tensor, W: torch.Tensor,
     """Canonical vertices [V,3] -> posed [B,V,3] (see the module docstring)."""
     ghost = torch.eye(3, 4, dtype=x_c.dtype, device=x_c.device)[None]
     Gc = torch.cat([ghost, prior.G_can], 0)  # [J+1,3,4]
-    Tc = torch.einsum("vj,jxy->vxy", W, Gc)
+    Tc = blend_transforms(W, Gc)
     x0 = torch.linalg.solve(Tc[:, :, :3], (x_c - Tc[:, :, 3])[..., None])[..., 0]
     x0 = x0 - E @ prior.psi_can - torch.einsum("p,vpc->vc", prior.pose_can, P)
-    xb = x0[None] + torch.einsum("vce,be->bvc", E, frame["psi"]) + torch.einsum("bp,vpc->bvc", frame["pose"], P)
-    Tf = torch.einsum("vj,bjxy->bvxy", W, frame["G"])
-    return (Tf[..., :3] @ xb[..., None])[..., 0] + Tf[..., 3] + frame["translation"][:, None]
+    xb = x0[None] + blend_shapes(E, frame["psi"]) + torch.einsum("bp,vpc->bvc", frame["pose"], P)
+    return transform_points(blend_transforms(W, frame["G"]), xb) + frame["translation"][:, None]
 
 
 class Shader(nn.Module):
@@ -464,5 +440,5 @@ def nearest_with_distance(x: torch.Tensor, ref: torch.Tensor, chunk: int = 4096,
     return idx, d2
 
 
-__all__ = ["FlareModel", "HeadPrior", "DeformerNet", "deform", "global_transforms", "pose_features", "nearest_vertices", "nearest_with_distance",
+__all__ = ["FlareModel", "HeadPrior", "DeformerNet", "deform", "nearest_vertices", "nearest_with_distance",
            "to_light_frame"]

@@ -18,7 +18,9 @@ import numpy as np
 import torch
 
 from headavatar.errors import UserError
-from headavatar.methods.flare.shading import linear_to_srgb, srgb_to_linear
+from headavatar.lighting.color import linear_to_srgb, srgb_to_linear
+from headavatar.lighting.envmap import load_light
+from headavatar.methods.flare.shading import composite
 from headavatar.utils.video import to_uint8, write_video
 
 INTRINSICS = ("albedo", "roughness", "specular", "normal", "diffuse_shading", "specular_shading")
@@ -49,8 +51,6 @@ def relight_frames(avatar, params: dict, cameras, light, background=None, intrin
     [0,1] (sRGB), or an sRGB image tensor [B,H,W,3].
     material_scale: exposure calibration of the materials (headavatar.methods.flare.calibration).
     """
-    from headavatar.methods.flare.avatar import composite
-
     model = avatar.model
     out = model.render(params, cameras, light=light, intrinsics=intrinsics, light_frame=light_frame, material_scale=material_scale)
     B, H, W = out["rgb"].shape[:3]
@@ -70,19 +70,6 @@ def relight_frames(avatar, params: dict, cameras, light, background=None, intrin
         res["specular_shading"] = _to_image(linear_to_srgb((out["specular_shading"]).clamp(0, 1)), pix, B, H, W)
         res["parts"] = {k: out[k] for k in ("kd", "kr", "ko", "diffuse_shading", "specular_shading", "pix")}
     return res
-
-
-def load_light(envmap, size: int = 256, tonemap: str = "reinhard", scale: float = 2.0, exposure: float = 0.0, rotation: float = 0.0, device="cpu"):
-    """EnvironmentLight from a .hdr/.exr path, or "sky" for the built-in procedural sky."""
-    from headavatar.lighting import EnvironmentLight, procedural_sky
-    from headavatar.lighting.envmap import preprocess_radiance
-
-    if str(envmap) == "sky":
-        img = preprocess_radiance(torch.from_numpy(procedural_sky(max(64, size))), tonemap, scale, exposure)
-        light = EnvironmentLight.from_latlong(img, size=size, min_size=min(16, size), device=device)
-    else:
-        light = EnvironmentLight.from_file(envmap, tonemap=tonemap, scale=scale, exposure=exposure, size=size, min_size=min(16, size), device=device)
-    return light.rotated(rotation) if rotation else light
 
 
 def relight_run(run_dir, envmap, out_path, device="auto", frames: str = "all", batch_size: int = 4, env_size: int = 256,

@@ -3,7 +3,8 @@
 D and S are the diffuse and specular light (from the light MLP in training,
 from a prefiltered environment when relighting); (A, B) come from the GGX
 split-sum table that headavatar.lighting.brdf integrates (no downloaded
-asset).  Everything here is linear radiance.
+asset).  Everything here is linear radiance, up to ``composite``, which
+encodes the shaded frame to sRGB over a background.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from headavatar.lighting.brdf import lut_lookup, split_sum_lut
+from headavatar.lighting.color import linear_to_srgb
 
 NORMAL_BEND = 0.1  # below this n.v the shading normal bends towards the geometric one (nvdiffrec)
 
@@ -51,9 +53,11 @@ class SplitSum:
         return {"rgb": rgb, "diffuse_shading": diffuse, "specular_shading": spec}
 
 
-def srgb_to_linear(x: torch.Tensor) -> torch.Tensor:
-    return torch.where(x <= 0.04045, x / 12.92, ((x.clamp_min(0.04045) + 0.055) / 1.055) ** 2.4)
-
-
-def linear_to_srgb(x: torch.Tensor) -> torch.Tensor:
-    return torch.where(x <= 0.0031308, x * 12.92, 1.055 * x.clamp_min(0.0031308) ** (1 / 2.4) - 0.055)
+def composite(rgb_lin_premult: torch.Tensor, alpha: torch.Tensor, background: torch.Tensor) -> torch.Tensor:
+    """Premultiplied linear radiance -> sRGB over an sRGB background (blend in sRGB, as the GT mattes are)."""
+    a = alpha.clamp(0, 1)
+    fg = linear_to_srgb((rgb_lin_premult / a.clamp_min(1e-6)).clamp(0, 1))
+    bg = background.to(fg)
+    if bg.dim() == 1:
+        bg = bg.view(1, 1, 1, -1)
+    return (fg * a + bg * (1 - a)).clamp(0, 1)

@@ -25,12 +25,13 @@ from tqdm import tqdm
 
 from headavatar.errors import TrainingDiverged, UserError
 from headavatar.log import get_logger
+from headavatar.methods.flare.build import build_model, resolve_light_frame, restore_model
 from headavatar.methods.flare.config import FlareConfig
 from headavatar.methods.flare.losses import (
     MeshRegularizer, VGGPerceptual, head_prior_loss, hinge_prior, mask_loss, shading_loss, white_light_loss,
 )
 from headavatar.methods.flare.model import FlareModel, nearest_with_distance
-from headavatar.methods.flare.shading import linear_to_srgb, srgb_to_linear
+from headavatar.lighting.color import linear_to_srgb, srgb_to_linear
 from headavatar.methods.run import RunDir
 from headavatar.subjects.dataset import heldout_sample, training_size, training_stream, FrameDataset, collate
 from headavatar.subjects.format import LABEL_IDS, Subject
@@ -46,15 +47,6 @@ CLOTH = LABEL_IDS["clothing"]
 
 
 # ------------------------------------------------------------------ set-up
-def resolve_light_frame(cfg: FlareConfig, subject: Subject) -> str:
-    if cfg.light_frame in ("world", "head"):
-        return cfg.light_frame
-    if cfg.light_frame != "auto":
-        raise UserError(f"light_frame must be auto, world or head (got {cfg.light_frame!r})")
-    synth = subject.meta.get("synthetic") or {}
-    return "head" if synth.get("lighting") == "head" else "world"
-
-
 def check_config(cfg: FlareConfig) -> None:
     if cfg.iterations < 1:
         raise UserError("--iterations must be at least 1")
@@ -76,17 +68,6 @@ def check_config(cfg: FlareConfig) -> None:
         raise UserError(f"mesh_backend must be auto, torch or nvdiffrast (got {cfg.mesh_backend!r})")
     if cfg.backend not in ("auto", "torch", "nvdiffrast"):
         raise UserError(f"FLARE renders meshes: --backend must be auto, torch or nvdiffrast (got {cfg.backend!r})")
-
-
-def build_model(subject: Subject, cfg: FlareConfig, device: torch.device, head_overrides: dict | None = None) -> FlareModel:
-    head = subject.head_model(**(head_overrides or {})).to(device)
-    tr = subject.tracking
-    train = np.asarray(subject.split["train"])
-    shape = torch.as_tensor(tr.shape, dtype=torch.float32, device=device)
-    # the canonical expression is the mean over the training frames (flare#10's fix)
-    expr = torch.as_tensor(tr.expression[train].mean(0), dtype=torch.float32, device=device)
-    extras = {k: torch.as_tensor(v[train].mean(0), dtype=torch.float32, device=device) for k, v in tr.extras.items()}
-    return FlareModel(head, cfg, shape, expr, extras).to(device)
 
 
 @dataclass
@@ -212,16 +193,6 @@ def checkpoint_state(model: FlareModel, opts, it: int, elapsed: float, extra: di
         "model": model.state_dict(), "opt_vert": opts[0].state_dict(), "opt_net": opts[1].state_dict(),
         "rng": torch.get_rng_state(), "elapsed": elapsed, **extra,
     }
-
-
-def restore_model(model: FlareModel, state: dict) -> None:
-    """Bring a freshly built model to a checkpoint's stage and mesh, then load its weights."""
-    if int(state.get("stage", 1)) == 2 and model.stage != 2:
-        model.enter_stage2()
-    mesh = state["mesh"]
-    model.set_mesh(mesh["verts"], mesh["faces"])
-    # the head-model prior is rebuilt from the subject; checkpoints of earlier versions stored it
-    model.load_state_dict({k: v for k, v in state["model"].items() if not k.startswith("prior.")})
 
 
 # ------------------------------------------------------------------ training

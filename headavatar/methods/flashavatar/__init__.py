@@ -1,76 +1,45 @@
-"""FlashAvatar (CVPR 2024): Gaussians on the head model's UV map, moved by an expression MLP."""
+"""FlashAvatar (CVPR 2024): Gaussians on the head model's UV map, moved by an expression MLP.
+
+This module stays light (no torch import): the command line reads the method's
+capabilities and demo settings without loading the model code.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from headavatar.methods import register_method
+from headavatar.methods.avatar import GAUSSIANS, DemoSettings
 from headavatar.methods.flashavatar.config import FlashAvatarConfig
-from headavatar.methods.run import RunDir
-from headavatar.render.gaussians.sh import sh_to_rgb
-from headavatar.utils.cudagraph import CudaGraphed
 
-
-class FlashAvatarAvatar:
-    """A trained FlashAvatar, ready to render frames (eval, render, export, viewer)."""
-
-    method = "flashavatar"
-    eval_protocol = "flashavatar"
-
-    def __init__(self, run: RunDir, device, subject_dir: Path | None = None, head_overrides: dict | None = None,
-                 cuda_graphs: bool = True):
-        from headavatar.config import from_dict
-        from headavatar.methods.flashavatar.train import build_model, training_size
-        from headavatar.subjects.format import Subject
-        from headavatar.utils.device import resolve_device
-
-        info = run.require_method("flashavatar")
-        self.run = run
-        self.cfg = from_dict(FlashAvatarConfig, info["config"], where=str(run.info_path))
-        self.device = resolve_device(device) if isinstance(device, str) else device
-        self.subject = Subject.open(subject_dir or info["subject"])
-        self.size = training_size(self.subject, self.cfg.resolution)
-        self.model = build_model(self.subject, self.cfg, self.device, head_overrides or run.head_overrides)
-        self.step, state = run.load_checkpoint(map_location=self.device)
-        self.model.load_state_dict(state["model"])
-        self.model.eval()
-        self.background = torch.tensor(self.cfg.background, dtype=torch.float32, device=self.device)
-        self.backend = self.cfg.backend
-        # head model + MLP + Gaussian assembly replayed from CUDA graphs (one per batch size):
-        # at batch 1 their kernel launches cost more than the work
-        self.cuda_graphs = cuda_graphs
-        self._graphed = CudaGraphed(self._gaussians)
-
-    def _gaussians(self, params: dict, viewmats: torch.Tensor) -> dict:
-        cond, verts = self.model.frame_inputs(params)
-        g = self.model.gaussians(cond, verts)
-        # view-dependent colour evaluated here (inside the graph), so the rasteriser takes plain RGB
-        g["colors"] = sh_to_rgb(self.cfg.sh_degree, g["colors"], g["means"], viewmats)
-        return g
-
-    @property
-    def head(self):
-        return self.model.head
-
-    @torch.no_grad()
-    def render(self, params: dict, cameras, background: torch.Tensor | None = None) -> dict:
-        g = (self._graphed if self.cuda_graphs else self._gaussians)(params, cameras.viewmats)
-        bg = self.background if background is None else background
-        out = self.model.render(g, cameras, bg, backend=self.backend, render_depth=False)
-        return {"rgb": out.rgb, "alpha": out.alpha}
+if TYPE_CHECKING:
+    from headavatar.methods.flashavatar.avatar import FlashAvatarAvatar
+    from headavatar.methods.run import RunDir
 
 
 @register_method
 class FlashAvatarMethod:
     name = "flashavatar"
     config_cls = FlashAvatarConfig
+    capabilities = frozenset({GAUSSIANS})
+    describe = "FlashAvatar run (3D Gaussians)"
 
-    def train(self, subject_dir: Path, run: RunDir, cfg: FlashAvatarConfig, resume: bool = False, progress: bool = True) -> None:
+    def train(self, subject_dir: Path, run: "RunDir", cfg: FlashAvatarConfig, resume: bool = False, progress: bool = True) -> None:
         from headavatar.methods.flashavatar.train import train_flashavatar
 
         train_flashavatar(subject_dir, run, cfg, resume=resume, progress=progress)
 
-    def load(self, run: RunDir, device="cpu", subject_dir=None) -> FlashAvatarAvatar:
+    def load(self, run: "RunDir", device="cpu", subject_dir=None) -> "FlashAvatarAvatar":
+        from headavatar.methods.flashavatar.avatar import FlashAvatarAvatar
+
         return FlashAvatarAvatar(run, device, subject_dir)
+
+    def demo_settings(self, quick: bool) -> DemoSettings:
+        from headavatar.methods.flashavatar.demo import DEMO_SETTINGS
+
+        s = DEMO_SETTINGS["quick" if quick else "full"]
+        return DemoSettings(s.frames, s.image_size, dict(s.overrides))
+
+    def demo_extras(self, run_dir: Path, device, quick: bool, log=print) -> list[tuple[str, str]]:
+        return []

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from headavatar.errors import TrainingDiverged, UserError
+from headavatar.methods.flashavatar.build import build_model
 from headavatar.methods.flashavatar.config import FlashAvatarConfig
 from headavatar.methods.flashavatar.model import FlashAvatarModel
 from headavatar.methods.run import RunDir
@@ -37,12 +38,6 @@ def make_optimizer(model: FlashAvatarModel, cfg: FlashAvatarConfig) -> torch.opt
     ]
     # fused: one kernel for all parameters on CUDA instead of a few per tensor
     return torch.optim.Adam(groups, fused=model.sh_dc.device.type == "cuda")
-
-
-def build_model(subject: Subject, cfg: FlashAvatarConfig, device: torch.device, head_overrides: dict | None = None) -> FlashAvatarModel:
-    head = subject.head_model(**(head_overrides or {})).to(device)
-    shape = torch.as_tensor(subject.tracking.shape, dtype=torch.float32, device=device)
-    return FlashAvatarModel(head, cfg, shape).to(device)
 
 
 def psnr(pred: torch.Tensor, gt: torch.Tensor) -> torch.Tensor:

@@ -102,7 +102,7 @@
   }
   $("reset-expr").addEventListener("click", () => { state.x = {}; exprResets.forEach((r) => r()); refresh(); });
 
-  // ---- light (FLARE)
+  // ---- light (avatars that can be relit)
   if (INFO.lights.length) {
     $("light-section").hidden = false;
     const sel = $("light");

@@ -1,5 +1,8 @@
 """FLARE avatar -> TexturedMesh: the deformed mesh, baked material maps and expression morph targets.
 
+The MESH capability of FlareAvatar (headavatar.methods.avatar.MeshAvatar);
+headavatar.export writes the result as .glb or .obj.
+
 What FLARE's model gives (headavatar.methods.flare.model.FlareModel):
 
 * ``deformation()`` -> canonical vertices x_c [V,3] and, per vertex, learnt
@@ -11,7 +14,7 @@ What FLARE's model gives (headavatar.methods.flare.model.FlareModel):
 
 The exported mesh (metres, headavatar's world space):
 
-* canonical (``frame=None``): zero expression, every joint at rest, no
+* canonical (``params=None``): zero expression, every joint at rest, no
   translation.  There the skinning is the identity, so vertex k of the mesh
   with expression psi is exactly ``v_k + sum_e psi_e E[k,:,e]``: one morph target
   per learnt blendshape reproduces FLARE's expression deformation (pose --
@@ -30,9 +33,8 @@ import numpy as np
 import torch
 
 from headavatar.errors import UserError
-from headavatar.export.mesh import TexturedMesh, atlas_uvs, fill_gutters, split_uv_seams, uv_texel_samples, vertex_normals
-
-UV_MODES = ("auto", "head", "atlas")
+from headavatar.export.mesh import TexturedMesh, atlas_uvs, check_mesh_options, fill_gutters, split_uv_seams, uv_texel_samples, vertex_normals
+from headavatar.lighting.color import linear_to_srgb
 
 
 def head_topology_uvs(model) -> tuple[np.ndarray, np.ndarray] | None:
@@ -72,27 +74,16 @@ def bake_materials(model, canon_points: torch.Tensor, chunk: int = 1 << 16) -> d
     return {k: torch.cat(v) if v else canon_points.new_zeros(0, 3 if k == "kd" else 1) for k, v in outs.items()}
 
 
-def check_options(texture_size: int, uv: str) -> None:
-    if uv not in UV_MODES:
-        raise UserError(f"--uv must be one of {', '.join(UV_MODES)} (got {uv!r})")
-    if not 16 <= int(texture_size) <= 8192:
-        raise UserError(f"--texture-size must lie between 16 and 8192 (got {texture_size})")
-
-
 @torch.no_grad()
-def bake_flare_mesh(avatar, frame: int | None = None, texture_size: int = 1024, uv: str = "auto", morph_targets: bool = True,
-                    textures: bool = True) -> TexturedMesh:
-    """The FLARE avatar as a TexturedMesh (see the module docstring).  ``frame`` None = canonical."""
-    from headavatar.methods.flare.shading import linear_to_srgb
-
-    if avatar.method != "flare":
-        raise UserError(f"a textured mesh is exported from FLARE runs; {avatar.run.root} is a '{avatar.method}' run")
-    check_options(texture_size, uv)
+def textured_mesh(avatar, params: dict | None = None, texture_size: int = 1024, uv: str = "auto", morph_targets: bool = True,
+                  textures: bool = True) -> TexturedMesh:
+    """The FLARE avatar as a TexturedMesh (see the module docstring).  ``params`` one frame's inputs, None = canonical."""
+    check_mesh_options(texture_size, uv)
     model = avatar.model
     s = model.scale
     d = model.deformation()
     x_c = d[0]
-    verts, normals = posed_vertices(avatar, frame, d)
+    verts, normals = posed_vertices(avatar, params, d)
     faces = model.faces.detach().cpu().numpy()
 
     head_uv = head_topology_uvs(model) if uv in ("auto", "head") else None
@@ -129,31 +120,31 @@ def bake_flare_mesh(avatar, frame: int | None = None, texture_size: int = 1024, 
                 "roughness": to_map(mat["kr"])[..., 0], "specular": to_map(mat["ko"])[..., 0]}
 
     targets = []
-    if morph_targets and frame is None:
+    if morph_targets and params is None:
         E = (d[1] / s).float().cpu().numpy()  # [V,3,Ne]
         targets = [(n, E[vi, :, e]) for e, n in enumerate(blend_names(model))]
     mv = verts[vi]
     extras = {"source": "headavatar FLARE", "run": str(avatar.run.root), "checkpoint_step": int(avatar.step),
-              "frame": "canonical" if frame is None else int(frame), "units": "metres", "up": "+y", "uv": "head" if head_uv is not None else "atlas"}
+              "frame": "canonical" if params is None else "tracked", "units": "metres", "up": "+y", "uv": "head" if head_uv is not None else "atlas"}
     return TexturedMesh(mv, new_faces, uvs, normals[vi], morph_targets=targets, name=f"{avatar.subject.root.name}_flare", extras=extras,
                         source_index=vi, **maps)
 
 
 @torch.no_grad()
-def posed_vertices(avatar, frame: int | None, deformation=None) -> tuple[np.ndarray, np.ndarray]:
-    """FLARE's unsplit mesh at the canonical pose (None) or a tracked frame: (vertices [V,3] in metres, normals [V,3])."""
-    from headavatar.export.frames import frame_params, neutral_params
+def posed_vertices(avatar, params: dict | None, deformation=None) -> tuple[np.ndarray, np.ndarray]:
+    """FLARE's unsplit mesh at the canonical pose (None) or one frame's inputs: (vertices [V,3] in metres, normals [V,3])."""
+    from headavatar.export.frames import neutral_params
 
     model = avatar.model
-    params = neutral_params(avatar) if frame is None else frame_params(avatar, frame)
+    params = neutral_params(avatar) if params is None else params
     verts = (model.posed(params, deformation)[0][0] / model.scale).float().cpu().numpy()
     return verts, vertex_normals(verts, model.faces.detach().cpu().numpy())  # normals before any UV split: seams stay smooth
 
 
-def frame_mesh(base: TexturedMesh, avatar, frame: int) -> TexturedMesh:
-    """``base`` (from ``bake_flare_mesh``) moved to a tracked frame: same UVs and maps, no morph targets."""
+def posed_mesh(avatar, base: TexturedMesh, params: dict) -> TexturedMesh:
+    """``base`` (from ``textured_mesh``) moved to one frame: same UVs and maps, no morph targets."""
     import dataclasses
 
-    verts, normals = posed_vertices(avatar, frame)
+    verts, normals = posed_vertices(avatar, params)
     vi = base.source_index
-    return dataclasses.replace(base, vertices=verts[vi], normals=normals[vi], morph_targets=[], extras={**base.extras, "frame": int(frame)})
+    return dataclasses.replace(base, vertices=verts[vi], normals=normals[vi], morph_targets=[], extras={**base.extras, "frame": "tracked"})

@@ -1,0 +1,71 @@
+"""A trained FlashAvatar behind the Avatar protocol (headavatar.methods.avatar): render, Gaussians."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from headavatar.methods.avatar import GAUSSIANS, open_run
+from headavatar.methods.flashavatar.config import FlashAvatarConfig
+from headavatar.methods.run import RunDir
+from headavatar.render.gaussians.sh import sh_to_rgb
+from headavatar.utils.cudagraph import CudaGraphed
+
+
+class FlashAvatarAvatar:
+    """A trained FlashAvatar, ready to render frames (eval, render, export, viewer)."""
+
+    method = "flashavatar"
+    eval_protocol = "flashavatar"
+    capabilities = frozenset({GAUSSIANS})
+
+    def __init__(self, run: RunDir, device, subject_dir: Path | None = None, head_overrides: dict | None = None,
+                 cuda_graphs: bool = True):
+        from headavatar.methods.flashavatar.build import build_model
+
+        self.run = run
+        _, self.cfg, self.device, self.subject, self.size = open_run(run, self.method, FlashAvatarConfig, device, subject_dir)
+        self.model = build_model(self.subject, self.cfg, self.device, head_overrides or run.head_overrides)
+        self.step, state = run.load_checkpoint(map_location=self.device)
+        self.model.load_state_dict(state["model"])
+        self.model.eval()
+        self.background = torch.tensor(self.cfg.background, dtype=torch.float32, device=self.device)
+        self.backend = self.cfg.backend
+        # head model + MLP + Gaussian assembly replayed from CUDA graphs (one per batch size):
+        # at batch 1 their kernel launches cost more than the work
+        self.cuda_graphs = cuda_graphs
+        self._graphed = CudaGraphed(self._gaussians_rgb)
+
+    def _gaussians_rgb(self, params: dict, viewmats: torch.Tensor) -> dict:
+        cond, verts = self.model.frame_inputs(params)
+        g = self.model.gaussians(cond, verts)
+        # view-dependent colour evaluated here (inside the graph), so the rasteriser takes plain RGB
+        g["colors"] = sh_to_rgb(self.cfg.sh_degree, g["colors"], g["means"], viewmats)
+        return g
+
+    @property
+    def head(self):
+        return self.model.head
+
+    @torch.no_grad()
+    def render(self, params: dict, cameras, background: torch.Tensor | None = None) -> dict:
+        g = (self._graphed if self.cuda_graphs else self._gaussians_rgb)(params, cameras.viewmats)
+        return self.render_gaussians(g, cameras, background)
+
+    # ------------------------------------------------------------ GAUSSIANS
+    @torch.no_grad()
+    def gaussians(self, params: dict) -> dict[str, torch.Tensor]:
+        """The Gaussians of a batch of frames ([B,N,...]), SH colours of the degree the avatar renders with."""
+        cond, verts = self.model.frame_inputs(params)
+        g = dict(self.model.gaussians(cond, verts))
+        deg = self.cfg.sh_degree
+        g["colors"] = g["colors"][:, :, : (deg + 1) ** 2]  # the coefficients above the degree are never rendered
+        return g
+
+    @torch.no_grad()
+    def render_gaussians(self, gaussians: dict, cameras, background: torch.Tensor | None = None) -> dict:
+        """Rasterise Gaussians (SH colours [B,N,K,3] or RGB [B,N,3] already evaluated for these cameras)."""
+        bg = self.background if background is None else background
+        out = self.model.render(gaussians, cameras, bg, self.cfg.sh_degree, backend=self.backend, render_depth=False)
+        return {"rgb": out.rgb, "alpha": out.alpha}
