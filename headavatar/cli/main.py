@@ -103,7 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
     hsub = hm.add_subparsers(dest="action", metavar="ACTION", parser_class=_Parser)
     ic = hsub.add_parser("import-ict", help="convert your ICT-FaceKit checkout (FaceXModel/) into headavatar's npz")
     ic.add_argument("dir", help="ICT-FaceKit checkout or its FaceXModel/ folder")
-    ic.add_argument("-o", "--output", required=True, help="npz file to write")
+    ic.add_argument("-o", "--output", required=True, help="npz file to write (e.g. ict_facekit_light.npz)")
     info = hsub.add_parser("info", help="print a head model's sizes, regions and condition vector")
     info.add_argument("name", nargs="?", default="procedural", help="procedural (default), ict or flame")
     info.add_argument("--path", help="ict: the npz file")
@@ -118,7 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
     tk.add_argument("--max-frames", type=int)
     tk.add_argument("--start", type=float, default=0.0, help="start time in seconds")
     tk.add_argument("--duration", type=float, help="seconds to track")
-    tk.add_argument("--ict-path", help="the ICT-FaceKit npz (default: $HEADAVATAR_ICT_NPZ)")
+    tk.add_argument("--ict-path", help="the ICT-FaceKit npz (default: $HEADAVATAR_ICT_NPZ, else the copy shipped with headavatar)")
     _add_flame_dir(tk)
     tk.add_argument("--overwrite", action="store_true")
 
