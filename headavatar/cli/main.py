@@ -331,6 +331,18 @@ COMMANDS = {"train": cmd_train, "eval": cmd_eval, "render": cmd_render, "synth":
             "import": cmd_import, "head-model": cmd_head_model, "track": cmd_track, "export": cmd_export, "view": cmd_view, "relight": cmd_relight}
 
 
+def _end_progress_bars() -> None:
+    """Close progress bars an error left open, so the error starts a line of its own."""
+    tqdm_mod = sys.modules.get("tqdm")
+    if tqdm_mod is None:
+        return
+    for bar in list(getattr(tqdm_mod.tqdm, "_instances", ())):
+        try:
+            bar.close()
+        except Exception:  # a bar half torn down already
+            pass
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     try:
@@ -341,16 +353,26 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         return int(COMMANDS[args.command](args) or 0)
     except UserError as e:
+        _end_progress_bars()
         print(f"headavatar: error: {e}", file=sys.stderr)
         return e.exit_code
     except OSError as e:
         # a destination that cannot be written (read-only, no permission, full) anywhere not
         # already turned into a WriteError: one line naming the user's path, never a temporary
-        from headavatar.utils.io import write_error
+        import errno
 
-        err = write_error(e.filename, e) if e.filename else None
+        from headavatar.utils.io import user_path, write_error
+
+        if not e.filename:
+            raise
+        if e.errno in (errno.EACCES, errno.EPERM):  # may be a read as well as a write: do not claim which
+            _end_progress_bars()
+            print(f"headavatar: error: {user_path(e.filename)}: permission denied; choose a location you may use", file=sys.stderr)
+            return 2
+        err = write_error(e.filename, e)
         if err is None:
             raise
+        _end_progress_bars()
         print(f"headavatar: error: {err}", file=sys.stderr)
         return err.exit_code
     except KeyboardInterrupt:

