@@ -299,7 +299,7 @@ def test_train_checkpoint_on_a_full_disk(tmp_path, capsys, runs):
         over = {**FA_TINY, "iterations": 1, "uv_resolution": 128}
         rc, out, err = _cli(capsys, "train", runs["subject"], "-o", full / "run", "--quiet", *sum((["--set", f"{k}={v}"] for k, v in over.items()), []))
         lines = _error_lines(err)
-        assert rc == 2 and len(lines) == 1 and str(full / "run") in lines[0], err
+        assert rc == 2 and len(lines) == 1 and str(full / "run" / "checkpoints" / "ckpt_") in lines[0] and "disk is full" in lines[0], err
         assert not (full / "run").exists()  # failed before its first checkpoint: nothing blocks a retry
 
 

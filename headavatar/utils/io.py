@@ -22,8 +22,11 @@ _WRITE_ERRNOS = {errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOSPC, errno.EDQ
 _TMP_NAME = re.compile(r"^\.(?P<name>.+)\.[A-Za-z0-9_]{8}\.tmp")  # atomic_path's ".NAME.XXXXXXXX.tmp.ext"
 
 
-class WriteError(UserError):
-    """A destination the user chose cannot be written (read-only, no permission, full)."""
+class WriteError(UserError, OSError):
+    """A destination the user chose cannot be written (read-only, no permission, full).
+
+    Also an OSError, so code that already tolerates a failed optional write (a cache file)
+    with ``except OSError`` keeps doing so."""
 
     exit_code = 2
 
