@@ -16,7 +16,7 @@ say() { echo "[installed $((SECONDS - t0))s] $*"; }
 fail() { echo "[installed] FAILED: $*" >&2; exit 1; }
 
 say "building the wheel"
-"$PY" -m pip wheel -q --no-deps --no-build-isolation -w "$WORK/dist" "$REPO" >/dev/null
+"$PY" -m pip wheel -q --no-deps -w "$WORK/dist" "$REPO" >/dev/null
 WHEEL="$(ls "$WORK"/dist/headavatar-*.whl)"
 "$PY" - "$WHEEL" <<'EOF' || fail "the wheel lacks the ICT-FaceKit model, its licence or the viewer's files"
 import sys, zipfile

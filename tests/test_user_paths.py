@@ -22,7 +22,8 @@ from avatar_runs import FA_TINY, shared_runs, synthetic_subject, tiny_flashavata
 from headavatar.cli.main import main
 from headavatar.errors import UserError
 
-SHARED = Path(__file__).resolve().parents[2] / "shared"
+# ../shared beside the repository (HEADAVATAR_SHARED_DIR may point elsewhere, e.g. from a git worktree)
+SHARED = Path(os.environ.get("HEADAVATAR_SHARED_DIR") or Path(__file__).resolve().parents[2] / "shared")
 
 
 @pytest.fixture(scope="module")
