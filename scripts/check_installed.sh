@@ -11,7 +11,8 @@ REPO="$(cd "$(dirname "$0")/.." && pwd)"
 PY="${PYTHON:-python3}"
 CLIP="${HEADAVATAR_CHECK_CLIP:-$REPO/../shared/videos/liveportrait_d19.mp4}"
 WORK="$(mktemp -d "${TMPDIR:-/tmp}/headavatar-installed.XXXXXX")"
-trap 'rm -rf "$WORK"' EXIT
+# deleting a venv holding torch took 80 s on a busy machine: done in the background
+trap '(rm -rf "$WORK" >/dev/null 2>&1 &)' EXIT
 t0=$SECONDS
 say() { echo "[installed $((SECONDS - t0))s] $*"; }
 fail() { echo "[installed] FAILED: $*" >&2; exit 1; }
