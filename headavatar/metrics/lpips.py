@@ -105,7 +105,10 @@ def missing_reason(*nets: str) -> str | None:
         try:
             find_weights(net)
         except UserError:
-            return f"LPIPS weights {_CKPT_NAME[canonical_net(net)]} are not installed"
+            name = _CKPT_NAME[canonical_net(net)]
+            if os.environ.get(ENV_VAR):
+                return f"${ENV_VAR} ({os.environ[ENV_VAR]}) holds no {name}"
+            return f"LPIPS weights {name} are not installed"
     return None
 
 
