@@ -397,3 +397,16 @@ def test_native_log_lines_are_silenced_unless_verbose(tmp_path):
     loud = subprocess.run([sys.executable, "-c", code, "verbose"], capture_output=True, text=True, env=env)
     assert "XNNPACK" not in quiet.stderr and "progress bar" in quiet.stderr and "after" in quiet.stderr
     assert "XNNPACK" in loud.stderr
+
+
+def test_video_on_a_full_disk(tmp_path, capfd):
+    from headavatar.utils.io import WriteError
+    from headavatar.utils.video import write_video
+
+    full = tmp_path / "full"
+    with _mounted("tmpfs", full, size_kb=1200):
+        rng = np.random.default_rng(0)  # noise does not compress: 400 frames need several MB
+        with pytest.raises(WriteError, match=rf"cannot write {full / 'v.mp4'}: the disk is full"):
+            write_video(full / "v.mp4", (rng.integers(0, 255, (128, 128, 3), dtype=np.uint8) for _ in range(400)))
+        assert list(full.iterdir()) == []
+    assert "No space left" not in capfd.readouterr().err  # ffmpeg's own lines stay out of the way
