@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import torch
 
-from avatar_runs import FA_TINY, shared_runs, synthetic_subject, tiny_flashavatar_run
+from avatar_runs import FA_TINY, shared_runs, synthetic_subject
 from headavatar.cli.main import main
 from headavatar.errors import UserError
 

@@ -548,8 +548,6 @@ def make_synthetic_subject(
         raise UserError(f"fps must be positive (got {fps})")
     light_name = lighting if isinstance(lighting, str) else type(lighting).__name__
     light = make_lighting(lighting)
-    from headavatar.headmodels import load_head_model
-    from headavatar.headmodels.procedural_texture import procedural_textures
 
     N, S = int(num_frames), int(resolution)
     from headavatar.utils.io import ensure_writable

@@ -1,4 +1,12 @@
-"""File I/O helpers: atomic writes and image reading with clear errors."""
+"""File I/O helpers: atomic writes and image reading with clear errors.
+
+Every write of a user's output goes through ``atomic_path`` (directly or via write_json,
+write_image, save_npz, write_video...), which turns a destination that cannot take the file
+into one ``WriteError`` naming the user's path (exit code 2) and leaves no temporary behind;
+``ensure_writable`` checks a destination before long work; ``removed_on_failure`` removes a
+folder a command was making when it fails.  The CLI turns any other OSError of that kind
+(e.g. from a mkdir) into the same one line.
+"""
 
 from __future__ import annotations
 
@@ -16,9 +24,6 @@ import numpy as np
 from headavatar.errors import UserError
 
 
-# errno values that mean "this destination cannot take the write" (not a bug): read-only mount,
-# no permission, disk or quota full, file too large for the filesystem.
-_WRITE_ERRNOS = {errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
 _TMP_NAME = re.compile(r"^\.(?P<name>.+)\.[A-Za-z0-9_]{8}\.tmp")  # atomic_path's ".NAME.XXXXXXXX.tmp.ext"
 
 
@@ -32,7 +37,9 @@ class WriteError(UserError, OSError):
 
 
 def _reason(err: BaseException | None, where: Path | None) -> str | None:
-    """Why writing to ``where`` failed, from the error's errno or, failing that, from the filesystem itself."""
+    """Why writing to ``where`` failed, from the error's errno (read-only mount, no permission,
+    disk or quota full, file too large) or, failing that, from the filesystem itself; None
+    when the failure is not about the destination (a bug, to keep its traceback)."""
     code = getattr(err, "errno", None)
     if code in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
         return "the disk is full" if code != errno.EFBIG else "the file is too large for this filesystem"
