@@ -410,3 +410,18 @@ def test_video_on_a_full_disk(tmp_path, capfd):
             write_video(full / "v.mp4", (rng.integers(0, 255, (128, 128, 3), dtype=np.uint8) for _ in range(400)))
         assert list(full.iterdir()) == []
     assert "No space left" not in capfd.readouterr().err  # ffmpeg's own lines stay out of the way
+
+
+def test_demo_no_lpips_and_overwrite_end_to_end(tmp_path, capsys):
+    out = tmp_path / "demo"
+    assert main(["demo", "--quick", "--no-lpips", "-o", str(out), "--device", "cpu", "--frames", "10"]) == 0
+    printed = capsys.readouterr().out
+    assert "LPIPS not computed: --no-lpips was given" in printed and printed.strip().splitlines()[-1].startswith("held-out PSNR")
+    m = json.loads((out / "run" / "eval" / "metrics.json").read_text())
+    assert m["lpips"] == {"computed": False, "reason": "--no-lpips was given"} and "LPIPS v0.1" not in m["protocol"]
+    (out / "run" / "my_notes.txt").write_text("keep")
+    (out / "subject" / "mine.txt").write_text("keep")
+    assert main(["demo", "--quick", "--no-lpips", "-o", str(out), "--device", "cpu", "--frames", "6", "--overwrite"]) == 0
+    assert (out / "run" / "my_notes.txt").read_text() == "keep" and (out / "subject" / "mine.txt").is_file()
+    assert len(list((out / "subject" / "frames").iterdir())) == 6  # no stale frames from the 10-frame subject
+    assert json.loads((out / "run" / "eval" / "metrics.json").read_text())["num_frames"] < m["num_frames"]
