@@ -425,3 +425,34 @@ def test_demo_no_lpips_and_overwrite_end_to_end(tmp_path, capsys):
     assert (out / "run" / "my_notes.txt").read_text() == "keep" and (out / "subject" / "mine.txt").is_file()
     assert len(list((out / "subject" / "frames").iterdir())) == 6  # no stale frames from the 10-frame subject
     assert json.loads((out / "run" / "eval" / "metrics.json").read_text())["num_frames"] < m["num_frames"]
+
+
+def _remux_faststart(src: Path, dst: Path) -> None:
+    """Copy a clip's packets into an mp4 whose index sits at the start (as phones write them)."""
+    import av
+
+    with av.open(str(src)) as inp, av.open(str(dst), "w", options={"movflags": "faststart"}) as out:
+        s_in = inp.streams.video[0]
+        s_out = out.add_stream_from_template(s_in)
+        for pk in inp.demux(s_in):
+            if pk.dts is None:
+                continue
+            pk.stream = s_out
+            out.mux(pk)
+
+
+def test_track_a_clip_cut_short(tmp_path, capsys):
+    clip = SHARED / "videos" / "liveportrait_d19.mp4"
+    if not clip.is_file():
+        pytest.skip(f"needs ../shared/videos ({clip} is absent)")
+    pytest.importorskip("mediapipe")
+    whole, cut = tmp_path / "whole.mp4", tmp_path / "cut.mp4"
+    _remux_faststart(clip, whole)
+    cut.write_bytes(whole.read_bytes()[: int(whole.stat().st_size * 0.3)])
+    with pytest.warns(UserWarning, match=r"decoded \d+ of the 250 frames its header lists"):
+        rc, out, err = _cli(capsys, "track", cut, "-o", tmp_path / "s", "--size", 128)
+    assert rc == 0, err
+    rec = json.loads((tmp_path / "s" / "subject.json").read_text())["tracking"]["video_read"]
+    assert rec["header_frames"] == 250 and rec["ended_early"] and 20 < rec["decoded_frames"] < 150
+    rc, out, err = _cli(capsys, "track", cut, "-o", tmp_path / "s2", "--size", 128, "--strict")
+    assert rc == 2 and "--strict" in err and not (tmp_path / "s2").exists()
