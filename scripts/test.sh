@@ -12,4 +12,9 @@ python -m pytest -n "${HEADAVATAR_TEST_WORKERS:-2}" -q -p no:cacheprovider "$@"
 rc=$?
 set -e
 # pytest exits 5 when no test ran: that is a failure for us too
-exit $rc
+[ $rc -eq 0 ] || exit $rc
+# the installed path: wheel -> fresh venv -> the commands from a folder without ../shared
+# (skipped when arguments select part of the suite, or with HEADAVATAR_SKIP_INSTALLED=1)
+if [ $# -eq 0 ] && [ "${HEADAVATAR_SKIP_INSTALLED:-0}" != 1 ]; then
+  bash scripts/check_installed.sh
+fi

@@ -24,6 +24,11 @@ def _add_common_train(p: argparse.ArgumentParser) -> None:
     _add_flame_dir(p)
 
 
+def _add_no_lpips(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--no-lpips", action="store_true",
+                   help="no LPIPS: train without its loss term and evaluate without it (automatic, with a note, when its weights are not installed)")
+
+
 def _add_flame_dir(p: argparse.ArgumentParser) -> None:
     p.add_argument("--flame-dir", help="folder with your FLAME files (FLAME subjects only; also $HEADAVATAR_FLAME_DIR)")
 
@@ -40,7 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--quick", action="store_true", help="a tiny, fast run (smoke test), not the quality setting")
     _add_common_train(d)
-    d.add_argument("--overwrite", action="store_true", help="replace an existing demo folder's subject/run")
+    _add_no_lpips(d)
+    d.add_argument("--overwrite", action="store_true", help="make the demo's subject and run again (only the files the demo writes are replaced)")
 
     s = sub.add_parser("synth", help="write the built-in synthetic subject (procedural head) to a folder")
     s.add_argument("-o", "--output", required=True)
@@ -56,6 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--resume", action="store_true", help="continue the run in -o from its last checkpoint")
     t.add_argument("--quiet", action="store_true", help="no progress bar")
     _add_common_train(t)
+    _add_no_lpips(t)
 
     e = sub.add_parser("eval", help="score a run on its held-out frames (writes RUN_DIR/eval/metrics.json)")
     e.add_argument("run", help="run folder")
@@ -63,7 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--device", default="auto")
     e.add_argument("--batch-size", type=int, default=4)
     e.add_argument("--no-video", action="store_true", help="skip the side-by-side video")
-    e.add_argument("--no-lpips", action="store_true", help="skip LPIPS (if its weights are not installed)")
+    e.add_argument("--no-lpips", action="store_true", help="skip LPIPS (skipped with a note anyway when its weights are not installed)")
     e.add_argument("--protocol", choices=["flashavatar", "imavatar"], help="scoring protocol (default: the method's own; docs/METRICS.md)")
     _add_flame_dir(e)
 
@@ -103,7 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
     hsub = hm.add_subparsers(dest="action", metavar="ACTION", parser_class=_Parser)
     ic = hsub.add_parser("import-ict", help="convert your ICT-FaceKit checkout (FaceXModel/) into headavatar's npz")
     ic.add_argument("dir", help="ICT-FaceKit checkout or its FaceXModel/ folder")
-    ic.add_argument("-o", "--output", required=True, help="npz file to write")
+    ic.add_argument("-o", "--output", required=True, help="npz file to write (e.g. ict_facekit_light.npz)")
     info = hsub.add_parser("info", help="print a head model's sizes, regions and condition vector")
     info.add_argument("name", nargs="?", default="procedural", help="procedural (default), ict or flame")
     info.add_argument("--path", help="ict: the npz file")
@@ -118,9 +125,11 @@ def build_parser() -> argparse.ArgumentParser:
     tk.add_argument("--max-frames", type=int)
     tk.add_argument("--start", type=float, default=0.0, help="start time in seconds")
     tk.add_argument("--duration", type=float, help="seconds to track")
-    tk.add_argument("--ict-path", help="the ICT-FaceKit npz (default: $HEADAVATAR_ICT_NPZ)")
+    tk.add_argument("--ict-path", help="the ICT-FaceKit npz (default: $HEADAVATAR_ICT_NPZ, else the copy shipped with headavatar)")
     _add_flame_dir(tk)
     tk.add_argument("--overwrite", action="store_true")
+    tk.add_argument("--strict", action="store_true", help="refuse a video whose decoded length disagrees with its header (default: a warning)")
+    tk.add_argument("--verbose", action="store_true", help="show the log lines of MediaPipe/TensorFlow Lite (silenced by default)")
 
     x = sub.add_parser("export", help="write a trained avatar to standard files: .ply (FlashAvatar), .glb / .obj (FLARE)")
     x.add_argument("run", help="run folder")
@@ -170,13 +179,22 @@ def _head_overrides(args) -> dict | None:
     return {"dir": args.flame_dir} if getattr(args, "flame_dir", None) else None
 
 
+_VIDEO_SUFFIXES = {".mp4", ".mov", ".mkv", ".webm", ".avi", ".m4v", ".mpg", ".mpeg", ".wmv", ".flv", ".3gp"}
+
+
 def cmd_train(args) -> int:
+    from pathlib import Path
+
     from headavatar.methods import train_method
     from headavatar.subjects.format import Subject
 
+    src = Path(args.subject)
+    if src.is_file() and src.suffix.lower() in _VIDEO_SUFFIXES:
+        raise UserError(f"{src} is a video; make a subject from it first: 'headavatar track {src} -o SUBJECT_DIR', "
+                        f"then 'headavatar train SUBJECT_DIR -o {args.output}'")
     Subject.open(args.subject)  # fail fast on a bad subject, before creating the run folder
     train_method(args.method, args.subject, args.output, _overrides(args), resume=args.resume, progress=not args.quiet,
-                 head_overrides=_head_overrides(args))
+                 head_overrides=_head_overrides(args), lpips=not args.no_lpips)
     print(f"trained {args.method} -> {args.output}")
     return 0
 
@@ -194,8 +212,12 @@ def cmd_eval(args) -> int:
 
 
 def cmd_render(args) -> int:
-    from headavatar.methods.render import render_run
+    from pathlib import Path
 
+    from headavatar.methods.render import render_run
+    from headavatar.utils.io import ensure_writable
+
+    ensure_writable(Path(args.output).parent)
     n = render_run(args.run, args.output, driver_dir=args.tracking, device=args.device, frames=args.frames, batch_size=args.batch_size,
                    side_by_side=args.side_by_side, head_overrides=_head_overrides(args))
     print(f"wrote {n} frames to {args.output}")
@@ -265,17 +287,28 @@ def cmd_track(args) -> int:
     head = args.head_model
     if head == "ict" and args.ict_path:
         head = {"name": "ict", "path": args.ict_path}
-    subj = track_video(args.video, args.output, head_model=head, size=args.size, matte=args.matte, max_frames=args.max_frames,
-                       start=args.start, duration=args.duration, flame_dir=args.flame_dir, overwrite=args.overwrite)
+    from headavatar.utils.io import ensure_writable
+    from headavatar.utils.quiet import quiet_native_logs
+
+    ensure_writable(args.output)
+    with quiet_native_logs(enabled=not args.verbose):
+        subj = track_video(args.video, args.output, head_model=head, size=args.size, matte=args.matte, max_frames=args.max_frames,
+                           start=args.start, duration=args.duration, flame_dir=args.flame_dir, overwrite=args.overwrite, strict=args.strict)
     print(f"wrote subject {args.output}: {subj.num_frames} frames; check {args.output}/tracking_overlay.mp4")
     return 0
 
 
 def cmd_export(args) -> int:
-    from headavatar.export import export_run
+    from pathlib import Path
 
-    files = export_run(args.run, args.output, args.format, frames=args.frame, device=args.device, texture_size=args.texture_size,
-                       uv=args.uv, morph_targets=not args.no_morph_targets, head_overrides=_head_overrides(args))
+    from headavatar.export import EXPORT_DIR, export_run
+    from headavatar.utils.io import ensure_writable, removed_on_failure
+
+    target = Path(args.output) if args.output else Path(args.run) / EXPORT_DIR
+    ensure_writable(target if not target.suffix else target.parent)
+    with removed_on_failure(target):  # a sequence folder or file this command started is not left half-written
+        files = export_run(args.run, args.output, args.format, frames=args.frame, device=args.device, texture_size=args.texture_size,
+                           uv=args.uv, morph_targets=not args.no_morph_targets, head_overrides=_head_overrides(args))
     print("wrote " + ", ".join(map(str, files[:2])) + (f" and {len(files) - 2} more" if len(files) > 2 else ""))
     return 0
 
@@ -298,6 +331,18 @@ COMMANDS = {"train": cmd_train, "eval": cmd_eval, "render": cmd_render, "synth":
             "import": cmd_import, "head-model": cmd_head_model, "track": cmd_track, "export": cmd_export, "view": cmd_view, "relight": cmd_relight}
 
 
+def _end_progress_bars() -> None:
+    """Close progress bars an error left open, so the error starts a line of its own."""
+    tqdm_mod = sys.modules.get("tqdm")
+    if tqdm_mod is None:
+        return
+    for bar in list(getattr(tqdm_mod.tqdm, "_instances", ())):
+        try:
+            bar.close()
+        except Exception:  # a bar half torn down already
+            pass
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     try:
@@ -308,8 +353,28 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         return int(COMMANDS[args.command](args) or 0)
     except UserError as e:
+        _end_progress_bars()
         print(f"headavatar: error: {e}", file=sys.stderr)
         return e.exit_code
+    except OSError as e:
+        # a destination that cannot be written (read-only, no permission, full) anywhere not
+        # already turned into a WriteError: one line naming the user's path, never a temporary
+        import errno
+
+        from headavatar.utils.io import user_path, write_error
+
+        if not e.filename:
+            raise
+        if e.errno in (errno.EACCES, errno.EPERM):  # may be a read as well as a write: do not claim which
+            _end_progress_bars()
+            print(f"headavatar: error: {user_path(e.filename)}: permission denied; choose a location you may use", file=sys.stderr)
+            return 2
+        err = write_error(e.filename, e)
+        if err is None:
+            raise
+        _end_progress_bars()
+        print(f"headavatar: error: {err}", file=sys.stderr)
+        return err.exit_code
     except KeyboardInterrupt:
         print("headavatar: interrupted (a training run resumes from its last checkpoint with --resume)", file=sys.stderr)
         return 130

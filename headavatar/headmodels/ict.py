@@ -87,29 +87,38 @@ SKIN, BROWS, EYES, LIPS, MOUTH, HAIR, NECK = 1, 2, 3, 4, 5, 6, 7
 
 
 # --------------------------------------------------------------------------- files
+def packaged_npz() -> Path:
+    """The copy shipped inside the package (headavatar/assets/ict-facekit/, MIT, with its LICENSE)."""
+    return Path(__file__).resolve().parents[1] / "assets" / "ict-facekit" / NPZ_NAME
+
+
 def default_npz_candidates() -> list[Path]:
-    repo = Path(__file__).resolve().parents[2]
-    return [repo.parent / "shared" / "assets" / "ict-facekit" / NPZ_NAME]
+    """Where the model is looked for when neither a path nor $HEADAVATAR_ICT_NPZ is given."""
+    return [packaged_npz()]
+
+
+# One form of the advice, in every error about a missing model file (docs/HEAD_MODELS.md says the same).
+MISSING_HINT = ("make one from an ICT-FaceKit checkout with 'headavatar head-model import-ict ICT-FaceKit -o ict_facekit_light.npz', "
+                "or track with '--head-model procedural'")
 
 
 def find_ict_npz(path: str | os.PathLike | None = None) -> Path:
-    """The npz to use: ``path``, else $HEADAVATAR_ICT_NPZ, else ../shared next to the repo."""
-    how = "create it from an ICT-FaceKit checkout with 'headavatar head-model import-ict ICT-FaceKit/FaceXModel -o ict.npz'"
+    """The npz to use: ``path`` (--ict-path), else $HEADAVATAR_ICT_NPZ, else the copy in the package."""
     if path is not None:
         p = Path(path).expanduser()
         if not p.is_file():
-            raise UserError(f"ICT-FaceKit model file {p} does not exist; {how}")
+            raise UserError(f"ICT-FaceKit model file {p} does not exist; {MISSING_HINT}")
         return p
     env = os.environ.get(ENV_VAR)
     if env:
         p = Path(env).expanduser()
         if not p.is_file():
-            raise UserError(f"${ENV_VAR} points to {p}, which does not exist; {how}")
+            raise UserError(f"${ENV_VAR} points to {p}, which does not exist; {MISSING_HINT}")
         return p
-    for p in default_npz_candidates():
-        if p.is_file():
-            return p
-    raise UserError(f"no ICT-FaceKit model file found: pass its path or set ${ENV_VAR}; {how}")
+    p = packaged_npz()
+    if p.is_file():
+        return p
+    raise UserError(f"no ICT-FaceKit model file found (the package's copy {p} is missing: reinstall headavatar); {MISSING_HINT}")
 
 
 def load_ict_npz(path: str | os.PathLike) -> dict[str, np.ndarray]:
@@ -119,10 +128,10 @@ def load_ict_npz(path: str | os.PathLike) -> dict[str, np.ndarray]:
         with np.load(path, allow_pickle=False) as z:
             data = {k: z[k] for k in z.files}
     except Exception as e:  # zip / npy errors come in many types
-        raise UserError(f"{path} is not a readable npz ({type(e).__name__}: {e}); re-create it with 'headavatar head-model import-ict'") from None
+        raise UserError(f"{path} is not a readable npz ({type(e).__name__}: {e}); {MISSING_HINT}") from None
     missing = [k for k in NPZ_KEYS if k not in data]
     if missing:
-        raise UserError(f"{path} lacks {missing}: it is not an ICT-FaceKit npz made by 'headavatar head-model import-ict'")
+        raise UserError(f"{path} lacks {missing}: it is not an ICT-FaceKit npz; {MISSING_HINT}")
     V = data["vertices"].shape[0]
     E = len(data["expression_names"])
     if (
@@ -133,7 +142,7 @@ def load_ict_npz(path: str | os.PathLike) -> dict[str, np.ndarray]:
         or data["identity_deltas"].ndim != 3
         or data["identity_deltas"].shape[1:] != (V, 3)
     ):
-        raise UserError(f"{path}: ICT arrays have inconsistent shapes; re-create it with 'headavatar head-model import-ict'")
+        raise UserError(f"{path}: ICT arrays have inconsistent shapes; {MISSING_HINT}")
     return data
 
 
@@ -420,7 +429,7 @@ def _regions_and_labels(tmpl_cm: np.ndarray, faces: np.ndarray, part_of_vertex: 
 def build_ict_head(path: str | os.PathLike | None = None, parts="avatar", n_identity: int = 100) -> HeadModel:
     """The ICT-FaceKit head model (see the module docstring and docs/HEAD_MODELS.md).
 
-    path: the npz (else $HEADAVATAR_ICT_NPZ, else ../shared/assets/ict-facekit/);
+    path: the npz (else $HEADAVATAR_ICT_NPZ, else the copy shipped in headavatar/assets/ict-facekit/);
     parts: "avatar" (default), "all", or a list / comma-separated string of PARTS names;
     n_identity: how many identity modes (of 100) become the shape basis.
     """

@@ -1,7 +1,7 @@
 """Convert an ICT-FaceKit checkout (its FaceXModel/ OBJ folder) into one npz.
 
 The npz is what ``headavatar.headmodels.ict`` reads (and what
-../shared/assets/ict-facekit/ict_facekit_light.npz holds):
+headavatar/assets/ict-facekit/ict_facekit_light.npz, shipped in the package, holds):
 
     vertices           [V,3]   float32  neutral mesh, centimetres, as in the OBJ
     uvs                [T,2]   float32  OBJ texture coordinates

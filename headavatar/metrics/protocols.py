@@ -40,8 +40,17 @@ PROTOCOLS = ("flashavatar", "imavatar")
 _FLASHAVATAR_DEFAULT_BG = (0.0, 1.0, 0.0)  # FlashAvatar trains on green unless run with -w (white)
 
 
-def describe(protocol: str, background: Sequence[float] | None = None) -> str:
-    """One-line description of a protocol, stored with every result."""
+def describe(protocol: str, background: Sequence[float] | None = None, lpips: bool = True) -> str:
+    """One-line description of a protocol, stored with every result (``lpips=False``: as run without LPIPS)."""
+    text = _describe(protocol, background)
+    if not lpips:
+        # name only what was computed: the LPIPS clause goes, and the omission is said
+        text = text.replace(", LPIPS v0.1 vgg+alex", "").replace(", LPIPS v0.1 alex on mask-multiplied images", "")
+        text += "; LPIPS not computed"
+    return text
+
+
+def _describe(protocol: str, background: Sequence[float] | None = None) -> str:
     if protocol == "flashavatar":
         bg_t = torch.as_tensor(background if background is not None else _FLASHAVATAR_DEFAULT_BG)
         bg = tuple(round(float(v), 6) for v in bg_t.flatten()) if bg_t.numel() == 3 else "per-pixel image"
@@ -114,13 +123,14 @@ def _frames_of(m: torch.Tensor, sl: slice, n: int) -> torch.Tensor:
 
 
 def _check_range(x: torch.Tensor, name: str) -> None:
-    # Renders may overshoot [0, 1] a little (they are clamped below); a range like
-    # [-1, 1] or [0, 255] means the caller passed the wrong scale.
+    # For images from outside (ground truth, a user's files): a range like [-1, 1] or [0, 255]
+    # means the wrong scale.  headavatar's own renders are clamped to [0, 1] before they get
+    # here (methods/evaluate.py), as writing an 8-bit frame would, so they never trip it.
     lo, hi = float(x.min()), float(x.max())
     if hi > 2.0 or lo < -0.05:
         raise UserError(
-            f"{name} values lie in [{lo:.3g}, {hi:.3g}]; metrics expect [0, 1] "
-            "(divide 8-bit images by 255; map [-1, 1] images with (x + 1) / 2)"
+            f"{name} values lie in [{lo:.3g}, {hi:.3g}]; metrics expect images in [0, 1] "
+            "(divide 8-bit images by 255; map [-1, 1] images with (x + 1) / 2; clamp a renderer's output to [0, 1] first)"
         )
 
 
@@ -162,7 +172,7 @@ def evaluate_frames(
     (flashavatar: psnr, ssim, lpips_vgg, lpips_alex; imavatar: mae, psnr, ssim,
     lpips_alex; all ``None`` for a skipped frame).
     """
-    desc = describe(protocol, background)
+    desc = describe(protocol, background, lpips=lpips)
     pred = _as_frames(pred, "pred")
     gt = _as_frames(gt, "gt")
     if pred.shape != gt.shape:

@@ -25,7 +25,10 @@ from __future__ import annotations
 
 import math
 import os
+import re
+import shutil
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Protocol
 
 import numpy as np
@@ -541,10 +544,45 @@ def make_synthetic_subject(
         raise UserError(f"fps must be positive (got {fps})")
     light_name = lighting if isinstance(lighting, str) else type(lighting).__name__
     light = make_lighting(lighting)
+
+    N, S = int(num_frames), int(resolution)
+    from headavatar.utils.io import ensure_writable
+
+    out = Path(out_dir)
+    if (out / "subject.json").exists() and not overwrite:
+        raise UserError(f"{out} already holds a subject; choose another output folder or pass --overwrite")
+    ensure_writable(out)
+    created = not out.exists()
+    try:
+        if overwrite:
+            clear_subject_files(out)  # a smaller new subject must not inherit the old one's extra frames
+        return _write_synthetic(out, N, S, seed, fps, test_fraction, overwrite, light, light_name, supersample, progress, texture_size, device)
+    except BaseException:
+        if created and out.is_dir():  # nothing half-made is left behind
+            shutil.rmtree(out, ignore_errors=True)
+        raise
+
+
+_SUBJECT_FRAME = re.compile(r"^\d{6}\.(png|jpg)$")
+
+
+def clear_subject_files(out: Path) -> None:
+    """Remove what a subject writer owns in ``out`` (subject.json first, then numbered frames,
+    alpha and parsing maps, tracking.npz); anything else the user keeps there stays."""
+    (out / "subject.json").unlink(missing_ok=True)  # first: the folder stops looking complete
+    for sub in ("frames", "alpha", "parsing"):
+        d = out / sub
+        if d.is_dir():
+            for f in d.iterdir():
+                if _SUBJECT_FRAME.match(f.name):
+                    f.unlink()
+    (out / "tracking.npz").unlink(missing_ok=True)
+
+
+def _write_synthetic(out_dir, N, S, seed, fps, test_fraction, overwrite, light, light_name, supersample, progress, texture_size, device) -> Subject:
     from headavatar.headmodels import load_head_model
     from headavatar.headmodels.procedural_texture import procedural_textures
 
-    N, S = int(num_frames), int(resolution)
     writer = SubjectWriter(out_dir, overwrite=overwrite)
     model = load_head_model({"name": "procedural"})
     textures = procedural_textures(model, size=texture_size, seed=seed)

@@ -125,6 +125,7 @@ def track_video(
     image_format: str = "jpg",
     overlay: bool = True,
     min_seconds: float = 1.0,
+    strict: bool = False,
     **fit_opts,
 ) -> Subject:
     """Track ``video`` into a subject folder ``out_dir``; returns the opened Subject.
@@ -160,7 +161,7 @@ def track_video(
     created = not out_dir.exists() or not any(out_dir.iterdir())
     try:
         return _run(video, out_dir, info, model, spec, size, matte, max_frames, start, duration, overwrite, progress,
-                    crop_scale, image_format, overlay, min_seconds, fit_opts)
+                    crop_scale, image_format, overlay, min_seconds, fit_opts, strict)
     except BaseException:
         if created and out_dir.is_dir():
             shutil.rmtree(out_dir, ignore_errors=True)
@@ -270,12 +271,15 @@ def validate_frames(dense: np.ndarray, size: int):
 
 
 def _run(video, out_dir, info, model, spec, size, matte, max_frames, start, duration, overwrite, progress,
-         crop_scale, image_format, overlay, min_seconds, fit_opts) -> Subject:
+         crop_scale, image_format, overlay, min_seconds, fit_opts, strict=False) -> Subject:
+    from headavatar.tracking.video import check_read_length
+
     timer = _StageTimer()
 
     with timer("detect"):
         crop, times, fps = find_crop(video, info, start, duration, max_frames, crop_scale, min_seconds, progress)
     n = len(times)
+    read_record = check_read_length(info, times, start, duration, max_frames, strict)  # warns (or refuses) before the long part
 
     timer.start("track")
     _clear_previous(out_dir)  # an overwritten subject or an interrupted run: no stale frame may outlive them
@@ -333,6 +337,7 @@ def _run(video, out_dir, info, model, spec, size, matte, max_frames, start, dura
         "crop": {**crop.to_dict(), "source_size": [info.height, info.width], "rotation": info.rotation},
         "matte": matte,
         "frames": n,
+        "video_read": read_record,  # what the header promised and what was decoded
         "valid_frames": int(valid.sum()),
         "invalid_reasons": reasons,
         "reprojection_px_median": float(np.median(errors)) if errors.size else None,

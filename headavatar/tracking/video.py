@@ -302,3 +302,48 @@ def clip_fps(times: np.ndarray, fallback: float) -> float:
             if math.isfinite(f) and f > 0:
                 return f
     return float(fallback) if fallback and fallback > 0 else 25.0
+
+
+def check_read_length(info: VideoInfo, times, start: float = 0.0, duration: float | None = None,
+                      max_frames: int | None = None, strict: bool = False) -> dict:
+    """Compare what was decoded (frame ``times``) with what the container's header promises.
+
+    A file cut short with its index at the start (an interrupted copy or recording) says
+    "250 frames, 10 s" but decodes fewer; that is a warning with the numbers, or with
+    ``strict`` a UserError.  Returns the record a subject keeps of what was read.
+    """
+    times = np.asarray(times, np.float64)
+    n = int(len(times))
+    fps = clip_fps(times, info.fps) if n else (info.fps or 25.0)
+    read_end = float(times[-1]) + 1.0 / fps if n else float(start)
+    rec = {"header_frames": info.num_frames, "header_duration_s": None if info.duration is None else round(float(info.duration), 3),
+           "decoded_frames": n, "decoded_start_s": round(float(times[0]), 3) if n else None, "decoded_end_s": round(read_end, 3),
+           "ended_early": False}
+    if max_frames is not None and n >= max_frames:
+        return rec  # stopped by --max-frames: the rest of the file was never asked for
+    # the part of the header's length this read was meant to cover
+    want_end = info.duration
+    if want_end is not None and duration is not None:
+        want_end = min(want_end, start + duration)
+    want_frames = None
+    if info.num_frames and start <= 1e-6 and duration is None:
+        want_frames = int(info.num_frames)
+    tol = 2.0 / fps  # a frame or two of rounding between containers is normal
+    short_time = want_end is not None and read_end < want_end - tol
+    short_count = want_frames is not None and n < want_frames - 2
+    if not (short_time or short_count):
+        return rec
+    rec["ended_early"] = True
+    what = []
+    if want_frames is not None:
+        what.append(f"{n} of the {want_frames} frames its header lists")
+    else:
+        what.append(f"{n} frames")
+    if want_end is not None:
+        what.append(f"up to {read_end:.2f} s of {want_end:.2f} s")
+    msg = (f"{info.path}: decoded {' ('.join(what)}{')' if len(what) > 1 else ''}; "
+           "the file ends early or its header is wrong (a cut-off copy or recording?)")
+    if strict:
+        raise UserError(msg + "; re-encode or re-copy it, or drop --strict to track what can be read")
+    warnings.warn(msg + "; tracking what could be read (--strict refuses such files)", stacklevel=2)
+    return rec

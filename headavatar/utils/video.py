@@ -19,7 +19,7 @@ def write_video(path: str | os.PathLike, frames: Iterable[np.ndarray], fps: floa
     n = 0
     with atomic_path(path) as tmp:
         writer = imageio.get_writer(str(tmp), format="FFMPEG", mode="I", fps=fps, codec="libx264", quality=8,
-                                    pixelformat="yuv420p", macro_block_size=1, ffmpeg_log_level="error")
+                                    pixelformat="yuv420p", macro_block_size=1, ffmpeg_log_level="fatal")  # failures come back as exceptions
         try:
             for f in frames:
                 f = np.asarray(f)
