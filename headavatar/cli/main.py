@@ -351,6 +351,9 @@ def main(argv: list[str] | None = None) -> int:
         if not args.command:
             parser.print_help()
             return 2
+        from headavatar.log import configure
+
+        configure("quiet" if getattr(args, "quiet", False) else "verbose" if getattr(args, "verbose", False) else "normal")
         return int(COMMANDS[args.command](args) or 0)
     except UserError as e:
         _end_progress_bars()
