@@ -21,6 +21,7 @@ import csv
 import html
 import io
 import json
+import logging
 import os
 import socket
 import subprocess
@@ -191,9 +192,9 @@ def run_ray(jobs: list[Job], address: str | None = None, gpus_per_job: float | N
             raise UserError(f"--cpus-per-job {cpj} is more than any node has ({max_cpu:g} CPUs)")
         device = "cuda" if gpj > 0 else "cpu"
         track = ray.remote(_track_task).options(num_cpus=cpj, num_gpus=0, max_retries=0)
-        # max_calls=1: a fresh process per training, so each sees only the GPU Ray gave it
+        # on GPUs, max_calls=1: a fresh process per training, so each sees only the GPU Ray gave it
         # (CUDA_VISIBLE_DEVICES is read once per process) and hands its memory back when done
-        gpu = ray.remote(_gpu_task).options(num_cpus=cpj, num_gpus=gpj, max_calls=1, max_retries=0)
+        gpu = ray.remote(max_calls=1 if gpj > 0 else 0)(_gpu_task).options(num_cpus=cpj, num_gpus=gpj, max_retries=0)
         refs = {}
         for job in jobs:
             job.threads = cpj
@@ -243,7 +244,7 @@ def connect_ray(address: str | None, num_cpus=None, num_gpus=None, timeout: floa
     import ray
 
     env = {k: v for k, v in os.environ.items() if k.startswith("HEADAVATAR_")}  # head-model and weight locations
-    kw = {"log_to_driver": False, "runtime_env": {"env_vars": env} if env else None}
+    kw = {"log_to_driver": False, "logging_level": logging.ERROR, "runtime_env": {"env_vars": env} if env else None}
     if address in (None, "", "local"):
         kw.update(num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=False, object_store_memory=200 * 1024**2)
         kw.update(options or {})
