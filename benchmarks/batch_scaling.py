@@ -73,19 +73,21 @@ def prepare(subjects: list[str], out: str, max_frames: int | None) -> None:
 
 
 # -------------------------------------------------------------------------------- pack-ray
+# each is installed there only when the image lacks it (protobuf and packaging usually come with it)
 RAY_DEPS = ["click", "filelock", "jsonschema", "jsonschema-specifications", "referencing", "rpds-py", "attrs", "msgpack", "pyyaml",
-            "requests", "idna", "urllib3", "certifi", "charset-normalizer"]
+            "requests", "idna", "urllib3", "certifi", "charset-normalizer", "protobuf", "packaging"]
 _PLATFORMS = ["manylinux_2_28_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x86_64", "manylinux1_x86_64"]
 
 
-def pack_ray(out: str, version: str | None) -> None:
+def pack_ray(out: str, version: str | None, wheel: str | None = None) -> None:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     plat = [a for p in _PLATFORMS for a in ("--platform", p)]
     base = [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary=:all:", "--python-version", "3.12", "--implementation", "cp", *plat]
     with tempfile.TemporaryDirectory() as tmp:
-        subprocess.run([*base, "-d", tmp, f"ray=={version}" if version else "ray"], check=True)
-        wheel = next(Path(tmp).glob("ray-*.whl"))
+        if wheel is None:  # else a cp312 Ray wheel downloaded before
+            subprocess.run([*base, "-d", tmp, f"ray=={version}" if version else "ray"], check=True)
+        wheel = Path(wheel) if wheel else next(Path(tmp).glob("ray-*.whl"))
         print(f"{wheel.name}: {wheel.stat().st_size / 2**20:.1f} MiB (over the 64 MiB carry limit)")
         ex = Path(tmp) / "x"
         subprocess.run(["unzip", "-q", str(wheel), "-d", str(ex)], check=True)
@@ -116,10 +118,13 @@ def ensure_ray(pack_dir: Path | None) -> bool:
     site.mkdir(parents=True, exist_ok=True)
     if not (site / "ray").is_dir():
         with tarfile.open(packs[-1]) as t:
-            t.extractall(site)
+            try:
+                t.extractall(site, filter="data")
+            except TypeError:  # a Python without extraction filters
+                t.extractall(site)
     missing = []
     for whl in sorted(pack_dir.glob("*.whl")):
-        mod = {"pyyaml": "yaml", "rpds_py": "rpds", "charset_normalizer": "charset_normalizer", "jsonschema_specifications": "jsonschema_specifications"}
+        mod = {"pyyaml": "yaml", "rpds_py": "rpds", "protobuf": "google.protobuf"}
         key = whl.name.split("-")[0].lower()
         if key == "gsplat":
             continue
@@ -331,6 +336,7 @@ def main() -> None:
     k = sub.add_parser("pack-ray")
     k.add_argument("-o", "--out", default=".whl")
     k.add_argument("--version")
+    k.add_argument("--wheel", help="a cp312 Ray wheel already downloaded")
     r = sub.add_parser("run")
     r.add_argument("--subjects", required=True, help="folder of prepared subjects")
     r.add_argument("--jobs", type=int, default=8)
@@ -353,7 +359,7 @@ def main() -> None:
     if a.cmd == "prepare":
         prepare(a.subjects, a.out, a.max_frames)
     elif a.cmd == "pack-ray":
-        pack_ray(a.out, a.version)
+        pack_ray(a.out, a.version, a.wheel)
     elif a.cmd == "run":
         run(a)
     else:

@@ -315,6 +315,7 @@ def test_batch_ray_address_that_does_not_answer_is_a_clear_error_in_bounded_time
         srv.close()
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not has_ray, reason="Ray is not installed (pip install 'headavatar[scale]')")
 @pytest.mark.skipif(not can_track, reason="tracking needs mediapipe and PyAV (the [track] extra)")
 def test_batch_on_local_ray_matches_the_sequential_run(videos, tmp_path):

@@ -203,7 +203,7 @@ def make(input=None, out=None, method: str | None = None, head_model: str | None
     for name in ("track", "train", "eval", "export", "report"):
         if name in ctx.markers:
             result[name] = ctx.markers[name]["outputs"]
-    _print_end(result, layout, say)
+    _print_end(result, layout, say, hint=stages is None)
     return result
 
 
@@ -237,14 +237,14 @@ def _stage_line(name: str, ctx: StageContext) -> str:
     return "writing the report"
 
 
-def _print_end(result: dict, layout: Layout, say) -> None:
+def _print_end(result: dict, layout: Layout, say, hint: bool = True) -> None:
     times = ", ".join(f"{n} {s['seconds']:.1f} s" + ("" if s["ran"] else " (earlier)") for n, s in result["stages"].items())
     say(f"stage times: {times}")
     if "report" in result:
         say(f"report: {layout.root / result['report']['report']}")
     if "export" in result:
         say("exported: " + ", ".join(str(layout.root / f) for f in result["export"]["files"]))
-    if result["status"] != "done":
+    if result["status"] != "done" and hint:
         say(f"stopped after the {result['status'][6:]} stage; carry on with: headavatar make -o {layout.root}")
     ev = result.get("eval")
     if ev:
