@@ -49,7 +49,7 @@ def videos(tmp_path_factory) -> list[Path]:
     root = tmp_path_factory.mktemp("vids")
     out = []
     for seed, name in ((0, "alice"), (1, "bob")):
-        s = make_synthetic_subject(root / f"s{seed}", num_frames=20, resolution=96, seed=seed, progress=False)
+        make_synthetic_subject(root / f"s{seed}", num_frames=20, resolution=96, seed=seed, progress=False)
         s = Subject.open(root / f"s{seed}")
         write_video(root / f"{name}.mp4", [s.load_frame(i)["image"] for i in range(s.num_frames)], fps=10)
         out.append(root / f"{name}.mp4")
@@ -124,7 +124,7 @@ def test_make_continues_an_interrupted_training_from_its_checkpoint(subject, tmp
     real_save = RunDir.save_checkpoint
 
     def save_then_die(self, step, state, keep=2):
-        path = real_save(self, step, state, keep)
+        real_save(self, step, state, keep)
         raise RuntimeError(f"simulated kill after the checkpoint of step {step}")
 
     monkeypatch.setattr(RunDir, "save_checkpoint", save_then_die)
