@@ -221,6 +221,12 @@ def run_pool(inputs, out: Path, workers: int, common: dict) -> dict:
 def run(args) -> None:
     from headavatar.pipeline.batch import batch
 
+    import importlib.util
+
+    missing = [m for m in ("numpy", "scipy", "PIL", "tqdm", "matplotlib", "imageio", "imageio_ffmpeg", "pytorch_msssim", "gsplat")
+               if importlib.util.find_spec(m) is None]
+    if missing:  # a bare GPU image: the report (matplotlib) or the eval video (imageio_ffmpeg) would be missing
+        print(f"note: not installed here: {', '.join(missing)}", flush=True)
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     inputs = make_inputs(Path(args.subjects), args.jobs, work)

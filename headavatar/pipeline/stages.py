@@ -9,6 +9,7 @@ Each stage: ``run(ctx) -> outputs`` (stored in its marker), ``valid(ctx, marker)
 from __future__ import annotations
 
 import html
+import importlib.util
 import json
 import os
 import shutil
@@ -200,7 +201,11 @@ def run_eval(ctx: StageContext) -> dict:
     from headavatar.methods.evaluate import evaluate_run
 
     recipe = ctx.recipe()
-    res = evaluate_run(ctx.layout.run, device=ctx.device, batch_size=recipe.eval_batch, video=True, progress=False,
+    # the side-by-side video needs ffmpeg (imageio-ffmpeg, a dependency, but absent from some bare GPU images)
+    video = importlib.util.find_spec("imageio_ffmpeg") is not None
+    if not video:
+        ctx.log("      note: imageio-ffmpeg is not installed: no side-by-side video (pip install imageio-ffmpeg)")
+    res = evaluate_run(ctx.layout.run, device=ctx.device, batch_size=recipe.eval_batch, video=video, progress=False,
                        lpips=lpips_available(), head_overrides=ctx.head_overrides)
     return {"num_frames": res["num_frames"], "protocol": res["protocol"], "checkpoint_step": res["checkpoint_step"],
             "metrics": res["metrics"]["mean"], "render_fps": res["render_fps"]}
