@@ -347,8 +347,9 @@ def cmd_batch(args) -> int:
     return 1 if res["failed"] else 0
 
 
-COMMANDS = {"make": cmd_make, "batch": cmd_batch, "train": cmd_train, "eval": cmd_eval, "render": cmd_render, "synth": cmd_synth, "demo": cmd_demo,
+COMMANDS = {"train": cmd_train, "eval": cmd_eval, "render": cmd_render, "synth": cmd_synth, "demo": cmd_demo,
             "import": cmd_import, "head-model": cmd_head_model, "track": cmd_track, "export": cmd_export, "view": cmd_view, "relight": cmd_relight}
+COMMANDS.update({"make": cmd_make, "batch": cmd_batch})  # headavatar/pipeline/
 
 
 def main(argv: list[str] | None = None) -> int:
