@@ -142,6 +142,39 @@ def test_make_continues_an_interrupted_training_from_its_checkpoint(subject, tmp
     assert steps == sorted(set(steps)) and steps[-1] == TINY["iterations"]  # the curve goes on, not over again
 
 
+def test_make_interrupted_inside_a_stage_does_not_take_its_partial_outputs(subject, tmp_path, monkeypatch):
+    """Killed half-way through copying the subject, and in eval after metrics.json but before its video."""
+    import headavatar.methods.evaluate as evaluate
+    import headavatar.pipeline.stages as stages
+
+    out = tmp_path / "m"
+    real_copy, copied = stages._link_or_copy, []
+
+    def copy_then_die(src, dst):
+        if len(copied) == 10:
+            raise KeyboardInterrupt("simulated kill while copying the subject")
+        copied.append(dst)
+        real_copy(src, dst)
+
+    monkeypatch.setattr(stages, "_link_or_copy", copy_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        _make(subject, out)
+    assert (out / "subject").is_dir() and not (out / "subject" / "subject.json").exists() and not _markers(out)["track"]
+    monkeypatch.setattr(stages, "_link_or_copy", real_copy)
+
+    def no_video(*a, **k):
+        raise KeyboardInterrupt("simulated kill while writing the eval video")
+
+    monkeypatch.setattr(evaluate, "write_video", no_video)
+    with pytest.raises(KeyboardInterrupt):
+        _make(subject, out)
+    assert (out / "run" / "eval" / "metrics.json").is_file() and not _markers(out)["eval"]  # written, but not complete
+    monkeypatch.undo()
+    res = _make(subject, out)
+    assert [s for s in STAGES if res["stages"][s]["ran"]] == ["eval", "export", "report"]
+    assert (out / "run" / "eval" / "side_by_side.mp4").is_file()
+
+
 def test_make_killed_for_real_during_training_resumes(subject, tmp_path):
     """SIGKILL of the `headavatar make` process once training has written a checkpoint."""
     out = tmp_path / "m"
