@@ -256,6 +256,7 @@ def run(args) -> None:
             else:
                 raise SystemExit(f"unknown mode {mode}")
         wall = time.perf_counter() - t0
+        _free_gpu()  # the sequential mode trained in this process: give its cached memory back before the next mode
         done = [r for r in res["rows"] if r["status"] == "done"]
         result["modes"][mode] = {
             "wall_s": round(wall, 1), "done": len(done), "failed": res["failed"], "subjects_per_hour": round(3600 * len(done) / wall, 1),
@@ -268,6 +269,16 @@ def run(args) -> None:
     _compare(result)
     _write(args.out, result)
     print(table([result]))
+
+
+def _free_gpu() -> None:
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def _compare(result: dict) -> None:
