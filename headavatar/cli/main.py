@@ -158,7 +158,42 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--verbose", action="store_true")
     _add_flame_dir(v)
 
+    _add_pipeline_parsers(sub)
     return p
+
+
+def _add_pipeline_parsers(sub) -> None:
+    """`make` and `batch` (headavatar/pipeline/)."""
+    budget = "fast (default), best, or a number of seconds (FlashAvatar); settings follow the device (docs/SCALING.md)"
+    mk = sub.add_parser("make", help="video or tracked subject -> track, train, eval, export, report in one folder (resumable)")
+    mk.add_argument("input", nargs="?", help="video file or tracked subject folder (may be left out to continue -o OUT)")
+    mk.add_argument("-o", "--output", required=True, help="folder for everything (subject/, run/, stages/; docs/SCALING.md)")
+    mk.add_argument("--method", help="flashavatar (default) or flare")
+    mk.add_argument("--head-model", help="for tracking a video: ict (default), flame or procedural")
+    mk.add_argument("--budget", help=budget)
+    mk.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:N")
+    mk.add_argument("--size", type=int, help="tracked frame size for a video (default 512)")
+    mk.add_argument("--until", choices=["track", "train", "eval", "export", "report"], help="stop after this stage (e.g. track here, train elsewhere)")
+    mk.add_argument("--set", action="append", default=None, metavar="KEY=VALUE", help="override a training option (repeatable)")
+    mk.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_flame_dir(mk)
+
+    b = sub.add_parser("batch", help="make for many videos or subjects: Ray tasks (local or a cluster), else one after another")
+    b.add_argument("inputs", nargs="*", help="video files and/or tracked subject folders")
+    b.add_argument("-o", "--output", required=True, help="folder: one make folder per input, summary.csv, summary.html")
+    b.add_argument("--method", default="flashavatar", help="flashavatar (default) or flare")
+    b.add_argument("--head-model", default="ict", help="for tracking videos: ict (default), flame or procedural")
+    b.add_argument("--budget", default="fast", help=budget)
+    b.add_argument("--size", type=int, default=512, help="tracked frame size for videos (default 512)")
+    b.add_argument("--set", action="append", default=None, metavar="KEY=VALUE", help="override a training option (repeatable)")
+    b.add_argument("--address", help="join this Ray cluster (HOST:PORT, ray://HOST:PORT or auto) instead of starting a local Ray")
+    b.add_argument("--gpus-per-job", type=float, help="GPU share of one training (default 0.25 where there are GPUs: 4 share a GPU; 0 = train on CPUs)")
+    b.add_argument("--cpus-per-job", type=int, help="CPU cores of one job (default 2)")
+    b.add_argument("--num-cpus", type=int, help="local Ray: cores to use (default: all)")
+    b.add_argument("--num-gpus", type=int, help="local Ray: GPUs to use (default: all visible)")
+    b.add_argument("--sequential", action="store_true", help="one subject after another, without Ray")
+    b.add_argument("--device", default="auto", help="without Ray: auto (default), cpu, cuda")
+    b.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
 def _overrides(args) -> dict:
@@ -327,8 +362,27 @@ def cmd_view(args) -> int:
     return 0
 
 
+def cmd_make(args) -> int:
+    from headavatar.pipeline.make import make
+
+    make(args.input, args.output, method=args.method, head_model=args.head_model, budget=args.budget, device=args.device,
+         size=args.size, overrides=args.set, until=args.until, head_overrides=_head_overrides(args), progress=not args.quiet)
+    return 0
+
+
+def cmd_batch(args) -> int:
+    from headavatar.pipeline.batch import batch
+
+    res = batch(args.inputs, args.output, method=args.method, head_model=args.head_model, budget=args.budget, size=args.size,
+                overrides=args.set, device=args.device, address=args.address, gpus_per_job=args.gpus_per_job,
+                cpus_per_job=args.cpus_per_job, engine="sequential" if args.sequential else "auto", num_cpus=args.num_cpus,
+                num_gpus=args.num_gpus, progress=not args.quiet)
+    return 1 if res["failed"] else 0
+
+
 COMMANDS = {"train": cmd_train, "eval": cmd_eval, "render": cmd_render, "synth": cmd_synth, "demo": cmd_demo,
             "import": cmd_import, "head-model": cmd_head_model, "track": cmd_track, "export": cmd_export, "view": cmd_view, "relight": cmd_relight}
+COMMANDS.update({"make": cmd_make, "batch": cmd_batch})  # headavatar/pipeline/
 
 
 def _end_progress_bars() -> None:

@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import sys
@@ -67,7 +68,7 @@ class RunDir:
         self.root.mkdir(parents=True, exist_ok=True)
         write_json(self.info_path, {
             "method": method,
-            "subject": str(Path(subject_dir).resolve()),
+            "subject": self._subject_ref(subject_dir),
             "headavatar_version": __version__,
             "config": to_dict(cfg),
             "head_model_overrides": self.head_overrides,
@@ -75,12 +76,25 @@ class RunDir:
             **(extra or {}),
         })
 
+    def _subject_ref(self, subject_dir) -> str:
+        """The subject as a path relative to the run folder: a run and its subject then move together
+        (another machine, a shared filesystem mounted elsewhere); read_info makes it absolute again."""
+        subject = Path(subject_dir).resolve()
+        try:
+            return os.path.relpath(subject, self.root.resolve())
+        except ValueError:  # another drive (Windows): no relative path exists
+            return str(subject)
+
     def read_info(self) -> dict:
         if not self.root.exists():
             raise UserError(f"run folder {self.root} does not exist")
         if not self.exists():
             raise UserError(f"{self.root} is not a training run (no run.json); train one with 'headavatar train'")
-        return read_json(self.info_path)
+        info = read_json(self.info_path)
+        subject = info.get("subject")
+        if subject and not Path(subject).is_absolute():  # relative to the run folder (runs before this: absolute)
+            info["subject"] = os.path.normpath(self.root.resolve() / subject)
+        return info
 
     def require_method(self, method: str) -> dict:
         info = self.read_info()
