@@ -333,6 +333,7 @@ def _run(video, out_dir, info, model, spec, size, matte, max_frames, start, dura
     stored = lm68.copy()
     stored[~valid] = np.nan  # no detection is kept for a frame we do not trust
     tracking.valid = valid
+    gaze_stats = _gaze(model, tracking, dense, timer)
     tracking.timestamps = times
     tracking.landmarks2d = stored
 
@@ -354,11 +355,29 @@ def _run(video, out_dir, info, model, spec, size, matte, max_frames, start, dura
         "timings_s": {k: round(v, 3) for k, v in timer.wall.items()},
         "cpu_s": {k: round(v, 3) for k, v in timer.cpu.items()},  # all threads; on a busy machine wall >> cpu / cores
         "fps_end_to_end": round(n / max(1e-9, sum(timer.wall.values())), 2),
+        **gaze_stats,
         "landmarks": "mediapipe-facemesh-478 -> ibug68 (headavatar.tracking.landmarks)",
     }
     stored_spec = {k: v for k, v in spec.items() if k not in ("dir", "path")}
     stored_spec["fingerprint"] = model.fingerprint()
     return writer.finalize(tracking, stored_spec, (size, size), fps=fps, extra_meta={"tracking": stats})
+
+
+def _gaze(model, tracking, dense: np.ndarray, timer) -> dict:
+    """Stage 4b: per-frame eye gaze from the iris landmarks into ``tracking.extras["gaze"]``
+    (head models with eyeballs only, headmodels/gaze.py; the others ignore gaze)."""
+    from headavatar.headmodels.gaze import supports_gaze
+    from headavatar.tracking.gaze import estimate_gaze, iris_observations
+
+    if not supports_gaze(model):
+        return {}
+    with timer("gaze"):
+        iris, usable = iris_observations(dense)
+        gaze, seen = estimate_gaze(model, tracking, iris, usable)
+        tracking.extras["gaze"] = gaze
+    v = np.asarray(tracking.valid, bool)
+    return {"gaze": {"eyes_observed": round(float(seen[v].mean()), 3) if v.any() else 0.0,
+                     "abs_deg_median": round(float(np.degrees(np.median(np.abs(gaze[v])))), 2) if v.any() else None}}
 
 
 class _StageTimer:
