@@ -237,12 +237,13 @@ def track_frames(video, crop, size: int, n: int, matte: str = "selfie", writer: 
     """
     from headavatar.tracking.landmarks import FaceMeshTracker
     from headavatar.tracking.matting import make_matter
-    from headavatar.tracking.parsing import face_mask, parse_frame
+    from headavatar.tracking.parsing import FrameParser, face_mask
     from headavatar.tracking.video import read_frames
 
     dense = np.full((n, 478, 3), np.nan, np.float32)
     times = np.zeros(n, np.float64)
     count = 0
+    parse = FrameParser()  # colour models and labels below the chin carried over the clip, against flicker
     matter = make_matter(matte)
     pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="headavatar-matte")
     try:
@@ -261,7 +262,7 @@ def track_frames(video, crop, size: int, n: int, matte: str = "selfie", writer: 
                     # the face itself is foreground whatever the matte says (mattes leave holes in faces)
                     alpha = np.maximum(alpha, face_mask(pts, alpha.shape).astype(np.float32))
                 if writer is not None:
-                    writer.write_frame(i, img, np.round(alpha * 255).astype(np.uint8), parse_frame(pts, alpha, img))
+                    writer.write_frame(i, img, np.round(alpha * 255).astype(np.uint8), parse(pts, alpha, img))
                 count += 1
                 bar.update(1)
     finally:
