@@ -66,7 +66,7 @@ def _encode(frames: list[np.ndarray], path: Path, fmt: str, options: dict) -> No
         s = c.add_stream("libx264", rate=25)
         s.width, s.height, s.pix_fmt = W, H, "yuv444p"
         # one thread per encoder: the tracker runs several encoders beside the face models
-        s.options = {"preset": "fast", "threads": "1", **options}
+        s.options = {"preset": "veryfast", "threads": "1", **options}
         for a in frames:
             for p in s.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(a), format=fmt)):
                 c.mux(p)

@@ -334,7 +334,7 @@ def _run(video, out_dir, info, model, spec, size, matte, max_frames, start, dura
     stored = lm68.copy()
     stored[~valid] = np.nan  # no detection is kept for a frame we do not trust
     tracking.valid = valid
-    gaze_stats = _gaze(model, tracking, dense, timer)
+    gaze_stats = _gaze(model, tracking, dense)
     tracking.timestamps = times
     tracking.landmarks2d = stored
 
@@ -364,7 +364,7 @@ def _run(video, out_dir, info, model, spec, size, matte, max_frames, start, dura
     return writer.finalize(tracking, stored_spec, (size, size), fps=fps, extra_meta={"tracking": stats})
 
 
-def _gaze(model, tracking, dense: np.ndarray, timer) -> dict:
+def _gaze(model, tracking, dense: np.ndarray) -> dict:
     """Stage 4b: per-frame eye gaze from the iris landmarks into ``tracking.extras["gaze"]``
     (head models with eyeballs only, headmodels/gaze.py; the others ignore gaze)."""
     from headavatar.headmodels.gaze import supports_gaze
@@ -372,12 +372,12 @@ def _gaze(model, tracking, dense: np.ndarray, timer) -> dict:
 
     if not supports_gaze(model):
         return {}
-    with timer("gaze"):
-        iris, usable = iris_observations(dense)
-        gaze, seen = estimate_gaze(model, tracking, iris, usable)
-        tracking.extras["gaze"] = gaze
+    t = time.perf_counter()
+    iris, usable = iris_observations(dense)
+    gaze, seen = estimate_gaze(model, tracking, iris, usable)
+    tracking.extras["gaze"] = gaze
     v = np.asarray(tracking.valid, bool)
-    return {"gaze": {"eyes_observed": round(float(seen[v].mean()), 3) if v.any() else 0.0,
+    return {"gaze": {"seconds": round(time.perf_counter() - t, 3),"eyes_observed": round(float(seen[v].mean()), 3) if v.any() else 0.0,
                      "abs_deg_median": round(float(np.degrees(np.median(np.abs(gaze[v])))), 2) if v.any() else None}}
 
 
@@ -471,11 +471,13 @@ def _write_overlay(path: Path, writer: _AsyncSubjectWriter, n: int, detected, fo
 
     def frame(i: int) -> np.ndarray:
         if reader is not None:
-            img = reader.read(i)[0].copy()
+            img, _, parsing = reader.read(i)
+            img = img.copy()
         else:
             img = cv2.imread(str(writer.root / "frames" / f"{i:06d}{writer.image_ext}"), cv2.IMREAD_COLOR)
             img = cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
-        return draw_overlay(img, detected[i] if found[i] else None, fitted[i], None if mesh2d is None else mesh2d[i], bool(valid[i]))
+            parsing = cv2.imread(str(writer.root / "parsing" / f"{i:06d}.png"), cv2.IMREAD_UNCHANGED)
+        return draw_overlay(img, detected[i] if found[i] else None, fitted[i], None if mesh2d is None else mesh2d[i], bool(valid[i]), parsing)
 
     # reading and drawing on two threads (OpenCV releases the GIL) while this one encodes, in order
     with atomic_path(path) as tmp, VideoWriter(tmp, fps) as vw, _bar(n, "overlay", progress) as bar, \
