@@ -160,6 +160,6 @@ def test_subject_compact_cli(tmp_path, capsys):
     from headavatar.cli.main import main
 
     _write(tmp_path / "p", "frames")
-    assert main(["subject", "compact", str(tmp_path / "p"), "-o", str(tmp_path / "c")]) == 0
+    assert main(["subject", "compact", str(tmp_path / "p"), "-o", str(tmp_path / "c"), "--lean"]) == 0
     assert Subject.open(tmp_path / "c").chunked
     assert main(["subject", "compact", str(tmp_path / "p"), "-o", str(tmp_path / "c2"), "--crf", "99"]) != 0

@@ -12,6 +12,7 @@ def add_subject_parser(sub) -> None:
     c.add_argument("input", help="subject folder to read (left unchanged)")
     c.add_argument("-o", "--output", required=True, help="subject folder to write")
     c.add_argument("--crf", type=int, default=None, help="H.264 constant quality of the images (default 16; lower = larger, closer)")
+    c.add_argument("--lean", action="store_true", help="leave out the tracking overlay video and the dense landmarks (training does not read them)")
     c.add_argument("--overwrite", action="store_true")
     e = ssub.add_parser("expand", help="rewrite a compact subject with one image file per frame")
     e.add_argument("input")
@@ -28,7 +29,7 @@ def cmd_subject(args: argparse.Namespace) -> int:
         crf = DEFAULT_CRF if args.crf is None else args.crf
         if not 0 <= crf <= 51:
             raise UserError(f"--crf {crf} is outside 0..51 (16 is the default; 0 is lossless but large)")
-        s = convert_subject(args.input, args.output, layout="chunks", crf=crf, overwrite=args.overwrite)
+        s = convert_subject(args.input, args.output, layout="chunks", crf=crf, overwrite=args.overwrite, extras=not args.lean)
     elif args.subject_command == "expand":
         s = convert_subject(args.input, args.output, layout="frames", image_ext="." + args.image_format, overwrite=args.overwrite)
     else:

@@ -181,11 +181,12 @@ class ChunkBuffer:
         return [self._pop(s) for s in sorted(self._pending)]
 
 
-def convert_subject(src, dst, layout: str = LAYOUT, crf: int = DEFAULT_CRF, image_ext: str = ".jpg", overwrite: bool = False, progress: bool = True):
+def convert_subject(src, dst, layout: str = LAYOUT, crf: int = DEFAULT_CRF, image_ext: str = ".jpg", overwrite: bool = False, progress: bool = True,
+                    extras: bool = True):
     """Write subject ``src`` again at ``dst`` in ``layout`` ("chunks": compact, or "frames").
 
     Tracking, split, head-model spec and provenance are kept; files beside the
-    subject (tracking overlay, dense landmarks) are copied.  Returns the opened
+    subject (tracking overlay, dense landmarks) are copied unless ``extras`` is False (training reads neither).  Returns the opened
     new Subject.  ``src`` is never modified, and ``dst`` must be another folder.
     """
     import shutil
@@ -203,7 +204,7 @@ def convert_subject(src, dst, layout: str = LAYOUT, crf: int = DEFAULT_CRF, imag
     for i in tqdm(range(subj.num_frames), desc="convert", unit="frame", disable=not progress, dynamic_ncols=True):
         f = subj.load_frame(i)
         writer.write_frame(i, f["image"], f["alpha"], f["parsing"])
-    for name in ("tracking_overlay.mp4", "landmarks_mediapipe.npz"):
+    for name in ("tracking_overlay.mp4", "landmarks_mediapipe.npz") if extras else ():
         if (subj.root / name).is_file():
             with atomic_path(dst / name) as tmp:
                 shutil.copyfile(subj.root / name, tmp)
