@@ -158,7 +158,7 @@ class FrameParser:
 
 
 def _colour_split(lab, image, fg_out, face, neck, under, under_loose, top, face_h, down, half_jaw: float, step: int = 4, min_samples: int = 40,
-                  chin=None, state: ParsingState | None = None, skin_d2: float = 30.0, beside=None, collar_margin: float = 4.0) -> None:
+                  chin=None, state: ParsingState | None = None, skin_d2: float = 30.0, beside=None, collar_margin: float = 2.0) -> None:
     """Relabel, in place, the foreground below the chin line by colour.
 
     Three Gaussian colour models (Lab space, on a 1/``step`` grid): skin from
@@ -204,6 +204,10 @@ def _colour_split(lab, image, fg_out, face, neck, under, under_loose, top, face_
     stats = {}
     for name, sel in (("skin", f_face), ("hair", f_out & (along < -0.05 * face_h)), ("cloth", cloth)):
         x = lab_img[sel]
+        if name == "cloth" and "hair" in stats and len(x) >= min_samples:
+            # long hair over the shoulders falls into the clothing samples: drop the samples the
+            # hair model explains better than a first clothing model, then fit it again
+            x = x[_maha(x, *stats["hair"]) > _maha(x, x.mean(0), np.cov(x, rowvar=False))]
         if len(x) >= min_samples:
             mu, cov = x.mean(0).astype(np.float64), np.cov(x, rowvar=False)
             if state is not None and name in state.models:
@@ -262,7 +266,7 @@ def _colour_split(lab, image, fg_out, face, neck, under, under_loose, top, face_
     grid[amb] = value
     grid = grid.reshape(h, w)
     if "hair" in names:
-        grid = _connected_hair(grid, lab, step, (amb | f_beside).reshape(h, w))
+        grid = _connected_hair(grid, lab, step, amb.reshape(h, w))  # beside-band hair (relabelled above) roots it too
     classes = np.array([HAIR, NECK, CLOTHING], np.uint8)
     votes = np.stack([(grid == c).astype(np.float32) for c in classes], -1)
     if state is not None and chin is not None:
@@ -278,6 +282,11 @@ def _colour_split(lab, image, fg_out, face, neck, under, under_loose, top, face_
     full = cv2.resize(grid, (lab.shape[1], lab.shape[0]), interpolation=cv2.INTER_NEAREST)
     region = fg_out & under & (full > 0)
     lab[region] = full[region]
+
+
+def _maha(x: np.ndarray, mu: np.ndarray, cov: np.ndarray) -> np.ndarray:
+    d = x - mu
+    return ((d @ np.linalg.inv(cov + np.eye(3) * 25.0)) * d).sum(1)
 
 
 def _connected_hair(grid: np.ndarray, lab: np.ndarray, step: int, amb: np.ndarray) -> np.ndarray:
