@@ -215,8 +215,7 @@ def _colour_split(lab, image, fg_out, face, neck, under, under_loose, top, face_
                 mu0, cov0 = state.models[name]
                 mu, cov = m * mu0 + (1 - m) * mu, m * cov0 + (1 - m) * cov
             stats[name] = (mu, cov)
-        elif state is not None and name in state.models:
-            stats[name] = state.models[name]
+        # a model without samples in this frame is not used (nor forgotten): no clothes in view here
     if state is not None:
         state.models.update(stats)
     models = {}
