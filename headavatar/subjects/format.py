@@ -143,6 +143,8 @@ class Tracking:
             if len(got) != len(want) or any(w is not None and g != w for g, w in zip(got, want)):
                 want_s = "x".join("?" if w is None else str(w) for w in want)
                 raise UserError(f"{where}: '{name}' has shape {'x'.join(map(str, got))}, expected {want_s}; the tracking does not match this subject or head model")
+        if "gaze" in self.extras and self.extras["gaze"].shape != (n, 4):
+            raise UserError(f"{where}: extra 'gaze' has shape {self.extras['gaze'].shape}, expected ({n}, 4): yaw and pitch of each eye")
         for name, k in (extras or {}).items():
             if name in self.extras and self.extras[name].shape != (n, k):
                 raise UserError(f"{where}: extra '{name}' has shape {self.extras[name].shape}, expected ({n}, {k})")
