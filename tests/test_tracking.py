@@ -479,3 +479,28 @@ def test_parsing_collar_is_clothing_and_memory_steadies_labels():
     without = [parse_frame(f[0], f[1], f[2]) for f in frames]
     changed = lambda labs: int((labs[4] != labs[3]).sum())  # noqa: E731
     assert changed(with_mem) < changed(without)
+
+
+@av_missing
+@mediapipe_missing
+@pytest.mark.parametrize("head", ["procedural", "ict"])
+def test_track_video_compact_storage_and_gaze(tmp_path, head):
+    """End to end on a drawn face: the compact layout opens and reads; ICT (eyeballs) gets gaze, procedural none."""
+    from headavatar.headmodels import load_head_model
+    from headavatar.tracking import track_video
+
+    try:
+        load_head_model(head)
+    except UserError as e:
+        pytest.skip(f"{head} does not load here: {e}")
+    path = write_video(tmp_path / "cartoon.mp4", cartoon_clip(20), fps=10)
+    s = track_video(path, tmp_path / "s", head_model=head, size=128, matte="selfie", storage="compact", progress=False)
+    assert s.chunked and (tmp_path / "s" / "tracking_overlay.mp4").is_file() and not (tmp_path / "s" / "frames").exists()
+    f = s.load_frame(19)
+    assert f["image"].shape == (128, 128, 3) and f["parsing"].max() > 0
+    if head == "ict":
+        assert s.tracking.extras["gaze"].shape == (20, 4) and "gaze" in s.meta["tracking"]
+    else:
+        assert "gaze" not in s.tracking.extras
+    with pytest.raises(UserError, match="storage"):
+        track_video(path, tmp_path / "t", head_model=head, storage="zip", progress=False)
