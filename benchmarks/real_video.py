@@ -7,7 +7,8 @@
 For each video in VIDEO_DIR (default ../shared/videos; *.mp4, *.mov, *.mkv, *.avi, *.webm):
 
 1. the subject: WORK_DIR/subjects/STEM, or --subjects DIR/STEM (or DIR/base_STEM) when it
-   already holds one; otherwise ``headavatar track`` with the defaults (``--storage``);
+   already holds one; otherwise ``headavatar track`` with the defaults (``--storage``).
+   Without VIDEO_DIR (absent folder) and with --subjects, every subject in that folder is a job;
 2. ``headavatar train`` (FlashAvatar, the paper's model, train defaults) for exactly
    ``--iterations`` at ``--batch-size`` and ``--resolution``, plus the ``--set`` overrides;
    the wall time is recorded;
@@ -63,7 +64,7 @@ def run_one(args) -> dict:
     video = Path(args.one)
     work = Path(args.output)
     stem = video.stem
-    row = {"video": video.name, "label": args.label}
+    row = {"video": video.name, "label": args.label}  # a video file, or a subject folder when there are no videos
     subject_dir = find_subject(stem, work, Path(args.subjects) if args.subjects else None)
     t = time.perf_counter()
     if subject_dir is None:
@@ -184,7 +185,13 @@ def main(argv=None) -> int:
 def protocol(args, argv: list[str]) -> int:
     from headavatar.utils.io import write_json
 
-    videos = find_videos(Path(args.videos))
+    if not Path(args.videos).is_dir() and args.subjects and Path(args.subjects).is_dir():
+        # no videos here (a GPU machine that got only the tracked subjects): one job per subject
+        videos = sorted(p for p in Path(args.subjects).iterdir() if (p / "subject.json").is_file())
+        if not videos:
+            find_videos(Path(args.videos))  # the error names the missing folder
+    else:
+        videos = find_videos(Path(args.videos))
     work = Path(args.output)
     (work / "runs" / args.label).mkdir(parents=True, exist_ok=True)
     todo = [v for v in videos if args.redo or not (work / "runs" / args.label / f"{v.stem}.json").is_file()]

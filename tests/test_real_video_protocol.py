@@ -43,3 +43,7 @@ def test_protocol_on_tiny_synthetic_subjects(tmp_path):
     assert rv.main(args) == 0 and (work / "runs" / "tiny" / "clip_a.json").stat().st_mtime == mtime
     (tmp_path / "empty").mkdir()
     assert rv.main([str(tmp_path / "empty"), "-o", str(work)]) == 2
+    # no video folder at all (a GPU machine given only the tracked subjects): one job per subject
+    args2 = [str(tmp_path / "no_videos"), *args[1:3], "--subjects", str(subjects), *args[5:-6], "--label", "subj", *args[-4:]]
+    assert rv.main(args2) == 0
+    assert [r["video"] for r in json.loads((work / "results_subj.json").read_text())["videos"]] == ["clip_a", "clip_b"]
