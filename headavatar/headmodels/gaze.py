@@ -25,6 +25,15 @@ EYES = ("right", "left")
 GAZE_DIM = 2 * len(EYES)
 
 
+def _on(entry: dict, key: str, device, dtype=None) -> torch.Tensor:
+    """``entry[key]`` as a tensor on ``device``, made once per device (no host-to-device copy per forward)."""
+    cache = entry.setdefault("_tensors", {})
+    k = (key, str(device), dtype)
+    if k not in cache:
+        cache[k] = torch.as_tensor(np.asarray(entry[key]), device=device, dtype=dtype)
+    return cache[k]
+
+
 def eyeballs(model) -> dict | None:
     e = model.meta.get("eyeballs") if model.meta else None
     return e if e and all(k in e for k in EYES) else None
@@ -68,7 +77,7 @@ def eye_rotation(model, gaze: torch.Tensor) -> torch.Tensor:
     rest direction to the direction (rest yaw + yaw, rest pitch + pitch), and gaze 0 is I."""
     eb = eyeballs(model)
     g = gaze.reshape(gaze.shape[0], len(EYES), 2)
-    rest = torch.stack([direction_to_angles(torch.as_tensor(eb[e]["rest_direction"], dtype=gaze.dtype, device=gaze.device)) for e in EYES])  # [2,2]
+    rest = torch.stack([direction_to_angles(_on(eb[e], "rest_direction", gaze.device, gaze.dtype)) for e in EYES])  # [2,2]
     A = angles_to_matrix(g[..., 0] + rest[:, 0], g[..., 1] + rest[:, 1])
     A0 = angles_to_matrix(rest[:, 0], rest[:, 1])
     return A @ A0.transpose(-1, -2)
@@ -79,8 +88,8 @@ def eye_centres(model, v: torch.Tensor) -> torch.Tensor:
     eb = eyeballs(model)
     out = []
     for e in EYES:
-        idx = torch.as_tensor(eb[e]["vertices"], device=v.device)
-        out.append(v[:, idx].mean(1) + torch.as_tensor(eb[e]["centre_offset"], dtype=v.dtype, device=v.device))
+        idx = _on(eb[e], "vertices", v.device)
+        out.append(v[:, idx].mean(1) + _on(eb[e], "centre_offset", v.device, v.dtype))
     return torch.stack(out, 1)
 
 
@@ -97,7 +106,7 @@ def rotate_eyes(model, v_shaped: torch.Tensor, gaze: torch.Tensor | None) -> tor
     c = eye_centres(model, v_shaped)
     v = v_shaped.clone()
     for k, e in enumerate(EYES):
-        idx = torch.as_tensor(eb[e]["vertices"], device=v.device)
+        idx = _on(eb[e], "vertices", v.device)
         local = v_shaped[:, idx] - c[:, k, None]
         v[:, idx] = c[:, k, None] + local @ R[:, k].transpose(-1, -2)
     return v
