@@ -131,7 +131,7 @@ def markdown(res: dict) -> str:
     f = lambda v, d=2: "–" if v is None else f"{v:.{d}f}"  # noqa: E731
     p = res["protocol"]
     lines = [f"Real-video protocol, label `{res['label']}`: FlashAvatar {p['iterations']:,} iterations at batch {p['batch_size']}, "
-             f"{p['resolution']}², overrides {p['set'] or 'none'}; {res['date']}.", "",
+             f"{p['resolution']}², overrides {', '.join(p['set']) or 'none'}; {res['date']}.", "",
              "| video | frames (train / held-out) | held-out PSNR | SSIM | LPIPS-VGG | train PSNR | gap | train s |", "|---|---|---|---|---|---|---|---|"]
     for r in res["videos"]:
         lines.append(f"| {r['video']} | {r['train_frames']} / {r['test_frames']} | {f(r['psnr'])} | {f(r['ssim'], 3)} | {f(r.get('lpips_vgg'), 3)} | "
