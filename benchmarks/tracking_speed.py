@@ -36,13 +36,15 @@ def main(argv=None) -> int:
     ap.add_argument("--max-frames", type=int, default=None)
     ap.add_argument("--keep", default=None, help="keep the subjects in this folder instead of a temporary one")
     ap.add_argument("--out", default=None, help="write the results as JSON here")
+    ap.add_argument("--storage", default="frames", choices=["frames", "compact"], help="subject storage (track --storage)")
+    ap.add_argument("--only", action="append", default=[], help="only videos whose name contains this (repeatable)")
     args = ap.parse_args(argv)
 
     import torch
 
     from headavatar.tracking import track_video
 
-    videos = sorted(Path(args.videos).glob("*.mp4"))
+    videos = sorted(v for v in Path(args.videos).glob("*.mp4") if not args.only or any(o in v.name for o in args.only))
     if not videos:
         print(f"no .mp4 in {args.videos}", file=sys.stderr)
         return 2
@@ -54,12 +56,13 @@ def main(argv=None) -> int:
             cpu0 = time.process_time()
             t0 = time.perf_counter()
             subj = track_video(v, base / v.stem, head_model=args.head_model, size=args.size, matte=args.matte,
-                               max_frames=args.max_frames, overwrite=True, progress=False)
+                               max_frames=args.max_frames, overwrite=True, progress=False, storage=args.storage)
             wall = time.perf_counter() - t0
             cpu = time.process_time() - cpu0
             st = subj.meta["tracking"]
             rows.append({
                 "video": v.name,
+                "storage": args.storage,
                 "frames": st["frames"],
                 "valid_frames": st["valid_frames"],
                 "wall_s": round(wall, 2),

@@ -443,3 +443,64 @@ def test_rvm_matte_when_installed():
     a = [m(cartoon_face(128, dx=i)) for i in range(2)][-1]  # recurrent: frames in order
     m.close()
     assert a.shape == (128, 128) and a.dtype == np.float32 and 0 <= a.min() <= a.max() <= 1
+
+
+def _dressed_frame(size: int = 256, seed: int = 0, noise: float = 0.0):
+    """Landmarks, matte and an image: skin face and neck, brown hair, a navy top with a white collar in the neck band."""
+    from headavatar.tracking.parsing import face_mask
+
+    p = synthetic_landmarks(size)
+    alpha = np.zeros((size, size), np.float32)
+    alpha[20:, 40:216] = 1.0
+    img = np.zeros((size, size, 3), np.float32)
+    img[:] = (30, 40, 90)  # navy top
+    img[20:120] = (90, 60, 40)  # hair above
+    c = np.array([size / 2, size / 2 - 10])
+    img[int(c[1]) + 70 : int(c[1]) + 110, int(c[0]) - 25 : int(c[0]) + 25] = (200, 150, 120)  # neck skin
+    img[int(c[1]) + 110 :, int(c[0]) - 25 : int(c[0]) + 25] = (240, 240, 240)  # white collar / shirt in the neck band
+    img[face_mask(p, (size, size)).astype(bool)] = (200, 150, 120)
+    rng = np.random.default_rng(seed)
+    img[140:] += rng.normal(0, noise, img[140:].shape)
+    return p, alpha, np.clip(img, 0, 255).astype(np.uint8), c
+
+
+def test_parsing_collar_is_clothing_and_memory_steadies_labels():
+    from headavatar.subjects.format import LABEL_IDS
+    from headavatar.tracking.parsing import FrameParser, parse_frame
+
+    p, alpha, img, c = _dressed_frame()
+    lab = parse_frame(p, alpha, img)
+    assert lab[int(c[1]) + 85, int(c[0])] == LABEL_IDS["neck"]  # skin under the chin
+    assert lab[int(c[1]) + 125, int(c[0])] == LABEL_IDS["clothing"]  # the white collar inside the neck band is not neck
+    # one noisy frame in a steady clip: with the clip's memory fewer pixels change label than without
+    frames = [_dressed_frame(seed=k, noise=45.0 if k == 4 else 3.0) for k in range(6)]
+    parser = FrameParser()
+    with_mem = [parser(f[0], f[1], f[2]) for f in frames]
+    without = [parse_frame(f[0], f[1], f[2]) for f in frames]
+    changed = lambda labs: int((labs[4] != labs[3]).sum())  # noqa: E731
+    assert changed(with_mem) < changed(without)
+
+
+@av_missing
+@mediapipe_missing
+@pytest.mark.parametrize("head", ["procedural", "ict"])
+def test_track_video_compact_storage_and_gaze(tmp_path, head):
+    """End to end on a drawn face: the compact layout opens and reads; ICT (eyeballs) gets gaze, procedural none."""
+    from headavatar.headmodels import load_head_model
+    from headavatar.tracking import track_video
+
+    try:
+        load_head_model(head)
+    except UserError as e:
+        pytest.skip(f"{head} does not load here: {e}")
+    path = write_video(tmp_path / "cartoon.mp4", cartoon_clip(20), fps=10)
+    s = track_video(path, tmp_path / "s", head_model=head, size=128, matte="selfie", storage="compact", progress=False)
+    assert s.chunked and (tmp_path / "s" / "tracking_overlay.mp4").is_file() and not (tmp_path / "s" / "frames").exists()
+    f = s.load_frame(19)
+    assert f["image"].shape == (128, 128, 3) and f["parsing"].max() > 0
+    if head == "ict":
+        assert s.tracking.extras["gaze"].shape == (20, 4) and "gaze" in s.meta["tracking"]
+    else:
+        assert "gaze" not in s.tracking.extras
+    with pytest.raises(UserError, match="storage"):
+        track_video(path, tmp_path / "t", head_model=head, storage="zip", progress=False)

@@ -127,9 +127,12 @@ def build_parser() -> argparse.ArgumentParser:
     tk.add_argument("--duration", type=float, help="seconds to track")
     tk.add_argument("--ict-path", help="the ICT-FaceKit npz (default: $HEADAVATAR_ICT_NPZ, else the copy shipped with headavatar)")
     _add_flame_dir(tk)
+    tk.add_argument("--storage", default="frames", choices=["frames", "compact"], help="frames: an image file per frame (default); compact: video chunks, ~6x smaller")
     tk.add_argument("--overwrite", action="store_true")
     tk.add_argument("--strict", action="store_true", help="refuse a video whose decoded length disagrees with its header (default: a warning)")
     tk.add_argument("--verbose", action="store_true", help="show the log lines of MediaPipe/TensorFlow Lite (silenced by default)")
+
+    _add_subject_tools(sub)
 
     x = sub.add_parser("export", help="write a trained avatar to standard files: .ply (FlashAvatar), .glb / .obj (FLARE)")
     x.add_argument("run", help="run folder")
@@ -328,7 +331,8 @@ def cmd_track(args) -> int:
     ensure_writable(args.output)
     with quiet_native_logs(enabled=not args.verbose):
         subj = track_video(args.video, args.output, head_model=head, size=args.size, matte=args.matte, max_frames=args.max_frames,
-                           start=args.start, duration=args.duration, flame_dir=args.flame_dir, overwrite=args.overwrite, strict=args.strict)
+                           start=args.start, duration=args.duration, flame_dir=args.flame_dir, overwrite=args.overwrite, strict=args.strict,
+                           storage=args.storage)
     print(f"wrote subject {args.output}: {subj.num_frames} frames; check {args.output}/tracking_overlay.mp4")
     return 0
 
@@ -362,6 +366,18 @@ def cmd_view(args) -> int:
     return 0
 
 
+def _add_subject_tools(sub) -> None:
+    from headavatar.cli.subject_cmd import add_subject_parser
+
+    add_subject_parser(sub)
+
+
+def cmd_subject(args) -> int:
+    from headavatar.cli.subject_cmd import cmd_subject as run
+
+    return run(args)
+
+
 def cmd_make(args) -> int:
     from headavatar.pipeline.make import make
 
@@ -380,7 +396,7 @@ def cmd_batch(args) -> int:
     return 1 if res["failed"] else 0
 
 
-COMMANDS = {"train": cmd_train, "eval": cmd_eval, "render": cmd_render, "synth": cmd_synth, "demo": cmd_demo,
+COMMANDS = {"subject": cmd_subject, "train": cmd_train, "eval": cmd_eval, "render": cmd_render, "synth": cmd_synth, "demo": cmd_demo,
             "import": cmd_import, "head-model": cmd_head_model, "track": cmd_track, "export": cmd_export, "view": cmd_view, "relight": cmd_relight}
 COMMANDS.update({"make": cmd_make, "batch": cmd_batch})  # headavatar/pipeline/
 

@@ -144,6 +144,10 @@ class HeadModel:
     ):
         """Posed vertices [B,V,3] (and posed joint positions [B,J,3] if asked)."""
         v_shaped = self.shaped(shape, expression)
+        if extras and "gaze" in extras:  # eyeballs turn about their centres (headmodels/gaze.py); models without them ignore it
+            from headavatar.headmodels.gaze import rotate_eyes
+
+            v_shaped = rotate_eyes(self, v_shaped, extras["gaze"])
         B = v_shaped.shape[0]
         J = self.num_joints
         if joint_rotations is None:

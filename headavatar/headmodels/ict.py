@@ -425,6 +425,24 @@ def _regions_and_labels(tmpl_cm: np.ndarray, faces: np.ndarray, part_of_vertex: 
     return {k: np.nonzero(v)[0].astype(np.int64) for k, v in regions.items()}, labels
 
 
+def _eyeball_meta(verts_cm: np.ndarray, used: np.ndarray, regions: dict, parts) -> dict:
+    """meta["eyeballs"] (headmodels/gaze.py) when both eyeballs are kept: gaze turns them about
+    the centre of their full shell (the cap alone would put it too far forward)."""
+    from headavatar.headmodels.gaze import eyeball_spec
+
+    if not all(p in parts for p in EYEBALLS):
+        return {}
+    template_m = verts_cm[used] * CM_TO_M
+    out = {}
+    for eye, part in (("right", "eyeball_right"), ("left", "eyeball_left")):
+        v0, v1, _, _ = PARTS[part]
+        shell = verts_cm[v0 : v1 + 1]
+        centre = 0.5 * (shell.min(0) + shell.max(0)) * CM_TO_M
+        radius = 0.5 * float((shell.max(0) - shell.min(0)).max()) * CM_TO_M
+        out[eye] = eyeball_spec(template_m, regions[part], centre, radius)
+    return {"eyeballs": out}
+
+
 @register_head_model("ict")
 def build_ict_head(path: str | os.PathLike | None = None, parts="avatar", n_identity: int = 100) -> HeadModel:
     """The ICT-FaceKit head model (see the module docstring and docs/HEAD_MODELS.md).
@@ -541,6 +559,7 @@ def build_ict_head(path: str | os.PathLike | None = None, parts="avatar", n_iden
     w = np.where(skull, vertex_area, 0.0)
     regressor = (w / w.sum())[None].astype(np.float32)
 
+    meta_eyes = _eyeball_meta(verts_cm, used, regions, parts)
     expression_names = [str(s) for s in data["expression_names"]]
     return HeadModel(
         name="ict",
@@ -568,5 +587,6 @@ def build_ict_head(path: str | os.PathLike | None = None, parts="avatar", n_iden
             "source_vertex_index": used,  # ICT vertex index of every model vertex
             "uv_charts": len(charts),
             "source": str(npz.name),
+            **meta_eyes,
         },
     )

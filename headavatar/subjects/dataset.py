@@ -127,6 +127,9 @@ class InfiniteSampler(torch.utils.data.Sampler):
             epoch += 1
 
 
+HOST_RESIDENT_MB = 8192  # compact subjects up to this size (uint8, at the training size) are decoded once into host memory
+
+
 def frame_bytes(size: tuple[int, int]) -> int:
     """uint8 bytes of one training frame (RGB + alpha + parsing) at ``size``."""
     return size[0] * size[1] * 5
@@ -146,6 +149,10 @@ def training_stream(subject: Subject, indices, size: tuple[int, int], batch_size
     sampler = InfiniteSampler(len(data), seed=seed, per_pass=min(frames_per_pass, len(data)), start=start_step * batch_size)
     if device_cache_mb > 0 and len(data) * frame_bytes(size) <= device_cache_mb << 20:
         return data, _resident_batches(data, sampler, batch_size, num_workers, device)
+    if subject.chunked and len(data) * frame_bytes(size) <= HOST_RESIDENT_MB << 20:
+        # compact subjects decode a whole 16-frame chunk per random read (~10x a JPEG): decode them
+        # once, in order, into host memory and gather batches there instead
+        return data, _resident_batches(data, sampler, batch_size, num_workers, torch.device("cpu"))
     loader = torch.utils.data.DataLoader(
         data, batch_size=batch_size, sampler=sampler, collate_fn=collate, num_workers=num_workers,
         pin_memory=device.type == "cuda", persistent_workers=num_workers > 0, prefetch_factor=4 if num_workers > 0 else None,

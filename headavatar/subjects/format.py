@@ -7,6 +7,11 @@
       alpha/000000.png    foreground matte, uint8 grey
       parsing/000000.png  parsing labels, uint8 (``LABELS``)
 
+or, in the compact layout (``"storage": {"layout": "chunks"}``, format
+version 2), ``chunks/000000_rgb.mkv`` + ``chunks/000000_masks.mkv`` per 16
+frames instead of the three image folders (subjects/chunks.py).  Readers
+handle both; ``load_frame`` hides the difference.
+
 Frames are decoded lazily, one at a time, and stay uint8 until the training
 step moves a batch to the accelerator.  subject.json is written last, so a
 folder without it is an unfinished subject.
@@ -26,7 +31,8 @@ from headavatar.errors import UserError
 from headavatar.utils.io import read_image, read_json, save_npz, write_image, write_json
 
 FORMAT_NAME = "headavatar-subject"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # the newest this code reads and writes; version 1 = the per-image-file layout only
+FRAME_LAYOUT = "frames"  # one image file per frame and map (version 1)
 
 # Parsing labels (uint8 values in parsing/*.png).
 LABELS = {
@@ -137,6 +143,8 @@ class Tracking:
             if len(got) != len(want) or any(w is not None and g != w for g, w in zip(got, want)):
                 want_s = "x".join("?" if w is None else str(w) for w in want)
                 raise UserError(f"{where}: '{name}' has shape {'x'.join(map(str, got))}, expected {want_s}; the tracking does not match this subject or head model")
+        if "gaze" in self.extras and self.extras["gaze"].shape != (n, 4):
+            raise UserError(f"{where}: extra 'gaze' has shape {self.extras['gaze'].shape}, expected ({n}, 4): yaw and pitch of each eye")
         for name, k in (extras or {}).items():
             if name in self.extras and self.extras[name].shape != (n, k):
                 raise UserError(f"{where}: extra '{name}' has shape {self.extras[name].shape}, expected ({n}, {k})")
@@ -246,9 +254,16 @@ class Subject:
         if tracking.num_frames != n:
             raise UserError(f"{root}: subject.json says {n} frames but tracking.npz has {tracking.num_frames}; the two are out of step, re-create the subject")
         subj = cls(root, meta, tracking)
-        missing = [i for i in range(n) if not subj.frame_path(i).is_file()]
-        if missing:
-            raise UserError(f"{root}: {len(missing)} of {n} frame images are missing (first: {subj.frame_path(missing[0]).name}); restore them or re-create the subject")
+        if subj.layout not in (FRAME_LAYOUT, "chunks"):
+            raise UserError(f"{root} stores its frames in the layout {subj.layout!r}, unknown to this headavatar; upgrade headavatar")
+        if subj.chunked:
+            lost = subj._chunks().missing()
+            if lost:
+                raise UserError(f"{root}: {len(lost)} frame chunk files are missing (first: {lost[0].name}); restore them or re-create the subject")
+        else:
+            missing = [i for i in range(n) if not subj.frame_path(i).is_file()]
+            if missing:
+                raise UserError(f"{root}: {len(missing)} of {n} frame images are missing (first: {subj.frame_path(missing[0]).name}); restore them or re-create the subject")
         for name in ("train", "test"):
             bad = [i for i in subj.split.get(name, []) if not 0 <= i < n]
             if bad:
@@ -273,6 +288,23 @@ class Subject:
     @property
     def split(self) -> dict[str, list[int]]:
         return self.meta.get("split", {})
+
+    @property
+    def layout(self) -> str:
+        """"frames" (one image file per frame) or "chunks" (compact: video chunks, subjects/chunks.py)."""
+        return str((self.meta.get("storage") or {}).get("layout", FRAME_LAYOUT))
+
+    @property
+    def chunked(self) -> bool:
+        return self.layout == "chunks"
+
+    def _chunks(self):
+        reader = getattr(self, "_chunk_reader", None)
+        if reader is None:
+            from headavatar.subjects.chunks import ChunkReader
+
+            reader = self._chunk_reader = ChunkReader(self.root, int(self.meta["storage"]["chunk_frames"]), self.num_frames)
+        return reader
 
     @property
     def fps(self) -> float:
@@ -308,6 +340,13 @@ class Subject:
 
     def load_frame(self, i: int) -> dict[str, np.ndarray]:
         """One frame as uint8 arrays: image HxWx3, alpha HxW, parsing HxW (zeros/255 where absent)."""
+        if self.chunked:
+            if not 0 <= int(i) < self.num_frames:
+                raise UserError(f"frame {i} is outside 0..{self.num_frames - 1} of {self.root}")
+            img, alpha, parsing = self._chunks().read(int(i))
+            if img.shape[:2] != (self.height, self.width):
+                raise UserError(f"the frame chunks of {self.root} are {img.shape[1]}x{img.shape[0]}, but the subject is {self.width}x{self.height}")
+            return {"image": img, "alpha": alpha, "parsing": parsing}
         img = read_image(self.frame_path(i), "RGB")
         H, W = img.shape[:2]
         if (H, W) != (self.height, self.width):
@@ -325,20 +364,66 @@ class Subject:
 class SubjectWriter:
     """Writes a subject folder: frames first, then tracking and subject.json (last, atomically)."""
 
-    def __init__(self, root: str | os.PathLike, image_ext: str = ".png", overwrite: bool = False):
+    def __init__(self, root: str | os.PathLike, image_ext: str = ".png", overwrite: bool = False, layout: str = FRAME_LAYOUT, crf: int | None = None):
+        """``layout``: "frames" (an image file per frame and map) or "chunks" (compact video chunks;
+        ``crf`` sets their image quality, default chunks.DEFAULT_CRF).  Chunks take the frames in
+        any order, but every frame of a chunk must come before it is written."""
+        if layout not in (FRAME_LAYOUT, "chunks"):
+            raise UserError(f"unknown subject storage layout {layout!r}; use 'frames' or 'chunks'")
         self.root = Path(root)
+        self.layout = layout
         if (self.root / "subject.json").exists() and not overwrite:
             raise UserError(f"{self.root} already holds a subject; choose another output folder or pass --overwrite")
         if self.root.exists() and not self.root.is_dir():
             raise UserError(f"{self.root} exists and is not a folder")
-        for sub in ("frames", "alpha", "parsing"):
+        for sub in (("frames", "alpha", "parsing") if layout == FRAME_LAYOUT else ("chunks",)):
             (self.root / sub).mkdir(parents=True, exist_ok=True)
         if overwrite and (self.root / "subject.json").exists():
             (self.root / "subject.json").unlink()  # the folder is unfinished until finalize()
         self.image_ext = image_ext
         self.count = 0
+        self.crf = crf
+        self._buffer = None
+        if layout == "chunks":
+            from headavatar.subjects.chunks import CHUNK_FRAMES, DEFAULT_CRF, ChunkBuffer
+
+            self.crf = DEFAULT_CRF if crf is None else int(crf)
+            self.chunk_frames = CHUNK_FRAMES
+            self._buffer = ChunkBuffer(CHUNK_FRAMES)
+
+    def storage_meta(self) -> dict:
+        if self.layout == FRAME_LAYOUT:
+            return {}
+        return {"storage": {"layout": "chunks", "chunk_frames": self.chunk_frames, "codec": "h264-yuv444p", "crf": self.crf, "masks": "h264-yuv444p-lossless"}}
+
+    def _chunk_frame(self, i: int, image, alpha, parsing, num_frames: int | None = None):
+        """Buffer one frame of the compact layout; returns a complete chunk to encode, or None."""
+        H, W = image.shape[:2]
+        if alpha is None:
+            alpha = np.full((H, W), 255, np.uint8)
+        if parsing is None:
+            parsing = np.where(alpha > 127, LABEL_IDS["skin"], 0).astype(np.uint8)
+        return self._buffer.add(i, np.asarray(image, np.uint8), np.asarray(alpha, np.uint8), np.asarray(parsing, np.uint8), num_frames)
+
+    def _encode_chunk(self, chunk) -> None:
+        from headavatar.subjects.chunks import write_chunk
+
+        start, images, alphas, parsings = chunk
+        write_chunk(self.root, start, images, alphas, parsings, crf=self.crf)
+
+    def flush_chunks(self) -> None:
+        """Write the last, shorter chunk (called by finalize)."""
+        if self._buffer is not None:
+            for chunk in self._buffer.remaining():
+                self._encode_chunk(chunk)
 
     def write_frame(self, i: int, image: np.ndarray, alpha: np.ndarray | None = None, parsing: np.ndarray | None = None) -> None:
+        self.count = max(self.count, i + 1)
+        if self.layout == "chunks":
+            chunk = self._chunk_frame(i, image, alpha, parsing)
+            if chunk is not None:
+                self._encode_chunk(chunk)
+            return
         write_image(self.root / "frames" / f"{i:06d}{self.image_ext}", image)
         if alpha is not None:
             write_image(self.root / "alpha" / f"{i:06d}.png", alpha)
@@ -348,13 +433,15 @@ class SubjectWriter:
 
     def finalize(self, tracking: Tracking, head_model_spec: dict, image_size: tuple[int, int], split: dict | None = None, fps: float = 25.0, extra_meta: dict | None = None) -> Subject:
         n = tracking.num_frames
+        self.flush_chunks()
         if n != self.count:
             raise UserError(f"{n} tracked frames but {self.count} images were written to {self.root}")
         tracking.check(where="tracking being written")
         tracking.save(self.root / "tracking.npz")
         meta = {
             "format": FORMAT_NAME,
-            "version": FORMAT_VERSION,
+            # version 1 readers can read the per-file layout; the compact one needs version 2
+            "version": 1 if self.layout == FRAME_LAYOUT else 2,
             "num_frames": n,
             "image_size": [int(image_size[0]), int(image_size[1])],
             "image_ext": self.image_ext,
@@ -362,6 +449,7 @@ class SubjectWriter:
             "head_model": head_model_spec,
             "split": split or default_split(n, valid=tracking.valid),
             "labels": {str(k): v for k, v in LABELS.items()},
+            **self.storage_meta(),
             **(extra_meta or {}),
         }
         write_json(self.root / "subject.json", meta)

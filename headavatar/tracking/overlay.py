@@ -78,12 +78,29 @@ def reprojection_errors(detected: np.ndarray, fitted: np.ndarray, valid: np.ndar
     return d.reshape(-1)
 
 
-def draw_overlay(image: np.ndarray, detected: np.ndarray | None, fitted: np.ndarray | None, mesh2d: np.ndarray | None = None, valid: bool = True) -> np.ndarray:
-    """Draw on a copy of ``image`` (HxWx3 uint8 RGB)."""
+# Parsing label colours of the overlay's inset (subjects.format.LABELS order).
+LABEL_COLOURS = np.array([[0, 0, 0], [255, 200, 150], [120, 60, 0], [0, 0, 255], [255, 0, 0], [120, 0, 120], [255, 255, 0],
+                          [0, 255, 0], [0, 150, 255], [255, 0, 255]], np.uint8)
+
+
+def parsing_inset(image: np.ndarray, parsing: np.ndarray, scale: int = 3) -> np.ndarray:
+    """The frame at 1/``scale`` size with its parsing labels blended in (for checking the labels by eye)."""
+    import cv2
+
+    H, W = parsing.shape
+    small = cv2.resize(image, (W // scale, H // scale), interpolation=cv2.INTER_AREA)
+    lab = cv2.resize(parsing, (W // scale, H // scale), interpolation=cv2.INTER_NEAREST)
+    return (0.45 * small + 0.55 * LABEL_COLOURS[np.minimum(lab, len(LABEL_COLOURS) - 1)]).astype(np.uint8)
+
+
+def draw_overlay(image: np.ndarray, detected: np.ndarray | None, fitted: np.ndarray | None, mesh2d: np.ndarray | None = None, valid: bool = True,
+                 parsing: np.ndarray | None = None) -> np.ndarray:
+    """Draw on a copy of ``image`` (HxWx3 uint8 RGB); ``parsing``: labels shown as an inset, top left."""
     import cv2
 
     out = image.copy()
     H, W = out.shape[:2]
+    inset = parsing_inset(image, parsing) if parsing is not None else None
     if mesh2d is not None and valid:
         p = np.round(mesh2d - 0.5).astype(np.int64)  # pixel centre convention -> array index
         ok = (p[:, 0] >= 0) & (p[:, 0] < W) & (p[:, 1] >= 0) & (p[:, 1] < H)
@@ -104,6 +121,9 @@ def draw_overlay(image: np.ndarray, detected: np.ndarray | None, fitted: np.ndar
     if fitted is not None and valid:
         for a in q(fitted):
             cv2.circle(out, tuple(int(v) for v in a), r, RED, -1, cv2.LINE_AA, sh)
+    if inset is not None:
+        out[: inset.shape[0], : inset.shape[1]] = inset
+        cv2.rectangle(out, (0, 0), (inset.shape[1], inset.shape[0]), (255, 255, 255), 1)
     if not valid:
         cv2.rectangle(out, (0, 0), (W - 1, H - 1), RED, max(2, W // 128))
         cv2.putText(out, "lost", (8, 28), cv2.FONT_HERSHEY_SIMPLEX, 0.8, RED, 2, cv2.LINE_AA)

@@ -39,6 +39,7 @@ from headavatar.utils.io import atomic_path, save_npz
 OVERLAY_NAME = "tracking_overlay.mp4"
 DENSE_NAME = "landmarks_mediapipe.npz"
 _FRAME_FILE = re.compile(r"^\d{6}\.(png|jpg)$")
+_CHUNK_FILE = re.compile(r"^\d{6}_(rgb|masks)\.mkv$")
 
 
 def _bar(total, desc: str, progress: bool):
@@ -56,8 +57,9 @@ class _AsyncSubjectWriter(SubjectWriter):
     GIL, so they overlap the face models on the main thread.
     """
 
-    def __init__(self, root, image_ext: str = ".jpg", overwrite: bool = False, workers: int = 2, jpeg_quality: int = 95):
-        super().__init__(root, image_ext=image_ext, overwrite=overwrite)
+    def __init__(self, root, image_ext: str = ".jpg", overwrite: bool = False, workers: int = 2, jpeg_quality: int = 95,
+                 layout: str = "frames", crf: int | None = None):
+        super().__init__(root, image_ext=image_ext, overwrite=overwrite, layout=layout, crf=crf)
         self.jpeg_quality = jpeg_quality
         self._pool = ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="headavatar-write")
         self._pending: deque[Future] = deque()
@@ -66,8 +68,13 @@ class _AsyncSubjectWriter(SubjectWriter):
     def write_frame(self, i: int, image: np.ndarray, alpha: np.ndarray | None = None, parsing: np.ndarray | None = None) -> None:
         while len(self._pending) >= self._max_pending:
             self._pending.popleft().result()  # back-pressure, and errors surface here
-        self._pending.append(self._pool.submit(self._write, i, image, alpha, parsing))
         self.count = max(self.count, i + 1)
+        if self.layout == "chunks":  # whole chunks are encoded on the workers
+            chunk = self._chunk_frame(i, image, alpha, parsing)
+            if chunk is not None:
+                self._pending.append(self._pool.submit(self._encode_chunk, chunk))
+            return
+        self._pending.append(self._pool.submit(self._write, i, image, alpha, parsing))
 
     def _write(self, i, image, alpha, parsing) -> None:
         _write_image(self.root / "frames" / f"{i:06d}{self.image_ext}", image, self.jpeg_quality)
@@ -77,6 +84,9 @@ class _AsyncSubjectWriter(SubjectWriter):
             _write_image(self.root / "parsing" / f"{i:06d}.png", parsing)
 
     def flush(self) -> None:
+        if self._buffer is not None:
+            for chunk in self._buffer.remaining():
+                self._pending.append(self._pool.submit(self._encode_chunk, chunk))
         while self._pending:
             self._pending.popleft().result()
 
@@ -123,6 +133,7 @@ def track_video(
     head_model_path: str | os.PathLike | None = None,
     crop_scale: float = 2.0,
     image_format: str = "jpg",
+    storage: str = "frames",
     overlay: bool = True,
     min_seconds: float = 1.0,
     strict: bool = False,
@@ -141,6 +152,8 @@ def track_video(
         raise UserError(f"--size {size} is not usable; pass an even size between 64 and 4096 (512 is typical)")
     if image_format not in ("jpg", "png"):
         raise UserError(f"image format '{image_format}' is not supported; use jpg or png")
+    if storage not in ("frames", "compact"):
+        raise UserError(f"storage '{storage}' is not supported; use frames (an image file per frame) or compact (video chunks)")
     if start < 0 or (duration is not None and duration <= 0) or (max_frames is not None and max_frames < 2):
         raise UserError("--start must be >= 0, --duration > 0 and --max-frames >= 2")
     video = Path(video)
@@ -161,7 +174,7 @@ def track_video(
     created = not out_dir.exists() or not any(out_dir.iterdir())
     try:
         return _run(video, out_dir, info, model, spec, size, matte, max_frames, start, duration, overwrite, progress,
-                    crop_scale, image_format, overlay, min_seconds, fit_opts, strict)
+                    crop_scale, image_format, overlay, min_seconds, fit_opts, strict, storage)
     except BaseException:
         if created and out_dir.is_dir():
             shutil.rmtree(out_dir, ignore_errors=True)
@@ -225,12 +238,13 @@ def track_frames(video, crop, size: int, n: int, matte: str = "selfie", writer: 
     """
     from headavatar.tracking.landmarks import FaceMeshTracker
     from headavatar.tracking.matting import make_matter
-    from headavatar.tracking.parsing import face_mask, parse_frame
+    from headavatar.tracking.parsing import FrameParser, face_mask
     from headavatar.tracking.video import read_frames
 
     dense = np.full((n, 478, 3), np.nan, np.float32)
     times = np.zeros(n, np.float64)
     count = 0
+    parse = FrameParser()  # colour models and labels below the chin carried over the clip, against flicker
     matter = make_matter(matte)
     pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="headavatar-matte")
     try:
@@ -249,7 +263,7 @@ def track_frames(video, crop, size: int, n: int, matte: str = "selfie", writer: 
                     # the face itself is foreground whatever the matte says (mattes leave holes in faces)
                     alpha = np.maximum(alpha, face_mask(pts, alpha.shape).astype(np.float32))
                 if writer is not None:
-                    writer.write_frame(i, img, np.round(alpha * 255).astype(np.uint8), parse_frame(pts, alpha, img))
+                    writer.write_frame(i, img, np.round(alpha * 255).astype(np.uint8), parse(pts, alpha, img))
                 count += 1
                 bar.update(1)
     finally:
@@ -271,7 +285,7 @@ def validate_frames(dense: np.ndarray, size: int):
 
 
 def _run(video, out_dir, info, model, spec, size, matte, max_frames, start, duration, overwrite, progress,
-         crop_scale, image_format, overlay, min_seconds, fit_opts, strict=False) -> Subject:
+         crop_scale, image_format, overlay, min_seconds, fit_opts, strict=False, storage="frames") -> Subject:
     from headavatar.tracking.video import check_read_length
 
     timer = _StageTimer()
@@ -283,7 +297,8 @@ def _run(video, out_dir, info, model, spec, size, matte, max_frames, start, dura
 
     timer.start("track")
     _clear_previous(out_dir)  # an overwritten subject or an interrupted run: no stale frame may outlive them
-    writer = _AsyncSubjectWriter(out_dir, image_ext="." + image_format, overwrite=overwrite)
+    writer = _AsyncSubjectWriter(out_dir, image_ext="." + image_format, overwrite=overwrite,
+                                 layout="chunks" if storage == "compact" else "frames")
     try:
         dense, times = track_frames(video, crop, size, n, matte, writer, start, duration, max_frames, progress)
         writer.flush()
@@ -323,6 +338,7 @@ def _run(video, out_dir, info, model, spec, size, matte, max_frames, start, dura
     stored = lm68.copy()
     stored[~valid] = np.nan  # no detection is kept for a frame we do not trust
     tracking.valid = valid
+    gaze_stats = _gaze(model, tracking, dense)
     tracking.timestamps = times
     tracking.landmarks2d = stored
 
@@ -345,11 +361,29 @@ def _run(video, out_dir, info, model, spec, size, matte, max_frames, start, dura
         "timings_s": {k: round(v, 3) for k, v in timer.wall.items()},
         "cpu_s": {k: round(v, 3) for k, v in timer.cpu.items()},  # all threads; on a busy machine wall >> cpu / cores
         "fps_end_to_end": round(n / max(1e-9, sum(timer.wall.values())), 2),
+        **gaze_stats,
         "landmarks": "mediapipe-facemesh-478 -> ibug68 (headavatar.tracking.landmarks)",
     }
     stored_spec = {k: v for k, v in spec.items() if k not in ("dir", "path")}
     stored_spec["fingerprint"] = model.fingerprint()
     return writer.finalize(tracking, stored_spec, (size, size), fps=fps, extra_meta={"tracking": stats})
+
+
+def _gaze(model, tracking, dense: np.ndarray) -> dict:
+    """Stage 4b: per-frame eye gaze from the iris landmarks into ``tracking.extras["gaze"]``
+    (head models with eyeballs only, headmodels/gaze.py; the others ignore gaze)."""
+    from headavatar.headmodels.gaze import supports_gaze
+    from headavatar.tracking.gaze import estimate_gaze, iris_observations
+
+    if not supports_gaze(model):
+        return {}
+    t = time.perf_counter()
+    iris, usable = iris_observations(dense)
+    gaze, seen = estimate_gaze(model, tracking, iris, usable)
+    tracking.extras["gaze"] = gaze
+    v = np.asarray(tracking.valid, bool)
+    return {"gaze": {"seconds": round(time.perf_counter() - t, 3),"eyes_observed": round(float(seen[v].mean()), 3) if v.any() else 0.0,
+                     "abs_deg_median": round(float(np.degrees(np.median(np.abs(gaze[v])))), 2) if v.any() else None}}
 
 
 class _StageTimer:
@@ -434,10 +468,21 @@ def _write_overlay(path: Path, writer: _AsyncSubjectWriter, n: int, detected, fo
     from headavatar.tracking.overlay import draw_overlay
     from headavatar.tracking.video import VideoWriter
 
+    reader = None
+    if writer.layout == "chunks":
+        from headavatar.subjects.chunks import ChunkReader
+
+        reader = ChunkReader(writer.root, writer.chunk_frames, n)
+
     def frame(i: int) -> np.ndarray:
-        img = cv2.imread(str(writer.root / "frames" / f"{i:06d}{writer.image_ext}"), cv2.IMREAD_COLOR)
-        img = cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
-        return draw_overlay(img, detected[i] if found[i] else None, fitted[i], None if mesh2d is None else mesh2d[i], bool(valid[i]))
+        if reader is not None:
+            img, _, parsing = reader.read(i)
+            img = img.copy()
+        else:
+            img = cv2.imread(str(writer.root / "frames" / f"{i:06d}{writer.image_ext}"), cv2.IMREAD_COLOR)
+            img = cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
+            parsing = cv2.imread(str(writer.root / "parsing" / f"{i:06d}.png"), cv2.IMREAD_UNCHANGED)
+        return draw_overlay(img, detected[i] if found[i] else None, fitted[i], None if mesh2d is None else mesh2d[i], bool(valid[i]), parsing)
 
     # reading and drawing on two threads (OpenCV releases the GIL) while this one encodes, in order
     with atomic_path(path) as tmp, VideoWriter(tmp, fps) as vw, _bar(n, "overlay", progress) as bar, \
@@ -457,11 +502,11 @@ def _write_overlay(path: Path, writer: _AsyncSubjectWriter, n: int, detected, fo
 def _clear_previous(out_dir: Path) -> None:
     """Remove a previous run's outputs so that no stale frame outlives a shorter new clip."""
     (out_dir / "subject.json").unlink(missing_ok=True)  # first: the folder stops looking complete
-    for sub in ("frames", "alpha", "parsing"):
+    for sub in ("frames", "alpha", "parsing", "chunks"):
         d = out_dir / sub
         if d.is_dir():
             for f in d.iterdir():
-                if _FRAME_FILE.match(f.name):
+                if _FRAME_FILE.match(f.name) or _CHUNK_FILE.match(f.name):
                     f.unlink()
     for name in ("tracking.npz", OVERLAY_NAME, DENSE_NAME):
         (out_dir / name).unlink(missing_ok=True)

@@ -1,0 +1,49 @@
+"""benchmarks/real_video.py, the real-video protocol, on a tiny synthetic set on the CPU."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _module():
+    spec = importlib.util.spec_from_file_location("real_video", REPO / "benchmarks" / "real_video.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_protocol_on_tiny_synthetic_subjects(tmp_path):
+    from headavatar.subjects.synthetic import make_synthetic_subject
+
+    videos = tmp_path / "videos"
+    videos.mkdir()
+    subjects = tmp_path / "tracked"
+    for k, stem in enumerate(("clip_a", "clip_b")):
+        (videos / f"{stem}.mp4").write_bytes(b"")  # the subjects are reused: the videos are not read
+        make_synthetic_subject(subjects / stem, num_frames=8, resolution=32, seed=k, progress=False)
+    work = tmp_path / "work"
+    args = [str(videos), "-o", str(work), "--subjects", str(subjects), "--iterations", "3", "--batch-size", "2", "--resolution", "32",
+            "--device", "cpu", "--no-lpips", "--concurrent", "2", "--label", "tiny", "--set", "uv_resolution=16", "--set", "mlp_width=16"]
+    rv = _module()
+    assert rv.main(args) == 0
+    res = json.loads((work / "results_tiny.json").read_text())
+    assert [r["video"] for r in res["videos"]] == ["clip_a.mp4", "clip_b.mp4"]
+    for r in res["videos"]:
+        assert r["iterations"] == 3 and r["test_frames"] >= 1 and r["train_frames"] >= 1
+        assert 0 < r["psnr"] < 60 and 0 < r["train_psnr"] < 60 and abs(r["gap_db"] - (r["train_psnr"] - r["psnr"])) < 1e-9
+    assert abs(res["mean"]["psnr"] - sum(r["psnr"] for r in res["videos"]) / 2) < 1e-9
+    assert "| **mean** |" in (work / "results_tiny.md").read_text()
+    assert res["protocol"]["set"] == ["uv_resolution=16", "mlp_width=16"]
+    # a finished video is not run again; an empty folder is a clear error
+    mtime = (work / "runs" / "tiny" / "clip_a.json").stat().st_mtime
+    assert rv.main(args) == 0 and (work / "runs" / "tiny" / "clip_a.json").stat().st_mtime == mtime
+    (tmp_path / "empty").mkdir()
+    assert rv.main([str(tmp_path / "empty"), "-o", str(work)]) == 2
+    # no video folder at all (a GPU machine given only the tracked subjects): one job per subject
+    args2 = [str(tmp_path / "no_videos"), *args[1:3], "--subjects", str(subjects), *args[5:-6], "--label", "subj", *args[-4:]]
+    assert rv.main(args2) == 0
+    assert [r["video"] for r in json.loads((work / "results_subj.json").read_text())["videos"]] == ["clip_a", "clip_b"]
