@@ -35,7 +35,7 @@ def main(argv=None) -> int:
     ap.add_argument("--json")
     ap.add_argument("--random-reads", type=int, default=200)
     args = ap.parse_args(argv)
-    from headavatar.subjects.chunks import convert_subject
+    from headavatar.subjects.convert import convert_subject
     from headavatar.subjects.format import Subject
 
     src = Subject.open(args.subject)

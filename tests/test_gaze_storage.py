@@ -130,7 +130,7 @@ def _write(root, layout, n=21, size=32):
 
 @av_missing
 def test_compact_layout_round_trip_and_conversion(tmp_path):
-    from headavatar.subjects.chunks import convert_subject
+    from headavatar.subjects.convert import convert_subject
     from headavatar.subjects.dataset import FrameDataset
 
     s, frames = _write(tmp_path / "c", "chunks")

@@ -12,6 +12,8 @@ def add_subject_parser(sub) -> None:
     c.add_argument("input", help="subject folder to read (left unchanged)")
     c.add_argument("-o", "--output", required=True, help="subject folder to write")
     c.add_argument("--crf", type=int, default=None, help="H.264 constant quality of the images (default 16; lower = larger, closer)")
+    c.add_argument("--chunk-frames", type=int, default=None,
+                   help="frames per chunk (default 16); longer chunks are smaller (e.g. 64 to move a long clip), random reads slower")
     c.add_argument("--lean", action="store_true", help="leave out the tracking overlay video and the dense landmarks (training does not read them)")
     c.add_argument("--overwrite", action="store_true")
     e = ssub.add_parser("expand", help="rewrite a compact subject with one image file per frame")
@@ -23,13 +25,15 @@ def add_subject_parser(sub) -> None:
 
 def cmd_subject(args: argparse.Namespace) -> int:
     from headavatar.errors import UserError
-    from headavatar.subjects.chunks import DEFAULT_CRF, convert_subject
+    from headavatar.subjects.chunks import DEFAULT_CRF
+    from headavatar.subjects.convert import convert_subject
 
     if args.subject_command == "compact":
         crf = DEFAULT_CRF if args.crf is None else args.crf
         if not 0 <= crf <= 51:
             raise UserError(f"--crf {crf} is outside 0..51 (16 is the default; 0 is lossless but large)")
-        s = convert_subject(args.input, args.output, layout="chunks", crf=crf, overwrite=args.overwrite, extras=not args.lean)
+        s = convert_subject(args.input, args.output, layout="chunks", crf=crf, overwrite=args.overwrite, extras=not args.lean,
+                           chunk_frames=args.chunk_frames)
     elif args.subject_command == "expand":
         s = convert_subject(args.input, args.output, layout="frames", image_ext="." + args.image_format, overwrite=args.overwrite)
     else:

@@ -69,6 +69,8 @@ class RunDir:
         write_json(self.info_path, {
             "method": method,
             "subject": self._subject_ref(subject_dir),
+            # where it was when trained: found again when the run is copied without its subject
+            "subject_at_training": str(Path(subject_dir).resolve()),
             "headavatar_version": __version__,
             "config": to_dict(cfg),
             "head_model_overrides": self.head_overrides,
@@ -94,6 +96,9 @@ class RunDir:
         subject = info.get("subject")
         if subject and not Path(subject).is_absolute():  # relative to the run folder (runs before this: absolute)
             info["subject"] = os.path.normpath(self.root.resolve() / subject)
+            earlier = info.get("subject_at_training")
+            if not Path(info["subject"]).exists() and earlier and Path(earlier).is_dir():
+                info["subject"] = earlier  # the run moved without its subject; the subject did not move
         return info
 
     def require_method(self, method: str) -> dict:

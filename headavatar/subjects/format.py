@@ -364,9 +364,11 @@ class Subject:
 class SubjectWriter:
     """Writes a subject folder: frames first, then tracking and subject.json (last, atomically)."""
 
-    def __init__(self, root: str | os.PathLike, image_ext: str = ".png", overwrite: bool = False, layout: str = FRAME_LAYOUT, crf: int | None = None):
+    def __init__(self, root: str | os.PathLike, image_ext: str = ".png", overwrite: bool = False, layout: str = FRAME_LAYOUT, crf: int | None = None,
+                 chunk_frames: int | None = None):
         """``layout``: "frames" (an image file per frame and map) or "chunks" (compact video chunks;
-        ``crf`` sets their image quality, default chunks.DEFAULT_CRF).  Chunks take the frames in
+        ``crf`` sets their image quality, default chunks.DEFAULT_CRF; ``chunk_frames`` their length,
+        default chunks.CHUNK_FRAMES: longer chunks are smaller, a random read decodes more).  Chunks take the frames in
         any order, but every frame of a chunk must come before it is written."""
         if layout not in (FRAME_LAYOUT, "chunks"):
             raise UserError(f"unknown subject storage layout {layout!r}; use 'frames' or 'chunks'")
@@ -388,8 +390,10 @@ class SubjectWriter:
             from headavatar.subjects.chunks import CHUNK_FRAMES, DEFAULT_CRF, ChunkBuffer
 
             self.crf = DEFAULT_CRF if crf is None else int(crf)
-            self.chunk_frames = CHUNK_FRAMES
-            self._buffer = ChunkBuffer(CHUNK_FRAMES)
+            self.chunk_frames = CHUNK_FRAMES if chunk_frames is None else int(chunk_frames)
+            if not 1 <= self.chunk_frames <= 1024:
+                raise UserError(f"chunk length {self.chunk_frames} is outside 1..1024 frames (16 is the default)")
+            self._buffer = ChunkBuffer(self.chunk_frames)
 
     def storage_meta(self) -> dict:
         if self.layout == FRAME_LAYOUT:
