@@ -31,6 +31,11 @@ class FlashAvatarAvatar:
         self.cfg = from_dict(FlashAvatarConfig, info["config"], where=str(run.info_path))
         self.device = resolve_device(device) if isinstance(device, str) else device
         self.subject = Subject.open(subject_dir or info["subject"])
+        # training frames rendered with the tracking refined jointly with the avatar, when the run has it
+        # (held-out frames keep the tracker's values: the fixed-tracking protocol)
+        from headavatar.methods.flashavatar.refine import REFINED_TRACKING, apply_refined_tracking
+
+        self.refined_tracking = apply_refined_tracking(self.subject.tracking, run.root / REFINED_TRACKING)
         self.size = training_size(self.subject, self.cfg.resolution)
         self.model = build_model(self.subject, self.cfg, self.device, head_overrides or run.head_overrides)
         self.step, state = run.load_checkpoint(map_location=self.device)

@@ -37,9 +37,18 @@ class DeformMLP(nn.Module):
             nn.init.uniform_(lin.weight, -bound, bound)
         nn.init.uniform_(self.pe_in.bias, -bound, bound)
 
-    def forward(self, pe: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
-        """pe [N,P], cond [B,C] -> [B,N,10] in (-1,1)."""
-        h = torch.relu(self.pe_in(pe)[None] + self.cond_in(cond)[:, None])
+    def forward(self, pe: torch.Tensor, cond: torch.Tensor, masks: torch.Tensor | None = None, group: torch.Tensor | None = None) -> torch.Tensor:
+        """pe [N,P], cond [B,C] -> [B,N,10] in (-1,1).
+
+        Regional conditioning: ``masks`` [U,C] (the distinct condition masks) and ``group`` [N]
+        (each Gaussian's mask): Gaussian n sees cond * masks[group[n]].  The per-frame Linear runs
+        once per distinct mask ([B,U,W]) and is gathered per Gaussian.
+        """
+        if masks is None:
+            c = self.cond_in(cond)[:, None]
+        else:
+            c = self.cond_in(cond[:, None, :] * masks[None])[:, group]
+        h = torch.relu(self.pe_in(pe)[None] + c)
         for lin in self.hidden:
             h = torch.relu(lin(h))
         return torch.tanh(self.out(h))
@@ -62,6 +71,14 @@ class FlashAvatarModel(nn.Module):
         self.register_buffer("mu_t", mu_t)
         self.register_buffer("pe", positional_encoding(mu_t, cfg.pe_frequencies))
         self.mlp = DeformMLP(self.pe.shape[1], head.condition_dim, cfg.mlp_width, cfg.mlp_layers)
+        # derived from the head model, so not saved in checkpoints (recomputed on load)
+        masks = group = None
+        if cfg.condition_regions == "basis":
+            masks, group = condition_masks(head, face_idx, cfg.region_threshold)
+        self.register_buffer("cond_masks", masks, persistent=False)
+        self.register_buffer("cond_group", group, persistent=False)
+        if cfg.condition_regions not in ("off", "basis"):
+            raise UserError(f"condition_regions must be off or basis, got {cfg.condition_regions!r}")
         if cfg.zero_init_deform:
             # tanh(0) = 0: Gaussians start on the tracked surface and the MLP learns a residual
             nn.init.zeros_(self.mlp.out.weight)
@@ -84,9 +101,10 @@ class FlashAvatarModel(nn.Module):
         return self.mu_t.shape[0]
 
     # --------------------------------------------------------------- frames
-    def frame_inputs(self, params: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        """Tracking params (Tracking.params) -> (condition [B,C], posed vertices [B,V,3]); no gradient to tracking."""
-        with torch.no_grad():
+    def frame_inputs(self, params: dict, grad: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """Tracking params (Tracking.params) -> (condition [B,C], posed vertices [B,V,3]); gradients reach
+        the tracking only with ``grad`` (tracking refinement, refine.py)."""
+        with torch.set_grad_enabled(grad and torch.is_grad_enabled()):
             verts = self.head(
                 shape=self.shape.expand(params["expression"].shape[0], -1),
                 expression=params["expression"],
@@ -102,7 +120,7 @@ class FlashAvatarModel(nn.Module):
         B = cond.shape[0]
         mu_m = barycentric_points(verts, self.head.faces, self.face_idx, self.bary)
         with torch.autocast(cond.device.type, dtype=torch.bfloat16, enabled=self._mlp_bf16(cond.device)):
-            o = self.mlp(self.pe, cond)
+            o = self.mlp(self.pe, cond, self.cond_masks, self.cond_group)
         o = o.float()
         means = mu_m + self.cfg.offset_scale * o[..., 0:3]
         dq = torch.cat([torch.exp(o[..., 3:4]), o[..., 4:7]], -1)  # not normalised, as the reference
@@ -142,6 +160,34 @@ class FlashAvatarModel(nn.Module):
         d2 = mean_sq_knn_distance(pts.detach().cpu().double().numpy(), k=3)
         scale = np.sqrt(np.clip(d2, 1e-7, None))
         self.log_scale.copy_(torch.from_numpy(np.log(scale)).float()[:, None].expand(-1, 3))
+
+
+def condition_masks(head: HeadModel, face_idx: torch.Tensor, threshold: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Which condition entries can move each Gaussian, from the head model itself.
+
+    An expression (or post-skinning extra) entry moves a vertex when its blendshape displaces the
+    vertex by more than ``threshold`` x that blendshape's largest displacement; a condition joint
+    (its 6 rotation entries) moves the vertices it skins with weight above ``threshold``.  A
+    Gaussian sees the entries that move any vertex of its triangle.  Returns the distinct masks
+    [U,C] (float 0/1) and each Gaussian's mask index [N].
+    """
+    V = head.num_vertices
+    cols = []
+    for name, n in head.condition_layout():
+        if name == "expression":
+            d = head.expr_basis.norm(dim=1)  # [V,E]
+            cols.append(d > threshold * d.amax(0, keepdim=True).clamp_min(1e-12))
+        elif name.endswith("_rot6d"):
+            w = head.skin_weights[:, head.joint_index(name[: -len("_rot6d")])]
+            cols.append((w > threshold)[:, None].expand(V, n))
+        else:
+            d = head.post_basis[name].norm(dim=1)  # [V,K]
+            cols.append(d > threshold * d.amax(0, keepdim=True).clamp_min(1e-12))
+    moves = torch.cat(cols, 1) if cols else torch.zeros(V, 0, dtype=torch.bool, device=head.faces.device)  # [V,C]
+    tri = head.faces[face_idx]  # [N,3]
+    per_gauss = moves[tri].any(1)  # [N,C]
+    masks, group = torch.unique(per_gauss, dim=0, return_inverse=True)
+    return masks.float(), group
 
 
 def mean_sq_knn_distance(points: np.ndarray, k: int = 3) -> np.ndarray:
