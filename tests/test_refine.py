@@ -192,3 +192,34 @@ def test_regional_conditioning_frees_hair_from_the_expression_code(subjects):
     with torch.no_grad():
         d = (full.mlp(full.pe, full.frame_inputs(p1)[0]) - full.mlp(full.pe, full.frame_inputs(p0)[0])).abs().amax(-1)[0]
     assert d[g_hair].min() > 0
+
+
+def test_shell_gaussians_sit_off_the_surface_and_follow_the_head(subjects):
+    from headavatar.methods.flashavatar.config import FlashAvatarConfig
+    from headavatar.methods.flashavatar.model import face_normals
+    from headavatar.methods.flashavatar.embedding import barycentric_points
+    from headavatar.methods.flashavatar.train import build_model, make_optimizer
+    from headavatar.subjects.format import Subject
+
+    subj = Subject.open(subjects[0])
+    base = build_model(subj, FlashAvatarConfig(uv_resolution=32, mlp_width=32), torch.device("cpu"))
+    cfg = FlashAvatarConfig(uv_resolution=32, mlp_width=32, zero_init_deform=True, shell_layers=2, shell_spacing=0.01)
+    m = build_model(subj, cfg, torch.device("cpu"))
+    n0 = base.num_gaussians
+    n_shell = m.num_gaussians - n0
+    assert n_shell > 0 and n_shell % 2 == 0
+    # bound to the same triangles as originals of the hair region (binding inheritance)
+    assert torch.equal(m.face_idx[:n0], base.face_idx) and set(m.face_idx[n0:].tolist()) <= set(base.face_idx.tolist())
+    for frame in (0, 7):
+        cond, verts = m.frame_inputs(subj.tracking.params([frame]))
+        with torch.no_grad():
+            g = m.gaussians(cond, verts)
+        on_surface = barycentric_points(verts, m.head.faces, m.face_idx, m.bary)
+        d = ((g["means"] - on_surface) * face_normals(verts, m.head.faces, m.face_idx, m.normal_sign)).sum(-1)[0]
+        assert torch.allclose(d[:n0], torch.zeros(n0), atol=1e-6)
+        assert torch.allclose(d[n0:n0 + n_shell // 2], torch.full((n_shell // 2,), 0.01), atol=1e-5)
+        assert torch.allclose(d[n0 + n_shell // 2:], torch.full((n_shell // 2,), 0.02), atol=1e-5)
+        centre = verts[0].mean(0)
+        outward = ((on_surface[0, n0:] - centre) * face_normals(verts, m.head.faces, m.face_idx, m.normal_sign)[0, n0:]).sum(-1)
+        assert (outward > 0).float().mean() > 0.95
+    assert any(gr["name"] == "normal_offset" for gr in make_optimizer(m, cfg).param_groups)

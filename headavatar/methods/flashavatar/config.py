@@ -33,6 +33,11 @@ class FlashAvatarConfig:
     # an entry moves a vertex when its displacement at unit coefficient exceeds this fraction of that
     # entry's largest displacement (joints: skin weight above it)
     region_threshold: float = 0.05
+    # --- coverage off the head mesh (hair volume, long hair): shell Gaussians
+    shell_layers: int = 0  # copies of the shell_regions Gaussians stacked outward (0 = none, the paper)
+    shell_spacing: float = 0.01  # metres between layers, along the triangle's normal (start distance of layer k: k x this)
+    shell_regions: str = "hair"  # comma-separated head-model regions whose Gaussians get shell copies
+    lr_normal_offset: float = 1e-4  # learning rate of the per-Gaussian distance along the normal (metres)
     # --- joint refinement of the training frames' tracking (refine.py; refined values saved in
     # RUN_DIR/refined_tracking.npz and used by render/export/viewer for training frames)
     refine_tracking: bool = False

@@ -62,12 +62,24 @@ class FlashAvatarModel(nn.Module):
         self.cfg = cfg
         self.head = head
         face_idx, bary = sample_uv_texels(head, cfg.uv_resolution, cfg.exclude_boundary)
-        self.register_buffer("face_idx", face_idx)
-        self.register_buffer("bary", bary)
         self.register_buffer("shape", shape.reshape(1, -1).float())
         with torch.no_grad():
             canonical = head.shaped(self.shape)  # identity only: zero expression, rest pose
+        shell = None
+        if cfg.shell_layers > 0:
+            face_idx, bary, shell = shell_gaussians(head, canonical[0], face_idx, bary, cfg)
+        self.register_buffer("face_idx", face_idx)
+        self.register_buffer("bary", bary)
+        with torch.no_grad():
             mu_t = barycentric_points(canonical, head.faces, face_idx, bary)[0]
+        # shell Gaussians (coverage off the surface): a learnable distance along the triangle's normal
+        self.normal_offset = None
+        if shell is not None:
+            init, sign = shell
+            self.register_buffer("normal_sign", sign)
+            self.normal_offset = nn.Parameter(init)
+            # their canonical position (the MLP's input) sits off the surface too, so layers differ
+            mu_t = mu_t + init[:, None] * face_normals(canonical, head.faces, face_idx, sign)[0]
         self.register_buffer("mu_t", mu_t)
         self.register_buffer("pe", positional_encoding(mu_t, cfg.pe_frequencies))
         self.mlp = DeformMLP(self.pe.shape[1], head.condition_dim, cfg.mlp_width, cfg.mlp_layers)
@@ -119,6 +131,8 @@ class FlashAvatarModel(nn.Module):
         """Per-frame Gaussians [B,N,...] from the condition and the posed mesh."""
         B = cond.shape[0]
         mu_m = barycentric_points(verts, self.head.faces, self.face_idx, self.bary)
+        if self.normal_offset is not None:
+            mu_m = mu_m + self.normal_offset[None, :, None] * face_normals(verts, self.head.faces, self.face_idx, self.normal_sign)
         with torch.autocast(cond.device.type, dtype=torch.bfloat16, enabled=self._mlp_bf16(cond.device)):
             o = self.mlp(self.pe, cond, self.cond_masks, self.cond_group)
         o = o.float()
@@ -160,6 +174,42 @@ class FlashAvatarModel(nn.Module):
         d2 = mean_sq_knn_distance(pts.detach().cpu().double().numpy(), k=3)
         scale = np.sqrt(np.clip(d2, 1e-7, None))
         self.log_scale.copy_(torch.from_numpy(np.log(scale)).float()[:, None].expand(-1, 3))
+
+
+def face_normals(verts: torch.Tensor, faces: torch.Tensor, face_idx: torch.Tensor, sign: torch.Tensor) -> torch.Tensor:
+    """Unit normals [B,N,3] of the triangles ``face_idx`` of ``verts`` [B,V,3], times ``sign`` [N] (outward)."""
+    tri = faces[face_idx]
+    v0, v1, v2 = verts[:, tri[:, 0]], verts[:, tri[:, 1]], verts[:, tri[:, 2]]
+    n = torch.cross(v1 - v0, v2 - v0, dim=-1)
+    return n / n.norm(dim=-1, keepdim=True).clamp_min(1e-12) * sign[None, :, None]
+
+
+def shell_gaussians(head: HeadModel, canonical: torch.Tensor, face_idx: torch.Tensor, bary: torch.Tensor, cfg):
+    """Add ``shell_layers`` copies of the Gaussians on the ``shell_regions`` triangles, bound to the same
+    triangle and barycentrics (binding inheritance) but starting k x ``shell_spacing`` out along its
+    normal.  Returns (face_idx, bary, (initial normal distance [N], outward sign [N]))."""
+    names = [r.strip() for r in cfg.shell_regions.split(",") if r.strip()]
+    bad = [r for r in names if r not in head.regions]
+    if bad:
+        raise UserError(f"shell_regions names regions {bad} the head model '{head.name}' lacks; it has {sorted(head.regions)}")
+    in_region = torch.zeros(len(face_idx), dtype=torch.bool, device=face_idx.device)
+    for r in names:
+        in_region |= head.region_face_mask(r, mode="any").to(face_idx.device)[face_idx]
+    sel = torch.nonzero(in_region).squeeze(1)
+    n0 = len(face_idx)
+    dist = [torch.zeros(n0)]
+    fi, ba = [face_idx], [bary]
+    for k in range(1, cfg.shell_layers + 1):
+        fi.append(face_idx[sel])
+        ba.append(bary[sel])
+        dist.append(torch.full((len(sel),), k * cfg.shell_spacing))
+    face_idx, bary, dist = torch.cat(fi), torch.cat(ba), torch.cat(dist).to(bary)
+    # outward = away from the head's centre (the winding of a model's triangles is not relied on)
+    ones = torch.ones(len(face_idx), device=bary.device)
+    n = face_normals(canonical[None], head.faces, face_idx, ones)[0]
+    p = barycentric_points(canonical[None], head.faces, face_idx, bary)[0]
+    sign = torch.where(((p - canonical.mean(0)) * n).sum(-1) >= 0, 1.0, -1.0)
+    return face_idx, bary, (dist, sign)
 
 
 def condition_masks(head: HeadModel, face_idx: torch.Tensor, threshold: float) -> tuple[torch.Tensor, torch.Tensor]:

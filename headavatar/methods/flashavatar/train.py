@@ -36,6 +36,8 @@ def make_optimizer(model: FlashAvatarModel, cfg: FlashAvatarConfig) -> torch.opt
         {"params": [model.log_scale], "lr": cfg.lr_scale, "eps": 1e-15, "name": "scale"},
         {"params": [model.rotation], "lr": cfg.lr_rotation, "eps": 1e-15, "name": "rotation"},
     ]
+    if model.normal_offset is not None:
+        groups.append({"params": [model.normal_offset], "lr": cfg.lr_normal_offset, "eps": 1e-15, "name": "normal_offset"})
     # fused: one kernel for all parameters on CUDA instead of a few per tensor
     return torch.optim.Adam(groups, fused=model.sh_dc.device.type == "cuda")
 
