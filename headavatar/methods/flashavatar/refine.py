@@ -69,6 +69,7 @@ class TrackingCorrections(nn.Module):
                 prev[r] = row_of[f - 1]
         self.register_buffer("prev_row", prev, persistent=False)
         self.num_joints = num_joints
+        self.register_buffer("joint_idx", torch.tensor(self.joints, dtype=torch.long), persistent=False)
         self.sigma = {"expression": cfg.refine_sigma_expression, "rotation": cfg.refine_sigma_rotation,
                       "translation": cfg.refine_sigma_translation, **{f"extra__{k}": cfg.refine_sigma_extras for k in extras_sizes}}
         sizes = {"expression": num_expression, "rotation": 3 * len(self.joints), "translation": 3,
@@ -103,7 +104,7 @@ class TrackingCorrections(nn.Module):
         if "rotation" in self.blocks:
             d = (on * self.sigma["rotation"] * self.scaled("rotation", rows)).view(-1, len(self.joints), 3)
             full = params["joint_rotations"].new_zeros(params["joint_rotations"].shape)
-            full = full.index_add(1, torch.tensor(self.joints, device=d.device), d)
+            full = full.index_add(1, self.joint_idx, d)
             # axis-angle + small correction: first order the same as composing the rotations
             out["joint_rotations"] = params["joint_rotations"] + full
         if "translation" in self.blocks:
