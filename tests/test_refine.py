@@ -187,6 +187,15 @@ def test_regional_conditioning_frees_hair_from_the_expression_code(subjects):
         o1 = m.mlp(m.pe, m.frame_inputs(p1)[0], m.cond_masks, m.cond_group)
     diff = (o1 - o0).abs().amax(-1)[0]
     assert diff[free].max() == 0 and diff.max() > 0
+    # with the head pose in the condition, the unconditioned Gaussians (hair, scalp) see the pose alone
+    mp = build_model(subj, FlashAvatarConfig(uv_resolution=32, mlp_width=32, condition_regions="basis", condition_pose="root"), torch.device("cpu"))
+    p2 = {**p0, "joint_rotations": p0["joint_rotations"].clone()}
+    p2["joint_rotations"][:, 0] += 0.2
+    with torch.no_grad():
+        base = mp.mlp(mp.pe, mp.frame_inputs(p0)[0], mp.cond_masks, mp.cond_group)
+        d_expr = (mp.mlp(mp.pe, mp.frame_inputs(p1)[0], mp.cond_masks, mp.cond_group) - base).abs().amax(-1)[0]
+        d_pose = (mp.mlp(mp.pe, mp.frame_inputs(p2)[0], mp.cond_masks, mp.cond_group) - base).abs().amax(-1)[0]
+    assert d_expr[free].max() == 0 and d_pose[free].min() > 0
     # the unrestricted (paper) model lets every Gaussian see the expression
     full = build_model(subj, FlashAvatarConfig(uv_resolution=32, mlp_width=32), torch.device("cpu"))
     with torch.no_grad():

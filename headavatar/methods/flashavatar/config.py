@@ -33,6 +33,9 @@ class FlashAvatarConfig:
     # an entry moves a vertex when its displacement at unit coefficient exceeds this fraction of that
     # entry's largest displacement (joints: skin weight above it)
     region_threshold: float = 0.05
+    # root = append the head pose (6D rotation of the root joint) to the condition vector, seen by every
+    # Gaussian (with condition_regions=basis, hair/scalp/neck see the pose alone); none = the paper
+    condition_pose: str = "none"
     # --- coverage off the head mesh (hair volume, long hair): shell Gaussians
     shell_layers: int = 0  # copies of the shell_regions Gaussians stacked outward (0 = none, the paper)
     shell_spacing: float = 0.01  # metres between layers, along the triangle's normal (start distance of layer k: k x this)

@@ -13,7 +13,7 @@ from headavatar.headmodels.base import HeadModel
 from headavatar.methods.flashavatar.config import FlashAvatarConfig
 from headavatar.methods.flashavatar.embedding import barycentric_points, positional_encoding, sample_uv_texels
 from headavatar.render.gaussians import RenderOutput, render_gaussians
-from headavatar.utils.rotations import quaternion_multiply
+from headavatar.utils.rotations import axis_angle_to_6d, quaternion_multiply
 
 
 class DeformMLP(nn.Module):
@@ -82,11 +82,17 @@ class FlashAvatarModel(nn.Module):
             mu_t = mu_t + init[:, None] * face_normals(canonical, head.faces, face_idx, sign)[0]
         self.register_buffer("mu_t", mu_t)
         self.register_buffer("pe", positional_encoding(mu_t, cfg.pe_frequencies))
-        self.mlp = DeformMLP(self.pe.shape[1], head.condition_dim, cfg.mlp_width, cfg.mlp_layers)
+        if cfg.condition_pose not in ("none", "root"):
+            raise UserError(f"condition_pose must be none or root, got {cfg.condition_pose!r}")
+        # head pose (6D rotation of the root joint) appended to the condition when asked
+        self.pose_dim = 6 if cfg.condition_pose == "root" else 0
+        self.mlp = DeformMLP(self.pe.shape[1], head.condition_dim + self.pose_dim, cfg.mlp_width, cfg.mlp_layers)
         # derived from the head model, so not saved in checkpoints (recomputed on load)
         masks = group = None
         if cfg.condition_regions == "basis":
             masks, group = condition_masks(head, face_idx, cfg.region_threshold)
+            if self.pose_dim:  # head pose reaches every Gaussian: hair and scalp see it alone
+                masks = torch.cat([masks, masks.new_ones(masks.shape[0], self.pose_dim)], 1)
         self.register_buffer("cond_masks", masks, persistent=False)
         self.register_buffer("cond_group", group, persistent=False)
         if cfg.condition_regions not in ("off", "basis"):
@@ -125,6 +131,8 @@ class FlashAvatarModel(nn.Module):
                 extras=params.get("extras"),
             )
             cond = self.head.condition(params["expression"], params["joint_rotations"], params.get("extras"))
+            if self.pose_dim:
+                cond = torch.cat([cond, axis_angle_to_6d(params["joint_rotations"][:, 0])], -1)
         return cond, verts
 
     def gaussians(self, cond: torch.Tensor, verts: torch.Tensor) -> dict[str, torch.Tensor]:
