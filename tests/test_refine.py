@@ -196,6 +196,10 @@ def test_regional_conditioning_frees_hair_from_the_expression_code(subjects):
         d_expr = (mp.mlp(mp.pe, mp.frame_inputs(p1)[0], mp.cond_masks, mp.cond_group) - base).abs().amax(-1)[0]
         d_pose = (mp.mlp(mp.pe, mp.frame_inputs(p2)[0], mp.cond_masks, mp.cond_group) - base).abs().amax(-1)[0]
     assert d_expr[free].max() == 0 and d_pose[free].min() > 0
+    # static: the same Gaussians lose the condition, every other one keeps all of it
+    ms = build_model(subj, FlashAvatarConfig(uv_resolution=32, mlp_width=32, condition_regions="static"), torch.device("cpu"))
+    ps = ms.cond_masks[ms.cond_group]
+    assert torch.equal(ps.sum(1) == 0, free) and (ps[~free] == 1).all()
     # the unrestricted (paper) model lets every Gaussian see the expression
     full = build_model(subj, FlashAvatarConfig(uv_resolution=32, mlp_width=32), torch.device("cpu"))
     with torch.no_grad():

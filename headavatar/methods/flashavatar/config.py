@@ -28,7 +28,8 @@ class FlashAvatarConfig:
     # off = every Gaussian sees the whole condition vector (the paper); basis = each Gaussian sees only
     # the condition entries that move its triangle in the head model (expression/extras blendshapes
     # displacing it, joints skinning it), so hair, scalp and neck, which no expression moves, cannot
-    # place themselves frame by frame through the expression code
+    # place themselves frame by frame through the expression code; static = only the Gaussians no
+    # entry moves lose the condition, the rest keep all of it
     condition_regions: str = "off"
     # an entry moves a vertex when its displacement at unit coefficient exceeds this fraction of that
     # entry's largest displacement (joints: skin weight above it)

@@ -89,14 +89,14 @@ class FlashAvatarModel(nn.Module):
         self.mlp = DeformMLP(self.pe.shape[1], head.condition_dim + self.pose_dim, cfg.mlp_width, cfg.mlp_layers)
         # derived from the head model, so not saved in checkpoints (recomputed on load)
         masks = group = None
-        if cfg.condition_regions == "basis":
-            masks, group = condition_masks(head, face_idx, cfg.region_threshold)
+        if cfg.condition_regions in ("basis", "static"):
+            masks, group = condition_masks(head, face_idx, cfg.region_threshold, only_static=cfg.condition_regions == "static")
             if self.pose_dim:  # head pose reaches every Gaussian: hair and scalp see it alone
                 masks = torch.cat([masks, masks.new_ones(masks.shape[0], self.pose_dim)], 1)
         self.register_buffer("cond_masks", masks, persistent=False)
         self.register_buffer("cond_group", group, persistent=False)
-        if cfg.condition_regions not in ("off", "basis"):
-            raise UserError(f"condition_regions must be off or basis, got {cfg.condition_regions!r}")
+        if cfg.condition_regions not in ("off", "basis", "static"):
+            raise UserError(f"condition_regions must be off, basis or static, got {cfg.condition_regions!r}")
         if cfg.zero_init_deform:
             # tanh(0) = 0: Gaussians start on the tracked surface and the MLP learns a residual
             nn.init.zeros_(self.mlp.out.weight)
@@ -220,14 +220,15 @@ def shell_gaussians(head: HeadModel, canonical: torch.Tensor, face_idx: torch.Te
     return face_idx, bary, (dist, sign)
 
 
-def condition_masks(head: HeadModel, face_idx: torch.Tensor, threshold: float) -> tuple[torch.Tensor, torch.Tensor]:
+def condition_masks(head: HeadModel, face_idx: torch.Tensor, threshold: float, only_static: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Which condition entries can move each Gaussian, from the head model itself.
 
     An expression (or post-skinning extra) entry moves a vertex when its blendshape displaces the
     vertex by more than ``threshold`` x that blendshape's largest displacement; a condition joint
     (its 6 rotation entries) moves the vertices it skins with weight above ``threshold``.  A
     Gaussian sees the entries that move any vertex of its triangle.  Returns the distinct masks
-    [U,C] (float 0/1) and each Gaussian's mask index [N].
+    [U,C] (float 0/1) and each Gaussian's mask index [N].  ``only_static``: a Gaussian moved by any
+    entry keeps the whole condition; only those no entry moves (hair, scalp, neck) lose it.
     """
     V = head.num_vertices
     cols = []
@@ -244,6 +245,8 @@ def condition_masks(head: HeadModel, face_idx: torch.Tensor, threshold: float) -
     moves = torch.cat(cols, 1) if cols else torch.zeros(V, 0, dtype=torch.bool, device=head.faces.device)  # [V,C]
     tri = head.faces[face_idx]  # [N,3]
     per_gauss = moves[tri].any(1)  # [N,C]
+    if only_static:
+        per_gauss = per_gauss.any(1, keepdim=True).expand_as(per_gauss)
     masks, group = torch.unique(per_gauss, dim=0, return_inverse=True)
     return masks.float(), group
 
