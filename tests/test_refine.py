@@ -100,6 +100,12 @@ def test_corrections_start_at_zero_and_touch_only_their_frames(subjects):
     assert torch.equal(moved["translation"][1], params["translation"][1])
     assert torch.equal(moved["expression"][1], params["expression"][1])
     assert corr.prior(idx, 1.0, 0.0) > 0
+    # smoothness: zero when consecutive frames carry the same correction, positive when they differ
+    both = torch.tensor([1, 2])
+    assert corr.prior(both, 0.0, 1.0) == 0
+    with torch.no_grad():
+        corr.blocks["translation"].weight[2] += 1.0
+    assert corr.prior(both, 0.0, 1.0) > 0
 
 
 def test_joint_refinement_recovers_tracking_and_raises_heldout_psnr(subjects, runs):

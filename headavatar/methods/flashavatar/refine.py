@@ -53,12 +53,12 @@ class TrackingCorrections(nn.Module):
     frame is in the batch, so unvisited frames do not drift between visits).
     """
 
-    def __init__(self, frames, num_frames: int, num_expression: int, num_joints: int, extras_sizes: dict[str, int], cfg,
+    def __init__(self, frames, num_frames: int, num_expression: int, joint_names: list[str], extras_sizes: dict[str, int], cfg,
                  sparse: bool = True):
         super().__init__()
         frames = [int(f) for f in frames]
         self.frames = frames
-        self.joints = refine_joint_indices(cfg.joint_names, cfg.refine_joints) if hasattr(cfg, "joint_names") else []
+        self.joints = refine_joint_indices(joint_names, cfg.refine_joints)
         row_of = torch.full((num_frames,), -1, dtype=torch.long)
         row_of[torch.tensor(frames, dtype=torch.long)] = torch.arange(len(frames))
         self.register_buffer("row_of", row_of, persistent=False)
@@ -68,7 +68,6 @@ class TrackingCorrections(nn.Module):
             if f > 0:
                 prev[r] = row_of[f - 1]
         self.register_buffer("prev_row", prev, persistent=False)
-        self.num_joints = num_joints
         self.register_buffer("joint_idx", torch.tensor(self.joints, dtype=torch.long), persistent=False)
         self.sigma = {"expression": cfg.refine_sigma_expression, "rotation": cfg.refine_sigma_rotation,
                       "translation": cfg.refine_sigma_translation, **{f"extra__{k}": cfg.refine_sigma_extras for k in extras_sizes}}
@@ -84,8 +83,7 @@ class TrackingCorrections(nn.Module):
 
     @classmethod
     def for_subject(cls, frames, tracking, head, cfg, sparse: bool = True) -> "TrackingCorrections":
-        cfg = _WithJoints(cfg, head.joint_names)
-        return cls(frames, tracking.num_frames, tracking.expression.shape[1], head.num_joints,
+        return cls(frames, tracking.num_frames, tracking.expression.shape[1], head.joint_names,
                    {k: int(v.shape[1]) for k, v in tracking.extras.items()}, cfg, sparse)
 
     def rows(self, frames: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -148,16 +146,6 @@ class TrackingCorrections(nn.Module):
     def magnitudes(self) -> dict[str, float]:
         """RMS of each block's correction in its own units (radians, metres, coefficients)."""
         return {name: float(self.sigma[name] * emb.weight.square().mean().sqrt()) for name, emb in self.blocks.items()}
-
-
-class _WithJoints:
-    """A config view that also knows the head model's joint names (for ``refine_joints``)."""
-
-    def __init__(self, cfg, joint_names):
-        self._cfg, self.joint_names = cfg, joint_names
-
-    def __getattr__(self, k):
-        return getattr(self._cfg, k)
 
 
 # ------------------------------------------------------------------ training-side refinement
