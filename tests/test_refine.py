@@ -10,9 +10,9 @@ import torch
 from headavatar.methods import load_avatar, train_method
 from headavatar.methods.run import RunDir
 
-TINY = {"iterations": 600, "resolution": 64, "uv_resolution": 32, "mlp_width": 64, "lpips_weight": 0.0, "zero_init_deform": True,
+TINY = {"iterations": 400, "resolution": 64, "uv_resolution": 32, "mlp_width": 64, "lpips_weight": 0.0, "zero_init_deform": True,
         "sh_increase_every": 100, "checkpoint_every": 1000, "preview_every": 0, "log_every": 100}
-REFINE = {"refine_tracking": True, "refine_start": 100, "refine_lr": 0.3}
+REFINE = {"refine_tracking": True, "refine_start": 80, "refine_lr": 0.3}
 
 
 @pytest.fixture(scope="module")
