@@ -53,7 +53,7 @@ def _vertex_error_mm(subject_dir, tracking_arrays, frames) -> float:
     subj = Subject.open(subject_dir)
     head, tr = subj.head_model(), subj.tracking
     shape = torch.as_tensor(tr.shape)[None].expand(len(frames), -1)
-    f = lambda a: torch.as_tensor(np.asarray(a), dtype=torch.float32)  # noqa: E731
+    f = lambda a: torch.as_tensor(np.asarray(a), dtype=torch.float32)
     with torch.no_grad():
         v = head(shape=shape, expression=f(tracking_arrays["expression"]), joint_rotations=f(tracking_arrays["joint_rotations"]),
                  translation=f(tracking_arrays["translation"]))
@@ -215,8 +215,8 @@ def test_regional_conditioning_frees_hair_from_the_expression_code(subjects):
 
 def test_shell_gaussians_sit_off_the_surface_and_follow_the_head(subjects):
     from headavatar.methods.flashavatar.config import FlashAvatarConfig
-    from headavatar.methods.flashavatar.model import face_normals
     from headavatar.methods.flashavatar.embedding import barycentric_points
+    from headavatar.methods.flashavatar.model import face_normals
     from headavatar.methods.flashavatar.train import build_model, make_optimizer
     from headavatar.subjects.format import Subject
 

@@ -22,6 +22,7 @@ class FlashAvatarAvatar:
     def __init__(self, run: RunDir, device, subject_dir: Path | None = None, head_overrides: dict | None = None,
                  cuda_graphs: bool = True):
         from headavatar.config import from_dict
+        from headavatar.methods.flashavatar.refine import REFINED_TRACKING, apply_refined_tracking
         from headavatar.methods.flashavatar.train import build_model, training_size
         from headavatar.subjects.format import Subject
         from headavatar.utils.device import resolve_device
@@ -33,8 +34,6 @@ class FlashAvatarAvatar:
         self.subject = Subject.open(subject_dir or info["subject"])
         # training frames rendered with the tracking refined jointly with the avatar, when the run has it
         # (held-out frames keep the tracker's values: the fixed-tracking protocol)
-        from headavatar.methods.flashavatar.refine import REFINED_TRACKING, apply_refined_tracking
-
         self.refined_tracking = apply_refined_tracking(self.subject.tracking, run.root / REFINED_TRACKING)
         self.size = training_size(self.subject, self.cfg.resolution)
         self.model = build_model(self.subject, self.cfg, self.device, head_overrides or run.head_overrides)

@@ -82,7 +82,7 @@ class TrackingCorrections(nn.Module):
             self.blocks[name] = emb
 
     @classmethod
-    def for_subject(cls, frames, tracking, head, cfg, sparse: bool = True) -> "TrackingCorrections":
+    def for_subject(cls, frames, tracking, head, cfg, sparse: bool = True) -> TrackingCorrections:
         return cls(frames, tracking.num_frames, tracking.expression.shape[1], head.joint_names,
                    {k: int(v.shape[1]) for k, v in tracking.extras.items()}, cfg, sparse)
 
