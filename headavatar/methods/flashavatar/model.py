@@ -247,8 +247,8 @@ def condition_masks(head: HeadModel, face_idx: torch.Tensor, threshold: float, o
     per_gauss = moves[tri].any(1)  # [N,C]
     if only_static:
         per_gauss = per_gauss.any(1, keepdim=True).expand_as(per_gauss)
-    masks, group = torch.unique(per_gauss, dim=0, return_inverse=True)
-    return masks.float(), group
+    masks, group = torch.unique(per_gauss.cpu(), dim=0, return_inverse=True)  # once, at build: on the CPU
+    return masks.float().to(face_idx.device), group.to(face_idx.device)
 
 
 def mean_sq_knn_distance(points: np.ndarray, k: int = 3) -> np.ndarray:
