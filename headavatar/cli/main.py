@@ -72,6 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--no-video", action="store_true", help="skip the side-by-side video")
     e.add_argument("--no-lpips", action="store_true", help="skip LPIPS (skipped with a note anyway when its weights are not installed)")
     e.add_argument("--protocol", choices=["flashavatar", "imavatar"], help="scoring protocol (default: the method's own; docs/METRICS.md)")
+    e.add_argument("--refine-tracking", nargs="?", type=int, const=-1, default=None, metavar="STEPS",
+                   help="also score a second, separately labelled protocol: the avatar frozen, each held-out frame's tracking optimised "
+                        "against that frame for STEPS steps (FlashAvatar; default: the run's test_refine_steps); writes eval/metrics_refined.json")
     _add_flame_dir(e)
 
     r = sub.add_parser("render", help="render a run's sequence, or another subject's tracking (reenactment)")
@@ -246,6 +249,13 @@ def cmd_eval(args) -> int:
     parts = [f"{k} {v:.4f}" for k, v in m.items()]
     print(f"{res['num_frames']} {args.split} frames: " + ", ".join(parts))
     print(f"protocol: {res['protocol']}")
+    if args.refine_tracking is not None:  # reported after, never instead of, the fixed-tracking figure
+        from headavatar.methods.flashavatar.refine import evaluate_refined
+
+        ref = evaluate_refined(args.run, steps=None if args.refine_tracking < 0 else args.refine_tracking, device=args.device, split=args.split,
+                               batch_size=args.batch_size, lpips=not args.no_lpips, head_overrides=_head_overrides(args))
+        parts = [f"{k} {v:.4f}" for k, v in ref["metrics"]["mean"].items()]
+        print(f"test-time refined tracking ({ref['refine_steps']} steps, eval/metrics_refined.json): " + ", ".join(parts))
     return 0
 
 

@@ -23,9 +23,13 @@ class FlashAvatarAvatar:
     def __init__(self, run: RunDir, device, subject_dir: Path | None = None, head_overrides: dict | None = None,
                  cuda_graphs: bool = True):
         from headavatar.methods.flashavatar.build import build_model
+        from headavatar.methods.flashavatar.refine import REFINED_TRACKING, apply_refined_tracking
 
         self.run = run
         _, self.cfg, self.device, self.subject, self.size = open_run(run, self.method, FlashAvatarConfig, device, subject_dir)
+        # training frames rendered with the tracking refined jointly with the avatar, when the run has it
+        # (held-out frames keep the tracker's values: the fixed-tracking protocol)
+        self.refined_tracking = apply_refined_tracking(self.subject.tracking, run.root / REFINED_TRACKING)
         self.model = build_model(self.subject, self.cfg, self.device, head_overrides or run.head_overrides)
         self.step, state = run.load_checkpoint(map_location=self.device)
         self.model.load_state_dict(state["model"])

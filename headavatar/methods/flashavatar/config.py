@@ -24,6 +24,40 @@ class FlashAvatarConfig:
     init_opacity: float = 0.1
     init_with_mlp_offsets: bool = True  # reference: initial positions include the untrained MLP's offsets
     zero_init_deform: bool = False  # start the MLP's output layer at zero: no offset, rotation or scale change at init
+    # --- regional conditioning (against memorisation; docs/FLASHAVATAR.md "Options beyond the paper")
+    # off = every Gaussian sees the whole condition vector (the paper); basis = each Gaussian sees only
+    # the condition entries that move its triangle in the head model (expression/extras blendshapes
+    # displacing it, joints skinning it), so hair, scalp and neck, which no expression moves, cannot
+    # place themselves frame by frame through the expression code; static = only the Gaussians no
+    # entry moves lose the condition, the rest keep all of it
+    condition_regions: str = "off"
+    # an entry moves a vertex when its displacement at unit coefficient exceeds this fraction of that
+    # entry's largest displacement (joints: skin weight above it)
+    region_threshold: float = 0.05
+    # root = append the head pose (6D rotation of the root joint) to the condition vector, seen by every
+    # Gaussian (with condition_regions=basis, hair/scalp/neck see the pose alone); none = the paper
+    condition_pose: str = "none"
+    # --- coverage off the head mesh (hair volume, long hair): shell Gaussians
+    shell_layers: int = 0  # copies of the shell_regions Gaussians stacked outward (0 = none, the paper)
+    shell_spacing: float = 0.01  # metres between layers, along the triangle's normal (start distance of layer k: k x this)
+    shell_regions: str = "hair"  # comma-separated head-model regions whose Gaussians get shell copies
+    lr_normal_offset: float = 1e-4  # learning rate of the per-Gaussian distance along the normal (metres)
+    # --- joint refinement of the training frames' tracking (refine.py; refined values saved in
+    # RUN_DIR/refined_tracking.npz and used by render/export/viewer for training frames)
+    refine_tracking: bool = False
+    refine_start: int = 500  # warm-up: corrections stay at zero before this iteration (the avatar settles first)
+    refine_lr: float = 5e-2  # SparseAdam step, in units of the refine_sigma_* below
+    # corrections are stored divided by these scales: the prior and the learning rate act in these units
+    refine_sigma_rotation: float = 0.02  # radians, every joint (root = head pose, jaw, eyes when the model has them)
+    refine_sigma_translation: float = 0.003  # metres
+    refine_sigma_expression: float = 0.1  # expression coefficients
+    refine_sigma_extras: float = 0.1  # per-frame extras of the tracking (e.g. eyelids, gaze)
+    refine_prior_weight: float = 1e-4  # L2 on the scaled corrections (sum over entries, mean over the batch)
+    refine_smooth_weight: float = 0.0  # L2 on the difference of scaled corrections between consecutive frames
+    refine_joints: str = "all"  # comma-separated joint names to correct, "all", or "none"
+    # test-time refinement defaults (`headavatar eval --refine-tracking [STEPS]`)
+    test_refine_steps: int = 100
+    test_refine_lr: float = 5e-2  # Adam step in refine_sigma_* units
     # --- training
     iterations: int = 150_000
     batch_size: int = 1

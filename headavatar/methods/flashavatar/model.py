@@ -13,7 +13,7 @@ from headavatar.headmodels.base import HeadModel
 from headavatar.methods.flashavatar.config import FlashAvatarConfig
 from headavatar.methods.flashavatar.embedding import barycentric_points, positional_encoding, sample_uv_texels
 from headavatar.render.gaussians import RenderOutput, render_gaussians
-from headavatar.utils.rotations import quaternion_multiply
+from headavatar.utils.rotations import axis_angle_to_6d, quaternion_multiply
 
 
 class DeformMLP(nn.Module):
@@ -37,9 +37,18 @@ class DeformMLP(nn.Module):
             nn.init.uniform_(lin.weight, -bound, bound)
         nn.init.uniform_(self.pe_in.bias, -bound, bound)
 
-    def forward(self, pe: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
-        """pe [N,P], cond [B,C] -> [B,N,10] in (-1,1)."""
-        h = torch.relu(self.pe_in(pe)[None] + self.cond_in(cond)[:, None])
+    def forward(self, pe: torch.Tensor, cond: torch.Tensor, masks: torch.Tensor | None = None, group: torch.Tensor | None = None) -> torch.Tensor:
+        """pe [N,P], cond [B,C] -> [B,N,10] in (-1,1).
+
+        Regional conditioning: ``masks`` [U,C] (the distinct condition masks) and ``group`` [N]
+        (each Gaussian's mask): Gaussian n sees cond * masks[group[n]].  The per-frame Linear runs
+        once per distinct mask ([B,U,W]) and is gathered per Gaussian.
+        """
+        if masks is None:
+            c = self.cond_in(cond)[:, None]
+        else:
+            c = self.cond_in(cond[:, None, :] * masks[None])[:, group]
+        h = torch.relu(self.pe_in(pe)[None] + c)
         for lin in self.hidden:
             h = torch.relu(lin(h))
         return torch.tanh(self.out(h))
@@ -53,15 +62,41 @@ class FlashAvatarModel(nn.Module):
         self.cfg = cfg
         self.head = head
         face_idx, bary = sample_uv_texels(head, cfg.uv_resolution, cfg.exclude_boundary)
-        self.register_buffer("face_idx", face_idx)
-        self.register_buffer("bary", bary)
         self.register_buffer("shape", shape.reshape(1, -1).float())
         with torch.no_grad():
             canonical = head.shaped(self.shape)  # identity only: zero expression, rest pose
+        shell = None
+        if cfg.shell_layers > 0:
+            face_idx, bary, shell = shell_gaussians(head, canonical[0], face_idx, bary, cfg)
+        self.register_buffer("face_idx", face_idx)
+        self.register_buffer("bary", bary)
+        with torch.no_grad():
             mu_t = barycentric_points(canonical, head.faces, face_idx, bary)[0]
+        # shell Gaussians (coverage off the surface): a learnable distance along the triangle's normal
+        self.normal_offset = None
+        if shell is not None:
+            init, sign = shell
+            self.register_buffer("normal_sign", sign)
+            self.normal_offset = nn.Parameter(init)
+            # their canonical position (the MLP's input) sits off the surface too, so layers differ
+            mu_t = mu_t + init[:, None] * face_normals(canonical, head.faces, face_idx, sign)[0]
         self.register_buffer("mu_t", mu_t)
         self.register_buffer("pe", positional_encoding(mu_t, cfg.pe_frequencies))
-        self.mlp = DeformMLP(self.pe.shape[1], head.condition_dim, cfg.mlp_width, cfg.mlp_layers)
+        if cfg.condition_pose not in ("none", "root"):
+            raise UserError(f"condition_pose must be none or root, got {cfg.condition_pose!r}")
+        # head pose (6D rotation of the root joint) appended to the condition when asked
+        self.pose_dim = 6 if cfg.condition_pose == "root" else 0
+        self.mlp = DeformMLP(self.pe.shape[1], head.condition_dim + self.pose_dim, cfg.mlp_width, cfg.mlp_layers)
+        # derived from the head model, so not saved in checkpoints (recomputed on load)
+        masks = group = None
+        if cfg.condition_regions in ("basis", "static"):
+            masks, group = condition_masks(head, face_idx, cfg.region_threshold, only_static=cfg.condition_regions == "static")
+            if self.pose_dim:  # head pose reaches every Gaussian: hair and scalp see it alone
+                masks = torch.cat([masks, masks.new_ones(masks.shape[0], self.pose_dim)], 1)
+        self.register_buffer("cond_masks", masks, persistent=False)
+        self.register_buffer("cond_group", group, persistent=False)
+        if cfg.condition_regions not in ("off", "basis", "static"):
+            raise UserError(f"condition_regions must be off, basis or static, got {cfg.condition_regions!r}")
         if cfg.zero_init_deform:
             # tanh(0) = 0: Gaussians start on the tracked surface and the MLP learns a residual
             nn.init.zeros_(self.mlp.out.weight)
@@ -84,9 +119,10 @@ class FlashAvatarModel(nn.Module):
         return self.mu_t.shape[0]
 
     # --------------------------------------------------------------- frames
-    def frame_inputs(self, params: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        """Tracking params (Tracking.params) -> (condition [B,C], posed vertices [B,V,3]); no gradient to tracking."""
-        with torch.no_grad():
+    def frame_inputs(self, params: dict, grad: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """Tracking params (Tracking.params) -> (condition [B,C], posed vertices [B,V,3]); gradients reach
+        the tracking only with ``grad`` (tracking refinement, refine.py)."""
+        with torch.set_grad_enabled(grad and torch.is_grad_enabled()):
             verts = self.head(
                 shape=self.shape.expand(params["expression"].shape[0], -1),
                 expression=params["expression"],
@@ -95,14 +131,18 @@ class FlashAvatarModel(nn.Module):
                 extras=params.get("extras"),
             )
             cond = self.head.condition(params["expression"], params["joint_rotations"], params.get("extras"))
+            if self.pose_dim:
+                cond = torch.cat([cond, axis_angle_to_6d(params["joint_rotations"][:, 0])], -1)
         return cond, verts
 
     def gaussians(self, cond: torch.Tensor, verts: torch.Tensor) -> dict[str, torch.Tensor]:
         """Per-frame Gaussians [B,N,...] from the condition and the posed mesh."""
         B = cond.shape[0]
         mu_m = barycentric_points(verts, self.head.faces, self.face_idx, self.bary)
+        if self.normal_offset is not None:
+            mu_m = mu_m + self.normal_offset[None, :, None] * face_normals(verts, self.head.faces, self.face_idx, self.normal_sign)
         with torch.autocast(cond.device.type, dtype=torch.bfloat16, enabled=self._mlp_bf16(cond.device)):
-            o = self.mlp(self.pe, cond)
+            o = self.mlp(self.pe, cond, self.cond_masks, self.cond_group)
         o = o.float()
         means = mu_m + self.cfg.offset_scale * o[..., 0:3]
         dq = torch.cat([torch.exp(o[..., 3:4]), o[..., 4:7]], -1)  # not normalised, as the reference
@@ -142,6 +182,73 @@ class FlashAvatarModel(nn.Module):
         d2 = mean_sq_knn_distance(pts.detach().cpu().double().numpy(), k=3)
         scale = np.sqrt(np.clip(d2, 1e-7, None))
         self.log_scale.copy_(torch.from_numpy(np.log(scale)).float()[:, None].expand(-1, 3))
+
+
+def face_normals(verts: torch.Tensor, faces: torch.Tensor, face_idx: torch.Tensor, sign: torch.Tensor) -> torch.Tensor:
+    """Unit normals [B,N,3] of the triangles ``face_idx`` of ``verts`` [B,V,3], times ``sign`` [N] (outward)."""
+    tri = faces[face_idx]
+    v0, v1, v2 = verts[:, tri[:, 0]], verts[:, tri[:, 1]], verts[:, tri[:, 2]]
+    n = torch.cross(v1 - v0, v2 - v0, dim=-1)
+    return n / n.norm(dim=-1, keepdim=True).clamp_min(1e-12) * sign[None, :, None]
+
+
+def shell_gaussians(head: HeadModel, canonical: torch.Tensor, face_idx: torch.Tensor, bary: torch.Tensor, cfg):
+    """Add ``shell_layers`` copies of the Gaussians on the ``shell_regions`` triangles, bound to the same
+    triangle and barycentrics (binding inheritance) but starting k x ``shell_spacing`` out along its
+    normal.  Returns (face_idx, bary, (initial normal distance [N], outward sign [N]))."""
+    names = [r.strip() for r in cfg.shell_regions.split(",") if r.strip()]
+    bad = [r for r in names if r not in head.regions]
+    if bad:
+        raise UserError(f"shell_regions names regions {bad} the head model '{head.name}' lacks; it has {sorted(head.regions)}")
+    in_region = torch.zeros(len(face_idx), dtype=torch.bool, device=face_idx.device)
+    for r in names:
+        in_region |= head.region_face_mask(r, mode="any").to(face_idx.device)[face_idx]
+    sel = torch.nonzero(in_region).squeeze(1)
+    n0 = len(face_idx)
+    dist = [torch.zeros(n0)]
+    fi, ba = [face_idx], [bary]
+    for k in range(1, cfg.shell_layers + 1):
+        fi.append(face_idx[sel])
+        ba.append(bary[sel])
+        dist.append(torch.full((len(sel),), k * cfg.shell_spacing))
+    face_idx, bary, dist = torch.cat(fi), torch.cat(ba), torch.cat(dist).to(bary)
+    # outward = away from the head's centre (the winding of a model's triangles is not relied on)
+    ones = torch.ones(len(face_idx), device=bary.device)
+    n = face_normals(canonical[None], head.faces, face_idx, ones)[0]
+    p = barycentric_points(canonical[None], head.faces, face_idx, bary)[0]
+    sign = torch.where(((p - canonical.mean(0)) * n).sum(-1) >= 0, 1.0, -1.0)
+    return face_idx, bary, (dist, sign)
+
+
+def condition_masks(head: HeadModel, face_idx: torch.Tensor, threshold: float, only_static: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Which condition entries can move each Gaussian, from the head model itself.
+
+    An expression (or post-skinning extra) entry moves a vertex when its blendshape displaces the
+    vertex by more than ``threshold`` x that blendshape's largest displacement; a condition joint
+    (its 6 rotation entries) moves the vertices it skins with weight above ``threshold``.  A
+    Gaussian sees the entries that move any vertex of its triangle.  Returns the distinct masks
+    [U,C] (float 0/1) and each Gaussian's mask index [N].  ``only_static``: a Gaussian moved by any
+    entry keeps the whole condition; only those no entry moves (hair, scalp, neck) lose it.
+    """
+    V = head.num_vertices
+    cols = []
+    for name, n in head.condition_layout():
+        if name == "expression":
+            d = head.expr_basis.norm(dim=1)  # [V,E]
+            cols.append(d > threshold * d.amax(0, keepdim=True).clamp_min(1e-12))
+        elif name.endswith("_rot6d"):
+            w = head.skin_weights[:, head.joint_index(name[: -len("_rot6d")])]
+            cols.append((w > threshold)[:, None].expand(V, n))
+        else:
+            d = head.post_basis[name].norm(dim=1)  # [V,K]
+            cols.append(d > threshold * d.amax(0, keepdim=True).clamp_min(1e-12))
+    moves = torch.cat(cols, 1) if cols else torch.zeros(V, 0, dtype=torch.bool, device=head.faces.device)  # [V,C]
+    tri = head.faces[face_idx]  # [N,3]
+    per_gauss = moves[tri].any(1)  # [N,C]
+    if only_static:
+        per_gauss = per_gauss.any(1, keepdim=True).expand_as(per_gauss)
+    masks, group = torch.unique(per_gauss.cpu(), dim=0, return_inverse=True)  # once, at build: on the CPU
+    return masks.float().to(face_idx.device), group.to(face_idx.device)
 
 
 def mean_sq_knn_distance(points: np.ndarray, k: int = 3) -> np.ndarray:

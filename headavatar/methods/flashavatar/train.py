@@ -14,6 +14,7 @@ from headavatar.errors import TrainingDiverged, UserError
 from headavatar.methods.flashavatar.build import build_model
 from headavatar.methods.flashavatar.config import FlashAvatarConfig
 from headavatar.methods.flashavatar.model import FlashAvatarModel
+from headavatar.methods.flashavatar.refine import REFINED_TRACKING, JointRefiner
 from headavatar.methods.run import RunDir
 from headavatar.subjects.dataset import heldout_sample, training_size, training_stream, FrameDataset, InfiniteSampler, collate, prepare_targets
 from headavatar.subjects.format import Subject
@@ -36,6 +37,8 @@ def make_optimizer(model: FlashAvatarModel, cfg: FlashAvatarConfig) -> torch.opt
         {"params": [model.log_scale], "lr": cfg.lr_scale, "eps": 1e-15, "name": "scale"},
         {"params": [model.rotation], "lr": cfg.lr_rotation, "eps": 1e-15, "name": "rotation"},
     ]
+    if model.normal_offset is not None:
+        groups.append({"params": [model.normal_offset], "lr": cfg.lr_normal_offset, "eps": 1e-15, "name": "normal_offset"})
     # fused: one kernel for all parameters on CUDA instead of a few per tensor
     return torch.optim.Adam(groups, fused=model.sh_dc.device.type == "cuda")
 
@@ -61,6 +64,8 @@ def train_flashavatar(subject_dir: Path, run: RunDir, cfg: FlashAvatarConfig, re
     dtr = tr.on_device(device)
     train_idx = subject.split["train"]
     test_idx = subject.split.get("test", [])
+    # per-training-frame tracking corrections, trained with the avatar (refine.py)
+    refiner = JointRefiner(subject, model.head, cfg, train_idx, device) if cfg.refine_tracking else None
 
     start, elapsed = 0, 0.0
     if resume:
@@ -70,10 +75,19 @@ def train_flashavatar(subject_dir: Path, run: RunDir, cfg: FlashAvatarConfig, re
         start, state, elapsed = resumed
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
+        if refiner is not None and "refine" in state:
+            refiner.load_state_dict(state["refine"])
         for group in opt.param_groups:  # a run may resume on another device than it was saved on
             group["fused"] = device.type == "cuda"
     else:
-        run.write_info("flashavatar", subject_dir, cfg, {"num_gaussians": model.num_gaussians, "train_size": [H, W]})
+        extra = {"num_gaussians": model.num_gaussians, "train_size": [H, W]}
+        if model.cond_masks is not None:
+            per = model.cond_masks[model.cond_group].sum(1)
+            extra["condition_regions"] = {"distinct_masks": int(model.cond_masks.shape[0]), "mean_entries_per_gaussian": float(per.mean()),
+                                          "unconditioned_fraction": float((per == 0).float().mean())}
+        if refiner is not None:
+            extra["refined_tracking"] = REFINED_TRACKING
+        run.write_info("flashavatar", subject_dir, cfg, extra)
 
     data, batches = training_stream(subject, train_idx, (H, W), cfg.batch_size, cfg.seed, cfg.frames_per_pass, cfg.num_workers, cfg.cache_mb, start, device,
                                      cfg.device_cache_mb if device.type == "cuda" else 0)
@@ -105,8 +119,12 @@ def train_flashavatar(subject_dir: Path, run: RunDir, cfg: FlashAvatarConfig, re
             idx = batch["index"]
             params = dtr.params(idx)
             cams = dtr.cameras(idx, subject.height, subject.width).resized(H, W)
-            with torch.no_grad():
-                cond, verts = frame_inputs(params)
+            refining = refiner is not None and refiner.active(it)
+            if refining:  # gradients flow to the corrections (no CUDA graph on this path)
+                cond, verts = model.frame_inputs(refiner.params(params, idx), grad=True)
+            else:
+                with torch.no_grad():
+                    cond, verts = frame_inputs(params)
             g = model.gaussians(cond, verts)
             sh_deg = min(cfg.sh_degree, (it - 1) // max(1, cfg.sh_increase_every))
             pred = model.render(g, cams, bg, sh_deg, cfg.backend).rgb
@@ -116,9 +134,14 @@ def train_flashavatar(subject_dir: Path, run: RunDir, cfg: FlashAvatarConfig, re
             if lpips_net is not None and it >= cfg.lpips_start:
                 hm = tgt["head_mask"]
                 loss = loss + cfg.lpips_weight * lpips_net((pred * hm).permute(0, 3, 1, 2), (gt * hm).permute(0, 3, 1, 2)).mean()
+            if refining:
+                loss = loss + refiner.prior(idx)
+                refiner.zero_grad()
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+            if refining:
+                refiner.step()
             with torch.no_grad():
                 loss_sum += loss.detach()
                 psnr_sum += psnr(pred.detach(), gt)
@@ -147,20 +170,24 @@ def train_flashavatar(subject_dir: Path, run: RunDir, cfg: FlashAvatarConfig, re
                 if n_sum and not torch.isfinite(loss_sum).item():  # never checkpoint a diverged model
                     raise TrainingDiverged(f"training diverged before iteration {it} (non-finite loss); resume from the last checkpoint "
                                            f"with lower learning rates: headavatar train ... --resume --set lr_mlp=5e-5")
-                _save(run, it, model, opt, time.perf_counter() - t0)
+                _save(run, it, model, opt, time.perf_counter() - t0, refiner)
             if out_of_time:
                 break
     except KeyboardInterrupt:
         # keep what was learned; the run resumes from here with --resume
         if it > start:
-            _save(run, it, model, opt, time.perf_counter() - t0)
+            _save(run, it, model, opt, time.perf_counter() - t0, refiner)
         raise
     finally:
         pbar.close()
 
 
-def _save(run: RunDir, it: int, model, opt, elapsed: float) -> None:
-    run.save_checkpoint(it, {"model": model.state_dict(), "optimizer": opt.state_dict(), "rng": torch.get_rng_state(), "step": it, "elapsed": elapsed})
+def _save(run: RunDir, it: int, model, opt, elapsed: float, refiner: JointRefiner | None = None) -> None:
+    state = {"model": model.state_dict(), "optimizer": opt.state_dict(), "rng": torch.get_rng_state(), "step": it, "elapsed": elapsed}
+    if refiner is not None:
+        state["refine"] = refiner.state_dict()
+        refiner.save(run.root)  # before the checkpoint: a checkpoint never exists without its refined tracking
+    run.save_checkpoint(it, state)
 
 
 @torch.no_grad()
