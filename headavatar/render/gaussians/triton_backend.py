@@ -476,6 +476,11 @@ def render_triton(means, quats, scales, opacities, colors, viewmats, Ks, width: 
     means, quats, scales, opacities, colors, viewmats, Ks = map(f32, (means, quats, scales, opacities, colors, viewmats, Ks))
     B, N = means.shape[:2]
     dev = means.device
+    if B * N == 0:  # nothing to bin: background only
+        from headavatar.render.gaussians.torch_ref import render_torch
+
+        return render_torch(means, quats, scales, opacities, colors, viewmats, Ks, width, height, sh_degree=sh_degree,
+                            backgrounds=backgrounds, near=near, far=far, eps2d=eps2d, alpha_max=alpha_max)
 
     proj = _project(means, quats, scales, opacities, viewmats, Ks, width, height, near, far, eps2d)
     state = _CAPS.get(_key(B, N, width, height, dev))
