@@ -319,7 +319,7 @@ def _project(means, quats, scales, opacities, viewmats, Ks, W, H, near, far, eps
         front = (z >= near) & (z <= far)
     # culled Gaussians get harmless values so that nothing below divides by a bad depth (no NaN grads)
     z = torch.where(front, z, torch.ones_like(z))
-    b = torch.arange(B, device=dev).repeat_interleave(N)
+    b = torch.div(torch.arange(B * N, device=dev), N, rounding_mode="floor")  # image of each Gaussian
     K = Ks.index_select(0, b)
     fx, fy, cx, cy = K[:, 0, 0], K[:, 1, 1], K[:, 0, 2], K[:, 1, 2]
     lim_x_pos = (W - cx) / fx + 0.15 * W / fx
@@ -358,8 +358,9 @@ def _project(means, quats, scales, opacities, viewmats, Ks, W, H, near, far, eps
         tx1 = torch.floor((mxd + rx) / TILE).clamp(0, TXn - 1)
         ty0 = torch.floor((myd - ry) / TILE).clamp(0, TYn - 1)
         ty1 = torch.floor((myd + ry) / TILE).clamp(0, TYn - 1)
-        rect = torch.stack([tx0, ty0, tx1, ty1], 1).to(torch.int32)
-        rect = torch.where(ok[:, None], rect, torch.tensor([1, 1, 0, 0], dtype=torch.int32, device=dev))
+        # culled: an empty rectangle (x0 > x1), built without a host-to-device copy (graph capture)
+        rect = torch.stack([torch.where(ok, tx0, 1.0), torch.where(ok, ty0, 1.0), torch.where(ok, tx1, 0.0),
+                            torch.where(ok, ty1, 0.0)], 1).to(torch.int32)
         count = torch.where(ok, (tx1 - tx0 + 1) * (ty1 - ty0 + 1), torch.zeros_like(tx0)).to(torch.int32)
     det = torch.where(ok, det, torch.ones_like(det))
     inv = 1.0 / det
@@ -413,7 +414,7 @@ class _Raster(torch.autograd.Function):
     """params [6,G] (mx, my, A, B, C, opacity), feats [G,DP] -> out [B*H*W, DP], T_final [B*H*W]."""
 
     @staticmethod
-    def forward(ctx, params, feats, bins, B, N, W, H, alpha_max, chunk):
+    def forward(ctx, params, feats, bins, B, N, W, H, alpha_max, chunk, num_warps):
         G, DP = feats.shape
         dev = feats.device
         out = torch.empty(B * H * W, DP, dtype=torch.float32, device=dev)
@@ -422,15 +423,15 @@ class _Raster(torch.autograd.Function):
         grid = (B * bins["TPI"],)
         _raster_fwd_kernel[grid](params, feats, bins["rect"], bins["ids"], bins["order"], bins["ranges"], bins["ovf"],
                                  out, tfin, G, N, W, H, bins["TX"], bins["TPI"], alpha_max,
-                                 DP=DP, CH=chunk, TS=TILE, num_warps=4)
+                                 DP=DP, CH=chunk, TS=TILE, num_warps=num_warps)
         ctx.save_for_backward(params, feats, bins["rect"], bins["ids"], bins["order"], bins["ranges"], bins["ovf"], out, tfin)
-        ctx.meta = (B, N, W, H, bins["TX"], bins["TPI"], alpha_max, chunk)
+        ctx.meta = (B, N, W, H, bins["TX"], bins["TPI"], alpha_max, chunk, num_warps)
         return out, tfin
 
     @staticmethod
     def backward(ctx, g_out, g_t):
         params, feats, rect, ids, order, ranges, ovf, out, tfin = ctx.saved_tensors
-        B, N, W, H, TX, TPI, alpha_max, chunk = ctx.meta
+        B, N, W, H, TX, TPI, alpha_max, chunk, num_warps = ctx.meta
         G, DP = feats.shape
         g_out = torch.zeros_like(out) if g_out is None else g_out.contiguous().float()
         g_t = torch.zeros_like(tfin) if g_t is None else g_t.contiguous().float()
@@ -438,8 +439,8 @@ class _Raster(torch.autograd.Function):
         gfeats = torch.zeros_like(feats)
         _raster_bwd_kernel[(B * TPI,)](params, feats, rect, ids, order, ranges, ovf, out, tfin, g_out, g_t,
                                        gparams, gfeats, G, N, W, H, TX, TPI, alpha_max,
-                                       DP=DP, CH=chunk, TS=TILE, num_warps=4)
-        return gparams, gfeats, None, None, None, None, None, None, None
+                                       DP=DP, CH=chunk, TS=TILE, num_warps=num_warps)
+        return gparams, gfeats, None, None, None, None, None, None, None, None
 
 
 # ----------------------------------------------------------------------------- entry point
@@ -457,10 +458,11 @@ def triton_device_ok(device) -> tuple[bool, str]:
 @register_backend("triton")
 def render_triton(means, quats, scales, opacities, colors, viewmats, Ks, width: int, height: int,
                   sh_degree: int | None = None, backgrounds=None, near: float = 0.01, far: float = 1e10,
-                  eps2d: float = 0.3, alpha_max: float = 0.99, chunk: int = 16, **kw) -> RenderOutput:
+                  eps2d: float = 0.3, alpha_max: float = 0.99, chunk: int = 16, num_warps: int = 4, **kw) -> RenderOutput:
     """Render B frames with the Triton tile rasteriser; same arguments as ``render_torch``.
 
-    ``chunk``: Gaussians composited per step of a tile program (a power of two; speed only).
+    ``chunk`` (Gaussians composited per step of a tile program, a power of two) and
+    ``num_warps`` (per tile program) change speed only.
     """
     unknown = set(kw) - _FOREIGN_OPTIONS
     if unknown:
@@ -499,7 +501,7 @@ def render_triton(means, quats, scales, opacities, colors, viewmats, Ks, width: 
         parts.append(cols.new_zeros(B * N, DP - D - 1))
     feats = torch.cat(parts, 1)
     params = torch.stack([proj[k] for k in ("mx", "my", "A", "B", "C", "opacity")], 0)
-    out, tfin = _Raster.apply(params, feats, bins, B, N, width, height, float(alpha_max), int(chunk))
+    out, tfin = _Raster.apply(params, feats, bins, B, N, width, height, float(alpha_max), int(chunk), int(num_warps))
     out = out.view(B, height, width, DP)
     alpha = (1.0 - tfin).view(B, height, width, 1)
     rgb = out[..., :D]
