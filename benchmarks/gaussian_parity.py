@@ -226,29 +226,36 @@ def timings(args):
     """Forward and forward+backward per backend and batch, eager and (triton) CUDA-graph replay."""
     rows = []
     backends = [b for b in ("triton", "gsplat") if (triton_available(args.device)[0] if b == "triton" else gsplat_available()[0])]
+    variants = [(b, b, {}) for b in backends]
+    if "triton" in backends:  # the projection as plain torch ops instead of the fused kernel
+        variants.insert(1, ("triton", "triton-torchproj", {"fused_projection": False}))
     for B in args.time_batches:
         scene, bg = head_scene(B, args.time_n, args.res, args.res, 3, 1.0, 123, args.device)
-        for name in backends:
-            fn = _fast_backend(name)
-            fwd, fwd_bwd = _frame_fns(fn, scene, bg, args.res, args.res, 3, {})
-            row = {"backend": name, "B": B, "N": args.time_n, "res": args.res}
-            reps = max(10, 200 // B)
-            for label, f in (("forward", fwd), ("forward_backward", fwd_bwd)):
-                row[label] = cuda_time(f, reps)
-                if name == "triton":
-                    try:
-                        row[label + "_graph"] = cuda_time(graphed(f), reps)
-                    except Exception as e:  # report, keep going
-                        row[label + "_graph"] = {"error": f"{type(e).__name__}: {e}"[:300]}
+        for name, label_, kw in variants:
+            try:
+                fn = _fast_backend(name)
+                fwd, fwd_bwd = _frame_fns(fn, scene, bg, args.res, args.res, 3, kw)
+                row = {"backend": label_, "B": B, "N": args.time_n, "res": args.res}
+                reps = max(10, 200 // B)
+                for label, f in (("forward", fwd), ("forward_backward", fwd_bwd)):
+                    row[label] = cuda_time(f, reps)
+                    if name == "triton":
+                        try:
+                            row[label + "_graph"] = cuda_time(graphed(f), reps)
+                        except Exception as e:  # report, keep going
+                            row[label + "_graph"] = {"error": f"{type(e).__name__}: {e}"[:300]}
+            except Exception as e:
+                print(f"[time] {label_} B={B} failed: {type(e).__name__}: {e}", flush=True)
+                continue
             rows.append(row)
-            print(f"[time] {name:6s} B={B:2d} " + ", ".join(
+            print(f"[time] {label_:16s} B={B:2d} " + ", ".join(
                 f"{k} {v['median_ms']:.3f} ms" if "median_ms" in v else f"{k} {v['error']}"
                 for k, v in row.items() if isinstance(v, dict)), flush=True)
     return rows
 
 
 def breakdown(args):
-    """Triton forward split into projection (+SH), binning and compositing (graph replays, ms)."""
+    """Triton forward split into fused projection (+SH in torch), binning and compositing (graph replays, ms)."""
     from headavatar.render.gaussians import triton_backend as tb
     from headavatar.render.gaussians.torch_ref import _candidate_colors
 
@@ -259,7 +266,7 @@ def breakdown(args):
         sc = scene
 
         def proj():
-            p = tb._project(sc["means"], sc["quats"], sc["scales"], sc["opacities"], sc["viewmats"], sc["Ks"], R, R, 0.01, 1e10, 0.3)
+            p = tb._project_fused(sc["means"], sc["quats"], sc["scales"], sc["opacities"], sc["viewmats"], sc["Ks"], R, R, 0.01, 1e10, 0.3)
             _candidate_colors(sc["means"], sc["colors"], sc["viewmats"], 3, None, args.time_n)
             return p
 
@@ -531,7 +538,7 @@ def print_table(report):
     print("parity worst over cases: " + ", ".join(f"{k} {v:.6g}" for k, v in worst.items()))
     rows = report.get("timings") or []
     if isinstance(rows, list):
-        print(f"{'backend':8s} {'B':>3s} {'fwd ms':>8s} {'fwd graph':>9s} {'f+b ms':>8s} {'f+b graph':>9s} {'fwd fr/s':>9s} {'f+b fr/s':>9s}")
+        print(f"{'backend':16s} {'B':>3s} {'fwd ms':>8s} {'fwd graph':>9s} {'f+b ms':>8s} {'f+b graph':>9s} {'fwd fr/s':>9s} {'f+b fr/s':>9s}")
         for r in rows:
             def ms(k):
                 v = r.get(k, {})
@@ -539,7 +546,7 @@ def print_table(report):
             fw = ms("forward_graph") or ms("forward")
             fb = ms("forward_backward_graph") or ms("forward_backward")
             fmt = lambda v: f"{v:8.3f}" if v is not None else "       -"  # noqa: E731
-            print(f"{r['backend']:8s} {r['B']:3d} {fmt(ms('forward'))} {fmt(ms('forward_graph')):>9s} {fmt(ms('forward_backward'))} "
+            print(f"{r['backend']:16s} {r['B']:3d} {fmt(ms('forward'))} {fmt(ms('forward_graph')):>9s} {fmt(ms('forward_backward'))} "
                   f"{fmt(ms('forward_backward_graph')):>9s} {r['B'] / fw * 1e3:9.0f} {r['B'] / fb * 1e3:9.0f}")
     av = report.get("avatar")
     if isinstance(av, dict) and "render" in av:

@@ -249,6 +249,243 @@ def _raster_bwd_kernel(params_ptr, feats_ptr, rect_ptr, ids_sorted_ptr, order_pt
         i = tl.where(all_done, end, i + CH)
 
 
+@triton.jit
+def _proj_common(means_ptr, quats_ptr, scales_ptr, view_ptr, K_ptr, g, m, N, W, H, near, far, eps2d):
+    """Per-Gaussian EWA projection (the torch path's arithmetic, in registers)."""
+    b = g // N
+    vb = view_ptr + b * 16
+    r00 = tl.load(vb + 0, mask=m, other=1.0)
+    r01 = tl.load(vb + 1, mask=m, other=0.0)
+    r02 = tl.load(vb + 2, mask=m, other=0.0)
+    t0 = tl.load(vb + 3, mask=m, other=0.0)
+    r10 = tl.load(vb + 4, mask=m, other=0.0)
+    r11 = tl.load(vb + 5, mask=m, other=1.0)
+    r12 = tl.load(vb + 6, mask=m, other=0.0)
+    t1 = tl.load(vb + 7, mask=m, other=0.0)
+    r20 = tl.load(vb + 8, mask=m, other=0.0)
+    r21 = tl.load(vb + 9, mask=m, other=0.0)
+    r22 = tl.load(vb + 10, mask=m, other=1.0)
+    t2 = tl.load(vb + 11, mask=m, other=0.0)
+    kb = K_ptr + b * 9
+    fx = tl.load(kb + 0, mask=m, other=1.0)
+    cx = tl.load(kb + 2, mask=m, other=0.0)
+    fy = tl.load(kb + 4, mask=m, other=1.0)
+    cy = tl.load(kb + 5, mask=m, other=0.0)
+    mx_w = tl.load(means_ptr + g * 3 + 0, mask=m, other=0.0)
+    my_w = tl.load(means_ptr + g * 3 + 1, mask=m, other=0.0)
+    mz_w = tl.load(means_ptr + g * 3 + 2, mask=m, other=0.0)
+    px = r00 * mx_w + r01 * my_w + r02 * mz_w + t0
+    py = r10 * mx_w + r11 * my_w + r12 * mz_w + t1
+    pz = r20 * mx_w + r21 * my_w + r22 * mz_w + t2
+    front = m & (pz >= near) & (pz <= far)
+    z = tl.where(front, pz, 1.0)
+    rz = 1.0 / z
+    lxp = (W - cx) / fx + 0.15 * W / fx
+    lxn = cx / fx + 0.15 * W / fx
+    lyp = (H - cy) / fy + 0.15 * H / fy
+    lyn = cy / fy + 0.15 * H / fy
+    xr = px * rz
+    yr = py * rz
+    xc = tl.minimum(tl.maximum(xr, -lxn), lxp)
+    yc = tl.minimum(tl.maximum(yr, -lyn), lyp)
+    tx = z * xc
+    ty = z * yc
+    # rows of J R_view
+    a0 = fx * rz
+    a2 = fx * tx * rz * rz
+    T00 = a0 * r00 - a2 * r20
+    T01 = a0 * r01 - a2 * r21
+    T02 = a0 * r02 - a2 * r22
+    b1 = fy * rz
+    b2 = fy * ty * rz * rz
+    T10 = b1 * r10 - b2 * r20
+    T11 = b1 * r11 - b2 * r21
+    T12 = b1 * r12 - b2 * r22
+    # rotation of the Gaussian (normalised quaternion) times its scales
+    qw = tl.load(quats_ptr + g * 4 + 0, mask=m, other=1.0)
+    qx = tl.load(quats_ptr + g * 4 + 1, mask=m, other=0.0)
+    qy = tl.load(quats_ptr + g * 4 + 2, mask=m, other=0.0)
+    qz = tl.load(quats_ptr + g * 4 + 3, mask=m, other=0.0)
+    qn = tl.maximum(tl.sqrt(qw * qw + qx * qx + qy * qy + qz * qz), 1e-12)
+    w = qw / qn
+    x = qx / qn
+    y = qy / qn
+    zq = qz / qn
+    s0 = tl.load(scales_ptr + g * 3 + 0, mask=m, other=1.0)
+    s1 = tl.load(scales_ptr + g * 3 + 1, mask=m, other=1.0)
+    s2 = tl.load(scales_ptr + g * 3 + 2, mask=m, other=1.0)
+    R00 = 1.0 - 2.0 * (y * y + zq * zq)
+    R01 = 2.0 * (x * y - w * zq)
+    R02 = 2.0 * (x * zq + w * y)
+    R10 = 2.0 * (x * y + w * zq)
+    R11 = 1.0 - 2.0 * (x * x + zq * zq)
+    R12 = 2.0 * (y * zq - w * x)
+    R20 = 2.0 * (x * zq - w * y)
+    R21 = 2.0 * (y * zq + w * x)
+    R22 = 1.0 - 2.0 * (x * x + y * y)
+    # U = T (R_g S): column j of R_g scaled by s_j
+    U00 = (T00 * R00 + T01 * R10 + T02 * R20) * s0
+    U01 = (T00 * R01 + T01 * R11 + T02 * R21) * s1
+    U02 = (T00 * R02 + T01 * R12 + T02 * R22) * s2
+    U10 = (T10 * R00 + T11 * R10 + T12 * R20) * s0
+    U11 = (T10 * R01 + T11 * R11 + T12 * R21) * s1
+    U12 = (T10 * R02 + T11 * R12 + T12 * R22) * s2
+    ca = U00 * U00 + U01 * U01 + U02 * U02 + eps2d
+    cb = U00 * U10 + U01 * U11 + U02 * U12
+    cc = U10 * U10 + U11 * U11 + U12 * U12 + eps2d
+    det = ca * cc - cb * cb
+    mxp = fx * px * rz + cx
+    myp = fy * py * rz + cy
+    return (front, z, rz, px, py, xr, yr, xc, yc, tx, ty, lxn, lxp, lyn, lyp, fx, fy,
+            r00, r01, r02, r10, r11, r12, r20, r21, r22, T00, T01, T02, T10, T11, T12,
+            qn, w, x, y, zq, s0, s1, s2, R00, R01, R02, R10, R11, R12, R20, R21, R22,
+            U00, U01, U02, U10, U11, U12, ca, cb, cc, det, mxp, myp)
+
+
+@triton.jit
+def _project_fwd_kernel(means_ptr, quats_ptr, scales_ptr, opac_ptr, view_ptr, K_ptr,
+                        params_ptr, z_ptr, rect_ptr, count_ptr, radii_ptr,
+                        G, N, W, H, TXn, TYn, near, far, eps2d, BLOCK: tl.constexpr, TS: tl.constexpr):
+    g = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    m = g < G
+    (front, z, rz, px, py, xr, yr, xc, yc, tx, ty, lxn, lxp, lyn, lyp, fx, fy,
+     r00, r01, r02, r10, r11, r12, r20, r21, r22, T00, T01, T02, T10, T11, T12,
+     qn, w, x, y, zq, s0, s1, s2, R00, R01, R02, R10, R11, R12, R20, R21, R22,
+     U00, U01, U02, U10, U11, U12, ca, cb, cc, det, mxp, myp) = _proj_common(
+        means_ptr, quats_ptr, scales_ptr, view_ptr, K_ptr, g, m, N, W, H, near, far, eps2d)
+    o = tl.load(opac_ptr + g, mask=m, other=0.0)
+    thr = 1.0 / 255.0
+    ok = front & (det > 0) & (o >= thr)
+    extend = tl.minimum(tl.sqrt_rn(2.0 * tl.log(tl.maximum(o, thr) / thr)), 3.33)
+    rx = tl.ceil(extend * tl.sqrt_rn(tl.maximum(ca, 0.0)))
+    ry = tl.ceil(extend * tl.sqrt_rn(tl.maximum(cc, 0.0)))
+    ok = ok & ((rx > 0) | (ry > 0))
+    ok = ok & (mxp + rx > 0) & (mxp - rx < W) & (myp + ry > 0) & (myp - ry < H)
+    hd = 0.5 * (ca - cc)
+    lam = 0.5 * (ca + cc) + tl.sqrt_rn(hd * hd + cb * cb)
+    radius = tl.where(ok, tl.ceil(3.0 * tl.sqrt_rn(tl.maximum(lam, 0.0))), 0.0)
+    tx0 = tl.minimum(tl.maximum(tl.floor((mxp - rx) / TS), 0.0), TXn - 1.0)
+    tx1 = tl.minimum(tl.maximum(tl.floor((mxp + rx) / TS), 0.0), TXn - 1.0)
+    ty0 = tl.minimum(tl.maximum(tl.floor((myp - ry) / TS), 0.0), TYn - 1.0)
+    ty1 = tl.minimum(tl.maximum(tl.floor((myp + ry) / TS), 0.0), TYn - 1.0)
+    count = tl.where(ok, (tx1 - tx0 + 1.0) * (ty1 - ty0 + 1.0), 0.0)
+    dets = tl.where(ok, det, 1.0)
+    tl.store(params_ptr + 0 * G + g, mxp, mask=m)
+    tl.store(params_ptr + 1 * G + g, myp, mask=m)
+    tl.store(params_ptr + 2 * G + g, cc / dets, mask=m)
+    tl.store(params_ptr + 3 * G + g, -cb / dets, mask=m)
+    tl.store(params_ptr + 4 * G + g, ca / dets, mask=m)
+    tl.store(params_ptr + 5 * G + g, o, mask=m)
+    tl.store(z_ptr + g, z, mask=m)
+    tl.store(rect_ptr + g * 4 + 0, tl.where(ok, tx0, 1.0).to(tl.int32), mask=m)
+    tl.store(rect_ptr + g * 4 + 1, tl.where(ok, ty0, 1.0).to(tl.int32), mask=m)
+    tl.store(rect_ptr + g * 4 + 2, tl.where(ok, tx1, 0.0).to(tl.int32), mask=m)
+    tl.store(rect_ptr + g * 4 + 3, tl.where(ok, ty1, 0.0).to(tl.int32), mask=m)
+    tl.store(count_ptr + g, count.to(tl.int32), mask=m)
+    tl.store(radii_ptr + g, radius.to(tl.int32), mask=m)
+
+
+@triton.jit
+def _project_bwd_kernel(means_ptr, quats_ptr, scales_ptr, view_ptr, K_ptr, count_ptr, gparams_ptr, gz_ptr,
+                        gmeans_ptr, gquats_ptr, gscales_ptr, gopac_ptr,
+                        G, N, W, H, near, far, eps2d, BLOCK: tl.constexpr):
+    g = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    m = g < G
+    (front, z, rz, px, py, xr, yr, xc, yc, tx, ty, lxn, lxp, lyn, lyp, fx, fy,
+     r00, r01, r02, r10, r11, r12, r20, r21, r22, T00, T01, T02, T10, T11, T12,
+     qn, w, x, y, zq, s0, s1, s2, R00, R01, R02, R10, R11, R12, R20, R21, R22,
+     U00, U01, U02, U10, U11, U12, ca, cb, cc, det, mxp, myp) = _proj_common(
+        means_ptr, quats_ptr, scales_ptr, view_ptr, K_ptr, g, m, N, W, H, near, far, eps2d)
+    # only rendered Gaussians (count > 0) receive gradients; the others' are exactly 0 (as in torch)
+    ok = m & (tl.load(count_ptr + g, mask=m, other=0) > 0)
+    gmx = tl.load(gparams_ptr + 0 * G + g, mask=ok, other=0.0)
+    gmy = tl.load(gparams_ptr + 1 * G + g, mask=ok, other=0.0)
+    gA = tl.load(gparams_ptr + 2 * G + g, mask=ok, other=0.0)
+    gB = tl.load(gparams_ptr + 3 * G + g, mask=ok, other=0.0)
+    gC = tl.load(gparams_ptr + 4 * G + g, mask=ok, other=0.0)
+    go = tl.load(gparams_ptr + 5 * G + g, mask=m, other=0.0)
+    gzz = tl.load(gz_ptr + g, mask=ok, other=0.0)
+    # conic (A, B, C) = (c, -b, a) / det  ->  2D covariance (a, b, c)
+    dets = tl.where(ok, det, 1.0)
+    id2 = 1.0 / (dets * dets)
+    ga = (-gA * cc * cc + gB * cb * cc - gC * cb * cb) * id2
+    gb = (2.0 * gA * cb * cc - gB * (ca * cc + cb * cb) + 2.0 * gC * ca * cb) * id2
+    gc = (-gA * cb * cb + gB * ca * cb - gC * ca * ca) * id2
+    # covariance = U U^T
+    gU00 = 2.0 * ga * U00 + gb * U10
+    gU01 = 2.0 * ga * U01 + gb * U11
+    gU02 = 2.0 * ga * U02 + gb * U12
+    gU10 = 2.0 * gc * U10 + gb * U00
+    gU11 = 2.0 * gc * U11 + gb * U01
+    gU12 = 2.0 * gc * U12 + gb * U02
+    # U = T M with M = R_g diag(s): gM[k][j] = sum_r T[r][k] gU[r][j]
+    gM00 = T00 * gU00 + T10 * gU10
+    gM01 = T00 * gU01 + T10 * gU11
+    gM02 = T00 * gU02 + T10 * gU12
+    gM10 = T01 * gU00 + T11 * gU10
+    gM11 = T01 * gU01 + T11 * gU11
+    gM12 = T01 * gU02 + T11 * gU12
+    gM20 = T02 * gU00 + T12 * gU10
+    gM21 = T02 * gU01 + T12 * gU11
+    gM22 = T02 * gU02 + T12 * gU12
+    gs0 = gM00 * R00 + gM10 * R10 + gM20 * R20
+    gs1 = gM01 * R01 + gM11 * R11 + gM21 * R21
+    gs2 = gM02 * R02 + gM12 * R12 + gM22 * R22
+    g00 = gM00 * s0
+    g01 = gM01 * s1
+    g02 = gM02 * s2
+    g10 = gM10 * s0
+    g11 = gM11 * s1
+    g12 = gM12 * s2
+    g20 = gM20 * s0
+    g21 = gM21 * s1
+    g22 = gM22 * s2
+    gw = 2.0 * (-zq * g01 + y * g02 + zq * g10 - x * g12 - y * g20 + x * g21)
+    gx = 2.0 * (y * g01 + zq * g02 + y * g10 - 2.0 * x * g11 - w * g12 + zq * g20 + w * g21 - 2.0 * x * g22)
+    gy = 2.0 * (-2.0 * y * g00 + x * g01 + w * g02 + x * g10 + zq * g12 - w * g20 + zq * g21 - 2.0 * y * g22)
+    gzq = 2.0 * (-2.0 * zq * g00 - w * g01 + x * g02 + w * g10 - 2.0 * zq * g11 + y * g12 + x * g20 + y * g21)
+    # through the normalisation q / |q|
+    dotq = gw * w + gx * x + gy * y + gzq * zq
+    tl.store(gquats_ptr + g * 4 + 0, (gw - w * dotq) / qn, mask=m)
+    tl.store(gquats_ptr + g * 4 + 1, (gx - x * dotq) / qn, mask=m)
+    tl.store(gquats_ptr + g * 4 + 2, (gy - y * dotq) / qn, mask=m)
+    tl.store(gquats_ptr + g * 4 + 3, (gzq - zq * dotq) / qn, mask=m)
+    tl.store(gscales_ptr + g * 3 + 0, gs0, mask=m)
+    tl.store(gscales_ptr + g * 3 + 1, gs1, mask=m)
+    tl.store(gscales_ptr + g * 3 + 2, gs2, mask=m)
+    tl.store(gopac_ptr + g, go, mask=m)
+    # T rows: T0 = fx rz Rv0 - fx tx rz^2 Rv2, T1 = fy rz Rv1 - fy ty rz^2 Rv2 (Rv rows of the view rotation)
+    gT00 = gU00 * (R00 * s0) + gU01 * (R01 * s1) + gU02 * (R02 * s2)
+    gT01 = gU00 * (R10 * s0) + gU01 * (R11 * s1) + gU02 * (R12 * s2)
+    gT02 = gU00 * (R20 * s0) + gU01 * (R21 * s1) + gU02 * (R22 * s2)
+    gT10 = gU10 * (R00 * s0) + gU11 * (R01 * s1) + gU12 * (R02 * s2)
+    gT11 = gU10 * (R10 * s0) + gU11 * (R11 * s1) + gU12 * (R12 * s2)
+    gT12 = gU10 * (R20 * s0) + gU11 * (R21 * s1) + gU12 * (R22 * s2)
+    d0_r0 = gT00 * r00 + gT01 * r01 + gT02 * r02  # gT0 . Rv0
+    d0_r2 = gT00 * r20 + gT01 * r21 + gT02 * r22  # gT0 . Rv2
+    d1_r1 = gT10 * r10 + gT11 * r11 + gT12 * r12
+    d1_r2 = gT10 * r20 + gT11 * r21 + gT12 * r22
+    rz2 = rz * rz
+    g_tx = -fx * rz2 * d0_r2
+    g_ty = -fy * rz2 * d1_r2
+    g_z = (-fx * rz2 * d0_r0 + 2.0 * fx * tx * rz2 * rz * d0_r2
+           - fy * rz2 * d1_r1 + 2.0 * fy * ty * rz2 * rz * d1_r2)
+    # tx = z clamp(x / z): derivative 1 in x inside the clamp; in z: clamp(x/z) - [inside] x/z
+    in_x = ((xr >= -lxn) & (xr <= lxp)).to(tl.float32)
+    in_y = ((yr >= -lyn) & (yr <= lyp)).to(tl.float32)
+    g_x = g_tx * in_x + gmx * fx * rz
+    g_y = g_ty * in_y + gmy * fy * rz
+    g_z += g_tx * (xc - in_x * xr) + g_ty * (yc - in_y * yr)
+    g_z += -gmx * fx * px * rz2 - gmy * fy * py * rz2 + gzz
+    g_x = tl.where(front, g_x, 0.0)
+    g_y = tl.where(front, g_y, 0.0)
+    g_z = tl.where(front, g_z, 0.0)
+    # camera point p = Rv m + t  ->  world mean
+    tl.store(gmeans_ptr + g * 3 + 0, r00 * g_x + r10 * g_y + r20 * g_z, mask=m)
+    tl.store(gmeans_ptr + g * 3 + 1, r01 * g_x + r11 * g_y + r21 * g_z, mask=m)
+    tl.store(gmeans_ptr + g * 3 + 2, r02 * g_x + r12 * g_y + r22 * g_z, mask=m)
+
+
 # ----------------------------------------------------------------------------- capacity state
 
 
@@ -368,6 +605,55 @@ def _project(means, quats, scales, opacities, viewmats, Ks, W, H, near, far, eps
             "ok": ok, "rect": rect, "count": count, "radii": radii.view(B, N)}
 
 
+class _Project(torch.autograd.Function):
+    """The fused projection kernel (forward and its hand-written backward): means, quats, scales,
+    opacities -> params [6,G] (mx, my, conic A, B, C, opacity) and depth [G]; rect, count, radii
+    ride along without gradients.  Cameras get no gradient (the torch path is used when they need one)."""
+
+    @staticmethod
+    def forward(ctx, means, quats, scales, opac, viewmats, Ks, W, H, near, far, eps2d):
+        B, N = means.shape[:2]
+        G = B * N
+        dev = means.device
+        means, quats, scales = means.contiguous(), quats.contiguous(), scales.contiguous()
+        opac, viewmats, Ks = opac.contiguous(), viewmats.contiguous(), Ks.contiguous()
+        params = torch.empty(6, G, dtype=torch.float32, device=dev)
+        z = torch.empty(G, dtype=torch.float32, device=dev)
+        rect = torch.empty(G, 4, dtype=torch.int32, device=dev)
+        count = torch.empty(G, dtype=torch.int32, device=dev)
+        radii = torch.empty(G, dtype=torch.int32, device=dev)
+        TXn, TYn = (W + TILE - 1) // TILE, (H + TILE - 1) // TILE
+        BLOCK = 128
+        _project_fwd_kernel[(triton.cdiv(G, BLOCK),)](means, quats, scales, opac, viewmats, Ks, params, z, rect, count, radii,
+                                                      G, N, W, H, TXn, TYn, near, far, eps2d, BLOCK=BLOCK, TS=TILE)
+        ctx.save_for_backward(means, quats, scales, viewmats, Ks, count)
+        ctx.meta = (B, N, W, H, near, far, eps2d)
+        ctx.mark_non_differentiable(rect, count, radii)
+        return params, z, rect, count, radii
+
+    @staticmethod
+    def backward(ctx, gparams, gz, _r, _c, _d):
+        means, quats, scales, viewmats, Ks, count = ctx.saved_tensors
+        B, N, W, H, near, far, eps2d = ctx.meta
+        G = B * N
+        gparams = torch.zeros(6, G, dtype=torch.float32, device=means.device) if gparams is None else gparams.contiguous()
+        gz = torch.zeros(G, dtype=torch.float32, device=means.device) if gz is None else gz.contiguous()
+        gm, gq, gs = torch.empty_like(means), torch.empty_like(quats), torch.empty_like(scales)
+        go = torch.empty(B, N, dtype=torch.float32, device=means.device)
+        BLOCK = 128
+        _project_bwd_kernel[(triton.cdiv(G, BLOCK),)](means, quats, scales, viewmats, Ks, count, gparams, gz, gm, gq, gs, go,
+                                                      G, N, W, H, near, far, eps2d, BLOCK=BLOCK)
+        return gm, gq, gs, go, None, None, None, None, None, None, None
+
+
+def _project_fused(means, quats, scales, opacities, viewmats, Ks, W, H, near, far, eps2d):
+    """_project's result from the fused kernel."""
+    B, N = means.shape[:2]
+    params, z, rect, count, radii = _Project.apply(means, quats, scales, opacities, viewmats, Ks, W, H, near, far, eps2d)
+    return {"params": params, "depth": z, "rect": rect, "count": count, "radii": radii.view(B, N),
+            "ok": count > 0}
+
+
 # ----------------------------------------------------------------------------- binning
 
 
@@ -458,11 +744,13 @@ def triton_device_ok(device) -> tuple[bool, str]:
 @register_backend("triton")
 def render_triton(means, quats, scales, opacities, colors, viewmats, Ks, width: int, height: int,
                   sh_degree: int | None = None, backgrounds=None, near: float = 0.01, far: float = 1e10,
-                  eps2d: float = 0.3, alpha_max: float = 0.99, chunk: int = 16, num_warps: int = 4, **kw) -> RenderOutput:
+                  eps2d: float = 0.3, alpha_max: float = 0.99, chunk: int = 16, num_warps: int = 4, fused_projection: bool = True,
+                  **kw) -> RenderOutput:
     """Render B frames with the Triton tile rasteriser; same arguments as ``render_torch``.
 
     ``chunk`` (Gaussians composited per step of a tile program, a power of two) and
-    ``num_warps`` (per tile program) change speed only.
+    ``num_warps`` (per tile program) change speed only; ``fused_projection=False`` projects
+    with plain torch ops instead of the fused kernel (same results; for checks).
     """
     unknown = set(kw) - _FOREIGN_OPTIONS
     if unknown:
@@ -484,7 +772,13 @@ def render_triton(means, quats, scales, opacities, colors, viewmats, Ks, width: 
         return render_torch(means, quats, scales, opacities, colors, viewmats, Ks, width, height, sh_degree=sh_degree,
                             backgrounds=backgrounds, near=near, far=far, eps2d=eps2d, alpha_max=alpha_max)
 
-    proj = _project(means, quats, scales, opacities, viewmats, Ks, width, height, near, far, eps2d)
+    # the fused kernel unless the cameras themselves need gradients (then plain torch ops)
+    if fused_projection and not (viewmats.requires_grad or Ks.requires_grad):
+        proj = _project_fused(means, quats, scales, opacities, viewmats, Ks, width, height, near, far, eps2d)
+        params = proj["params"]
+    else:
+        proj = _project(means, quats, scales, opacities, viewmats, Ks, width, height, near, far, eps2d)
+        params = torch.stack([proj[k] for k in ("mx", "my", "A", "B", "C", "opacity")], 0)
     state = _CAPS.get(_key(B, N, width, height, dev))
     eager = not _capturing(dev)
     if state is not None and eager:
@@ -500,7 +794,6 @@ def render_triton(means, quats, scales, opacities, colors, viewmats, Ks, width: 
     if DP > D + 1:
         parts.append(cols.new_zeros(B * N, DP - D - 1))
     feats = torch.cat(parts, 1)
-    params = torch.stack([proj[k] for k in ("mx", "my", "A", "B", "C", "opacity")], 0)
     out, tfin = _Raster.apply(params, feats, bins, B, N, width, height, float(alpha_max), int(chunk), int(num_warps))
     out = out.view(B, height, width, DP)
     alpha = (1.0 - tfin).view(B, height, width, 1)
