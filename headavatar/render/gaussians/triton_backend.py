@@ -502,6 +502,7 @@ class _Capacity:
         if need <= self.cap:
             return False
         self.cap = int(need * _CAPACITY_MARGIN) + _CAPACITY_SLACK
+        _GENERATION[0] += 1
         return True
 
     def poll(self) -> None:
@@ -511,8 +512,8 @@ class _Capacity:
             self._event = None
 
     def post(self) -> None:
-        """Start an asynchronous copy of the need to the host (eager CUDA calls only)."""
-        if self.need.device.type != "cuda" or self._event is not None:
+        """Start an asynchronous copy of the need to the host (CUDA, outside graph capture)."""
+        if self.need.device.type != "cuda" or self._event is not None or _capturing(self.need.device):
             return
         if self._host is None:
             self._host = torch.zeros((), dtype=torch.int32, pin_memory=True)
@@ -522,6 +523,21 @@ class _Capacity:
 
 
 _CAPS: dict[tuple, _Capacity] = {}
+_GENERATION = [0]  # bumped whenever a capacity grows: graphs captured before are stale
+
+
+def generation() -> int:
+    """Changes whenever a pair buffer has grown; re-capture graphs that were captured before."""
+    return _GENERATION[0]
+
+
+def watch_overflow() -> int:
+    """Non-blocking overflow watch for callers that replay captured graphs: starts an async copy
+    of each buffer's need and grows any whose previous copy shows an overflow. Returns generation()."""
+    for c in _CAPS.values():
+        c.poll()
+        c.post()
+    return _GENERATION[0]
 
 
 def check_overflow() -> bool:
