@@ -49,6 +49,7 @@ def _fast_backend(name):
     return render_triton
 
 PARAMS = ("means", "quats", "scales", "opacities", "colors")
+_T0 = time.time()
 
 # Float32 kernels sum in different orders and gsplat uses fast exp; a (Gaussian, pixel)
 # pair whose alpha sits right at 1/255 (or a pixel at T = 1e-4) may flip between the
@@ -299,6 +300,9 @@ def sweep(args):
         scene, bg = head_scene(B, args.time_n, args.res, args.res, 3, 1.0, 123, args.device)
         for chunk in (8, 16, 32):
             for nw in (2, 4, 8):
+                if time.time() - _T0 > args.budget:
+                    print("[sweep] stopped: --budget reached", flush=True)
+                    return out
                 fwd, fwd_bwd = _frame_fns(render_triton, scene, bg, args.res, args.res, 3, {"chunk": chunk, "num_warps": nw})
                 row = {"B": B, "chunk": chunk, "num_warps": nw}
                 for label, f in (("forward", fwd), ("forward_backward", fwd_bwd)):
@@ -410,6 +414,38 @@ def avatar_frame(args):
         print(f"[avatar] eager training step B={B}: {train[B]}", flush=True)
         model.eval()
     res["train_step_eager"] = train
+
+    # the real avatar class (3 training steps with the triton backend, then loaded): its render
+    # replays the whole frame as one graph; checked against its eager render
+    try:
+        from headavatar.methods import load_avatar, train_method
+
+        run = sd.parent / "run"
+        t0 = time.perf_counter()
+        train_method("flashavatar", sd, run, {"iterations": 3, "device": str(dev), "backend": "triton", "lpips_weight": 0.0,
+                                              "preview_every": 0, "num_workers": 0, **args.avatar_cfg}, progress=False)
+        res["train_3_steps_seconds"] = time.perf_counter() - t0
+        av = load_avatar(run, dev)
+        trd = av.subject.tracking.on_device(dev)
+        rows = {}
+        for B in args.time_batches:
+            idx = torch.arange(B, device=dev) % av.subject.num_frames
+            params, cams = trd.params(idx), trd.cameras(idx, av.subject.height, av.subject.width).resized(*av.size)
+            av.cuda_graphs = False
+            ref = av.render(params, cams)["rgb"]
+            eager_ms = cuda_time(lambda: av.render(params, cams), 10)["median_ms"]
+            av.cuda_graphs = True
+            got = av.render(params, cams)["rgb"]
+            ms = cuda_time(lambda: av.render(params, cams), max(20, 400 // B))["median_ms"]
+            rows[B] = {"graph_ms": ms, "frames_per_s": B / ms * 1e3, "eager_ms": eager_ms,
+                       "max_abs_diff_graph_vs_eager": (got - ref).abs().max().item()}
+            print(f"[avatar] FlashAvatarAvatar.render B={B}: {rows[B]}", flush=True)
+        res["avatar_class_render"] = rows
+    except Exception as e:
+        import traceback
+
+        traceback.print_exc()
+        res["avatar_class_render"] = {"error": f"{type(e).__name__}: {e}"[:300]}
     return res
 
 
@@ -441,6 +477,7 @@ def main(argv=None):
     p.add_argument("--sweep", action="store_true", help="also time the triton kernel's chunk/num_warps settings")
     p.add_argument("--avatar", action="store_true", help="also time a whole FlashAvatar frame (triton, one CUDA graph)")
     p.add_argument("--res", type=int, default=512, help="timing resolution (square)")
+    p.add_argument("--budget", type=float, default=1e9, help="seconds after which the --sweep stops early")
     p.add_argument("--smoke", action="store_true",
                    help="check the triton parts of this script on the CPU (Triton's interpreter, tiny sizes; not a measurement)")
     p.add_argument("--dry-run", action="store_true",
@@ -509,10 +546,10 @@ def main(argv=None):
         steps.append(("timings", timings))
         if args.backend == "triton":
             steps.append(("breakdown", breakdown))
-    if args.sweep:
-        steps.append(("sweep", sweep))
     if args.avatar:
         steps.append(("avatar", avatar_frame))
+    if args.sweep:
+        steps.append(("sweep", sweep))
     for key, fn in steps:
         try:
             report[key] = fn(args)
@@ -552,6 +589,9 @@ def print_table(report):
     if isinstance(av, dict) and "render" in av:
         for B, r in av["render"].items():
             print(f"avatar frame B={B}: graph {r['graph_ms']:.3f} ms = {r['frames_per_s']:.0f} frames/s (eager {r['eager_ms']:.3f} ms)")
+        for B, r in (av.get("avatar_class_render") or {}).items():
+            if isinstance(r, dict):
+                print(f"FlashAvatarAvatar.render B={B}: {r['graph_ms']:.3f} ms = {r['frames_per_s']:.0f} frames/s (graph vs eager max diff {r['max_abs_diff_graph_vs_eager']:.1e})")
         for B, r in av.get("train_step_eager", {}).items():
             print(f"avatar training step (eager) B={B}: {r['ms_per_step']:.2f} ms = {r['frames_per_s']:.0f} frames/s")
 
