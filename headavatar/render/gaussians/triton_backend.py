@@ -241,7 +241,7 @@ def _raster_bwd_kernel(params_ptr, feats_ptr, rect_ptr, ids_sorted_ptr, order_pt
         tl.atomic_add(gparams_ptr + 3 * G + gid, g_cb, mask=hit)
         tl.atomic_add(gparams_ptr + 4 * G + gid, g_cc, mask=hit)
         tl.atomic_add(gparams_ptr + 5 * G + gid, g_op, mask=hit)
-        tl.atomic_add(gfeats_ptr + gid[:, None] * DP + chan[None, :], g_feat, mask=hit[:, None])
+        tl.atomic_add(gfeats_ptr + gid[:, None] * DP + chan[None, :], g_feat, mask=hit[:, None] & (chan[None, :] < DP))
         prefix += tl.sum(wv, axis=0)
         T = tl.minimum(T, tl.min(tl.where(keep, P, 2.0), axis=0))
         done = done | (tl.sum((valid & (P <= T_MIN)).to(tl.int32), axis=0) > 0)
