@@ -296,22 +296,23 @@ def sweep(args):
     from headavatar.render.gaussians.triton_backend import render_triton
 
     out = []
-    for B in args.time_batches[:2]:
+    configs = [(c, nw, True) for c in (8, 16, 32) for nw in (2, 4, 8)] + [(16, 4, False), (32, 8, False), (8, 4, False)]
+    for B in sorted(args.time_batches[:2], reverse=True):
         scene, bg = head_scene(B, args.time_n, args.res, args.res, 3, 1.0, 123, args.device)
-        for chunk in (8, 16, 32):
-            for nw in (2, 4, 8):
-                if time.time() - _T0 > args.budget:
-                    print("[sweep] stopped: --budget reached", flush=True)
-                    return out
-                fwd, fwd_bwd = _frame_fns(render_triton, scene, bg, args.res, args.res, 3, {"chunk": chunk, "num_warps": nw})
-                row = {"B": B, "chunk": chunk, "num_warps": nw}
-                for label, f in (("forward", fwd), ("forward_backward", fwd_bwd)):
-                    try:
-                        row[label] = cuda_time(graphed(f), 20)["median_ms"]
-                    except Exception as e:
-                        row[label] = f"{type(e).__name__}: {e}"[:200]
-                out.append(row)
-                print(f"[sweep] {row}", flush=True)
+        for chunk, nw, split in configs:
+            if time.time() - _T0 > args.budget:
+                print("[sweep] stopped: --budget reached", flush=True)
+                return out
+            fwd, fwd_bwd = _frame_fns(render_triton, scene, bg, args.res, args.res, 3,
+                                      {"chunk": chunk, "num_warps": nw, "split_channels": split})
+            row = {"B": B, "chunk": chunk, "num_warps": nw, "split_channels": split}
+            for label, f in (("forward", fwd), ("forward_backward", fwd_bwd)):
+                try:
+                    row[label] = cuda_time(graphed(f), 20)["median_ms"]
+                except Exception as e:
+                    row[label] = f"{type(e).__name__}: {e}"[:200]
+            out.append(row)
+            print(f"[sweep] {row}", flush=True)
     return out
 
 

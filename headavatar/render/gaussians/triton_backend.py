@@ -139,7 +139,9 @@ def _chunk_alpha(params_ptr, rect_ptr, ids_sorted_ptr, order_ptr, ovf, i, end, G
 @triton.jit
 def _raster_fwd_kernel(params_ptr, feats_ptr, rect_ptr, ids_sorted_ptr, order_ptr, ranges_ptr, ovf_ptr,
                        out_ptr, tfin_ptr, G, N, W, H, TX, TPI, alpha_max,
-                       DP: tl.constexpr, CH: tl.constexpr, TS: tl.constexpr):
+                       DP: tl.constexpr, CH: tl.constexpr, TS: tl.constexpr, SPLIT: tl.constexpr):
+    # SPLIT (DP == 4: RGB + depth): one [PIX] accumulator per channel instead of a
+    # [CH, PIX, DP] product, which keeps fewer values in registers
     t = tl.program_id(0)
     img = t // TPI
     lt = t % TPI
@@ -159,6 +161,10 @@ def _raster_fwd_kernel(params_ptr, feats_ptr, rect_ptr, ids_sorted_ptr, order_pt
     T = tl.full([TS * TS], 1.0, tl.float32)
     done = ~inb
     acc = tl.zeros([TS * TS, DP], dtype=tl.float32)
+    acc0 = tl.zeros([TS * TS], dtype=tl.float32)
+    acc1 = tl.zeros([TS * TS], dtype=tl.float32)
+    acc2 = tl.zeros([TS * TS], dtype=tl.float32)
+    acc3 = tl.zeros([TS * TS], dtype=tl.float32)
     i = start
     while i < end:
         gid, m, dx, dy, og, alpha, valid, ca, cb, cc, op = _chunk_alpha(
@@ -168,22 +174,34 @@ def _raster_fwd_kernel(params_ptr, feats_ptr, rect_ptr, ids_sorted_ptr, order_pt
         P = T[None, :] * tl.cumprod(f, axis=0)  # transmittance after each pair
         keep = valid & (P > T_MIN)
         w = tl.where(keep, alpha * (P / f), 0.0)
-        feat = tl.load(feats_ptr + gid[:, None] * DP + chan[None, :], mask=m[:, None], other=0.0)
-        acc += tl.sum(w[:, :, None] * feat[:, None, :], axis=0)
+        if SPLIT:
+            acc0 += tl.sum(w * tl.load(feats_ptr + gid * 4 + 0, mask=m, other=0.0)[:, None], axis=0)
+            acc1 += tl.sum(w * tl.load(feats_ptr + gid * 4 + 1, mask=m, other=0.0)[:, None], axis=0)
+            acc2 += tl.sum(w * tl.load(feats_ptr + gid * 4 + 2, mask=m, other=0.0)[:, None], axis=0)
+            acc3 += tl.sum(w * tl.load(feats_ptr + gid * 4 + 3, mask=m, other=0.0)[:, None], axis=0)
+        else:
+            feat = tl.load(feats_ptr + gid[:, None] * DP + chan[None, :], mask=m[:, None], other=0.0)
+            acc += tl.sum(w[:, :, None] * feat[:, None, :], axis=0)
         T = tl.minimum(T, tl.min(tl.where(keep, P, 2.0), axis=0))
         done = done | (tl.sum((valid & (P <= T_MIN)).to(tl.int32), axis=0) > 0)
         all_done = tl.sum((~done).to(tl.int32), axis=0) == 0
         i = tl.where(all_done, end, i + CH)
 
     pix = (img * H + py) * W + px
-    tl.store(out_ptr + pix[:, None] * DP + chan[None, :], acc, mask=inb[:, None])
+    if SPLIT:
+        tl.store(out_ptr + pix * 4 + 0, acc0, mask=inb)
+        tl.store(out_ptr + pix * 4 + 1, acc1, mask=inb)
+        tl.store(out_ptr + pix * 4 + 2, acc2, mask=inb)
+        tl.store(out_ptr + pix * 4 + 3, acc3, mask=inb)
+    else:
+        tl.store(out_ptr + pix[:, None] * DP + chan[None, :], acc, mask=inb[:, None])
     tl.store(tfin_ptr + pix, T, mask=inb)
 
 
 @triton.jit
 def _raster_bwd_kernel(params_ptr, feats_ptr, rect_ptr, ids_sorted_ptr, order_ptr, ranges_ptr, ovf_ptr,
                        out_ptr, tfin_ptr, gout_ptr, gt_ptr, gparams_ptr, gfeats_ptr, G, N, W, H, TX, TPI, alpha_max,
-                       DP: tl.constexpr, CH: tl.constexpr, TS: tl.constexpr):
+                       DP: tl.constexpr, CH: tl.constexpr, TS: tl.constexpr, SPLIT: tl.constexpr):
     t = tl.program_id(0)
     img = t // TPI
     lt = t % TPI
@@ -204,6 +222,15 @@ def _raster_bwd_kernel(params_ptr, feats_ptr, rect_ptr, ids_sorted_ptr, order_pt
     gpix = tl.load(gout_ptr + pix[:, None] * DP + chan[None, :], mask=inb[:, None], other=0.0)  # [PIX, DP]
     outp = tl.load(out_ptr + pix[:, None] * DP + chan[None, :], mask=inb[:, None], other=0.0)
     total = tl.sum(gpix * outp, axis=1)  # sum over all contributions of w * (g . feat)
+    g0 = tl.zeros([TS * TS], dtype=tl.float32)
+    g1 = tl.zeros([TS * TS], dtype=tl.float32)
+    g2 = tl.zeros([TS * TS], dtype=tl.float32)
+    g3 = tl.zeros([TS * TS], dtype=tl.float32)
+    if SPLIT:
+        g0 = tl.load(gout_ptr + pix * 4 + 0, mask=inb, other=0.0)
+        g1 = tl.load(gout_ptr + pix * 4 + 1, mask=inb, other=0.0)
+        g2 = tl.load(gout_ptr + pix * 4 + 2, mask=inb, other=0.0)
+        g3 = tl.load(gout_ptr + pix * 4 + 3, mask=inb, other=0.0)
     # d loss / d T_final enters every pair through dT_final/dalpha_k = -T_final / (1 - alpha_k)
     q = tl.load(gt_ptr + pix, mask=inb, other=0.0) * tl.load(tfin_ptr + pix, mask=inb, other=1.0)
 
@@ -220,8 +247,15 @@ def _raster_bwd_kernel(params_ptr, feats_ptr, rect_ptr, ids_sorted_ptr, order_pt
         keep = valid & (P > T_MIN)
         tb = P / f  # transmittance in front of the pair
         w = tl.where(keep, alpha * tb, 0.0)
-        feat = tl.load(feats_ptr + gid[:, None] * DP + chan[None, :], mask=m[:, None], other=0.0)
-        v = tl.sum(feat[:, None, :] * gpix[None, :, :], axis=2)  # [CH, PIX]
+        if SPLIT:
+            f0 = tl.load(feats_ptr + gid * 4 + 0, mask=m, other=0.0)
+            f1 = tl.load(feats_ptr + gid * 4 + 1, mask=m, other=0.0)
+            f2 = tl.load(feats_ptr + gid * 4 + 2, mask=m, other=0.0)
+            f3 = tl.load(feats_ptr + gid * 4 + 3, mask=m, other=0.0)
+            v = f0[:, None] * g0[None, :] + f1[:, None] * g1[None, :] + f2[:, None] * g2[None, :] + f3[:, None] * g3[None, :]
+        else:
+            feat = tl.load(feats_ptr + gid[:, None] * DP + chan[None, :], mask=m[:, None], other=0.0)
+            v = tl.sum(feat[:, None, :] * gpix[None, :, :], axis=2)  # [CH, PIX]
         wv = w * v
         cs = tl.cumsum(wv, axis=0) + prefix[None, :]
         after = total[None, :] - cs  # contributions behind each pair
@@ -233,7 +267,6 @@ def _raster_bwd_kernel(params_ptr, feats_ptr, rect_ptr, ids_sorted_ptr, order_pt
         g_cb = -tl.sum(mm * dx * dy, axis=1)
         g_cc = -0.5 * tl.sum(mm * dy * dy, axis=1)
         g_op = tl.sum(mm, axis=1) / tl.where(m, op, 1.0)
-        g_feat = tl.sum(w[:, :, None] * gpix[None, :, :], axis=1)  # [CH, DP]
         hit = m & (tl.sum(keep.to(tl.int32), axis=1) > 0)
         tl.atomic_add(gparams_ptr + 0 * G + gid, g_mx, mask=hit)
         tl.atomic_add(gparams_ptr + 1 * G + gid, g_my, mask=hit)
@@ -241,7 +274,14 @@ def _raster_bwd_kernel(params_ptr, feats_ptr, rect_ptr, ids_sorted_ptr, order_pt
         tl.atomic_add(gparams_ptr + 3 * G + gid, g_cb, mask=hit)
         tl.atomic_add(gparams_ptr + 4 * G + gid, g_cc, mask=hit)
         tl.atomic_add(gparams_ptr + 5 * G + gid, g_op, mask=hit)
-        tl.atomic_add(gfeats_ptr + gid[:, None] * DP + chan[None, :], g_feat, mask=hit[:, None] & (chan[None, :] < DP))
+        if SPLIT:
+            tl.atomic_add(gfeats_ptr + gid * 4 + 0, tl.sum(w * g0[None, :], axis=1), mask=hit)
+            tl.atomic_add(gfeats_ptr + gid * 4 + 1, tl.sum(w * g1[None, :], axis=1), mask=hit)
+            tl.atomic_add(gfeats_ptr + gid * 4 + 2, tl.sum(w * g2[None, :], axis=1), mask=hit)
+            tl.atomic_add(gfeats_ptr + gid * 4 + 3, tl.sum(w * g3[None, :], axis=1), mask=hit)
+        else:
+            g_feat = tl.sum(w[:, :, None] * gpix[None, :, :], axis=1)  # [CH, DP]
+            tl.atomic_add(gfeats_ptr + gid[:, None] * DP + chan[None, :], g_feat, mask=hit[:, None] & (chan[None, :] < DP))
         prefix += tl.sum(wv, axis=0)
         T = tl.minimum(T, tl.min(tl.where(keep, P, 2.0), axis=0))
         done = done | (tl.sum((valid & (P <= T_MIN)).to(tl.int32), axis=0) > 0)
@@ -716,7 +756,7 @@ class _Raster(torch.autograd.Function):
     """params [6,G] (mx, my, A, B, C, opacity), feats [G,DP] -> out [B*H*W, DP], T_final [B*H*W]."""
 
     @staticmethod
-    def forward(ctx, params, feats, bins, B, N, W, H, alpha_max, chunk, num_warps):
+    def forward(ctx, params, feats, bins, B, N, W, H, alpha_max, chunk, num_warps, split):
         G, DP = feats.shape
         dev = feats.device
         out = torch.empty(B * H * W, DP, dtype=torch.float32, device=dev)
@@ -725,15 +765,15 @@ class _Raster(torch.autograd.Function):
         grid = (B * bins["TPI"],)
         _raster_fwd_kernel[grid](params, feats, bins["rect"], bins["ids"], bins["order"], bins["ranges"], bins["ovf"],
                                  out, tfin, G, N, W, H, bins["TX"], bins["TPI"], alpha_max,
-                                 DP=DP, CH=chunk, TS=TILE, num_warps=num_warps)
+                                 DP=DP, CH=chunk, TS=TILE, SPLIT=split, num_warps=num_warps)
         ctx.save_for_backward(params, feats, bins["rect"], bins["ids"], bins["order"], bins["ranges"], bins["ovf"], out, tfin)
-        ctx.meta = (B, N, W, H, bins["TX"], bins["TPI"], alpha_max, chunk, num_warps)
+        ctx.meta = (B, N, W, H, bins["TX"], bins["TPI"], alpha_max, chunk, num_warps, split)
         return out, tfin
 
     @staticmethod
     def backward(ctx, g_out, g_t):
         params, feats, rect, ids, order, ranges, ovf, out, tfin = ctx.saved_tensors
-        B, N, W, H, TX, TPI, alpha_max, chunk, num_warps = ctx.meta
+        B, N, W, H, TX, TPI, alpha_max, chunk, num_warps, split = ctx.meta
         G, DP = feats.shape
         g_out = torch.zeros_like(out) if g_out is None else g_out.contiguous().float()
         g_t = torch.zeros_like(tfin) if g_t is None else g_t.contiguous().float()
@@ -741,8 +781,8 @@ class _Raster(torch.autograd.Function):
         gfeats = torch.zeros_like(feats)
         _raster_bwd_kernel[(B * TPI,)](params, feats, rect, ids, order, ranges, ovf, out, tfin, g_out, g_t,
                                        gparams, gfeats, G, N, W, H, TX, TPI, alpha_max,
-                                       DP=DP, CH=chunk, TS=TILE, num_warps=num_warps)
-        return gparams, gfeats, None, None, None, None, None, None, None, None
+                                       DP=DP, CH=chunk, TS=TILE, SPLIT=split, num_warps=num_warps)
+        return gparams, gfeats, None, None, None, None, None, None, None, None, None
 
 
 # ----------------------------------------------------------------------------- entry point
@@ -761,12 +801,13 @@ def triton_device_ok(device) -> tuple[bool, str]:
 def render_triton(means, quats, scales, opacities, colors, viewmats, Ks, width: int, height: int,
                   sh_degree: int | None = None, backgrounds=None, near: float = 0.01, far: float = 1e10,
                   eps2d: float = 0.3, alpha_max: float = 0.99, chunk: int = 16, num_warps: int = 4, fused_projection: bool = True,
-                  **kw) -> RenderOutput:
+                  split_channels: bool = True, **kw) -> RenderOutput:
     """Render B frames with the Triton tile rasteriser; same arguments as ``render_torch``.
 
     ``chunk`` (Gaussians composited per step of a tile program, a power of two) and
     ``num_warps`` (per tile program) change speed only; ``fused_projection=False`` projects
-    with plain torch ops instead of the fused kernel (same results; for checks).
+    with plain torch ops instead of the fused kernel (same results; for checks);
+    ``split_channels``: per-channel accumulators when there are 3 colour channels (speed only).
     """
     unknown = set(kw) - _FOREIGN_OPTIONS
     if unknown:
@@ -810,7 +851,8 @@ def render_triton(means, quats, scales, opacities, colors, viewmats, Ks, width: 
     if DP > D + 1:
         parts.append(cols.new_zeros(B * N, DP - D - 1))
     feats = torch.cat(parts, 1)
-    out, tfin = _Raster.apply(params, feats, bins, B, N, width, height, float(alpha_max), int(chunk), int(num_warps))
+    out, tfin = _Raster.apply(params, feats, bins, B, N, width, height, float(alpha_max), int(chunk), int(num_warps),
+                              bool(split_channels and DP == 4))
     out = out.view(B, height, width, DP)
     alpha = (1.0 - tfin).view(B, height, width, 1)
     rgb = out[..., :D]
