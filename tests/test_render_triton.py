@@ -163,3 +163,27 @@ def test_selection_needs_cuda_or_the_interpreter(tb, monkeypatch):
     assert select_backend("auto", "cpu") == "torch"
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     assert select_backend("triton", "cpu") == "triton"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (graph capture)")
+def test_forward_and_backward_capture_in_one_cuda_graph(tb):
+    sc = _f32(_scene(B=2, N=200, W=64, H=48, seed=11, sh_degree=3))
+    leaves = {k: (v.clone().requires_grad_(k in PARAMS) if torch.is_tensor(v) else v) for k, v in sc.items()}
+
+    def step():
+        out = tb.render_triton(**leaves)
+        return (out.rgb.detach(),) + torch.autograd.grad(out.rgb.square().sum() + out.alpha.sum(), [leaves[k] for k in PARAMS])
+
+    eager = step()  # sizes the pair buffer (the one host read, outside the graph)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):  # raises on any host synchronisation
+        static = step()
+    graph.replay()
+    torch.cuda.synchronize()
+    for a, b in zip(eager, static):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-6)
