@@ -50,7 +50,8 @@ from headavatar.render.gaussians.torch_ref import _EXTEND_MAX, ALPHA_THRESHOLD, 
 from headavatar.utils.rotations import quaternion_to_matrix
 
 TILE = 16
-_INT32_MAX = 2**31 - 1
+_INT32_MAX = tl.constexpr(2**31 - 1)  # kernels may only read constexpr globals
+_T_MIN = tl.constexpr(T_MIN)
 # pair capacity = need * margin (+ slack) when sized from a scene; grown the same way on overflow
 _CAPACITY_MARGIN = 1.5
 _CAPACITY_SLACK = 4096
@@ -172,7 +173,7 @@ def _raster_fwd_kernel(params_ptr, feats_ptr, rect_ptr, ids_sorted_ptr, order_pt
         valid = valid & ~done[None, :]
         f = tl.where(valid, 1.0 - alpha, 1.0)
         P = T[None, :] * tl.cumprod(f, axis=0)  # transmittance after each pair
-        keep = valid & (P > T_MIN)
+        keep = valid & (P > _T_MIN)
         w = tl.where(keep, alpha * (P / f), 0.0)
         if SPLIT:
             acc0 += tl.sum(w * tl.load(feats_ptr + gid * 4 + 0, mask=m, other=0.0)[:, None], axis=0)
@@ -183,7 +184,7 @@ def _raster_fwd_kernel(params_ptr, feats_ptr, rect_ptr, ids_sorted_ptr, order_pt
             feat = tl.load(feats_ptr + gid[:, None] * DP + chan[None, :], mask=m[:, None], other=0.0)
             acc += tl.sum(w[:, :, None] * feat[:, None, :], axis=0)
         T = tl.minimum(T, tl.min(tl.where(keep, P, 2.0), axis=0))
-        done = done | (tl.sum((valid & (P <= T_MIN)).to(tl.int32), axis=0) > 0)
+        done = done | (tl.sum((valid & (P <= _T_MIN)).to(tl.int32), axis=0) > 0)
         all_done = tl.sum((~done).to(tl.int32), axis=0) == 0
         i = tl.where(all_done, end, i + CH)
 
@@ -244,7 +245,7 @@ def _raster_bwd_kernel(params_ptr, feats_ptr, rect_ptr, ids_sorted_ptr, order_pt
         valid = valid & ~done[None, :]
         f = tl.where(valid, 1.0 - alpha, 1.0)
         P = T[None, :] * tl.cumprod(f, axis=0)
-        keep = valid & (P > T_MIN)
+        keep = valid & (P > _T_MIN)
         tb = P / f  # transmittance in front of the pair
         w = tl.where(keep, alpha * tb, 0.0)
         if SPLIT:
@@ -284,7 +285,7 @@ def _raster_bwd_kernel(params_ptr, feats_ptr, rect_ptr, ids_sorted_ptr, order_pt
             tl.atomic_add(gfeats_ptr + gid[:, None] * DP + chan[None, :], g_feat, mask=hit[:, None] & (chan[None, :] < DP))
         prefix += tl.sum(wv, axis=0)
         T = tl.minimum(T, tl.min(tl.where(keep, P, 2.0), axis=0))
-        done = done | (tl.sum((valid & (P <= T_MIN)).to(tl.int32), axis=0) > 0)
+        done = done | (tl.sum((valid & (P <= _T_MIN)).to(tl.int32), axis=0) > 0)
         all_done = tl.sum((~done).to(tl.int32), axis=0) == 0
         i = tl.where(all_done, end, i + CH)
 
