@@ -296,21 +296,24 @@ def sweep(args):
     from headavatar.render.gaussians.triton_backend import render_triton
 
     out = []
-    configs = [(c, nw, True) for c in (8, 16, 32) for nw in (2, 4, 8)] + [(16, 4, False), (32, 8, False), (8, 4, False)]
+    # forward settings timed with forward-only graphs, backward settings with forward+backward
+    # graphs at the default forward settings
+    fwd_cfgs = [(8, 4, True), (8, 8, True), (16, 8, True), (32, 16, True), (16, 4, True), (8, 4, False)]
+    bwd_cfgs = [(4, 8), (8, 8), (4, 4), (16, 16), (8, 4), (2, 4)]
     for B in sorted(args.time_batches[:2], reverse=True):
         scene, bg = head_scene(B, args.time_n, args.res, args.res, 3, 1.0, 123, args.device)
-        for chunk, nw, split in configs:
+        jobs = [("forward", {"chunk": c, "num_warps": nw, "split_channels": sp}) for c, nw, sp in fwd_cfgs] \
+            + [("forward_backward", {"chunk_bwd": c, "num_warps_bwd": nw}) for c, nw in bwd_cfgs]
+        for label, kw in jobs:
             if time.time() - _T0 > args.budget:
                 print("[sweep] stopped: --budget reached", flush=True)
                 return out
-            fwd, fwd_bwd = _frame_fns(render_triton, scene, bg, args.res, args.res, 3,
-                                      {"chunk": chunk, "num_warps": nw, "split_channels": split})
-            row = {"B": B, "chunk": chunk, "num_warps": nw, "split_channels": split}
-            for label, f in (("forward", fwd), ("forward_backward", fwd_bwd)):
-                try:
-                    row[label] = cuda_time(graphed(f), 20)["median_ms"]
-                except Exception as e:
-                    row[label] = f"{type(e).__name__}: {e}"[:200]
+            fwd, fwd_bwd = _frame_fns(render_triton, scene, bg, args.res, args.res, 3, kw)
+            row = {"B": B, "timed": label, **kw}
+            try:
+                row["ms"] = cuda_time(graphed(fwd if label == "forward" else fwd_bwd), 20)["median_ms"]
+            except Exception as e:
+                row["ms"] = f"{type(e).__name__}: {e}"[:200]
             out.append(row)
             print(f"[sweep] {row}", flush=True)
     return out

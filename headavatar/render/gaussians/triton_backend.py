@@ -757,7 +757,7 @@ class _Raster(torch.autograd.Function):
     """params [6,G] (mx, my, A, B, C, opacity), feats [G,DP] -> out [B*H*W, DP], T_final [B*H*W]."""
 
     @staticmethod
-    def forward(ctx, params, feats, bins, B, N, W, H, alpha_max, chunk, num_warps, split):
+    def forward(ctx, params, feats, bins, B, N, W, H, alpha_max, chunk, num_warps, split, bwd_cfg):
         G, DP = feats.shape
         dev = feats.device
         out = torch.empty(B * H * W, DP, dtype=torch.float32, device=dev)
@@ -768,7 +768,7 @@ class _Raster(torch.autograd.Function):
                                  out, tfin, G, N, W, H, bins["TX"], bins["TPI"], alpha_max,
                                  DP=DP, CH=chunk, TS=TILE, SPLIT=split, num_warps=num_warps)
         ctx.save_for_backward(params, feats, bins["rect"], bins["ids"], bins["order"], bins["ranges"], bins["ovf"], out, tfin)
-        ctx.meta = (B, N, W, H, bins["TX"], bins["TPI"], alpha_max, chunk, num_warps, split)
+        ctx.meta = (B, N, W, H, bins["TX"], bins["TPI"], alpha_max, bwd_cfg[0], bwd_cfg[1], split)
         return out, tfin
 
     @staticmethod
@@ -783,7 +783,7 @@ class _Raster(torch.autograd.Function):
         _raster_bwd_kernel[(B * TPI,)](params, feats, rect, ids, order, ranges, ovf, out, tfin, g_out, g_t,
                                        gparams, gfeats, G, N, W, H, TX, TPI, alpha_max,
                                        DP=DP, CH=chunk, TS=TILE, SPLIT=split, num_warps=num_warps)
-        return gparams, gfeats, None, None, None, None, None, None, None, None, None
+        return gparams, gfeats, None, None, None, None, None, None, None, None, None, None
 
 
 # ----------------------------------------------------------------------------- entry point
@@ -801,12 +801,13 @@ def triton_device_ok(device) -> tuple[bool, str]:
 @register_backend("triton")
 def render_triton(means, quats, scales, opacities, colors, viewmats, Ks, width: int, height: int,
                   sh_degree: int | None = None, backgrounds=None, near: float = 0.01, far: float = 1e10,
-                  eps2d: float = 0.3, alpha_max: float = 0.99, chunk: int = 16, num_warps: int = 4, fused_projection: bool = True,
-                  split_channels: bool = True, **kw) -> RenderOutput:
+                  eps2d: float = 0.3, alpha_max: float = 0.99, chunk: int = 8, num_warps: int = 4, chunk_bwd: int = 4,
+                  num_warps_bwd: int = 8, fused_projection: bool = True, split_channels: bool = True, **kw) -> RenderOutput:
     """Render B frames with the Triton tile rasteriser; same arguments as ``render_torch``.
 
     ``chunk`` (Gaussians composited per step of a tile program, a power of two) and
-    ``num_warps`` (per tile program) change speed only; ``fused_projection=False`` projects
+    ``num_warps`` (per tile program), and ``chunk_bwd``/``num_warps_bwd`` for the backward
+    pass, change speed only (defaults: no register spills on sm_90, from a sweep); ``fused_projection=False`` projects
     with plain torch ops instead of the fused kernel (same results; for checks);
     ``split_channels``: per-channel accumulators when there are 3 colour channels (speed only).
     """
@@ -853,7 +854,7 @@ def render_triton(means, quats, scales, opacities, colors, viewmats, Ks, width: 
         parts.append(cols.new_zeros(B * N, DP - D - 1))
     feats = torch.cat(parts, 1)
     out, tfin = _Raster.apply(params, feats, bins, B, N, width, height, float(alpha_max), int(chunk), int(num_warps),
-                              bool(split_channels and DP == 4))
+                              bool(split_channels and DP == 4), (int(chunk_bwd), int(num_warps_bwd)))
     out = out.view(B, height, width, DP)
     alpha = (1.0 - tfin).view(B, height, width, 1)
     rgb = out[..., :D]
