@@ -83,6 +83,15 @@ def test_matches_reference(tb, sh_degree):
     assert (ref.radii > 0).sum() >= 20 and ref.alpha.max() > 0.9
 
 
+@pytest.mark.parametrize("degree", [0, 1, 2])
+def test_sh_degrees_and_shared_coefficients(tb, degree):
+    # 16 coefficients, a lower degree evaluated; one coefficient tensor expanded over the batch
+    sc = _scene(B=2, N=25, W=16, H=16, sh_degree=3, seed=10)
+    sc["colors"] = sc["colors"][:1].expand(2, -1, -1, -1)
+    sc["sh_degree"] = degree
+    _parity(tb, sc)
+
+
 def test_torch_projection_path_and_off_screen_clamp(tb):
     # Gaussians spread past the image edges: the Jacobian's field-of-view clamp is active for some
     sc = _scene(B=2, N=40, W=16, H=16, seed=8, spread=0.6)

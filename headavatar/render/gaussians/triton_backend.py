@@ -527,6 +527,279 @@ def _project_bwd_kernel(means_ptr, quats_ptr, scales_ptr, view_ptr, K_ptr, count
     tl.store(gmeans_ptr + g * 3 + 2, r02 * g_x + r12 * g_y + r22 * g_z, mask=m)
 
 
+@triton.jit
+def _sh_dirs(means_ptr, view_ptr, g, m, N):
+    """Unit view directions (mean - camera centre) of Gaussians g, their length before normalising."""
+    b = g // N
+    vb = view_ptr + b * 16
+    r00 = tl.load(vb + 0, mask=m, other=1.0)
+    r01 = tl.load(vb + 1, mask=m, other=0.0)
+    r02 = tl.load(vb + 2, mask=m, other=0.0)
+    t0 = tl.load(vb + 3, mask=m, other=0.0)
+    r10 = tl.load(vb + 4, mask=m, other=0.0)
+    r11 = tl.load(vb + 5, mask=m, other=1.0)
+    r12 = tl.load(vb + 6, mask=m, other=0.0)
+    t1 = tl.load(vb + 7, mask=m, other=0.0)
+    r20 = tl.load(vb + 8, mask=m, other=0.0)
+    r21 = tl.load(vb + 9, mask=m, other=0.0)
+    r22 = tl.load(vb + 10, mask=m, other=1.0)
+    t2 = tl.load(vb + 11, mask=m, other=0.0)
+    # camera centre -R^T t
+    vx = tl.load(means_ptr + g * 3 + 0, mask=m, other=1.0) + (r00 * t0 + r10 * t1 + r20 * t2)
+    vy = tl.load(means_ptr + g * 3 + 1, mask=m, other=0.0) + (r01 * t0 + r11 * t1 + r21 * t2)
+    vz = tl.load(means_ptr + g * 3 + 2, mask=m, other=0.0) + (r02 * t0 + r12 * t1 + r22 * t2)
+    nrm = tl.maximum(tl.sqrt(vx * vx + vy * vy + vz * vz), 1e-12)
+    return vx / nrm, vy / nrm, vz / nrm, nrm
+
+
+@triton.jit
+def _sh_fwd_kernel(coef_ptr, sb, sn, sk, sc, means_ptr, view_ptr, out_ptr, G, N,
+                   DEG: tl.constexpr, BLOCK: tl.constexpr):
+    """colour = max(SH_DEG(dir) . coefficients + 0.5, 0), 3DGS basis (sh.py); coefficients by strides
+    (an expanded [B,N,K,3] view is read in place)."""
+    g = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    m = g < G
+    x, y, z, nrm = _sh_dirs(means_ptr, view_ptr, g, m, N)
+    xx = x * x
+    yy = y * y
+    zz = z * z
+    cb = coef_ptr + (g // N).to(tl.int64) * sb + (g % N).to(tl.int64) * sn
+    acc_r = tl.zeros([BLOCK], dtype=tl.float32)
+    acc_g = tl.zeros([BLOCK], dtype=tl.float32)
+    acc_b = tl.zeros([BLOCK], dtype=tl.float32)
+    bk = 0.28209479177387814
+    acc_r += bk * tl.load(cb + 0 * sk + 0 * sc, mask=m, other=0.0)
+    acc_g += bk * tl.load(cb + 0 * sk + 1 * sc, mask=m, other=0.0)
+    acc_b += bk * tl.load(cb + 0 * sk + 2 * sc, mask=m, other=0.0)
+    if DEG >= 1:
+        bk = -0.4886025119029199 * y
+        acc_r += bk * tl.load(cb + 1 * sk + 0 * sc, mask=m, other=0.0)
+        acc_g += bk * tl.load(cb + 1 * sk + 1 * sc, mask=m, other=0.0)
+        acc_b += bk * tl.load(cb + 1 * sk + 2 * sc, mask=m, other=0.0)
+        bk = 0.4886025119029199 * z
+        acc_r += bk * tl.load(cb + 2 * sk + 0 * sc, mask=m, other=0.0)
+        acc_g += bk * tl.load(cb + 2 * sk + 1 * sc, mask=m, other=0.0)
+        acc_b += bk * tl.load(cb + 2 * sk + 2 * sc, mask=m, other=0.0)
+        bk = -0.4886025119029199 * x
+        acc_r += bk * tl.load(cb + 3 * sk + 0 * sc, mask=m, other=0.0)
+        acc_g += bk * tl.load(cb + 3 * sk + 1 * sc, mask=m, other=0.0)
+        acc_b += bk * tl.load(cb + 3 * sk + 2 * sc, mask=m, other=0.0)
+    if DEG >= 2:
+        bk = 1.0925484305920792 * x * y
+        acc_r += bk * tl.load(cb + 4 * sk + 0 * sc, mask=m, other=0.0)
+        acc_g += bk * tl.load(cb + 4 * sk + 1 * sc, mask=m, other=0.0)
+        acc_b += bk * tl.load(cb + 4 * sk + 2 * sc, mask=m, other=0.0)
+        bk = -1.0925484305920792 * y * z
+        acc_r += bk * tl.load(cb + 5 * sk + 0 * sc, mask=m, other=0.0)
+        acc_g += bk * tl.load(cb + 5 * sk + 1 * sc, mask=m, other=0.0)
+        acc_b += bk * tl.load(cb + 5 * sk + 2 * sc, mask=m, other=0.0)
+        bk = 0.31539156525252005 * (2.0 * zz - xx - yy)
+        acc_r += bk * tl.load(cb + 6 * sk + 0 * sc, mask=m, other=0.0)
+        acc_g += bk * tl.load(cb + 6 * sk + 1 * sc, mask=m, other=0.0)
+        acc_b += bk * tl.load(cb + 6 * sk + 2 * sc, mask=m, other=0.0)
+        bk = -1.0925484305920792 * x * z
+        acc_r += bk * tl.load(cb + 7 * sk + 0 * sc, mask=m, other=0.0)
+        acc_g += bk * tl.load(cb + 7 * sk + 1 * sc, mask=m, other=0.0)
+        acc_b += bk * tl.load(cb + 7 * sk + 2 * sc, mask=m, other=0.0)
+        bk = 0.5462742152960396 * (xx - yy)
+        acc_r += bk * tl.load(cb + 8 * sk + 0 * sc, mask=m, other=0.0)
+        acc_g += bk * tl.load(cb + 8 * sk + 1 * sc, mask=m, other=0.0)
+        acc_b += bk * tl.load(cb + 8 * sk + 2 * sc, mask=m, other=0.0)
+    if DEG >= 3:
+        bk = -0.5900435899266435 * y * (3.0 * xx - yy)
+        acc_r += bk * tl.load(cb + 9 * sk + 0 * sc, mask=m, other=0.0)
+        acc_g += bk * tl.load(cb + 9 * sk + 1 * sc, mask=m, other=0.0)
+        acc_b += bk * tl.load(cb + 9 * sk + 2 * sc, mask=m, other=0.0)
+        bk = 2.890611442640554 * x * y * z
+        acc_r += bk * tl.load(cb + 10 * sk + 0 * sc, mask=m, other=0.0)
+        acc_g += bk * tl.load(cb + 10 * sk + 1 * sc, mask=m, other=0.0)
+        acc_b += bk * tl.load(cb + 10 * sk + 2 * sc, mask=m, other=0.0)
+        bk = -0.4570457994644658 * y * (4.0 * zz - xx - yy)
+        acc_r += bk * tl.load(cb + 11 * sk + 0 * sc, mask=m, other=0.0)
+        acc_g += bk * tl.load(cb + 11 * sk + 1 * sc, mask=m, other=0.0)
+        acc_b += bk * tl.load(cb + 11 * sk + 2 * sc, mask=m, other=0.0)
+        bk = 0.3731763325901154 * z * (2.0 * zz - 3.0 * xx - 3.0 * yy)
+        acc_r += bk * tl.load(cb + 12 * sk + 0 * sc, mask=m, other=0.0)
+        acc_g += bk * tl.load(cb + 12 * sk + 1 * sc, mask=m, other=0.0)
+        acc_b += bk * tl.load(cb + 12 * sk + 2 * sc, mask=m, other=0.0)
+        bk = -0.4570457994644658 * x * (4.0 * zz - xx - yy)
+        acc_r += bk * tl.load(cb + 13 * sk + 0 * sc, mask=m, other=0.0)
+        acc_g += bk * tl.load(cb + 13 * sk + 1 * sc, mask=m, other=0.0)
+        acc_b += bk * tl.load(cb + 13 * sk + 2 * sc, mask=m, other=0.0)
+        bk = 1.445305721320277 * z * (xx - yy)
+        acc_r += bk * tl.load(cb + 14 * sk + 0 * sc, mask=m, other=0.0)
+        acc_g += bk * tl.load(cb + 14 * sk + 1 * sc, mask=m, other=0.0)
+        acc_b += bk * tl.load(cb + 14 * sk + 2 * sc, mask=m, other=0.0)
+        bk = -0.5900435899266435 * x * (xx - 3.0 * yy)
+        acc_r += bk * tl.load(cb + 15 * sk + 0 * sc, mask=m, other=0.0)
+        acc_g += bk * tl.load(cb + 15 * sk + 1 * sc, mask=m, other=0.0)
+        acc_b += bk * tl.load(cb + 15 * sk + 2 * sc, mask=m, other=0.0)
+    tl.store(out_ptr + g * 3 + 0, tl.maximum(acc_r + 0.5, 0.0), mask=m)
+    tl.store(out_ptr + g * 3 + 1, tl.maximum(acc_g + 0.5, 0.0), mask=m)
+    tl.store(out_ptr + g * 3 + 2, tl.maximum(acc_b + 0.5, 0.0), mask=m)
+
+
+@triton.jit
+def _sh_bwd_kernel(coef_ptr, sb, sn, sk, sc, means_ptr, view_ptr, col_ptr, gcol_ptr, gcoef_ptr, gmeans_ptr, G, N, K,
+                   DEG: tl.constexpr, BLOCK: tl.constexpr):
+    """Gradients of _sh_fwd_kernel: to the coefficients ([G,K,3], the first (DEG+1)^2 written)
+    and to the means through the view direction."""
+    g = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    m = g < G
+    x, y, z, nrm = _sh_dirs(means_ptr, view_ptr, g, m, N)
+    xx = x * x
+    yy = y * y
+    zz = z * z
+    cb = coef_ptr + (g // N).to(tl.int64) * sb + (g % N).to(tl.int64) * sn
+    # the clamp at 0 passes the gradient where the colour is > 0 (torch also at exactly 0: measure zero)
+    gr = tl.load(gcol_ptr + g * 3 + 0, mask=m, other=0.0)
+    gg = tl.load(gcol_ptr + g * 3 + 1, mask=m, other=0.0)
+    gb = tl.load(gcol_ptr + g * 3 + 2, mask=m, other=0.0)
+    gr = tl.where(tl.load(col_ptr + g * 3 + 0, mask=m, other=0.0) > 0, gr, 0.0)
+    gg = tl.where(tl.load(col_ptr + g * 3 + 1, mask=m, other=0.0) > 0, gg, 0.0)
+    gb = tl.where(tl.load(col_ptr + g * 3 + 2, mask=m, other=0.0) > 0, gb, 0.0)
+    gx = tl.zeros([BLOCK], dtype=tl.float32)
+    gy = tl.zeros([BLOCK], dtype=tl.float32)
+    gz = tl.zeros([BLOCK], dtype=tl.float32)
+    bk = 0.28209479177387814
+    s = (tl.load(cb + 0 * sk, mask=m, other=0.0) * gr + tl.load(cb + 0 * sk + sc, mask=m, other=0.0) * gg
+         + tl.load(cb + 0 * sk + 2 * sc, mask=m, other=0.0) * gb)
+    tl.store(gcoef_ptr + g * (K * 3) + 0, bk * gr, mask=m)
+    tl.store(gcoef_ptr + g * (K * 3) + 1, bk * gg, mask=m)
+    tl.store(gcoef_ptr + g * (K * 3) + 2, bk * gb, mask=m)
+    if DEG >= 1:
+        bk = -0.4886025119029199 * y
+        s = (tl.load(cb + 1 * sk, mask=m, other=0.0) * gr + tl.load(cb + 1 * sk + sc, mask=m, other=0.0) * gg
+             + tl.load(cb + 1 * sk + 2 * sc, mask=m, other=0.0) * gb)
+        tl.store(gcoef_ptr + g * (K * 3) + 3, bk * gr, mask=m)
+        tl.store(gcoef_ptr + g * (K * 3) + 4, bk * gg, mask=m)
+        tl.store(gcoef_ptr + g * (K * 3) + 5, bk * gb, mask=m)
+        gy += s * (-0.4886025119029199)
+        bk = 0.4886025119029199 * z
+        s = (tl.load(cb + 2 * sk, mask=m, other=0.0) * gr + tl.load(cb + 2 * sk + sc, mask=m, other=0.0) * gg
+             + tl.load(cb + 2 * sk + 2 * sc, mask=m, other=0.0) * gb)
+        tl.store(gcoef_ptr + g * (K * 3) + 6, bk * gr, mask=m)
+        tl.store(gcoef_ptr + g * (K * 3) + 7, bk * gg, mask=m)
+        tl.store(gcoef_ptr + g * (K * 3) + 8, bk * gb, mask=m)
+        gz += s * (0.4886025119029199)
+        bk = -0.4886025119029199 * x
+        s = (tl.load(cb + 3 * sk, mask=m, other=0.0) * gr + tl.load(cb + 3 * sk + sc, mask=m, other=0.0) * gg
+             + tl.load(cb + 3 * sk + 2 * sc, mask=m, other=0.0) * gb)
+        tl.store(gcoef_ptr + g * (K * 3) + 9, bk * gr, mask=m)
+        tl.store(gcoef_ptr + g * (K * 3) + 10, bk * gg, mask=m)
+        tl.store(gcoef_ptr + g * (K * 3) + 11, bk * gb, mask=m)
+        gx += s * (-0.4886025119029199)
+    if DEG >= 2:
+        bk = 1.0925484305920792 * x * y
+        s = (tl.load(cb + 4 * sk, mask=m, other=0.0) * gr + tl.load(cb + 4 * sk + sc, mask=m, other=0.0) * gg
+             + tl.load(cb + 4 * sk + 2 * sc, mask=m, other=0.0) * gb)
+        tl.store(gcoef_ptr + g * (K * 3) + 12, bk * gr, mask=m)
+        tl.store(gcoef_ptr + g * (K * 3) + 13, bk * gg, mask=m)
+        tl.store(gcoef_ptr + g * (K * 3) + 14, bk * gb, mask=m)
+        gx += s * (1.0925484305920792 * y)
+        gy += s * (1.0925484305920792 * x)
+        bk = -1.0925484305920792 * y * z
+        s = (tl.load(cb + 5 * sk, mask=m, other=0.0) * gr + tl.load(cb + 5 * sk + sc, mask=m, other=0.0) * gg
+             + tl.load(cb + 5 * sk + 2 * sc, mask=m, other=0.0) * gb)
+        tl.store(gcoef_ptr + g * (K * 3) + 15, bk * gr, mask=m)
+        tl.store(gcoef_ptr + g * (K * 3) + 16, bk * gg, mask=m)
+        tl.store(gcoef_ptr + g * (K * 3) + 17, bk * gb, mask=m)
+        gy += s * (-1.0925484305920792 * z)
+        gz += s * (-1.0925484305920792 * y)
+        bk = 0.31539156525252005 * (2.0 * zz - xx - yy)
+        s = (tl.load(cb + 6 * sk, mask=m, other=0.0) * gr + tl.load(cb + 6 * sk + sc, mask=m, other=0.0) * gg
+             + tl.load(cb + 6 * sk + 2 * sc, mask=m, other=0.0) * gb)
+        tl.store(gcoef_ptr + g * (K * 3) + 18, bk * gr, mask=m)
+        tl.store(gcoef_ptr + g * (K * 3) + 19, bk * gg, mask=m)
+        tl.store(gcoef_ptr + g * (K * 3) + 20, bk * gb, mask=m)
+        gx += s * (-2.0 * 0.31539156525252005 * x)
+        gy += s * (-2.0 * 0.31539156525252005 * y)
+        gz += s * (4.0 * 0.31539156525252005 * z)
+        bk = -1.0925484305920792 * x * z
+        s = (tl.load(cb + 7 * sk, mask=m, other=0.0) * gr + tl.load(cb + 7 * sk + sc, mask=m, other=0.0) * gg
+             + tl.load(cb + 7 * sk + 2 * sc, mask=m, other=0.0) * gb)
+        tl.store(gcoef_ptr + g * (K * 3) + 21, bk * gr, mask=m)
+        tl.store(gcoef_ptr + g * (K * 3) + 22, bk * gg, mask=m)
+        tl.store(gcoef_ptr + g * (K * 3) + 23, bk * gb, mask=m)
+        gx += s * (-1.0925484305920792 * z)
+        gz += s * (-1.0925484305920792 * x)
+        bk = 0.5462742152960396 * (xx - yy)
+        s = (tl.load(cb + 8 * sk, mask=m, other=0.0) * gr + tl.load(cb + 8 * sk + sc, mask=m, other=0.0) * gg
+             + tl.load(cb + 8 * sk + 2 * sc, mask=m, other=0.0) * gb)
+        tl.store(gcoef_ptr + g * (K * 3) + 24, bk * gr, mask=m)
+        tl.store(gcoef_ptr + g * (K * 3) + 25, bk * gg, mask=m)
+        tl.store(gcoef_ptr + g * (K * 3) + 26, bk * gb, mask=m)
+        gx += s * (2.0 * 0.5462742152960396 * x)
+        gy += s * (-2.0 * 0.5462742152960396 * y)
+    if DEG >= 3:
+        bk = -0.5900435899266435 * y * (3.0 * xx - yy)
+        s = (tl.load(cb + 9 * sk, mask=m, other=0.0) * gr + tl.load(cb + 9 * sk + sc, mask=m, other=0.0) * gg
+             + tl.load(cb + 9 * sk + 2 * sc, mask=m, other=0.0) * gb)
+        tl.store(gcoef_ptr + g * (K * 3) + 27, bk * gr, mask=m)
+        tl.store(gcoef_ptr + g * (K * 3) + 28, bk * gg, mask=m)
+        tl.store(gcoef_ptr + g * (K * 3) + 29, bk * gb, mask=m)
+        gx += s * (6.0 * -0.5900435899266435 * x * y)
+        gy += s * (-0.5900435899266435 * (3.0 * xx - 3.0 * yy))
+        bk = 2.890611442640554 * x * y * z
+        s = (tl.load(cb + 10 * sk, mask=m, other=0.0) * gr + tl.load(cb + 10 * sk + sc, mask=m, other=0.0) * gg
+             + tl.load(cb + 10 * sk + 2 * sc, mask=m, other=0.0) * gb)
+        tl.store(gcoef_ptr + g * (K * 3) + 30, bk * gr, mask=m)
+        tl.store(gcoef_ptr + g * (K * 3) + 31, bk * gg, mask=m)
+        tl.store(gcoef_ptr + g * (K * 3) + 32, bk * gb, mask=m)
+        gx += s * (2.890611442640554 * y * z)
+        gy += s * (2.890611442640554 * x * z)
+        gz += s * (2.890611442640554 * x * y)
+        bk = -0.4570457994644658 * y * (4.0 * zz - xx - yy)
+        s = (tl.load(cb + 11 * sk, mask=m, other=0.0) * gr + tl.load(cb + 11 * sk + sc, mask=m, other=0.0) * gg
+             + tl.load(cb + 11 * sk + 2 * sc, mask=m, other=0.0) * gb)
+        tl.store(gcoef_ptr + g * (K * 3) + 33, bk * gr, mask=m)
+        tl.store(gcoef_ptr + g * (K * 3) + 34, bk * gg, mask=m)
+        tl.store(gcoef_ptr + g * (K * 3) + 35, bk * gb, mask=m)
+        gx += s * (-2.0 * -0.4570457994644658 * x * y)
+        gy += s * (-0.4570457994644658 * (4.0 * zz - xx - 3.0 * yy))
+        gz += s * (8.0 * -0.4570457994644658 * y * z)
+        bk = 0.3731763325901154 * z * (2.0 * zz - 3.0 * xx - 3.0 * yy)
+        s = (tl.load(cb + 12 * sk, mask=m, other=0.0) * gr + tl.load(cb + 12 * sk + sc, mask=m, other=0.0) * gg
+             + tl.load(cb + 12 * sk + 2 * sc, mask=m, other=0.0) * gb)
+        tl.store(gcoef_ptr + g * (K * 3) + 36, bk * gr, mask=m)
+        tl.store(gcoef_ptr + g * (K * 3) + 37, bk * gg, mask=m)
+        tl.store(gcoef_ptr + g * (K * 3) + 38, bk * gb, mask=m)
+        gx += s * (-6.0 * 0.3731763325901154 * x * z)
+        gy += s * (-6.0 * 0.3731763325901154 * y * z)
+        gz += s * (0.3731763325901154 * (6.0 * zz - 3.0 * xx - 3.0 * yy))
+        bk = -0.4570457994644658 * x * (4.0 * zz - xx - yy)
+        s = (tl.load(cb + 13 * sk, mask=m, other=0.0) * gr + tl.load(cb + 13 * sk + sc, mask=m, other=0.0) * gg
+             + tl.load(cb + 13 * sk + 2 * sc, mask=m, other=0.0) * gb)
+        tl.store(gcoef_ptr + g * (K * 3) + 39, bk * gr, mask=m)
+        tl.store(gcoef_ptr + g * (K * 3) + 40, bk * gg, mask=m)
+        tl.store(gcoef_ptr + g * (K * 3) + 41, bk * gb, mask=m)
+        gx += s * (-0.4570457994644658 * (4.0 * zz - 3.0 * xx - yy))
+        gy += s * (-2.0 * -0.4570457994644658 * x * y)
+        gz += s * (8.0 * -0.4570457994644658 * x * z)
+        bk = 1.445305721320277 * z * (xx - yy)
+        s = (tl.load(cb + 14 * sk, mask=m, other=0.0) * gr + tl.load(cb + 14 * sk + sc, mask=m, other=0.0) * gg
+             + tl.load(cb + 14 * sk + 2 * sc, mask=m, other=0.0) * gb)
+        tl.store(gcoef_ptr + g * (K * 3) + 42, bk * gr, mask=m)
+        tl.store(gcoef_ptr + g * (K * 3) + 43, bk * gg, mask=m)
+        tl.store(gcoef_ptr + g * (K * 3) + 44, bk * gb, mask=m)
+        gx += s * (2.0 * 1.445305721320277 * x * z)
+        gy += s * (-2.0 * 1.445305721320277 * y * z)
+        gz += s * (1.445305721320277 * (xx - yy))
+        bk = -0.5900435899266435 * x * (xx - 3.0 * yy)
+        s = (tl.load(cb + 15 * sk, mask=m, other=0.0) * gr + tl.load(cb + 15 * sk + sc, mask=m, other=0.0) * gg
+             + tl.load(cb + 15 * sk + 2 * sc, mask=m, other=0.0) * gb)
+        tl.store(gcoef_ptr + g * (K * 3) + 45, bk * gr, mask=m)
+        tl.store(gcoef_ptr + g * (K * 3) + 46, bk * gg, mask=m)
+        tl.store(gcoef_ptr + g * (K * 3) + 47, bk * gb, mask=m)
+        gx += s * (-0.5900435899266435 * (3.0 * xx - 3.0 * yy))
+        gy += s * (-6.0 * -0.5900435899266435 * x * y)
+    # through the normalisation dir = v / |v|
+    dot = gx * x + gy * y + gz * z
+    tl.store(gmeans_ptr + g * 3 + 0, (gx - x * dot) / nrm, mask=m)
+    tl.store(gmeans_ptr + g * 3 + 1, (gy - y * dot) / nrm, mask=m)
+    tl.store(gmeans_ptr + g * 3 + 2, (gz - z * dot) / nrm, mask=m)
+
+
 # ----------------------------------------------------------------------------- capacity state
 
 
@@ -711,6 +984,35 @@ def _project_fused(means, quats, scales, opacities, viewmats, Ks, W, H, near, fa
             "ok": count > 0}
 
 
+class _SH(torch.autograd.Function):
+    """Fused SH colours (sh.py's basis): coefficients [B,N,K,3] (any strides), means [B,N,3],
+    viewmats [B,4,4] -> colours [B*N,3] = max(SH + 0.5, 0); the cameras get no gradient."""
+
+    @staticmethod
+    def forward(ctx, coeffs, means, viewmats, degree):
+        B, N, K = coeffs.shape[:3]
+        G = B * N
+        means, viewmats = means.contiguous(), viewmats.contiguous()
+        out = torch.empty(G, 3, dtype=torch.float32, device=means.device)
+        BLOCK = 128
+        _sh_fwd_kernel[(triton.cdiv(G, BLOCK),)](coeffs, *coeffs.stride(), means, viewmats, out, G, N, DEG=degree, BLOCK=BLOCK)
+        ctx.save_for_backward(coeffs, means, viewmats, out)
+        ctx.degree = degree
+        return out
+
+    @staticmethod
+    def backward(ctx, gcol):
+        coeffs, means, viewmats, out = ctx.saved_tensors
+        B, N, K = coeffs.shape[:3]
+        G = B * N
+        gcoef = torch.zeros(B, N, K, 3, dtype=torch.float32, device=means.device)
+        gmeans = torch.empty_like(means)
+        BLOCK = 128
+        _sh_bwd_kernel[(triton.cdiv(G, BLOCK),)](coeffs, *coeffs.stride(), means, viewmats, out, gcol.contiguous(), gcoef, gmeans,
+                                                 G, N, K, DEG=ctx.degree, BLOCK=BLOCK)
+        return gcoef, gmeans, None, None
+
+
 # ----------------------------------------------------------------------------- binning
 
 
@@ -846,7 +1148,10 @@ def render_triton(means, quats, scales, opacities, colors, viewmats, Ks, width: 
     if eager:
         bins["state"].post()
 
-    cols = _candidate_colors(means, colors, viewmats, sh_degree, None, N)  # [G, D]
+    if sh_degree is not None and fused_projection and not viewmats.requires_grad:
+        cols = _SH.apply(colors, means, viewmats, int(sh_degree))  # [G, 3]
+    else:
+        cols = _candidate_colors(means, colors, viewmats, sh_degree, None, N)  # [G, D]
     D = cols.shape[1]
     DP = max(2, triton.next_power_of_2(D + 1))
     parts = [cols, proj["depth"][:, None]]
