@@ -120,7 +120,7 @@ def main():
     ap.add_argument("--frames", type=int, default=160)
     ap.add_argument("--batch-sizes", default="1,8,16,32")
     ap.add_argument("--memory-frames", default="2000")
-    ap.add_argument("--backend", default="auto", help="Gaussian rasteriser: auto (triton if importable, else gsplat), triton, gsplat")
+    ap.add_argument("--backend", default="auto", help="Gaussian rasteriser: auto (as render_gaussians: gsplat if installed, else triton), triton, gsplat")
     args = ap.parse_args()
     dev = "cpu" if args.smoke else "cuda"
     res = 64 if args.smoke else 512

@@ -7,8 +7,9 @@ Backends:
     can be captured in a CUDA graph.  On the CPU it runs only under Triton's
     interpreter (``TRITON_INTERPRET=1``), for tests.
   * ``gsplat`` -- gsplat's CUDA kernels (optional dependency, CUDA only).
-``backend="auto"`` picks triton on CUDA tensors when Triton is importable, else gsplat
-when it is, else torch.
+``backend="auto"`` on CUDA tensors picks gsplat when it is installed (measured faster
+than triton for batches of 16 and more, docs/BENCHMARKS.md), else triton when Triton is
+importable (the pip-only path: PyTorch's CUDA wheels bring it), else torch.
 
 Inputs (B = batch of frames, each with its own Gaussians and one camera):
   means     [B,N,3]  world positions (metres)
@@ -106,11 +107,12 @@ def select_backend(name: str, device: torch.device | str) -> str:
     """Resolve 'auto'/'torch'/'triton'/'gsplat' to a usable backend name, or raise UserError."""
     device = torch.device(device)
     if name == "auto":
-        # triton measured faster than gsplat on an H100 (docs/BENCHMARKS.md, issue 15)
-        if device.type == "cuda" and triton_available(device)[0]:
-            return "triton"
+        # gsplat first where a user installed it: on an H100 (docs/BENCHMARKS.md, issue 15) our
+        # Triton rasteriser matches it at batch 1 but its backward is slower at batch 16+
         if device.type == "cuda" and gsplat_available()[0]:
             return "gsplat"
+        if device.type == "cuda" and triton_available(device)[0]:
+            return "triton"
         return "torch"
     if name == "torch":
         return name

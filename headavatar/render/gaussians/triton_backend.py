@@ -1103,13 +1103,13 @@ def triton_device_ok(device) -> tuple[bool, str]:
 @register_backend("triton")
 def render_triton(means, quats, scales, opacities, colors, viewmats, Ks, width: int, height: int,
                   sh_degree: int | None = None, backgrounds=None, near: float = 0.01, far: float = 1e10,
-                  eps2d: float = 0.3, alpha_max: float = 0.99, chunk: int = 8, num_warps: int = 4, chunk_bwd: int = 4,
-                  num_warps_bwd: int = 8, fused_projection: bool = True, split_channels: bool = True, **kw) -> RenderOutput:
+                  eps2d: float = 0.3, alpha_max: float = 0.99, chunk: int = 8, num_warps: int = 4, chunk_bwd: int = 8,
+                  num_warps_bwd: int = 4, fused_projection: bool = True, split_channels: bool = True, **kw) -> RenderOutput:
     """Render B frames with the Triton tile rasteriser; same arguments as ``render_torch``.
 
     ``chunk`` (Gaussians composited per step of a tile program, a power of two) and
     ``num_warps`` (per tile program), and ``chunk_bwd``/``num_warps_bwd`` for the backward
-    pass, change speed only (defaults: no register spills on sm_90, from a sweep); ``fused_projection=False`` projects
+    pass, change speed only (defaults: the fastest of a sweep on an H100, docs/BENCHMARKS.md); ``fused_projection=False`` projects
     with plain torch ops instead of the fused kernel (same results; for checks);
     ``split_channels``: per-channel accumulators when there are 3 colour channels (speed only).
     """
