@@ -299,11 +299,11 @@ def sweep(args):
     # forward settings timed with forward-only graphs, backward settings with forward+backward
     # graphs at the default forward settings
     fwd_cfgs = [(8, 4, True), (8, 8, True), (16, 8, True), (32, 16, True), (16, 4, True), (8, 4, False)]
-    bwd_cfgs = [(4, 8), (8, 8), (4, 4), (16, 16), (8, 4), (2, 4)]
+    bwd_cfgs = [(8, 4, True), (8, 4, False), (16, 4, True), (4, 4, True), (16, 8, True), (4, 8, False)]
     for B in sorted(args.time_batches[:2], reverse=True):
         scene, bg = head_scene(B, args.time_n, args.res, args.res, 3, 1.0, 123, args.device)
         jobs = [("forward", {"chunk": c, "num_warps": nw, "split_channels": sp}) for c, nw, sp in fwd_cfgs] \
-            + [("forward_backward", {"chunk_bwd": c, "num_warps_bwd": nw}) for c, nw in bwd_cfgs]
+            + [("forward_backward", {"chunk_bwd": c, "num_warps_bwd": nw, "one_reduce": one}) for c, nw, one in bwd_cfgs]
         for label, kw in jobs:
             if time.time() - _T0 > args.budget:
                 print("[sweep] stopped: --budget reached", flush=True)

@@ -200,9 +200,16 @@ def _raster_fwd_kernel(params_ptr, feats_ptr, rect_ptr, ids_sorted_ptr, order_pt
 
 
 @triton.jit
+def _add11(a0, a1, a2, a3, a4, a5, a6, a7, a8, a9, a10, b0, b1, b2, b3, b4, b5, b6, b7, b8, b9, b10):
+    return a0 + b0, a1 + b1, a2 + b2, a3 + b3, a4 + b4, a5 + b5, a6 + b6, a7 + b7, a8 + b8, a9 + b9, a10 + b10
+
+
+@triton.jit
 def _raster_bwd_kernel(params_ptr, feats_ptr, rect_ptr, ids_sorted_ptr, order_ptr, ranges_ptr, ovf_ptr,
                        out_ptr, tfin_ptr, gout_ptr, gt_ptr, gparams_ptr, gfeats_ptr, G, N, W, H, TX, TPI, alpha_max,
-                       DP: tl.constexpr, CH: tl.constexpr, TS: tl.constexpr, SPLIT: tl.constexpr):
+                       DP: tl.constexpr, CH: tl.constexpr, TS: tl.constexpr, SPLIT: tl.constexpr,
+                       ONE_REDUCE: tl.constexpr):
+    # ONE_REDUCE (needs SPLIT): see below
     t = tl.program_id(0)
     img = t // TPI
     lt = t % TPI
@@ -262,27 +269,47 @@ def _raster_bwd_kernel(params_ptr, feats_ptr, rect_ptr, ids_sorted_ptr, order_pt
         after = total[None, :] - cs  # contributions behind each pair
         g_a = tb * v - (after + q[None, :]) / (1.0 - alpha)
         mm = tl.where(keep & (og < alpha_max), og * g_a, 0.0)  # -dL/dsigma; the clamp blocks the gradient
-        g_mx = -tl.sum(mm * (ca[:, None] * dx + cb[:, None] * dy), axis=1)
-        g_my = -tl.sum(mm * (cb[:, None] * dx + cc[:, None] * dy), axis=1)
-        g_ca = -0.5 * tl.sum(mm * dx * dx, axis=1)
-        g_cb = -tl.sum(mm * dx * dy, axis=1)
-        g_cc = -0.5 * tl.sum(mm * dy * dy, axis=1)
-        g_op = tl.sum(mm, axis=1) / tl.where(m, op, 1.0)
-        hit = m & (tl.sum(keep.to(tl.int32), axis=1) > 0)
-        tl.atomic_add(gparams_ptr + 0 * G + gid, g_mx, mask=hit)
-        tl.atomic_add(gparams_ptr + 1 * G + gid, g_my, mask=hit)
-        tl.atomic_add(gparams_ptr + 2 * G + gid, g_ca, mask=hit)
-        tl.atomic_add(gparams_ptr + 3 * G + gid, g_cb, mask=hit)
-        tl.atomic_add(gparams_ptr + 4 * G + gid, g_cc, mask=hit)
-        tl.atomic_add(gparams_ptr + 5 * G + gid, g_op, mask=hit)
-        if SPLIT:
-            tl.atomic_add(gfeats_ptr + gid * 4 + 0, tl.sum(w * g0[None, :], axis=1), mask=hit)
-            tl.atomic_add(gfeats_ptr + gid * 4 + 1, tl.sum(w * g1[None, :], axis=1), mask=hit)
-            tl.atomic_add(gfeats_ptr + gid * 4 + 2, tl.sum(w * g2[None, :], axis=1), mask=hit)
-            tl.atomic_add(gfeats_ptr + gid * 4 + 3, tl.sum(w * g3[None, :], axis=1), mask=hit)
+        if ONE_REDUCE:
+            # all per-Gaussian sums over the tile's pixels in one multi-operand reduction
+            # (one round of shuffles and barriers instead of eleven)
+            r_mx, r_my, r_ca, r_cb, r_cc, r_m, r_f0, r_f1, r_f2, r_f3, r_hit = tl.reduce(
+                (mm * (ca[:, None] * dx + cb[:, None] * dy), mm * (cb[:, None] * dx + cc[:, None] * dy),
+                 mm * dx * dx, mm * dx * dy, mm * dy * dy, mm,
+                 w * g0[None, :], w * g1[None, :], w * g2[None, :], w * g3[None, :], keep.to(tl.float32)),
+                axis=1, combine_fn=_add11)
+            hit = m & (r_hit > 0)
+            tl.atomic_add(gparams_ptr + 0 * G + gid, -r_mx, mask=hit)
+            tl.atomic_add(gparams_ptr + 1 * G + gid, -r_my, mask=hit)
+            tl.atomic_add(gparams_ptr + 2 * G + gid, -0.5 * r_ca, mask=hit)
+            tl.atomic_add(gparams_ptr + 3 * G + gid, -r_cb, mask=hit)
+            tl.atomic_add(gparams_ptr + 4 * G + gid, -0.5 * r_cc, mask=hit)
+            tl.atomic_add(gparams_ptr + 5 * G + gid, r_m / tl.where(m, op, 1.0), mask=hit)
+            tl.atomic_add(gfeats_ptr + gid * 4 + 0, r_f0, mask=hit)
+            tl.atomic_add(gfeats_ptr + gid * 4 + 1, r_f1, mask=hit)
+            tl.atomic_add(gfeats_ptr + gid * 4 + 2, r_f2, mask=hit)
+            tl.atomic_add(gfeats_ptr + gid * 4 + 3, r_f3, mask=hit)
         else:
-            g_feat = tl.sum(w[:, :, None] * gpix[None, :, :], axis=1)  # [CH, DP]
-            tl.atomic_add(gfeats_ptr + gid[:, None] * DP + chan[None, :], g_feat, mask=hit[:, None] & (chan[None, :] < DP))
+            g_mx = -tl.sum(mm * (ca[:, None] * dx + cb[:, None] * dy), axis=1)
+            g_my = -tl.sum(mm * (cb[:, None] * dx + cc[:, None] * dy), axis=1)
+            g_ca = -0.5 * tl.sum(mm * dx * dx, axis=1)
+            g_cb = -tl.sum(mm * dx * dy, axis=1)
+            g_cc = -0.5 * tl.sum(mm * dy * dy, axis=1)
+            g_op = tl.sum(mm, axis=1) / tl.where(m, op, 1.0)
+            hit = m & (tl.sum(keep.to(tl.int32), axis=1) > 0)
+            tl.atomic_add(gparams_ptr + 0 * G + gid, g_mx, mask=hit)
+            tl.atomic_add(gparams_ptr + 1 * G + gid, g_my, mask=hit)
+            tl.atomic_add(gparams_ptr + 2 * G + gid, g_ca, mask=hit)
+            tl.atomic_add(gparams_ptr + 3 * G + gid, g_cb, mask=hit)
+            tl.atomic_add(gparams_ptr + 4 * G + gid, g_cc, mask=hit)
+            tl.atomic_add(gparams_ptr + 5 * G + gid, g_op, mask=hit)
+            if SPLIT:
+                tl.atomic_add(gfeats_ptr + gid * 4 + 0, tl.sum(w * g0[None, :], axis=1), mask=hit)
+                tl.atomic_add(gfeats_ptr + gid * 4 + 1, tl.sum(w * g1[None, :], axis=1), mask=hit)
+                tl.atomic_add(gfeats_ptr + gid * 4 + 2, tl.sum(w * g2[None, :], axis=1), mask=hit)
+                tl.atomic_add(gfeats_ptr + gid * 4 + 3, tl.sum(w * g3[None, :], axis=1), mask=hit)
+            else:
+                g_feat = tl.sum(w[:, :, None] * gpix[None, :, :], axis=1)  # [CH, DP]
+                tl.atomic_add(gfeats_ptr + gid[:, None] * DP + chan[None, :], g_feat, mask=hit[:, None] & (chan[None, :] < DP))
         prefix += tl.sum(wv, axis=0)
         T = tl.minimum(T, tl.min(tl.where(keep, P, 2.0), axis=0))
         done = done | (tl.sum((valid & (P <= _T_MIN)).to(tl.int32), axis=0) > 0)
@@ -1070,13 +1097,13 @@ class _Raster(torch.autograd.Function):
                                  out, tfin, G, N, W, H, bins["TX"], bins["TPI"], alpha_max,
                                  DP=DP, CH=chunk, TS=TILE, SPLIT=split, num_warps=num_warps)
         ctx.save_for_backward(params, feats, bins["rect"], bins["ids"], bins["order"], bins["ranges"], bins["ovf"], out, tfin)
-        ctx.meta = (B, N, W, H, bins["TX"], bins["TPI"], alpha_max, bwd_cfg[0], bwd_cfg[1], split)
+        ctx.meta = (B, N, W, H, bins["TX"], bins["TPI"], alpha_max, bwd_cfg[0], bwd_cfg[1], split, bwd_cfg[2])
         return out, tfin
 
     @staticmethod
     def backward(ctx, g_out, g_t):
         params, feats, rect, ids, order, ranges, ovf, out, tfin = ctx.saved_tensors
-        B, N, W, H, TX, TPI, alpha_max, chunk, num_warps, split = ctx.meta
+        B, N, W, H, TX, TPI, alpha_max, chunk, num_warps, split, one_reduce = ctx.meta
         G, DP = feats.shape
         g_out = torch.zeros_like(out) if g_out is None else g_out.contiguous().float()
         g_t = torch.zeros_like(tfin) if g_t is None else g_t.contiguous().float()
@@ -1084,7 +1111,8 @@ class _Raster(torch.autograd.Function):
         gfeats = torch.zeros_like(feats)
         _raster_bwd_kernel[(B * TPI,)](params, feats, rect, ids, order, ranges, ovf, out, tfin, g_out, g_t,
                                        gparams, gfeats, G, N, W, H, TX, TPI, alpha_max,
-                                       DP=DP, CH=chunk, TS=TILE, SPLIT=split, num_warps=num_warps)
+                                       DP=DP, CH=chunk, TS=TILE, SPLIT=split, ONE_REDUCE=split and one_reduce,
+                                       num_warps=num_warps)
         return gparams, gfeats, None, None, None, None, None, None, None, None, None, None
 
 
@@ -1104,14 +1132,17 @@ def triton_device_ok(device) -> tuple[bool, str]:
 def render_triton(means, quats, scales, opacities, colors, viewmats, Ks, width: int, height: int,
                   sh_degree: int | None = None, backgrounds=None, near: float = 0.01, far: float = 1e10,
                   eps2d: float = 0.3, alpha_max: float = 0.99, chunk: int = 8, num_warps: int = 4, chunk_bwd: int = 8,
-                  num_warps_bwd: int = 4, fused_projection: bool = True, split_channels: bool = True, **kw) -> RenderOutput:
+                  num_warps_bwd: int = 4, fused_projection: bool = True, split_channels: bool = True, one_reduce: bool = False,
+                  **kw) -> RenderOutput:
     """Render B frames with the Triton tile rasteriser; same arguments as ``render_torch``.
 
     ``chunk`` (Gaussians composited per step of a tile program, a power of two) and
     ``num_warps`` (per tile program), and ``chunk_bwd``/``num_warps_bwd`` for the backward
     pass, change speed only (defaults: the fastest of a sweep on an H100, docs/BENCHMARKS.md); ``fused_projection=False`` projects
     with plain torch ops instead of the fused kernel (same results; for checks);
-    ``split_channels``: per-channel accumulators when there are 3 colour channels (speed only).
+    ``split_channels``: per-channel accumulators when there are 3 colour channels (speed only);
+    ``one_reduce``: the backward's per-Gaussian sums as one multi-operand reduction (with
+    split channels; same results; not yet timed on a GPU, hence off by default).
     """
     unknown = set(kw) - _FOREIGN_OPTIONS
     if unknown:
@@ -1159,7 +1190,7 @@ def render_triton(means, quats, scales, opacities, colors, viewmats, Ks, width: 
         parts.append(cols.new_zeros(B * N, DP - D - 1))
     feats = torch.cat(parts, 1)
     out, tfin = _Raster.apply(params, feats, bins, B, N, width, height, float(alpha_max), int(chunk), int(num_warps),
-                              bool(split_channels and DP == 4), (int(chunk_bwd), int(num_warps_bwd)))
+                              bool(split_channels and DP == 4), (int(chunk_bwd), int(num_warps_bwd), bool(one_reduce)))
     out = out.view(B, height, width, DP)
     alpha = (1.0 - tfin).view(B, height, width, 1)
     rgb = out[..., :D]
