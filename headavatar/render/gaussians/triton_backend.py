@@ -8,8 +8,10 @@ would bring its transmittance to <= 1e-4, then background and expected depth.
 
 Pipeline, all on the device and without a host synchronisation, so that a
 whole frame (forward and backward) can be captured in a CUDA graph:
-  1. projection, SH colours and culling per Gaussian: plain torch ops (autograd
-     gives their backward); culled Gaussians are masked, never compacted.
+  1. projection, culling and SH colours per Gaussian: two fused Triton kernels
+     with hand-written backward kernels (cameras get no gradient there; when
+     they need one, plain torch ops and autograd are used instead); culled
+     Gaussians are masked, never compacted.
   2. binning: Gaussians are sorted by depth within each image ([B,N] sort),
      every Gaussian writes one (tile, Gaussian) pair per 16x16 tile its box
      touches into a buffer of fixed capacity, and a stable sort by tile id then
@@ -31,8 +33,11 @@ binning raises a device-side flag and the tile programs then walk every
 Gaussian of their image in depth order instead of their tile list (correct,
 only slower).  The largest need seen is kept on the device; eager calls check
 it asynchronously (pinned copy + event, no sync) and grow the buffer for the
-next call, and ``check_overflow()`` does it explicitly, off the hot path, for
-callers that replay captured graphs (re-capture after it returns True).
+next call; callers that replay captured graphs call ``watch_overflow()`` (the
+same, non-blocking) or ``check_overflow()`` (one sync) off the hot path and
+re-capture when ``generation()`` changes (FlashAvatarAvatar.render does).
+
+Speed on an H100 and the targets it meets or misses: docs/BENCHMARKS.md.
 """
 
 from __future__ import annotations
