@@ -53,8 +53,8 @@ def timeit(fn, n: int, warmup: int = 5) -> float:
     return (time.perf_counter() - t) / n * 1e3
 
 
-def avatar_parity(av, idx, smoke: bool) -> dict:
-    """The trained avatar's frames through gsplat and the torch reference: image and gradient agreement."""
+def avatar_parity(av, idx, smoke: bool, fast: str = "gsplat") -> dict:
+    """The trained avatar's frames through the fast backend and the torch reference: image and gradient agreement."""
     from headavatar.render.gaussians import render_gaussians
 
     tr = av.subject.tracking.on_device(av.device)
@@ -65,7 +65,7 @@ def avatar_parity(av, idx, smoke: bool) -> dict:
     deg = av.cfg.sh_degree
     res = {}
     grads = {}
-    for key, be in (("ref", "torch"), ("fast", "gsplat" if not smoke else "torch")):
+    for key, be in (("ref", "torch"), ("fast", fast if not smoke else "torch")):
         leaves = {k: v.detach().clone().requires_grad_(True) for k, v in g.items()}
         bg = av.background.view(1, 3).expand(len(idx), 3)
         out = render_gaussians(leaves["means"], leaves["quats"], leaves["scales"], leaves["opacities"], leaves["colors"][:, :, : (deg + 1) ** 2],
@@ -120,6 +120,7 @@ def main():
     ap.add_argument("--frames", type=int, default=160)
     ap.add_argument("--batch-sizes", default="1,8,16,32")
     ap.add_argument("--memory-frames", default="2000")
+    ap.add_argument("--backend", default="auto", help="Gaussian rasteriser: auto (as render_gaussians: gsplat if installed, else triton), triton, gsplat")
     args = ap.parse_args()
     dev = "cpu" if args.smoke else "cuda"
     res = 64 if args.smoke else 512
@@ -130,7 +131,13 @@ def main():
     out = {"device": torch.cuda.get_device_name() if dev == "cuda" else "cpu", "torch": torch.__version__,
            "date": time.strftime("%Y-%m-%d"), "resolution": res}
     paper = {} if not args.smoke else {"uv_resolution": 32, "mlp_width": 32}
-    backend = "torch" if args.smoke else "gsplat"
+    if args.smoke:
+        backend = "torch"
+    else:
+        from headavatar.render.gaussians import select_backend
+
+        backend = select_backend(args.backend, "cuda")
+    out["backend"] = backend
 
     def save():
         Path(args.out).write_text(json.dumps(out, indent=1))
@@ -142,11 +149,11 @@ def main():
     out["synthetic_seconds"] = time.perf_counter() - t
     print(f"synthetic subject: {out['synthetic_seconds']:.1f} s", flush=True)
 
-    # warm-up: compiles gsplat's kernels on first use
+    # warm-up: compiles gsplat's (or Triton's) kernels on first use
     t = time.perf_counter()
     train_method("flashavatar", subj_dir, work / "warm", {"iterations": 3, "device": dev, "backend": backend, "lpips_weight": 0.0, **paper}, progress=False)
     out["warmup_seconds"] = time.perf_counter() - t
-    print(f"warm-up (incl. gsplat JIT): {out['warmup_seconds']:.1f} s", flush=True)
+    print(f"warm-up (incl. {backend} JIT): {out['warmup_seconds']:.1f} s", flush=True)
     save()
 
     # 2. time-to-quality
@@ -166,8 +173,9 @@ def main():
 
     # 3. render FPS (head model + MLP + rasterisation), CUDA graphs on (the default) and off
     av = load_avatar(work / "ttq", dev)
-    out["avatar_parity"] = avatar_parity(av, torch.arange(2, device=av.device) + av.subject.split["test"][0], args.smoke)
-    print(f"avatar parity (gsplat vs torch): {out['avatar_parity']}", flush=True)
+    av.backend = backend
+    out["avatar_parity"] = avatar_parity(av, torch.arange(2, device=av.device) + av.subject.split["test"][0], args.smoke, backend)
+    print(f"avatar parity ({backend} vs torch): {out['avatar_parity']}", flush=True)
     save()
     tr = av.subject.tracking.on_device(av.device)
     H, W = av.size
@@ -188,7 +196,10 @@ def main():
     # where the time goes, per batch size (each part timed alone, ms per call)
     m = av.model
     parts = {}
-    import gsplat_probe  # noqa: F401  (benchmarks/gsplat_probe.py: raw gsplat call with no wrapper)
+    from headavatar.render.gaussians import gsplat_available
+
+    if gsplat_available()[0]:
+        import gsplat_probe  # noqa: F401  (benchmarks/gsplat_probe.py: raw gsplat call with no wrapper)
     for B in (1, 16) if not args.smoke else (1,):
         idx = torch.arange(B, device=av.device)
         params, cams = tr.params(idx), tr.cameras(idx, av.subject.height, av.subject.width).resized(H, W)
@@ -208,10 +219,10 @@ def main():
                 "gaussians_graphed": lambda: av._graphed(params, cams.viewmats),
                 "raster_gsplat_raw": lambda: gsplat_probe.raw(g, cams, bg, av.cfg.sh_degree),
                 "raster_gsplat_raw_rgb_only": lambda: gsplat_probe.raw(g, cams, bg, None),
-                "raster_wrapper": lambda: m.render(g, cams, av.background, av.cfg.sh_degree, "gsplat" if not args.smoke else "torch"),
+                "raster_wrapper": lambda: m.render(g, cams, av.background, av.cfg.sh_degree, backend),
                 "full_render_graphed": lambda: av.render(params, cams),
             }
-            if args.smoke:
+            if args.smoke or not gsplat_available()[0]:
                 p = {k: v for k, v in p.items() if "gsplat" not in k}
             parts[B] = {k: timeit(fn, 100 if not args.smoke else 2) for k, fn in p.items()}
         print(f"batch {B} breakdown ms: " + ", ".join(f"{k} {v:.3f}" for k, v in parts[B].items()), flush=True)
@@ -241,7 +252,7 @@ def main():
             mark()
             g = m.gaussians(cond, verts)
             mark()
-            pred = m.render(g, cams, av.background, av.cfg.sh_degree, "gsplat" if not args.smoke else "torch").rgb
+            pred = m.render(g, cams, av.background, av.cfg.sh_degree, backend).rgb
             mark()
             loss = huber(pred, gt, 0.1)
             opt.zero_grad(set_to_none=True)

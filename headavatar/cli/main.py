@@ -19,7 +19,7 @@ def _add_common_train(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resolution", type=int, help="image size for training (long side, pixels); default: the subject's")
     p.add_argument("--batch-size", type=int, help="frames per training step")
     p.add_argument("--device", default=None, help="auto (default), cpu, cuda, cuda:N")
-    p.add_argument("--backend", default=None, help="rasterizer backend: auto (default), torch, gsplat")
+    p.add_argument("--backend", default=None, help="rasterizer backend: auto (default), torch, triton, gsplat")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override any config option (repeatable), e.g. --set lr_mlp=5e-5")
     _add_flame_dir(p)
 

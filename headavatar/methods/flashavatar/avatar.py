@@ -40,6 +40,9 @@ class FlashAvatarAvatar:
         # at batch 1 their kernel launches cost more than the work
         self.cuda_graphs = cuda_graphs
         self._graphed = CudaGraphed(self._gaussians_rgb)
+        # with the triton rasteriser (no host sync) the whole frame, rasterisation included, is one graph
+        self._graphed_frame = CudaGraphed(self._frame)
+        self._frame_generation = None
 
     def _gaussians_rgb(self, params: dict, viewmats: torch.Tensor) -> dict:
         cond, verts = self.model.frame_inputs(params)
@@ -48,12 +51,35 @@ class FlashAvatarAvatar:
         g["colors"] = sh_to_rgb(self.cfg.sh_degree, g["colors"], g["means"], viewmats)
         return g
 
+    def _frame(self, params: dict, K, R, t, background, hw: tuple) -> dict:
+        from headavatar.camera import Cameras
+
+        cams = Cameras(K, R, t, *hw)
+        g = self._gaussians_rgb(params, cams.viewmats)
+        out = self.model.render(g, cams, background, backend="triton", render_depth=False)
+        return {"rgb": out.rgb, "alpha": out.alpha}
+
+    def _render_graphed_frame(self, params: dict, cameras, bg) -> dict:
+        from headavatar.render.gaussians import triton_backend as tb
+
+        gen = tb.watch_overflow()  # a grown pair buffer (never dropped, only slower) -> capture again
+        if gen != self._frame_generation:
+            self._graphed_frame, self._frame_generation = CudaGraphed(self._frame), gen
+        out = self._graphed_frame(params, cameras.K, cameras.R, cameras.t, bg, (cameras.height, cameras.width))
+        return {k: v.clone() for k, v in out.items()}  # the graph's outputs are overwritten by the next replay
+
     @property
     def head(self):
         return self.model.head
 
     @torch.no_grad()
     def render(self, params: dict, cameras, background: torch.Tensor | None = None) -> dict:
+        if self.cuda_graphs and self.device.type == "cuda":
+            from headavatar.render.gaussians import select_backend
+
+            if select_backend(self.backend, self.device) == "triton":
+                bg = self.background if background is None else background
+                return self._render_graphed_frame(params, cameras, bg)
         g = (self._graphed if self.cuda_graphs else self._gaussians_rgb)(params, cameras.viewmats)
         return self.render_gaussians(g, cameras, background)
 

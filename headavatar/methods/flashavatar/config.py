@@ -84,7 +84,7 @@ class FlashAvatarConfig:
     eval_frames: int = 8  # held-out frames used for the in-training PSNR curve
     # --- execution
     device: str = "auto"
-    backend: str = "auto"  # Gaussian rasterizer: auto | torch | gsplat
+    backend: str = "auto"  # Gaussian rasterizer: auto | torch | triton | gsplat
     num_workers: int = 0  # data-loading worker processes (0 = in the training process)
     cache_mb: int = 512  # decoded uint8 frames kept in host memory
     # training frames kept on the accelerator as uint8 when they all fit in this budget (no loader in

@@ -2,8 +2,14 @@
 
 Backends:
   * ``torch``  -- pure PyTorch (CPU and CUDA, autograd); the reference.
+  * ``triton`` -- our tile rasteriser in Triton (CUDA; Triton ships with PyTorch's CUDA
+    wheels and compiles at run time, no nvcc); no host synchronisation, so a frame
+    can be captured in a CUDA graph.  On the CPU it runs only under Triton's
+    interpreter (``TRITON_INTERPRET=1``), for tests.
   * ``gsplat`` -- gsplat's CUDA kernels (optional dependency, CUDA only).
-``backend="auto"`` picks gsplat on CUDA tensors when it is importable, else torch.
+``backend="auto"`` on CUDA tensors picks gsplat when it is installed (measured faster
+than triton for batches of 16 and more, docs/BENCHMARKS.md), else triton when Triton is
+importable (the pip-only path: PyTorch's CUDA wheels bring it), else torch.
 
 Inputs (B = batch of frames, each with its own Gaussians and one camera):
   means     [B,N,3]  world positions (metres)
@@ -30,6 +36,7 @@ Semantics shared by all backends (they are checked against each other):
 
 from __future__ import annotations
 
+import os
 from typing import Callable
 
 import torch
@@ -81,14 +88,38 @@ def gsplat_available() -> tuple[bool, str]:
     return True, "ok"
 
 
+def triton_available(device: torch.device | str = "cuda") -> tuple[bool, str]:
+    """(available, reason) for the triton backend on ``device`` (CPU: interpreter only)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            return False, "no CUDA device"
+    elif os.environ.get("TRITON_INTERPRET", "0") != "1":
+        return False, "the triton backend needs a CUDA device (or TRITON_INTERPRET=1 for slow CPU checks)"
+    try:
+        import triton  # noqa: F401
+    except Exception as e:
+        return False, f"triton is not importable ({type(e).__name__}: {e}); it comes with PyTorch's CUDA wheels"
+    return True, "ok"
+
+
 def select_backend(name: str, device: torch.device | str) -> str:
-    """Resolve 'auto'/'torch'/'gsplat' to a usable backend name, or raise UserError."""
+    """Resolve 'auto'/'torch'/'triton'/'gsplat' to a usable backend name, or raise UserError."""
     device = torch.device(device)
     if name == "auto":
+        # gsplat first where a user installed it: on an H100 (docs/BENCHMARKS.md, issue 15) our
+        # Triton rasteriser matches it at batch 1 but its backward is slower at batch 16+
         if device.type == "cuda" and gsplat_available()[0]:
             return "gsplat"
+        if device.type == "cuda" and triton_available(device)[0]:
+            return "triton"
         return "torch"
     if name == "torch":
+        return name
+    if name == "triton":
+        ok, why = triton_available(device)
+        if not ok:
+            raise UserError(f"--backend triton unavailable: {why}; use --backend torch (or auto)")
         return name
     if name == "gsplat":
         if device.type != "cuda":
@@ -97,7 +128,7 @@ def select_backend(name: str, device: torch.device | str) -> str:
         if not ok:
             raise UserError(f"--backend gsplat unavailable: {why}")
         return name
-    raise UserError(f"unknown Gaussian backend '{name}'; choose auto, torch or gsplat")
+    raise UserError(f"unknown Gaussian backend '{name}'; choose auto, torch, triton or gsplat")
 
 
 def render_gaussians(means, quats, scales, opacities, colors, viewmats, Ks, width: int, height: int,
@@ -112,4 +143,5 @@ def _load(name: str) -> None:
     if name not in _BACKENDS:
         import importlib
 
-        importlib.import_module({"torch": "headavatar.render.gaussians.torch_ref", "gsplat": "headavatar.render.gaussians.gsplat_backend"}[name])
+        importlib.import_module({"torch": "headavatar.render.gaussians.torch_ref", "gsplat": "headavatar.render.gaussians.gsplat_backend",
+                                 "triton": "headavatar.render.gaussians.triton_backend"}[name])

@@ -1,0 +1,1206 @@
+"""The ``triton`` backend: a tile rasteriser of our own in Triton (CUDA; CPU through Triton's interpreter).
+
+Same contract and conventions as the torch reference (``torch_ref``): EWA
+projection with gsplat's clamped Jacobian and a 0.3 px^2 low-pass, near/far
+culling, the opacity-aware bounding box, alpha = min(alpha_max, o exp(-sigma)),
+pairs with alpha < 1/255 skipped, a pixel stops at the first contribution that
+would bring its transmittance to <= 1e-4, then background and expected depth.
+
+Pipeline, all on the device and without a host synchronisation, so that a
+whole frame (forward and backward) can be captured in a CUDA graph:
+  1. projection, culling and SH colours per Gaussian: two fused Triton kernels
+     with hand-written backward kernels (cameras get no gradient there; when
+     they need one, plain torch ops and autograd are used instead); culled
+     Gaussians are masked, never compacted.
+  2. binning: Gaussians are sorted by depth within each image ([B,N] sort),
+     every Gaussian writes one (tile, Gaussian) pair per 16x16 tile its box
+     touches into a buffer of fixed capacity, and a stable sort by tile id then
+     leaves each tile's list contiguous and front to back.  Tile ranges come
+     from a searchsorted over the fixed-size buffer.
+  3. one Triton program per tile composites its Gaussians front to back in
+     chunks (transmittance by a cumulative product inside a chunk), stopping
+     when all its pixels have.
+  4. backward: the same traversal front to back again; the sum of the
+     contributions behind a pair is the pixel's total (known from the forward
+     output) minus a running prefix, so no back-to-front pass or per-pixel list
+     is needed.  Gradients to the 2D means, conics, opacities and features are
+     reduced over the tile's pixels and added atomically per Gaussian.
+
+Capacity and overflow: the pair buffer's capacity is sized from the scene on
+first use of each (B, N, W, H) (one host read, outside any graph capture) with
+a margin.  When a later frame needs more pairs, nothing is dropped: the
+binning raises a device-side flag and the tile programs then walk every
+Gaussian of their image in depth order instead of their tile list (correct,
+only slower).  The largest need seen is kept on the device; eager calls check
+it asynchronously (pinned copy + event, no sync) and grow the buffer for the
+next call; callers that replay captured graphs call ``watch_overflow()`` (the
+same, non-blocking) or ``check_overflow()`` (one sync) off the hot path and
+re-capture when ``generation()`` changes (FlashAvatarAvatar.render does).
+
+Speed on an H100 and the targets it meets or misses: docs/BENCHMARKS.md.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from headavatar.errors import UserError
+from headavatar.render.gaussians import RenderOutput, register_backend
+from headavatar.render.gaussians.torch_ref import _EXTEND_MAX, ALPHA_THRESHOLD, T_MIN, _candidate_colors, _check_inputs
+from headavatar.utils.rotations import quaternion_to_matrix
+
+TILE = 16
+_INT32_MAX = tl.constexpr(2**31 - 1)  # kernels may only read constexpr globals
+_T_MIN = tl.constexpr(T_MIN)
+# pair capacity = need * margin (+ slack) when sized from a scene; grown the same way on overflow
+_CAPACITY_MARGIN = 1.5
+_CAPACITY_SLACK = 4096
+# options of other backends that this one accepts and ignores
+_FOREIGN_OPTIONS = frozenset({"max_pairs", "render_depth", "tile_size", "packed", "absgrad", "sparse_grad",
+                              "rasterize_mode", "channel_chunk"})
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+# ----------------------------------------------------------------------------- kernels
+
+
+@triton.jit
+def _emit_pairs_kernel(incl_ptr, order_ptr, rect_ptr, keys_ptr, gids_ptr, cap, G, N, TX, TPI,
+                       LOG_G: tl.constexpr, BLOCK: tl.constexpr):
+    """Pair p -> (tile key, Gaussian id); p >= total gets key INT32_MAX (sorts last)."""
+    p = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    inb = p < cap
+    total = tl.load(incl_ptr + G - 1)
+    live = inb & (p < total)
+    # j = first index with incl[j] > p (binary search over the inclusive prefix sums)
+    lo = tl.zeros([BLOCK], dtype=tl.int32)
+    hi = tl.zeros([BLOCK], dtype=tl.int32) + G
+    for _ in tl.static_range(LOG_G):
+        mid = (lo + hi) // 2
+        v = tl.load(incl_ptr + mid, mask=live & (mid < G), other=0)
+        go_right = v <= p
+        active = live & (lo < hi)
+        lo = tl.where(active & go_right, mid + 1, lo)
+        hi = tl.where(active & ~go_right, mid, hi)
+    j = tl.minimum(lo, G - 1)
+    end = tl.load(incl_ptr + j, mask=live, other=0)
+    g = tl.load(order_ptr + j, mask=live, other=0)
+    tx0 = tl.load(rect_ptr + g * 4 + 0, mask=live, other=0)
+    ty0 = tl.load(rect_ptr + g * 4 + 1, mask=live, other=0)
+    tx1 = tl.load(rect_ptr + g * 4 + 2, mask=live, other=0)
+    ty1 = tl.load(rect_ptr + g * 4 + 3, mask=live, other=0)
+    w = tl.maximum(tx1 - tx0 + 1, 1)
+    h = tl.maximum(ty1 - ty0 + 1, 1)
+    local = p - (end - w * h)
+    tx = tx0 + local % w
+    ty = ty0 + local // w
+    key = (g // N) * TPI + ty * TX + tx
+    key = tl.where(live, key, _INT32_MAX)
+    tl.store(keys_ptr + p, key, mask=inb)
+    tl.store(gids_ptr + p, tl.where(live, g, 0), mask=inb)
+
+
+@triton.jit
+def _chunk_alpha(params_ptr, rect_ptr, ids_sorted_ptr, order_ptr, ovf, i, end, G, tx, ty, pxf, pyf, alpha_max,
+                 CH: tl.constexpr):
+    """Load a chunk of CH Gaussians of the tile's list (or, after an overflow, of the image's
+    depth order) and evaluate their alphas at the tile's pixels ([CH, PIX])."""
+    offs = i + tl.arange(0, CH)
+    m = offs < end
+    # the flag broadcast to the chunk explicitly (the interpreter rejects block & scalar masks)
+    use_all = (tl.zeros([CH], dtype=tl.int32) + ovf) != 0
+    id_list = tl.load(ids_sorted_ptr + offs, mask=m & ~use_all, other=0)
+    id_all = tl.load(order_ptr + offs, mask=m & use_all, other=0)
+    gid = tl.where(use_all, id_all, id_list)
+    # after an overflow every Gaussian of the image is visited: keep those whose box meets this tile
+    rx0 = tl.load(rect_ptr + gid * 4 + 0, mask=m & use_all, other=0)
+    ry0 = tl.load(rect_ptr + gid * 4 + 1, mask=m & use_all, other=0)
+    rx1 = tl.load(rect_ptr + gid * 4 + 2, mask=m & use_all, other=0)
+    ry1 = tl.load(rect_ptr + gid * 4 + 3, mask=m & use_all, other=0)
+    inrect = ~use_all | ((rx0 <= tx) & (tx <= rx1) & (ry0 <= ty) & (ty <= ry1))
+    m = m & inrect
+    mx = tl.load(params_ptr + 0 * G + gid, mask=m, other=0.0)
+    my = tl.load(params_ptr + 1 * G + gid, mask=m, other=0.0)
+    ca = tl.load(params_ptr + 2 * G + gid, mask=m, other=0.0)
+    cb = tl.load(params_ptr + 3 * G + gid, mask=m, other=0.0)
+    cc = tl.load(params_ptr + 4 * G + gid, mask=m, other=0.0)
+    op = tl.load(params_ptr + 5 * G + gid, mask=m, other=0.0)
+    dx = mx[:, None] - pxf[None, :]
+    dy = my[:, None] - pyf[None, :]
+    sigma = 0.5 * (ca[:, None] * dx * dx + cc[:, None] * dy * dy) + cb[:, None] * dx * dy
+    og = op[:, None] * tl.exp(-sigma)
+    alpha = tl.minimum(og, alpha_max)
+    valid = m[:, None] & (alpha >= 1.0 / 255.0)
+    return gid, m, dx, dy, og, alpha, valid, ca, cb, cc, op
+
+
+@triton.jit
+def _raster_fwd_kernel(params_ptr, feats_ptr, rect_ptr, ids_sorted_ptr, order_ptr, ranges_ptr, ovf_ptr,
+                       out_ptr, tfin_ptr, G, N, W, H, TX, TPI, alpha_max,
+                       DP: tl.constexpr, CH: tl.constexpr, TS: tl.constexpr, SPLIT: tl.constexpr):
+    # SPLIT (DP == 4: RGB + depth): one [PIX] accumulator per channel instead of a
+    # [CH, PIX, DP] product, which keeps fewer values in registers
+    t = tl.program_id(0)
+    img = t // TPI
+    lt = t % TPI
+    tx = lt % TX
+    ty = lt // TX
+    lane = tl.arange(0, TS * TS)
+    px = tx * TS + lane % TS
+    py = ty * TS + lane // TS
+    inb = (px < W) & (py < H)
+    pxf = px.to(tl.float32) + 0.5
+    pyf = py.to(tl.float32) + 0.5
+    ovf = tl.load(ovf_ptr)
+    start = tl.where(ovf != 0, img * N, tl.load(ranges_ptr + t))
+    end = tl.where(ovf != 0, img * N + N, tl.load(ranges_ptr + t + 1))
+    chan = tl.arange(0, DP)
+
+    T = tl.full([TS * TS], 1.0, tl.float32)
+    done = ~inb
+    acc = tl.zeros([TS * TS, DP], dtype=tl.float32)
+    acc0 = tl.zeros([TS * TS], dtype=tl.float32)
+    acc1 = tl.zeros([TS * TS], dtype=tl.float32)
+    acc2 = tl.zeros([TS * TS], dtype=tl.float32)
+    acc3 = tl.zeros([TS * TS], dtype=tl.float32)
+    i = start
+    while i < end:
+        gid, m, dx, dy, og, alpha, valid, ca, cb, cc, op = _chunk_alpha(
+            params_ptr, rect_ptr, ids_sorted_ptr, order_ptr, ovf, i, end, G, tx, ty, pxf, pyf, alpha_max, CH)
+        valid = valid & ~done[None, :]
+        f = tl.where(valid, 1.0 - alpha, 1.0)
+        P = T[None, :] * tl.cumprod(f, axis=0)  # transmittance after each pair
+        keep = valid & (P > _T_MIN)
+        w = tl.where(keep, alpha * (P / f), 0.0)
+        if SPLIT:
+            acc0 += tl.sum(w * tl.load(feats_ptr + gid * 4 + 0, mask=m, other=0.0)[:, None], axis=0)
+            acc1 += tl.sum(w * tl.load(feats_ptr + gid * 4 + 1, mask=m, other=0.0)[:, None], axis=0)
+            acc2 += tl.sum(w * tl.load(feats_ptr + gid * 4 + 2, mask=m, other=0.0)[:, None], axis=0)
+            acc3 += tl.sum(w * tl.load(feats_ptr + gid * 4 + 3, mask=m, other=0.0)[:, None], axis=0)
+        else:
+            feat = tl.load(feats_ptr + gid[:, None] * DP + chan[None, :], mask=m[:, None], other=0.0)
+            acc += tl.sum(w[:, :, None] * feat[:, None, :], axis=0)
+        T = tl.minimum(T, tl.min(tl.where(keep, P, 2.0), axis=0))
+        done = done | (tl.sum((valid & (P <= _T_MIN)).to(tl.int32), axis=0) > 0)
+        all_done = tl.sum((~done).to(tl.int32), axis=0) == 0
+        i = tl.where(all_done, end, i + CH)
+
+    pix = (img * H + py) * W + px
+    if SPLIT:
+        tl.store(out_ptr + pix * 4 + 0, acc0, mask=inb)
+        tl.store(out_ptr + pix * 4 + 1, acc1, mask=inb)
+        tl.store(out_ptr + pix * 4 + 2, acc2, mask=inb)
+        tl.store(out_ptr + pix * 4 + 3, acc3, mask=inb)
+    else:
+        tl.store(out_ptr + pix[:, None] * DP + chan[None, :], acc, mask=inb[:, None])
+    tl.store(tfin_ptr + pix, T, mask=inb)
+
+
+@triton.jit
+def _add11(a0, a1, a2, a3, a4, a5, a6, a7, a8, a9, a10, b0, b1, b2, b3, b4, b5, b6, b7, b8, b9, b10):
+    return a0 + b0, a1 + b1, a2 + b2, a3 + b3, a4 + b4, a5 + b5, a6 + b6, a7 + b7, a8 + b8, a9 + b9, a10 + b10
+
+
+@triton.jit
+def _raster_bwd_kernel(params_ptr, feats_ptr, rect_ptr, ids_sorted_ptr, order_ptr, ranges_ptr, ovf_ptr,
+                       out_ptr, tfin_ptr, gout_ptr, gt_ptr, gparams_ptr, gfeats_ptr, G, N, W, H, TX, TPI, alpha_max,
+                       DP: tl.constexpr, CH: tl.constexpr, TS: tl.constexpr, SPLIT: tl.constexpr,
+                       ONE_REDUCE: tl.constexpr):
+    # ONE_REDUCE (needs SPLIT): see below
+    t = tl.program_id(0)
+    img = t // TPI
+    lt = t % TPI
+    tx = lt % TX
+    ty = lt // TX
+    lane = tl.arange(0, TS * TS)
+    px = tx * TS + lane % TS
+    py = ty * TS + lane // TS
+    inb = (px < W) & (py < H)
+    pxf = px.to(tl.float32) + 0.5
+    pyf = py.to(tl.float32) + 0.5
+    ovf = tl.load(ovf_ptr)
+    start = tl.where(ovf != 0, img * N, tl.load(ranges_ptr + t))
+    end = tl.where(ovf != 0, img * N + N, tl.load(ranges_ptr + t + 1))
+    chan = tl.arange(0, DP)
+    pix = (img * H + py) * W + px
+
+    gpix = tl.load(gout_ptr + pix[:, None] * DP + chan[None, :], mask=inb[:, None], other=0.0)  # [PIX, DP]
+    outp = tl.load(out_ptr + pix[:, None] * DP + chan[None, :], mask=inb[:, None], other=0.0)
+    total = tl.sum(gpix * outp, axis=1)  # sum over all contributions of w * (g . feat)
+    g0 = tl.zeros([TS * TS], dtype=tl.float32)
+    g1 = tl.zeros([TS * TS], dtype=tl.float32)
+    g2 = tl.zeros([TS * TS], dtype=tl.float32)
+    g3 = tl.zeros([TS * TS], dtype=tl.float32)
+    if SPLIT:
+        g0 = tl.load(gout_ptr + pix * 4 + 0, mask=inb, other=0.0)
+        g1 = tl.load(gout_ptr + pix * 4 + 1, mask=inb, other=0.0)
+        g2 = tl.load(gout_ptr + pix * 4 + 2, mask=inb, other=0.0)
+        g3 = tl.load(gout_ptr + pix * 4 + 3, mask=inb, other=0.0)
+    # d loss / d T_final enters every pair through dT_final/dalpha_k = -T_final / (1 - alpha_k)
+    q = tl.load(gt_ptr + pix, mask=inb, other=0.0) * tl.load(tfin_ptr + pix, mask=inb, other=1.0)
+
+    T = tl.full([TS * TS], 1.0, tl.float32)
+    done = ~inb
+    prefix = tl.zeros([TS * TS], dtype=tl.float32)
+    i = start
+    while i < end:
+        gid, m, dx, dy, og, alpha, valid, ca, cb, cc, op = _chunk_alpha(
+            params_ptr, rect_ptr, ids_sorted_ptr, order_ptr, ovf, i, end, G, tx, ty, pxf, pyf, alpha_max, CH)
+        valid = valid & ~done[None, :]
+        f = tl.where(valid, 1.0 - alpha, 1.0)
+        P = T[None, :] * tl.cumprod(f, axis=0)
+        keep = valid & (P > _T_MIN)
+        tb = P / f  # transmittance in front of the pair
+        w = tl.where(keep, alpha * tb, 0.0)
+        if SPLIT:
+            f0 = tl.load(feats_ptr + gid * 4 + 0, mask=m, other=0.0)
+            f1 = tl.load(feats_ptr + gid * 4 + 1, mask=m, other=0.0)
+            f2 = tl.load(feats_ptr + gid * 4 + 2, mask=m, other=0.0)
+            f3 = tl.load(feats_ptr + gid * 4 + 3, mask=m, other=0.0)
+            v = f0[:, None] * g0[None, :] + f1[:, None] * g1[None, :] + f2[:, None] * g2[None, :] + f3[:, None] * g3[None, :]
+        else:
+            feat = tl.load(feats_ptr + gid[:, None] * DP + chan[None, :], mask=m[:, None], other=0.0)
+            v = tl.sum(feat[:, None, :] * gpix[None, :, :], axis=2)  # [CH, PIX]
+        wv = w * v
+        cs = tl.cumsum(wv, axis=0) + prefix[None, :]
+        after = total[None, :] - cs  # contributions behind each pair
+        g_a = tb * v - (after + q[None, :]) / (1.0 - alpha)
+        mm = tl.where(keep & (og < alpha_max), og * g_a, 0.0)  # -dL/dsigma; the clamp blocks the gradient
+        if ONE_REDUCE:
+            # all per-Gaussian sums over the tile's pixels in one multi-operand reduction
+            # (one round of shuffles and barriers instead of eleven)
+            r_mx, r_my, r_ca, r_cb, r_cc, r_m, r_f0, r_f1, r_f2, r_f3, r_hit = tl.reduce(
+                (mm * (ca[:, None] * dx + cb[:, None] * dy), mm * (cb[:, None] * dx + cc[:, None] * dy),
+                 mm * dx * dx, mm * dx * dy, mm * dy * dy, mm,
+                 w * g0[None, :], w * g1[None, :], w * g2[None, :], w * g3[None, :], keep.to(tl.float32)),
+                axis=1, combine_fn=_add11)
+            hit = m & (r_hit > 0)
+            tl.atomic_add(gparams_ptr + 0 * G + gid, -r_mx, mask=hit)
+            tl.atomic_add(gparams_ptr + 1 * G + gid, -r_my, mask=hit)
+            tl.atomic_add(gparams_ptr + 2 * G + gid, -0.5 * r_ca, mask=hit)
+            tl.atomic_add(gparams_ptr + 3 * G + gid, -r_cb, mask=hit)
+            tl.atomic_add(gparams_ptr + 4 * G + gid, -0.5 * r_cc, mask=hit)
+            tl.atomic_add(gparams_ptr + 5 * G + gid, r_m / tl.where(m, op, 1.0), mask=hit)
+            tl.atomic_add(gfeats_ptr + gid * 4 + 0, r_f0, mask=hit)
+            tl.atomic_add(gfeats_ptr + gid * 4 + 1, r_f1, mask=hit)
+            tl.atomic_add(gfeats_ptr + gid * 4 + 2, r_f2, mask=hit)
+            tl.atomic_add(gfeats_ptr + gid * 4 + 3, r_f3, mask=hit)
+        else:
+            g_mx = -tl.sum(mm * (ca[:, None] * dx + cb[:, None] * dy), axis=1)
+            g_my = -tl.sum(mm * (cb[:, None] * dx + cc[:, None] * dy), axis=1)
+            g_ca = -0.5 * tl.sum(mm * dx * dx, axis=1)
+            g_cb = -tl.sum(mm * dx * dy, axis=1)
+            g_cc = -0.5 * tl.sum(mm * dy * dy, axis=1)
+            g_op = tl.sum(mm, axis=1) / tl.where(m, op, 1.0)
+            hit = m & (tl.sum(keep.to(tl.int32), axis=1) > 0)
+            tl.atomic_add(gparams_ptr + 0 * G + gid, g_mx, mask=hit)
+            tl.atomic_add(gparams_ptr + 1 * G + gid, g_my, mask=hit)
+            tl.atomic_add(gparams_ptr + 2 * G + gid, g_ca, mask=hit)
+            tl.atomic_add(gparams_ptr + 3 * G + gid, g_cb, mask=hit)
+            tl.atomic_add(gparams_ptr + 4 * G + gid, g_cc, mask=hit)
+            tl.atomic_add(gparams_ptr + 5 * G + gid, g_op, mask=hit)
+            if SPLIT:
+                tl.atomic_add(gfeats_ptr + gid * 4 + 0, tl.sum(w * g0[None, :], axis=1), mask=hit)
+                tl.atomic_add(gfeats_ptr + gid * 4 + 1, tl.sum(w * g1[None, :], axis=1), mask=hit)
+                tl.atomic_add(gfeats_ptr + gid * 4 + 2, tl.sum(w * g2[None, :], axis=1), mask=hit)
+                tl.atomic_add(gfeats_ptr + gid * 4 + 3, tl.sum(w * g3[None, :], axis=1), mask=hit)
+            else:
+                g_feat = tl.sum(w[:, :, None] * gpix[None, :, :], axis=1)  # [CH, DP]
+                tl.atomic_add(gfeats_ptr + gid[:, None] * DP + chan[None, :], g_feat, mask=hit[:, None] & (chan[None, :] < DP))
+        prefix += tl.sum(wv, axis=0)
+        T = tl.minimum(T, tl.min(tl.where(keep, P, 2.0), axis=0))
+        done = done | (tl.sum((valid & (P <= _T_MIN)).to(tl.int32), axis=0) > 0)
+        all_done = tl.sum((~done).to(tl.int32), axis=0) == 0
+        i = tl.where(all_done, end, i + CH)
+
+
+@triton.jit
+def _proj_common(means_ptr, quats_ptr, scales_ptr, view_ptr, K_ptr, g, m, N, W, H, near, far, eps2d):
+    """Per-Gaussian EWA projection (the torch path's arithmetic, in registers)."""
+    b = g // N
+    vb = view_ptr + b * 16
+    r00 = tl.load(vb + 0, mask=m, other=1.0)
+    r01 = tl.load(vb + 1, mask=m, other=0.0)
+    r02 = tl.load(vb + 2, mask=m, other=0.0)
+    t0 = tl.load(vb + 3, mask=m, other=0.0)
+    r10 = tl.load(vb + 4, mask=m, other=0.0)
+    r11 = tl.load(vb + 5, mask=m, other=1.0)
+    r12 = tl.load(vb + 6, mask=m, other=0.0)
+    t1 = tl.load(vb + 7, mask=m, other=0.0)
+    r20 = tl.load(vb + 8, mask=m, other=0.0)
+    r21 = tl.load(vb + 9, mask=m, other=0.0)
+    r22 = tl.load(vb + 10, mask=m, other=1.0)
+    t2 = tl.load(vb + 11, mask=m, other=0.0)
+    kb = K_ptr + b * 9
+    fx = tl.load(kb + 0, mask=m, other=1.0)
+    cx = tl.load(kb + 2, mask=m, other=0.0)
+    fy = tl.load(kb + 4, mask=m, other=1.0)
+    cy = tl.load(kb + 5, mask=m, other=0.0)
+    mx_w = tl.load(means_ptr + g * 3 + 0, mask=m, other=0.0)
+    my_w = tl.load(means_ptr + g * 3 + 1, mask=m, other=0.0)
+    mz_w = tl.load(means_ptr + g * 3 + 2, mask=m, other=0.0)
+    px = r00 * mx_w + r01 * my_w + r02 * mz_w + t0
+    py = r10 * mx_w + r11 * my_w + r12 * mz_w + t1
+    pz = r20 * mx_w + r21 * my_w + r22 * mz_w + t2
+    front = m & (pz >= near) & (pz <= far)
+    z = tl.where(front, pz, 1.0)
+    rz = 1.0 / z
+    lxp = (W - cx) / fx + 0.15 * W / fx
+    lxn = cx / fx + 0.15 * W / fx
+    lyp = (H - cy) / fy + 0.15 * H / fy
+    lyn = cy / fy + 0.15 * H / fy
+    xr = px * rz
+    yr = py * rz
+    xc = tl.minimum(tl.maximum(xr, -lxn), lxp)
+    yc = tl.minimum(tl.maximum(yr, -lyn), lyp)
+    tx = z * xc
+    ty = z * yc
+    # rows of J R_view
+    a0 = fx * rz
+    a2 = fx * tx * rz * rz
+    T00 = a0 * r00 - a2 * r20
+    T01 = a0 * r01 - a2 * r21
+    T02 = a0 * r02 - a2 * r22
+    b1 = fy * rz
+    b2 = fy * ty * rz * rz
+    T10 = b1 * r10 - b2 * r20
+    T11 = b1 * r11 - b2 * r21
+    T12 = b1 * r12 - b2 * r22
+    # rotation of the Gaussian (normalised quaternion) times its scales
+    qw = tl.load(quats_ptr + g * 4 + 0, mask=m, other=1.0)
+    qx = tl.load(quats_ptr + g * 4 + 1, mask=m, other=0.0)
+    qy = tl.load(quats_ptr + g * 4 + 2, mask=m, other=0.0)
+    qz = tl.load(quats_ptr + g * 4 + 3, mask=m, other=0.0)
+    qn = tl.maximum(tl.sqrt(qw * qw + qx * qx + qy * qy + qz * qz), 1e-12)
+    w = qw / qn
+    x = qx / qn
+    y = qy / qn
+    zq = qz / qn
+    s0 = tl.load(scales_ptr + g * 3 + 0, mask=m, other=1.0)
+    s1 = tl.load(scales_ptr + g * 3 + 1, mask=m, other=1.0)
+    s2 = tl.load(scales_ptr + g * 3 + 2, mask=m, other=1.0)
+    R00 = 1.0 - 2.0 * (y * y + zq * zq)
+    R01 = 2.0 * (x * y - w * zq)
+    R02 = 2.0 * (x * zq + w * y)
+    R10 = 2.0 * (x * y + w * zq)
+    R11 = 1.0 - 2.0 * (x * x + zq * zq)
+    R12 = 2.0 * (y * zq - w * x)
+    R20 = 2.0 * (x * zq - w * y)
+    R21 = 2.0 * (y * zq + w * x)
+    R22 = 1.0 - 2.0 * (x * x + y * y)
+    # U = T (R_g S): column j of R_g scaled by s_j
+    U00 = (T00 * R00 + T01 * R10 + T02 * R20) * s0
+    U01 = (T00 * R01 + T01 * R11 + T02 * R21) * s1
+    U02 = (T00 * R02 + T01 * R12 + T02 * R22) * s2
+    U10 = (T10 * R00 + T11 * R10 + T12 * R20) * s0
+    U11 = (T10 * R01 + T11 * R11 + T12 * R21) * s1
+    U12 = (T10 * R02 + T11 * R12 + T12 * R22) * s2
+    ca = U00 * U00 + U01 * U01 + U02 * U02 + eps2d
+    cb = U00 * U10 + U01 * U11 + U02 * U12
+    cc = U10 * U10 + U11 * U11 + U12 * U12 + eps2d
+    det = ca * cc - cb * cb
+    mxp = fx * px * rz + cx
+    myp = fy * py * rz + cy
+    return (front, z, rz, px, py, xr, yr, xc, yc, tx, ty, lxn, lxp, lyn, lyp, fx, fy,
+            r00, r01, r02, r10, r11, r12, r20, r21, r22, T00, T01, T02, T10, T11, T12,
+            qn, w, x, y, zq, s0, s1, s2, R00, R01, R02, R10, R11, R12, R20, R21, R22,
+            U00, U01, U02, U10, U11, U12, ca, cb, cc, det, mxp, myp)
+
+
+@triton.jit
+def _project_fwd_kernel(means_ptr, quats_ptr, scales_ptr, opac_ptr, view_ptr, K_ptr,
+                        params_ptr, z_ptr, rect_ptr, count_ptr, radii_ptr,
+                        G, N, W, H, TXn, TYn, near, far, eps2d, BLOCK: tl.constexpr, TS: tl.constexpr):
+    g = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    m = g < G
+    (front, z, rz, px, py, xr, yr, xc, yc, tx, ty, lxn, lxp, lyn, lyp, fx, fy,
+     r00, r01, r02, r10, r11, r12, r20, r21, r22, T00, T01, T02, T10, T11, T12,
+     qn, w, x, y, zq, s0, s1, s2, R00, R01, R02, R10, R11, R12, R20, R21, R22,
+     U00, U01, U02, U10, U11, U12, ca, cb, cc, det, mxp, myp) = _proj_common(
+        means_ptr, quats_ptr, scales_ptr, view_ptr, K_ptr, g, m, N, W, H, near, far, eps2d)
+    o = tl.load(opac_ptr + g, mask=m, other=0.0)
+    thr = 1.0 / 255.0
+    ok = front & (det > 0) & (o >= thr)
+    extend = tl.minimum(tl.sqrt_rn(2.0 * tl.log(tl.maximum(o, thr) / thr)), 3.33)
+    rx = tl.ceil(extend * tl.sqrt_rn(tl.maximum(ca, 0.0)))
+    ry = tl.ceil(extend * tl.sqrt_rn(tl.maximum(cc, 0.0)))
+    ok = ok & ((rx > 0) | (ry > 0))
+    ok = ok & (mxp + rx > 0) & (mxp - rx < W) & (myp + ry > 0) & (myp - ry < H)
+    hd = 0.5 * (ca - cc)
+    lam = 0.5 * (ca + cc) + tl.sqrt_rn(hd * hd + cb * cb)
+    radius = tl.where(ok, tl.ceil(3.0 * tl.sqrt_rn(tl.maximum(lam, 0.0))), 0.0)
+    tx0 = tl.minimum(tl.maximum(tl.floor((mxp - rx) / TS), 0.0), TXn - 1.0)
+    tx1 = tl.minimum(tl.maximum(tl.floor((mxp + rx) / TS), 0.0), TXn - 1.0)
+    ty0 = tl.minimum(tl.maximum(tl.floor((myp - ry) / TS), 0.0), TYn - 1.0)
+    ty1 = tl.minimum(tl.maximum(tl.floor((myp + ry) / TS), 0.0), TYn - 1.0)
+    count = tl.where(ok, (tx1 - tx0 + 1.0) * (ty1 - ty0 + 1.0), 0.0)
+    dets = tl.where(ok, det, 1.0)
+    tl.store(params_ptr + 0 * G + g, mxp, mask=m)
+    tl.store(params_ptr + 1 * G + g, myp, mask=m)
+    tl.store(params_ptr + 2 * G + g, cc / dets, mask=m)
+    tl.store(params_ptr + 3 * G + g, -cb / dets, mask=m)
+    tl.store(params_ptr + 4 * G + g, ca / dets, mask=m)
+    tl.store(params_ptr + 5 * G + g, o, mask=m)
+    tl.store(z_ptr + g, z, mask=m)
+    tl.store(rect_ptr + g * 4 + 0, tl.where(ok, tx0, 1.0).to(tl.int32), mask=m)
+    tl.store(rect_ptr + g * 4 + 1, tl.where(ok, ty0, 1.0).to(tl.int32), mask=m)
+    tl.store(rect_ptr + g * 4 + 2, tl.where(ok, tx1, 0.0).to(tl.int32), mask=m)
+    tl.store(rect_ptr + g * 4 + 3, tl.where(ok, ty1, 0.0).to(tl.int32), mask=m)
+    tl.store(count_ptr + g, count.to(tl.int32), mask=m)
+    tl.store(radii_ptr + g, radius.to(tl.int32), mask=m)
+
+
+@triton.jit
+def _project_bwd_kernel(means_ptr, quats_ptr, scales_ptr, view_ptr, K_ptr, count_ptr, gparams_ptr, gz_ptr,
+                        gmeans_ptr, gquats_ptr, gscales_ptr, gopac_ptr,
+                        G, N, W, H, near, far, eps2d, BLOCK: tl.constexpr):
+    g = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    m = g < G
+    (front, z, rz, px, py, xr, yr, xc, yc, tx, ty, lxn, lxp, lyn, lyp, fx, fy,
+     r00, r01, r02, r10, r11, r12, r20, r21, r22, T00, T01, T02, T10, T11, T12,
+     qn, w, x, y, zq, s0, s1, s2, R00, R01, R02, R10, R11, R12, R20, R21, R22,
+     U00, U01, U02, U10, U11, U12, ca, cb, cc, det, mxp, myp) = _proj_common(
+        means_ptr, quats_ptr, scales_ptr, view_ptr, K_ptr, g, m, N, W, H, near, far, eps2d)
+    # only rendered Gaussians (count > 0) receive gradients; the others' are exactly 0 (as in torch)
+    ok = m & (tl.load(count_ptr + g, mask=m, other=0) > 0)
+    gmx = tl.load(gparams_ptr + 0 * G + g, mask=ok, other=0.0)
+    gmy = tl.load(gparams_ptr + 1 * G + g, mask=ok, other=0.0)
+    gA = tl.load(gparams_ptr + 2 * G + g, mask=ok, other=0.0)
+    gB = tl.load(gparams_ptr + 3 * G + g, mask=ok, other=0.0)
+    gC = tl.load(gparams_ptr + 4 * G + g, mask=ok, other=0.0)
+    go = tl.load(gparams_ptr + 5 * G + g, mask=m, other=0.0)
+    gzz = tl.load(gz_ptr + g, mask=ok, other=0.0)
+    # conic (A, B, C) = (c, -b, a) / det  ->  2D covariance (a, b, c)
+    dets = tl.where(ok, det, 1.0)
+    id2 = 1.0 / (dets * dets)
+    ga = (-gA * cc * cc + gB * cb * cc - gC * cb * cb) * id2
+    gb = (2.0 * gA * cb * cc - gB * (ca * cc + cb * cb) + 2.0 * gC * ca * cb) * id2
+    gc = (-gA * cb * cb + gB * ca * cb - gC * ca * ca) * id2
+    # covariance = U U^T
+    gU00 = 2.0 * ga * U00 + gb * U10
+    gU01 = 2.0 * ga * U01 + gb * U11
+    gU02 = 2.0 * ga * U02 + gb * U12
+    gU10 = 2.0 * gc * U10 + gb * U00
+    gU11 = 2.0 * gc * U11 + gb * U01
+    gU12 = 2.0 * gc * U12 + gb * U02
+    # U = T M with M = R_g diag(s): gM[k][j] = sum_r T[r][k] gU[r][j]
+    gM00 = T00 * gU00 + T10 * gU10
+    gM01 = T00 * gU01 + T10 * gU11
+    gM02 = T00 * gU02 + T10 * gU12
+    gM10 = T01 * gU00 + T11 * gU10
+    gM11 = T01 * gU01 + T11 * gU11
+    gM12 = T01 * gU02 + T11 * gU12
+    gM20 = T02 * gU00 + T12 * gU10
+    gM21 = T02 * gU01 + T12 * gU11
+    gM22 = T02 * gU02 + T12 * gU12
+    gs0 = gM00 * R00 + gM10 * R10 + gM20 * R20
+    gs1 = gM01 * R01 + gM11 * R11 + gM21 * R21
+    gs2 = gM02 * R02 + gM12 * R12 + gM22 * R22
+    g00 = gM00 * s0
+    g01 = gM01 * s1
+    g02 = gM02 * s2
+    g10 = gM10 * s0
+    g11 = gM11 * s1
+    g12 = gM12 * s2
+    g20 = gM20 * s0
+    g21 = gM21 * s1
+    g22 = gM22 * s2
+    gw = 2.0 * (-zq * g01 + y * g02 + zq * g10 - x * g12 - y * g20 + x * g21)
+    gx = 2.0 * (y * g01 + zq * g02 + y * g10 - 2.0 * x * g11 - w * g12 + zq * g20 + w * g21 - 2.0 * x * g22)
+    gy = 2.0 * (-2.0 * y * g00 + x * g01 + w * g02 + x * g10 + zq * g12 - w * g20 + zq * g21 - 2.0 * y * g22)
+    gzq = 2.0 * (-2.0 * zq * g00 - w * g01 + x * g02 + w * g10 - 2.0 * zq * g11 + y * g12 + x * g20 + y * g21)
+    # through the normalisation q / |q|
+    dotq = gw * w + gx * x + gy * y + gzq * zq
+    tl.store(gquats_ptr + g * 4 + 0, (gw - w * dotq) / qn, mask=m)
+    tl.store(gquats_ptr + g * 4 + 1, (gx - x * dotq) / qn, mask=m)
+    tl.store(gquats_ptr + g * 4 + 2, (gy - y * dotq) / qn, mask=m)
+    tl.store(gquats_ptr + g * 4 + 3, (gzq - zq * dotq) / qn, mask=m)
+    tl.store(gscales_ptr + g * 3 + 0, gs0, mask=m)
+    tl.store(gscales_ptr + g * 3 + 1, gs1, mask=m)
+    tl.store(gscales_ptr + g * 3 + 2, gs2, mask=m)
+    tl.store(gopac_ptr + g, go, mask=m)
+    # T rows: T0 = fx rz Rv0 - fx tx rz^2 Rv2, T1 = fy rz Rv1 - fy ty rz^2 Rv2 (Rv rows of the view rotation)
+    gT00 = gU00 * (R00 * s0) + gU01 * (R01 * s1) + gU02 * (R02 * s2)
+    gT01 = gU00 * (R10 * s0) + gU01 * (R11 * s1) + gU02 * (R12 * s2)
+    gT02 = gU00 * (R20 * s0) + gU01 * (R21 * s1) + gU02 * (R22 * s2)
+    gT10 = gU10 * (R00 * s0) + gU11 * (R01 * s1) + gU12 * (R02 * s2)
+    gT11 = gU10 * (R10 * s0) + gU11 * (R11 * s1) + gU12 * (R12 * s2)
+    gT12 = gU10 * (R20 * s0) + gU11 * (R21 * s1) + gU12 * (R22 * s2)
+    d0_r0 = gT00 * r00 + gT01 * r01 + gT02 * r02  # gT0 . Rv0
+    d0_r2 = gT00 * r20 + gT01 * r21 + gT02 * r22  # gT0 . Rv2
+    d1_r1 = gT10 * r10 + gT11 * r11 + gT12 * r12
+    d1_r2 = gT10 * r20 + gT11 * r21 + gT12 * r22
+    rz2 = rz * rz
+    g_tx = -fx * rz2 * d0_r2
+    g_ty = -fy * rz2 * d1_r2
+    g_z = (-fx * rz2 * d0_r0 + 2.0 * fx * tx * rz2 * rz * d0_r2
+           - fy * rz2 * d1_r1 + 2.0 * fy * ty * rz2 * rz * d1_r2)
+    # tx = z clamp(x / z): derivative 1 in x inside the clamp; in z: clamp(x/z) - [inside] x/z
+    in_x = ((xr >= -lxn) & (xr <= lxp)).to(tl.float32)
+    in_y = ((yr >= -lyn) & (yr <= lyp)).to(tl.float32)
+    g_x = g_tx * in_x + gmx * fx * rz
+    g_y = g_ty * in_y + gmy * fy * rz
+    g_z += g_tx * (xc - in_x * xr) + g_ty * (yc - in_y * yr)
+    g_z += -gmx * fx * px * rz2 - gmy * fy * py * rz2 + gzz
+    g_x = tl.where(front, g_x, 0.0)
+    g_y = tl.where(front, g_y, 0.0)
+    g_z = tl.where(front, g_z, 0.0)
+    # camera point p = Rv m + t  ->  world mean
+    tl.store(gmeans_ptr + g * 3 + 0, r00 * g_x + r10 * g_y + r20 * g_z, mask=m)
+    tl.store(gmeans_ptr + g * 3 + 1, r01 * g_x + r11 * g_y + r21 * g_z, mask=m)
+    tl.store(gmeans_ptr + g * 3 + 2, r02 * g_x + r12 * g_y + r22 * g_z, mask=m)
+
+
+@triton.jit
+def _sh_dirs(means_ptr, view_ptr, g, m, N):
+    """Unit view directions (mean - camera centre) of Gaussians g, their length before normalising."""
+    b = g // N
+    vb = view_ptr + b * 16
+    r00 = tl.load(vb + 0, mask=m, other=1.0)
+    r01 = tl.load(vb + 1, mask=m, other=0.0)
+    r02 = tl.load(vb + 2, mask=m, other=0.0)
+    t0 = tl.load(vb + 3, mask=m, other=0.0)
+    r10 = tl.load(vb + 4, mask=m, other=0.0)
+    r11 = tl.load(vb + 5, mask=m, other=1.0)
+    r12 = tl.load(vb + 6, mask=m, other=0.0)
+    t1 = tl.load(vb + 7, mask=m, other=0.0)
+    r20 = tl.load(vb + 8, mask=m, other=0.0)
+    r21 = tl.load(vb + 9, mask=m, other=0.0)
+    r22 = tl.load(vb + 10, mask=m, other=1.0)
+    t2 = tl.load(vb + 11, mask=m, other=0.0)
+    # camera centre -R^T t
+    vx = tl.load(means_ptr + g * 3 + 0, mask=m, other=1.0) + (r00 * t0 + r10 * t1 + r20 * t2)
+    vy = tl.load(means_ptr + g * 3 + 1, mask=m, other=0.0) + (r01 * t0 + r11 * t1 + r21 * t2)
+    vz = tl.load(means_ptr + g * 3 + 2, mask=m, other=0.0) + (r02 * t0 + r12 * t1 + r22 * t2)
+    nrm = tl.maximum(tl.sqrt(vx * vx + vy * vy + vz * vz), 1e-12)
+    return vx / nrm, vy / nrm, vz / nrm, nrm
+
+
+@triton.jit
+def _sh_fwd_kernel(coef_ptr, sb, sn, sk, sc, means_ptr, view_ptr, out_ptr, G, N,
+                   DEG: tl.constexpr, BLOCK: tl.constexpr):
+    """colour = max(SH_DEG(dir) . coefficients + 0.5, 0), 3DGS basis (sh.py); coefficients by strides
+    (an expanded [B,N,K,3] view is read in place)."""
+    g = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    m = g < G
+    x, y, z, nrm = _sh_dirs(means_ptr, view_ptr, g, m, N)
+    xx = x * x
+    yy = y * y
+    zz = z * z
+    cb = coef_ptr + (g // N).to(tl.int64) * sb + (g % N).to(tl.int64) * sn
+    acc_r = tl.zeros([BLOCK], dtype=tl.float32)
+    acc_g = tl.zeros([BLOCK], dtype=tl.float32)
+    acc_b = tl.zeros([BLOCK], dtype=tl.float32)
+    bk = 0.28209479177387814
+    acc_r += bk * tl.load(cb + 0 * sk + 0 * sc, mask=m, other=0.0)
+    acc_g += bk * tl.load(cb + 0 * sk + 1 * sc, mask=m, other=0.0)
+    acc_b += bk * tl.load(cb + 0 * sk + 2 * sc, mask=m, other=0.0)
+    if DEG >= 1:
+        bk = -0.4886025119029199 * y
+        acc_r += bk * tl.load(cb + 1 * sk + 0 * sc, mask=m, other=0.0)
+        acc_g += bk * tl.load(cb + 1 * sk + 1 * sc, mask=m, other=0.0)
+        acc_b += bk * tl.load(cb + 1 * sk + 2 * sc, mask=m, other=0.0)
+        bk = 0.4886025119029199 * z
+        acc_r += bk * tl.load(cb + 2 * sk + 0 * sc, mask=m, other=0.0)
+        acc_g += bk * tl.load(cb + 2 * sk + 1 * sc, mask=m, other=0.0)
+        acc_b += bk * tl.load(cb + 2 * sk + 2 * sc, mask=m, other=0.0)
+        bk = -0.4886025119029199 * x
+        acc_r += bk * tl.load(cb + 3 * sk + 0 * sc, mask=m, other=0.0)
+        acc_g += bk * tl.load(cb + 3 * sk + 1 * sc, mask=m, other=0.0)
+        acc_b += bk * tl.load(cb + 3 * sk + 2 * sc, mask=m, other=0.0)
+    if DEG >= 2:
+        bk = 1.0925484305920792 * x * y
+        acc_r += bk * tl.load(cb + 4 * sk + 0 * sc, mask=m, other=0.0)
+        acc_g += bk * tl.load(cb + 4 * sk + 1 * sc, mask=m, other=0.0)
+        acc_b += bk * tl.load(cb + 4 * sk + 2 * sc, mask=m, other=0.0)
+        bk = -1.0925484305920792 * y * z
+        acc_r += bk * tl.load(cb + 5 * sk + 0 * sc, mask=m, other=0.0)
+        acc_g += bk * tl.load(cb + 5 * sk + 1 * sc, mask=m, other=0.0)
+        acc_b += bk * tl.load(cb + 5 * sk + 2 * sc, mask=m, other=0.0)
+        bk = 0.31539156525252005 * (2.0 * zz - xx - yy)
+        acc_r += bk * tl.load(cb + 6 * sk + 0 * sc, mask=m, other=0.0)
+        acc_g += bk * tl.load(cb + 6 * sk + 1 * sc, mask=m, other=0.0)
+        acc_b += bk * tl.load(cb + 6 * sk + 2 * sc, mask=m, other=0.0)
+        bk = -1.0925484305920792 * x * z
+        acc_r += bk * tl.load(cb + 7 * sk + 0 * sc, mask=m, other=0.0)
+        acc_g += bk * tl.load(cb + 7 * sk + 1 * sc, mask=m, other=0.0)
+        acc_b += bk * tl.load(cb + 7 * sk + 2 * sc, mask=m, other=0.0)
+        bk = 0.5462742152960396 * (xx - yy)
+        acc_r += bk * tl.load(cb + 8 * sk + 0 * sc, mask=m, other=0.0)
+        acc_g += bk * tl.load(cb + 8 * sk + 1 * sc, mask=m, other=0.0)
+        acc_b += bk * tl.load(cb + 8 * sk + 2 * sc, mask=m, other=0.0)
+    if DEG >= 3:
+        bk = -0.5900435899266435 * y * (3.0 * xx - yy)
+        acc_r += bk * tl.load(cb + 9 * sk + 0 * sc, mask=m, other=0.0)
+        acc_g += bk * tl.load(cb + 9 * sk + 1 * sc, mask=m, other=0.0)
+        acc_b += bk * tl.load(cb + 9 * sk + 2 * sc, mask=m, other=0.0)
+        bk = 2.890611442640554 * x * y * z
+        acc_r += bk * tl.load(cb + 10 * sk + 0 * sc, mask=m, other=0.0)
+        acc_g += bk * tl.load(cb + 10 * sk + 1 * sc, mask=m, other=0.0)
+        acc_b += bk * tl.load(cb + 10 * sk + 2 * sc, mask=m, other=0.0)
+        bk = -0.4570457994644658 * y * (4.0 * zz - xx - yy)
+        acc_r += bk * tl.load(cb + 11 * sk + 0 * sc, mask=m, other=0.0)
+        acc_g += bk * tl.load(cb + 11 * sk + 1 * sc, mask=m, other=0.0)
+        acc_b += bk * tl.load(cb + 11 * sk + 2 * sc, mask=m, other=0.0)
+        bk = 0.3731763325901154 * z * (2.0 * zz - 3.0 * xx - 3.0 * yy)
+        acc_r += bk * tl.load(cb + 12 * sk + 0 * sc, mask=m, other=0.0)
+        acc_g += bk * tl.load(cb + 12 * sk + 1 * sc, mask=m, other=0.0)
+        acc_b += bk * tl.load(cb + 12 * sk + 2 * sc, mask=m, other=0.0)
+        bk = -0.4570457994644658 * x * (4.0 * zz - xx - yy)
+        acc_r += bk * tl.load(cb + 13 * sk + 0 * sc, mask=m, other=0.0)
+        acc_g += bk * tl.load(cb + 13 * sk + 1 * sc, mask=m, other=0.0)
+        acc_b += bk * tl.load(cb + 13 * sk + 2 * sc, mask=m, other=0.0)
+        bk = 1.445305721320277 * z * (xx - yy)
+        acc_r += bk * tl.load(cb + 14 * sk + 0 * sc, mask=m, other=0.0)
+        acc_g += bk * tl.load(cb + 14 * sk + 1 * sc, mask=m, other=0.0)
+        acc_b += bk * tl.load(cb + 14 * sk + 2 * sc, mask=m, other=0.0)
+        bk = -0.5900435899266435 * x * (xx - 3.0 * yy)
+        acc_r += bk * tl.load(cb + 15 * sk + 0 * sc, mask=m, other=0.0)
+        acc_g += bk * tl.load(cb + 15 * sk + 1 * sc, mask=m, other=0.0)
+        acc_b += bk * tl.load(cb + 15 * sk + 2 * sc, mask=m, other=0.0)
+    tl.store(out_ptr + g * 3 + 0, tl.maximum(acc_r + 0.5, 0.0), mask=m)
+    tl.store(out_ptr + g * 3 + 1, tl.maximum(acc_g + 0.5, 0.0), mask=m)
+    tl.store(out_ptr + g * 3 + 2, tl.maximum(acc_b + 0.5, 0.0), mask=m)
+
+
+@triton.jit
+def _sh_bwd_kernel(coef_ptr, sb, sn, sk, sc, means_ptr, view_ptr, col_ptr, gcol_ptr, gcoef_ptr, gmeans_ptr, G, N, K,
+                   DEG: tl.constexpr, BLOCK: tl.constexpr):
+    """Gradients of _sh_fwd_kernel: to the coefficients ([G,K,3], the first (DEG+1)^2 written)
+    and to the means through the view direction."""
+    g = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    m = g < G
+    x, y, z, nrm = _sh_dirs(means_ptr, view_ptr, g, m, N)
+    xx = x * x
+    yy = y * y
+    zz = z * z
+    cb = coef_ptr + (g // N).to(tl.int64) * sb + (g % N).to(tl.int64) * sn
+    # the clamp at 0 passes the gradient where the colour is > 0 (torch also at exactly 0: measure zero)
+    gr = tl.load(gcol_ptr + g * 3 + 0, mask=m, other=0.0)
+    gg = tl.load(gcol_ptr + g * 3 + 1, mask=m, other=0.0)
+    gb = tl.load(gcol_ptr + g * 3 + 2, mask=m, other=0.0)
+    gr = tl.where(tl.load(col_ptr + g * 3 + 0, mask=m, other=0.0) > 0, gr, 0.0)
+    gg = tl.where(tl.load(col_ptr + g * 3 + 1, mask=m, other=0.0) > 0, gg, 0.0)
+    gb = tl.where(tl.load(col_ptr + g * 3 + 2, mask=m, other=0.0) > 0, gb, 0.0)
+    gx = tl.zeros([BLOCK], dtype=tl.float32)
+    gy = tl.zeros([BLOCK], dtype=tl.float32)
+    gz = tl.zeros([BLOCK], dtype=tl.float32)
+    bk = 0.28209479177387814
+    s = (tl.load(cb + 0 * sk, mask=m, other=0.0) * gr + tl.load(cb + 0 * sk + sc, mask=m, other=0.0) * gg
+         + tl.load(cb + 0 * sk + 2 * sc, mask=m, other=0.0) * gb)
+    tl.store(gcoef_ptr + g * (K * 3) + 0, bk * gr, mask=m)
+    tl.store(gcoef_ptr + g * (K * 3) + 1, bk * gg, mask=m)
+    tl.store(gcoef_ptr + g * (K * 3) + 2, bk * gb, mask=m)
+    if DEG >= 1:
+        bk = -0.4886025119029199 * y
+        s = (tl.load(cb + 1 * sk, mask=m, other=0.0) * gr + tl.load(cb + 1 * sk + sc, mask=m, other=0.0) * gg
+             + tl.load(cb + 1 * sk + 2 * sc, mask=m, other=0.0) * gb)
+        tl.store(gcoef_ptr + g * (K * 3) + 3, bk * gr, mask=m)
+        tl.store(gcoef_ptr + g * (K * 3) + 4, bk * gg, mask=m)
+        tl.store(gcoef_ptr + g * (K * 3) + 5, bk * gb, mask=m)
+        gy += s * (-0.4886025119029199)
+        bk = 0.4886025119029199 * z
+        s = (tl.load(cb + 2 * sk, mask=m, other=0.0) * gr + tl.load(cb + 2 * sk + sc, mask=m, other=0.0) * gg
+             + tl.load(cb + 2 * sk + 2 * sc, mask=m, other=0.0) * gb)
+        tl.store(gcoef_ptr + g * (K * 3) + 6, bk * gr, mask=m)
+        tl.store(gcoef_ptr + g * (K * 3) + 7, bk * gg, mask=m)
+        tl.store(gcoef_ptr + g * (K * 3) + 8, bk * gb, mask=m)
+        gz += s * (0.4886025119029199)
+        bk = -0.4886025119029199 * x
+        s = (tl.load(cb + 3 * sk, mask=m, other=0.0) * gr + tl.load(cb + 3 * sk + sc, mask=m, other=0.0) * gg
+             + tl.load(cb + 3 * sk + 2 * sc, mask=m, other=0.0) * gb)
+        tl.store(gcoef_ptr + g * (K * 3) + 9, bk * gr, mask=m)
+        tl.store(gcoef_ptr + g * (K * 3) + 10, bk * gg, mask=m)
+        tl.store(gcoef_ptr + g * (K * 3) + 11, bk * gb, mask=m)
+        gx += s * (-0.4886025119029199)
+    if DEG >= 2:
+        bk = 1.0925484305920792 * x * y
+        s = (tl.load(cb + 4 * sk, mask=m, other=0.0) * gr + tl.load(cb + 4 * sk + sc, mask=m, other=0.0) * gg
+             + tl.load(cb + 4 * sk + 2 * sc, mask=m, other=0.0) * gb)
+        tl.store(gcoef_ptr + g * (K * 3) + 12, bk * gr, mask=m)
+        tl.store(gcoef_ptr + g * (K * 3) + 13, bk * gg, mask=m)
+        tl.store(gcoef_ptr + g * (K * 3) + 14, bk * gb, mask=m)
+        gx += s * (1.0925484305920792 * y)
+        gy += s * (1.0925484305920792 * x)
+        bk = -1.0925484305920792 * y * z
+        s = (tl.load(cb + 5 * sk, mask=m, other=0.0) * gr + tl.load(cb + 5 * sk + sc, mask=m, other=0.0) * gg
+             + tl.load(cb + 5 * sk + 2 * sc, mask=m, other=0.0) * gb)
+        tl.store(gcoef_ptr + g * (K * 3) + 15, bk * gr, mask=m)
+        tl.store(gcoef_ptr + g * (K * 3) + 16, bk * gg, mask=m)
+        tl.store(gcoef_ptr + g * (K * 3) + 17, bk * gb, mask=m)
+        gy += s * (-1.0925484305920792 * z)
+        gz += s * (-1.0925484305920792 * y)
+        bk = 0.31539156525252005 * (2.0 * zz - xx - yy)
+        s = (tl.load(cb + 6 * sk, mask=m, other=0.0) * gr + tl.load(cb + 6 * sk + sc, mask=m, other=0.0) * gg
+             + tl.load(cb + 6 * sk + 2 * sc, mask=m, other=0.0) * gb)
+        tl.store(gcoef_ptr + g * (K * 3) + 18, bk * gr, mask=m)
+        tl.store(gcoef_ptr + g * (K * 3) + 19, bk * gg, mask=m)
+        tl.store(gcoef_ptr + g * (K * 3) + 20, bk * gb, mask=m)
+        gx += s * (-2.0 * 0.31539156525252005 * x)
+        gy += s * (-2.0 * 0.31539156525252005 * y)
+        gz += s * (4.0 * 0.31539156525252005 * z)
+        bk = -1.0925484305920792 * x * z
+        s = (tl.load(cb + 7 * sk, mask=m, other=0.0) * gr + tl.load(cb + 7 * sk + sc, mask=m, other=0.0) * gg
+             + tl.load(cb + 7 * sk + 2 * sc, mask=m, other=0.0) * gb)
+        tl.store(gcoef_ptr + g * (K * 3) + 21, bk * gr, mask=m)
+        tl.store(gcoef_ptr + g * (K * 3) + 22, bk * gg, mask=m)
+        tl.store(gcoef_ptr + g * (K * 3) + 23, bk * gb, mask=m)
+        gx += s * (-1.0925484305920792 * z)
+        gz += s * (-1.0925484305920792 * x)
+        bk = 0.5462742152960396 * (xx - yy)
+        s = (tl.load(cb + 8 * sk, mask=m, other=0.0) * gr + tl.load(cb + 8 * sk + sc, mask=m, other=0.0) * gg
+             + tl.load(cb + 8 * sk + 2 * sc, mask=m, other=0.0) * gb)
+        tl.store(gcoef_ptr + g * (K * 3) + 24, bk * gr, mask=m)
+        tl.store(gcoef_ptr + g * (K * 3) + 25, bk * gg, mask=m)
+        tl.store(gcoef_ptr + g * (K * 3) + 26, bk * gb, mask=m)
+        gx += s * (2.0 * 0.5462742152960396 * x)
+        gy += s * (-2.0 * 0.5462742152960396 * y)
+    if DEG >= 3:
+        bk = -0.5900435899266435 * y * (3.0 * xx - yy)
+        s = (tl.load(cb + 9 * sk, mask=m, other=0.0) * gr + tl.load(cb + 9 * sk + sc, mask=m, other=0.0) * gg
+             + tl.load(cb + 9 * sk + 2 * sc, mask=m, other=0.0) * gb)
+        tl.store(gcoef_ptr + g * (K * 3) + 27, bk * gr, mask=m)
+        tl.store(gcoef_ptr + g * (K * 3) + 28, bk * gg, mask=m)
+        tl.store(gcoef_ptr + g * (K * 3) + 29, bk * gb, mask=m)
+        gx += s * (6.0 * -0.5900435899266435 * x * y)
+        gy += s * (-0.5900435899266435 * (3.0 * xx - 3.0 * yy))
+        bk = 2.890611442640554 * x * y * z
+        s = (tl.load(cb + 10 * sk, mask=m, other=0.0) * gr + tl.load(cb + 10 * sk + sc, mask=m, other=0.0) * gg
+             + tl.load(cb + 10 * sk + 2 * sc, mask=m, other=0.0) * gb)
+        tl.store(gcoef_ptr + g * (K * 3) + 30, bk * gr, mask=m)
+        tl.store(gcoef_ptr + g * (K * 3) + 31, bk * gg, mask=m)
+        tl.store(gcoef_ptr + g * (K * 3) + 32, bk * gb, mask=m)
+        gx += s * (2.890611442640554 * y * z)
+        gy += s * (2.890611442640554 * x * z)
+        gz += s * (2.890611442640554 * x * y)
+        bk = -0.4570457994644658 * y * (4.0 * zz - xx - yy)
+        s = (tl.load(cb + 11 * sk, mask=m, other=0.0) * gr + tl.load(cb + 11 * sk + sc, mask=m, other=0.0) * gg
+             + tl.load(cb + 11 * sk + 2 * sc, mask=m, other=0.0) * gb)
+        tl.store(gcoef_ptr + g * (K * 3) + 33, bk * gr, mask=m)
+        tl.store(gcoef_ptr + g * (K * 3) + 34, bk * gg, mask=m)
+        tl.store(gcoef_ptr + g * (K * 3) + 35, bk * gb, mask=m)
+        gx += s * (-2.0 * -0.4570457994644658 * x * y)
+        gy += s * (-0.4570457994644658 * (4.0 * zz - xx - 3.0 * yy))
+        gz += s * (8.0 * -0.4570457994644658 * y * z)
+        bk = 0.3731763325901154 * z * (2.0 * zz - 3.0 * xx - 3.0 * yy)
+        s = (tl.load(cb + 12 * sk, mask=m, other=0.0) * gr + tl.load(cb + 12 * sk + sc, mask=m, other=0.0) * gg
+             + tl.load(cb + 12 * sk + 2 * sc, mask=m, other=0.0) * gb)
+        tl.store(gcoef_ptr + g * (K * 3) + 36, bk * gr, mask=m)
+        tl.store(gcoef_ptr + g * (K * 3) + 37, bk * gg, mask=m)
+        tl.store(gcoef_ptr + g * (K * 3) + 38, bk * gb, mask=m)
+        gx += s * (-6.0 * 0.3731763325901154 * x * z)
+        gy += s * (-6.0 * 0.3731763325901154 * y * z)
+        gz += s * (0.3731763325901154 * (6.0 * zz - 3.0 * xx - 3.0 * yy))
+        bk = -0.4570457994644658 * x * (4.0 * zz - xx - yy)
+        s = (tl.load(cb + 13 * sk, mask=m, other=0.0) * gr + tl.load(cb + 13 * sk + sc, mask=m, other=0.0) * gg
+             + tl.load(cb + 13 * sk + 2 * sc, mask=m, other=0.0) * gb)
+        tl.store(gcoef_ptr + g * (K * 3) + 39, bk * gr, mask=m)
+        tl.store(gcoef_ptr + g * (K * 3) + 40, bk * gg, mask=m)
+        tl.store(gcoef_ptr + g * (K * 3) + 41, bk * gb, mask=m)
+        gx += s * (-0.4570457994644658 * (4.0 * zz - 3.0 * xx - yy))
+        gy += s * (-2.0 * -0.4570457994644658 * x * y)
+        gz += s * (8.0 * -0.4570457994644658 * x * z)
+        bk = 1.445305721320277 * z * (xx - yy)
+        s = (tl.load(cb + 14 * sk, mask=m, other=0.0) * gr + tl.load(cb + 14 * sk + sc, mask=m, other=0.0) * gg
+             + tl.load(cb + 14 * sk + 2 * sc, mask=m, other=0.0) * gb)
+        tl.store(gcoef_ptr + g * (K * 3) + 42, bk * gr, mask=m)
+        tl.store(gcoef_ptr + g * (K * 3) + 43, bk * gg, mask=m)
+        tl.store(gcoef_ptr + g * (K * 3) + 44, bk * gb, mask=m)
+        gx += s * (2.0 * 1.445305721320277 * x * z)
+        gy += s * (-2.0 * 1.445305721320277 * y * z)
+        gz += s * (1.445305721320277 * (xx - yy))
+        bk = -0.5900435899266435 * x * (xx - 3.0 * yy)
+        s = (tl.load(cb + 15 * sk, mask=m, other=0.0) * gr + tl.load(cb + 15 * sk + sc, mask=m, other=0.0) * gg
+             + tl.load(cb + 15 * sk + 2 * sc, mask=m, other=0.0) * gb)
+        tl.store(gcoef_ptr + g * (K * 3) + 45, bk * gr, mask=m)
+        tl.store(gcoef_ptr + g * (K * 3) + 46, bk * gg, mask=m)
+        tl.store(gcoef_ptr + g * (K * 3) + 47, bk * gb, mask=m)
+        gx += s * (-0.5900435899266435 * (3.0 * xx - 3.0 * yy))
+        gy += s * (-6.0 * -0.5900435899266435 * x * y)
+    # through the normalisation dir = v / |v|
+    dot = gx * x + gy * y + gz * z
+    tl.store(gmeans_ptr + g * 3 + 0, (gx - x * dot) / nrm, mask=m)
+    tl.store(gmeans_ptr + g * 3 + 1, (gy - y * dot) / nrm, mask=m)
+    tl.store(gmeans_ptr + g * 3 + 2, (gz - z * dot) / nrm, mask=m)
+
+
+# ----------------------------------------------------------------------------- capacity state
+
+
+class _Capacity:
+    """Pair-buffer capacity of one (B, N, W, H, device) and the largest need seen (on the device)."""
+
+    def __init__(self, cap: int, device):
+        self.cap = cap
+        self.need = torch.zeros((), dtype=torch.int32, device=device)
+        self._host = None
+        self._event = None
+
+    def grow_to(self, need: int) -> bool:
+        if need <= self.cap:
+            return False
+        self.cap = int(need * _CAPACITY_MARGIN) + _CAPACITY_SLACK
+        _GENERATION[0] += 1
+        return True
+
+    def poll(self) -> None:
+        """Grow from the last eager call's need if its copy has landed; never blocks."""
+        if self._event is not None and self._event.query():
+            self.grow_to(int(self._host.item()))
+            self._event = None
+
+    def post(self) -> None:
+        """Start an asynchronous copy of the need to the host (CUDA, outside graph capture)."""
+        if self.need.device.type != "cuda" or self._event is not None or _capturing(self.need.device):
+            return
+        if self._host is None:
+            self._host = torch.zeros((), dtype=torch.int32, pin_memory=True)
+        self._host.copy_(self.need, non_blocking=True)
+        self._event = torch.cuda.Event()
+        self._event.record()
+
+
+_CAPS: dict[tuple, _Capacity] = {}
+_GENERATION = [0]  # bumped whenever a capacity grows: graphs captured before are stale
+
+
+def generation() -> int:
+    """Changes whenever a pair buffer has grown; re-capture graphs that were captured before."""
+    return _GENERATION[0]
+
+
+def watch_overflow() -> int:
+    """Non-blocking overflow watch for callers that replay captured graphs: starts an async copy
+    of each buffer's need and grows any whose previous copy shows an overflow. Returns generation()."""
+    for c in _CAPS.values():
+        c.poll()
+        c.post()
+    return _GENERATION[0]
+
+
+def check_overflow() -> bool:
+    """Read every buffer's largest need (one host sync), grow those that overflowed.
+
+    Returns True when any grew: frames since the last check were rendered
+    correctly but by the slow path, and CUDA graphs captured with the old
+    capacity should be captured again to get the fast path back.
+    """
+    grew = False
+    for c in _CAPS.values():
+        grew |= c.grow_to(int(c.need.item()))
+    return grew
+
+
+def _capturing(device) -> bool:
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
+# ----------------------------------------------------------------------------- per Gaussian
+
+
+def _project(means, quats, scales, opacities, viewmats, Ks, W, H, near, far, eps2d):
+    """EWA projection of all B*N Gaussians (culled ones masked, not removed): differentiable
+    mx, my, conic (A, B, C), opacity, depth, plus ok [G] and radii [B,N] (as torch_ref)."""
+    B, N = means.shape[:2]
+    dev = means.device
+    Rw = viewmats[:, :3, :3]
+    mean_c = (means @ Rw.transpose(1, 2) + viewmats[:, None, :3, 3]).reshape(B * N, 3)
+    x, y, z = mean_c.unbind(-1)
+    with torch.no_grad():
+        front = (z >= near) & (z <= far)
+    # culled Gaussians get harmless values so that nothing below divides by a bad depth (no NaN grads)
+    z = torch.where(front, z, torch.ones_like(z))
+    b = torch.div(torch.arange(B * N, device=dev), N, rounding_mode="floor")  # image of each Gaussian
+    K = Ks.index_select(0, b)
+    fx, fy, cx, cy = K[:, 0, 0], K[:, 1, 1], K[:, 0, 2], K[:, 1, 2]
+    lim_x_pos = (W - cx) / fx + 0.15 * W / fx
+    lim_x_neg = cx / fx + 0.15 * W / fx
+    lim_y_pos = (H - cy) / fy + 0.15 * H / fy
+    lim_y_neg = cy / fy + 0.15 * H / fy
+    rz = 1.0 / z
+    tx = z * torch.clamp(x * rz, min=-lim_x_neg, max=lim_x_pos)
+    ty = z * torch.clamp(y * rz, min=-lim_y_neg, max=lim_y_pos)
+    Wv = Rw.index_select(0, b)
+    T0 = (fx * rz)[:, None] * Wv[:, 0] - (fx * tx * rz * rz)[:, None] * Wv[:, 2]
+    T1 = (fy * rz)[:, None] * Wv[:, 1] - (fy * ty * rz * rz)[:, None] * Wv[:, 2]
+    M = quaternion_to_matrix(quats.reshape(-1, 4)) * scales.reshape(-1, 3)[:, None, :]
+    U = torch.bmm(torch.stack([T0, T1], 1), M)
+    cov = torch.bmm(U, U.transpose(1, 2))
+    a = cov[:, 0, 0] + eps2d
+    bb = cov[:, 0, 1]
+    c = cov[:, 1, 1] + eps2d
+    det = a * c - bb * bb
+    mx = fx * x * rz + cx
+    my = fy * y * rz + cy
+    o = opacities.reshape(-1)
+    with torch.no_grad():
+        ok = front & (det > 0) & (o >= ALPHA_THRESHOLD)
+        extend = torch.sqrt(2.0 * torch.log(o.clamp_min(ALPHA_THRESHOLD) / ALPHA_THRESHOLD)).clamp_max(_EXTEND_MAX)
+        rx = torch.ceil(extend * a.clamp_min(0).sqrt())
+        ry = torch.ceil(extend * c.clamp_min(0).sqrt())
+        ok &= (rx > 0) | (ry > 0)
+        ok &= (mx + rx > 0) & (mx - rx < W) & (my + ry > 0) & (my - ry < H)
+        lam = 0.5 * (a + c) + torch.sqrt((0.5 * (a - c)) ** 2 + bb * bb)
+        radii = torch.where(ok, torch.ceil(3.0 * lam.clamp_min(0).sqrt()), torch.zeros_like(lam)).to(torch.int32)
+        # tiles that the box [m - r, m + r] touches (inclusive), empty for culled Gaussians
+        TXn, TYn = (W + TILE - 1) // TILE, (H + TILE - 1) // TILE
+        mxd, myd = mx.detach(), my.detach()
+        tx0 = torch.floor((mxd - rx) / TILE).clamp(0, TXn - 1)
+        tx1 = torch.floor((mxd + rx) / TILE).clamp(0, TXn - 1)
+        ty0 = torch.floor((myd - ry) / TILE).clamp(0, TYn - 1)
+        ty1 = torch.floor((myd + ry) / TILE).clamp(0, TYn - 1)
+        # culled: an empty rectangle (x0 > x1), built without a host-to-device copy (graph capture)
+        rect = torch.stack([torch.where(ok, tx0, 1.0), torch.where(ok, ty0, 1.0), torch.where(ok, tx1, 0.0),
+                            torch.where(ok, ty1, 0.0)], 1).to(torch.int32)
+        count = torch.where(ok, (tx1 - tx0 + 1) * (ty1 - ty0 + 1), torch.zeros_like(tx0)).to(torch.int32)
+    det = torch.where(ok, det, torch.ones_like(det))
+    inv = 1.0 / det
+    return {"mx": mx, "my": my, "A": c * inv, "B": -bb * inv, "C": a * inv, "opacity": o, "depth": z,
+            "ok": ok, "rect": rect, "count": count, "radii": radii.view(B, N)}
+
+
+class _Project(torch.autograd.Function):
+    """The fused projection kernel (forward and its hand-written backward): means, quats, scales,
+    opacities -> params [6,G] (mx, my, conic A, B, C, opacity) and depth [G]; rect, count, radii
+    ride along without gradients.  Cameras get no gradient (the torch path is used when they need one)."""
+
+    @staticmethod
+    def forward(ctx, means, quats, scales, opac, viewmats, Ks, W, H, near, far, eps2d):
+        B, N = means.shape[:2]
+        G = B * N
+        dev = means.device
+        means, quats, scales = means.contiguous(), quats.contiguous(), scales.contiguous()
+        opac, viewmats, Ks = opac.contiguous(), viewmats.contiguous(), Ks.contiguous()
+        params = torch.empty(6, G, dtype=torch.float32, device=dev)
+        z = torch.empty(G, dtype=torch.float32, device=dev)
+        rect = torch.empty(G, 4, dtype=torch.int32, device=dev)
+        count = torch.empty(G, dtype=torch.int32, device=dev)
+        radii = torch.empty(G, dtype=torch.int32, device=dev)
+        TXn, TYn = (W + TILE - 1) // TILE, (H + TILE - 1) // TILE
+        BLOCK = 128
+        _project_fwd_kernel[(triton.cdiv(G, BLOCK),)](means, quats, scales, opac, viewmats, Ks, params, z, rect, count, radii,
+                                                      G, N, W, H, TXn, TYn, near, far, eps2d, BLOCK=BLOCK, TS=TILE)
+        ctx.save_for_backward(means, quats, scales, viewmats, Ks, count)
+        ctx.meta = (B, N, W, H, near, far, eps2d)
+        ctx.mark_non_differentiable(rect, count, radii)
+        return params, z, rect, count, radii
+
+    @staticmethod
+    def backward(ctx, gparams, gz, _r, _c, _d):
+        means, quats, scales, viewmats, Ks, count = ctx.saved_tensors
+        B, N, W, H, near, far, eps2d = ctx.meta
+        G = B * N
+        gparams = torch.zeros(6, G, dtype=torch.float32, device=means.device) if gparams is None else gparams.contiguous()
+        gz = torch.zeros(G, dtype=torch.float32, device=means.device) if gz is None else gz.contiguous()
+        gm, gq, gs = torch.empty_like(means), torch.empty_like(quats), torch.empty_like(scales)
+        go = torch.empty(B, N, dtype=torch.float32, device=means.device)
+        BLOCK = 128
+        _project_bwd_kernel[(triton.cdiv(G, BLOCK),)](means, quats, scales, viewmats, Ks, count, gparams, gz, gm, gq, gs, go,
+                                                      G, N, W, H, near, far, eps2d, BLOCK=BLOCK)
+        return gm, gq, gs, go, None, None, None, None, None, None, None
+
+
+def _project_fused(means, quats, scales, opacities, viewmats, Ks, W, H, near, far, eps2d):
+    """_project's result from the fused kernel."""
+    B, N = means.shape[:2]
+    params, z, rect, count, radii = _Project.apply(means, quats, scales, opacities, viewmats, Ks, W, H, near, far, eps2d)
+    return {"params": params, "depth": z, "rect": rect, "count": count, "radii": radii.view(B, N),
+            "ok": count > 0}
+
+
+class _SH(torch.autograd.Function):
+    """Fused SH colours (sh.py's basis): coefficients [B,N,K,3] (any strides), means [B,N,3],
+    viewmats [B,4,4] -> colours [B*N,3] = max(SH + 0.5, 0); the cameras get no gradient."""
+
+    @staticmethod
+    def forward(ctx, coeffs, means, viewmats, degree):
+        B, N, K = coeffs.shape[:3]
+        G = B * N
+        means, viewmats = means.contiguous(), viewmats.contiguous()
+        out = torch.empty(G, 3, dtype=torch.float32, device=means.device)
+        BLOCK = 128
+        _sh_fwd_kernel[(triton.cdiv(G, BLOCK),)](coeffs, *coeffs.stride(), means, viewmats, out, G, N, DEG=degree, BLOCK=BLOCK)
+        ctx.save_for_backward(coeffs, means, viewmats, out)
+        ctx.degree = degree
+        return out
+
+    @staticmethod
+    def backward(ctx, gcol):
+        coeffs, means, viewmats, out = ctx.saved_tensors
+        B, N, K = coeffs.shape[:3]
+        G = B * N
+        gcoef = torch.zeros(B, N, K, 3, dtype=torch.float32, device=means.device)
+        gmeans = torch.empty_like(means)
+        BLOCK = 128
+        _sh_bwd_kernel[(triton.cdiv(G, BLOCK),)](coeffs, *coeffs.stride(), means, viewmats, out, gcol.contiguous(), gcoef, gmeans,
+                                                 G, N, K, DEG=ctx.degree, BLOCK=BLOCK)
+        return gcoef, gmeans, None, None
+
+
+# ----------------------------------------------------------------------------- binning
+
+
+def _bin(proj, B, N, W, H, state: _Capacity | None, device):
+    """Depth order per image, the pair buffer sorted by tile, tile ranges and the overflow flag."""
+    G = B * N
+    TXn, TYn = (W + TILE - 1) // TILE, (H + TILE - 1) // TILE
+    TPI = TXn * TYn
+    with torch.no_grad():
+        z = torch.where(proj["ok"], proj["depth"].detach(), torch.full_like(proj["depth"], float("inf")))
+        _, idx = torch.sort(z.view(B, N), dim=1, stable=True)
+        order = (idx + torch.arange(B, device=device)[:, None] * N).reshape(-1).to(torch.int32)
+        cnt = proj["count"].index_select(0, order.long())
+        incl = torch.cumsum(cnt, 0, dtype=torch.int32)
+        total = incl[-1]
+        if state is None:
+            # first use of this shape: size the buffer from the scene (one host read); inside a
+            # capture that cannot be read, so guess generously (an overflow is still caught)
+            need = 16 * G if _capturing(device) else int(total)
+            state = _Capacity(int(need * _CAPACITY_MARGIN) + _CAPACITY_SLACK, device)
+            _CAPS[_key(B, N, W, H, device)] = state
+        cap = state.cap
+        torch.maximum(state.need, total, out=state.need)
+        ovf = (total > cap).to(torch.int32).reshape(1)
+        keys = torch.empty(cap, dtype=torch.int32, device=device)
+        gids = torch.empty(cap, dtype=torch.int32, device=device)
+        BLOCK = 256
+        _emit_pairs_kernel[(triton.cdiv(cap, BLOCK),)](incl, order, proj["rect"], keys, gids, cap, G, N, TXn, TPI,
+                                                        LOG_G=max(1, math.ceil(math.log2(G + 1))), BLOCK=BLOCK)
+        skeys, perm = torch.sort(keys, stable=True)
+        ids_sorted = gids.index_select(0, perm)
+        ranges = torch.searchsorted(skeys, torch.arange(B * TPI + 1, dtype=torch.int32, device=device)).to(torch.int32)
+    return dict(order=order, ids=ids_sorted, ranges=ranges, ovf=ovf, rect=proj["rect"], TX=TXn, TPI=TPI, state=state)
+
+
+def _key(B, N, W, H, device):
+    return (B, N, W, H, str(device))
+
+
+# ----------------------------------------------------------------------------- compositing
+
+
+class _Raster(torch.autograd.Function):
+    """params [6,G] (mx, my, A, B, C, opacity), feats [G,DP] -> out [B*H*W, DP], T_final [B*H*W]."""
+
+    @staticmethod
+    def forward(ctx, params, feats, bins, B, N, W, H, alpha_max, chunk, num_warps, split, bwd_cfg):
+        G, DP = feats.shape
+        dev = feats.device
+        out = torch.empty(B * H * W, DP, dtype=torch.float32, device=dev)
+        tfin = torch.empty(B * H * W, dtype=torch.float32, device=dev)
+        params, feats = params.contiguous(), feats.contiguous()
+        grid = (B * bins["TPI"],)
+        _raster_fwd_kernel[grid](params, feats, bins["rect"], bins["ids"], bins["order"], bins["ranges"], bins["ovf"],
+                                 out, tfin, G, N, W, H, bins["TX"], bins["TPI"], alpha_max,
+                                 DP=DP, CH=chunk, TS=TILE, SPLIT=split, num_warps=num_warps)
+        ctx.save_for_backward(params, feats, bins["rect"], bins["ids"], bins["order"], bins["ranges"], bins["ovf"], out, tfin)
+        ctx.meta = (B, N, W, H, bins["TX"], bins["TPI"], alpha_max, bwd_cfg[0], bwd_cfg[1], split, bwd_cfg[2])
+        return out, tfin
+
+    @staticmethod
+    def backward(ctx, g_out, g_t):
+        params, feats, rect, ids, order, ranges, ovf, out, tfin = ctx.saved_tensors
+        B, N, W, H, TX, TPI, alpha_max, chunk, num_warps, split, one_reduce = ctx.meta
+        G, DP = feats.shape
+        g_out = torch.zeros_like(out) if g_out is None else g_out.contiguous().float()
+        g_t = torch.zeros_like(tfin) if g_t is None else g_t.contiguous().float()
+        gparams = torch.zeros_like(params)
+        gfeats = torch.zeros_like(feats)
+        _raster_bwd_kernel[(B * TPI,)](params, feats, rect, ids, order, ranges, ovf, out, tfin, g_out, g_t,
+                                       gparams, gfeats, G, N, W, H, TX, TPI, alpha_max,
+                                       DP=DP, CH=chunk, TS=TILE, SPLIT=split, ONE_REDUCE=split and one_reduce,
+                                       num_warps=num_warps)
+        return gparams, gfeats, None, None, None, None, None, None, None, None, None, None
+
+
+# ----------------------------------------------------------------------------- entry point
+
+
+def triton_device_ok(device) -> tuple[bool, str]:
+    device = torch.device(device)
+    if device.type == "cuda":
+        return True, "ok"
+    if interpreting():
+        return True, "ok (Triton interpreter)"
+    return False, "the triton backend needs CUDA tensors (or TRITON_INTERPRET=1 for slow CPU checks)"
+
+
+@register_backend("triton")
+def render_triton(means, quats, scales, opacities, colors, viewmats, Ks, width: int, height: int,
+                  sh_degree: int | None = None, backgrounds=None, near: float = 0.01, far: float = 1e10,
+                  eps2d: float = 0.3, alpha_max: float = 0.99, chunk: int = 8, num_warps: int = 4, chunk_bwd: int = 8,
+                  num_warps_bwd: int = 4, fused_projection: bool = True, split_channels: bool = True, one_reduce: bool = False,
+                  **kw) -> RenderOutput:
+    """Render B frames with the Triton tile rasteriser; same arguments as ``render_torch``.
+
+    ``chunk`` (Gaussians composited per step of a tile program, a power of two) and
+    ``num_warps`` (per tile program), and ``chunk_bwd``/``num_warps_bwd`` for the backward
+    pass, change speed only (defaults: the fastest of a sweep on an H100, docs/BENCHMARKS.md); ``fused_projection=False`` projects
+    with plain torch ops instead of the fused kernel (same results; for checks);
+    ``split_channels``: per-channel accumulators when there are 3 colour channels (speed only);
+    ``one_reduce``: the backward's per-Gaussian sums as one multi-operand reduction (with
+    split channels; same results; not yet timed on a GPU, hence off by default).
+    """
+    unknown = set(kw) - _FOREIGN_OPTIONS
+    if unknown:
+        raise TypeError(f"render_triton got unexpected options {sorted(unknown)}")
+    ok, why = triton_device_ok(means.device)
+    if not ok:
+        raise UserError(why)
+    width, height = int(width), int(height)
+    opacities = _check_inputs(means, quats, scales, opacities, colors, viewmats, Ks, width, height, sh_degree, backgrounds,
+                              alpha_max)
+    out_dtype = means.dtype
+    f32 = lambda t: t if t is None or t.dtype == torch.float32 else t.float()  # noqa: E731
+    means, quats, scales, opacities, colors, viewmats, Ks = map(f32, (means, quats, scales, opacities, colors, viewmats, Ks))
+    B, N = means.shape[:2]
+    dev = means.device
+    if B * N == 0:  # nothing to bin: background only
+        from headavatar.render.gaussians.torch_ref import render_torch
+
+        return render_torch(means, quats, scales, opacities, colors, viewmats, Ks, width, height, sh_degree=sh_degree,
+                            backgrounds=backgrounds, near=near, far=far, eps2d=eps2d, alpha_max=alpha_max)
+
+    # the fused kernel unless the cameras themselves need gradients (then plain torch ops)
+    if fused_projection and not (viewmats.requires_grad or Ks.requires_grad):
+        proj = _project_fused(means, quats, scales, opacities, viewmats, Ks, width, height, near, far, eps2d)
+        params = proj["params"]
+    else:
+        proj = _project(means, quats, scales, opacities, viewmats, Ks, width, height, near, far, eps2d)
+        params = torch.stack([proj[k] for k in ("mx", "my", "A", "B", "C", "opacity")], 0)
+    state = _CAPS.get(_key(B, N, width, height, dev))
+    eager = not _capturing(dev)
+    if state is not None and eager:
+        state.poll()
+    bins = _bin(proj, B, N, width, height, state, dev)
+    if eager:
+        bins["state"].post()
+
+    if sh_degree is not None and fused_projection and not viewmats.requires_grad:
+        cols = _SH.apply(colors, means, viewmats, int(sh_degree))  # [G, 3]
+    else:
+        cols = _candidate_colors(means, colors, viewmats, sh_degree, None, N)  # [G, D]
+    D = cols.shape[1]
+    DP = max(2, triton.next_power_of_2(D + 1))
+    parts = [cols, proj["depth"][:, None]]
+    if DP > D + 1:
+        parts.append(cols.new_zeros(B * N, DP - D - 1))
+    feats = torch.cat(parts, 1)
+    out, tfin = _Raster.apply(params, feats, bins, B, N, width, height, float(alpha_max), int(chunk), int(num_warps),
+                              bool(split_channels and DP == 4), (int(chunk_bwd), int(num_warps_bwd), bool(one_reduce)))
+    out = out.view(B, height, width, DP)
+    alpha = (1.0 - tfin).view(B, height, width, 1)
+    rgb = out[..., :D]
+    if backgrounds is not None:
+        rgb = rgb + (1.0 - alpha) * backgrounds[:, None, None, :].float()
+    depth = out[..., D:D + 1] / alpha.clamp_min(1e-10)
+    cast = lambda t: t.to(out_dtype).contiguous()  # noqa: E731
+    return RenderOutput(rgb=cast(rgb), alpha=cast(alpha), depth=cast(depth), radii=proj["radii"])
