@@ -1,6 +1,6 @@
 """The real-video protocol (docs/METRICS.md): track, train FlashAvatar, score the held-out end of each clip.
 
-    python benchmarks/real_video.py [VIDEO_DIR] -o WORK_DIR [--subjects DIR] [--iterations 7000]
+    python benchmarks/real_video.py [VIDEO_DIR] -o WORK_DIR [--subjects DIR] [--iterations 2500]
         [--batch-size 8] [--resolution 512] [--device auto] [--set KEY=VALUE ...] [--label NAME]
         [--concurrent N] [--storage compact|frames] [--no-lpips]
 
@@ -147,7 +147,7 @@ def parse(argv=None):
     ap.add_argument("videos", nargs="?", default=str(DEFAULT_VIDEOS), help="folder of videos (default ../shared/videos)")
     ap.add_argument("-o", "--output", required=True, help="work folder: subjects/, runs/LABEL/, results_LABEL.json/.md")
     ap.add_argument("--subjects", help="folder of already tracked subjects (STEM/ or base_STEM/) to reuse")
-    ap.add_argument("--iterations", type=int, default=7000)
+    ap.add_argument("--iterations", type=int, default=2500)
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--resolution", type=int, default=512)
     ap.add_argument("--device", default="auto")
