@@ -184,11 +184,12 @@ class Trainer:
         pbar = tqdm(total=loop.iterations, initial=start, disable=not self.progress, desc=f"train {r.name}", unit="it", dynamic_ncols=True)
         t0 = time.perf_counter() - elapsed
         sums = _Sums(r.device)
-        it = start
+        it = done = start  # done: the last step whose update finished (what Ctrl-C saves)
         try:
             while it < loop.iterations:
                 it += 1
                 sums.add(r.step(it))
+                done = it
                 pbar.update(1)
 
                 out_of_time = loop.max_seconds > 0 and it % TIME_CHECK_EVERY == 0 and time.perf_counter() - t0 >= loop.max_seconds
@@ -197,7 +198,7 @@ class Trainer:
                     row = r.curve_row(it, sums.means(), time.perf_counter() - t0)
                     problem = f"the loss became {row['loss']}" if not math.isfinite(row["loss"]) else r.health(row)
                     if problem:
-                        it = self._recover(problem, it)
+                        it = done = self._recover(problem, it)
                         pbar.n = it
                         pbar.refresh()
                         sums = _Sums(r.device)
@@ -214,7 +215,7 @@ class Trainer:
                 if it % loop.checkpoint_every == 0 or last:
                     # never checkpoint a diverged model: recovery goes back to checkpoints
                     if (sums.n and not bool(torch.isfinite(sums.loss))) or not r.finite():
-                        it = self._recover("the loss or the model became non-finite", it)
+                        it = done = self._recover("the loss or the model became non-finite", it)
                         pbar.n = it
                         pbar.refresh()
                         sums = _Sums(r.device)
@@ -224,8 +225,8 @@ class Trainer:
                     break
         except KeyboardInterrupt:
             # keep what was learned; the run resumes from here with --resume
-            if it > start:
-                self._save(it, time.perf_counter() - t0)
+            if done > start:
+                self._save(done, time.perf_counter() - t0)
             raise
         finally:
             pbar.close()
