@@ -119,7 +119,6 @@ def relight_run(run_dir, envmap, out_path, device="auto", frames: str = "all", b
     if not idx_all:
         raise UserError("no frames to relight")
     H, W = avatar.size
-    shape = torch.as_tensor(tr.shape, dtype=torch.float32, device=dev)
     first: dict | None = None
     grid_frames: list[np.ndarray] = []
 
@@ -130,12 +129,11 @@ def relight_run(run_dir, envmap, out_path, device="auto", frames: str = "all", b
         for s in range(0, n, batch_size):
             ii = np.array(idx_all[s : s + batch_size])
             params = tr.params(ii, dev)
-            params["shape"] = shape[None].expand(len(ii), -1)
             cams = tr.cameras(ii, subj.height, subj.width, dev).resized(H, W)
             for j in range(len(ii)):
                 k = s + j
                 light = light0.rotated(spin * k / max(1, n - 1)) if spin else light0
-                one = {key: (v[j : j + 1] if isinstance(v, torch.Tensor) else {kk: vv[j : j + 1] for kk, vv in v.items()}) for key, v in params.items()}
+                one = params[j]
                 res = relight_frames(avatar, one, cams[j], light, bgs[background], intrinsics, light_frame, scale)
                 if intrinsics:
                     row1 = torch.cat([res["rgb"][0], res["albedo"][0], res["roughness"][0], res["specular"][0]], 1)

@@ -209,6 +209,7 @@ class FlareRecipe:
         self.light_frame = resolve_light_frame(cfg, self.subject)
         self.sched = Schedule.make(cfg)
         self.tr = self.subject.tracking
+        self.dtr = self.tr.on_device(self.device)  # indexed on the device: no host-to-device copy per step
         self.train_idx = self.subject.split["train"]
         self.test_idx = self.subject.split.get("test", [])
 
@@ -291,9 +292,9 @@ class FlareRecipe:
 
         batch = next(self.batches)
         tgt = flare_targets(batch, self.device)
-        idx = batch["index"].numpy()
-        params = self.tr.params(idx, self.device)
-        cams = self.tr.cameras(idx, self.subject.height, self.subject.width, self.device).resized(*self.size)
+        idx = batch["index"]
+        params = self.dtr.params(idx)
+        cams = self.dtr.cameras(idx, self.subject.height, self.subject.width).resized(*self.size)
         out = model.render(params, cams, light_frame=self.light_frame)
         loss, terms = compute_losses(model, out, tgt, cfg, self.reg, stage, local, scale, reg_factor, self.perceptual, self.light_frame)
         for o in self.opts:
