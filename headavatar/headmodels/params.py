@@ -15,12 +15,8 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 import torch
-
-if TYPE_CHECKING:
-    from headavatar.headmodels.base import HeadModel
 
 _FIELDS = ("shape", "expression", "joint_rotations", "translation", "extras")
 
@@ -45,10 +41,11 @@ class FrameParams:
         return cls(p.get("shape"), p["expression"], p["joint_rotations"], p.get("translation"), dict(p.get("extras") or {}))
 
     @classmethod
-    def neutral(cls, head: "HeadModel", batch: int = 1, device=None, extras: dict[str, int] | None = None,
+    def neutral(cls, head, batch: int = 1, device=None, extras: dict[str, int] | None = None,
                 shape: torch.Tensor | None = None) -> "FrameParams":
-        """Rest pose, zero expression and translation, zero extras (``extras``: name -> size; default the head
-        model's post-skinning extras).  ``shape`` [S] keeps an identity (default: the mean one)."""
+        """For ``head`` (a HeadModel; not imported here, base.py imports this module): rest pose, zero
+        expression and translation, zero extras (``extras``: name -> size; default the head model's
+        post-skinning extras).  ``shape`` [S] keeps an identity (default: the mean one)."""
         dev = head.template.device if device is None else torch.device(device)
         z = lambda *s: torch.zeros(*s, device=dev)  # noqa: E731
         sizes = head.extras_sizes() if extras is None else extras
