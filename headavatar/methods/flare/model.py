@@ -312,7 +312,7 @@ class FlareModel(nn.Module):
         E, P, W = self.deformer(x_c)
         return x_c, E, P, W
 
-    def posed(self, params: dict, deformation=None) -> tuple[torch.Tensor, tuple]:
+    def posed(self, params: FrameParams, deformation=None) -> tuple[torch.Tensor, tuple]:
         d = deformation if deformation is not None else self.deformation()
         frame = self.prior.frame_inputs(params, self.scale)
         return deform(d[0], d[1], d[2], d[3], self.prior, frame), d

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from headavatar.errors import UserError
+from headavatar.headmodels.params import FrameParams
 from headavatar.lighting.color import linear_to_srgb, srgb_to_linear
 from headavatar.lighting.envmap import load_light
 from headavatar.methods.flare.shading import composite
@@ -43,7 +44,7 @@ def _to_image(vals: torch.Tensor, pix: torch.Tensor, B: int, H: int, W: int, fil
 
 
 @torch.no_grad()
-def relight_frames(avatar, params: dict, cameras, light, background=None, intrinsics: bool = False, light_frame: str = "world",
+def relight_frames(avatar, params: FrameParams, cameras, light, background=None, intrinsics: bool = False, light_frame: str = "world",
                    material_scale: torch.Tensor | None = None) -> dict:
     """Relit frames {"rgb" [B,H,W,3] sRGB, "alpha", "linear" (premultiplied radiance)} (+ intrinsic maps).
 
@@ -183,8 +184,7 @@ def evaluate_relighting(run_dir, envmap="sky", device="auto", frames: str = "tes
     from headavatar.lighting.envmap import EnvMapLighting
     from headavatar.methods import load_avatar
     from headavatar.methods.flare.calibration import exposure_scale
-    from headavatar.subjects.synthetic import capture_lighting
-    from headavatar.subjects.synthetic import render_synthetic_frames
+    from headavatar.subjects.synthetic import capture_lighting, render_synthetic_frames
     from headavatar.utils.io import write_image, write_json
 
     avatar = load_avatar(run_dir, device)
