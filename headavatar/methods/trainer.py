@@ -49,7 +49,7 @@ class StepOutput:
 
 @dataclass
 class LoopSettings:
-    """The cadence fields every method config has (max_seconds is optional)."""
+    """The cadence fields of a method's config (preview_every, eval_every and max_seconds are optional: 0 = off)."""
 
     iterations: int
     seed: int
@@ -61,8 +61,8 @@ class LoopSettings:
 
     @classmethod
     def of(cls, cfg) -> "LoopSettings":
-        s = cls(cfg.iterations, cfg.seed, cfg.log_every, cfg.checkpoint_every, cfg.preview_every, cfg.eval_every,
-                float(getattr(cfg, "max_seconds", 0.0) or 0.0))
+        s = cls(cfg.iterations, cfg.seed, cfg.log_every, cfg.checkpoint_every, int(getattr(cfg, "preview_every", 0) or 0),
+                int(getattr(cfg, "eval_every", 0) or 0), float(getattr(cfg, "max_seconds", 0.0) or 0.0))
         if s.iterations < 1:
             raise UserError("--iterations must be at least 1")
         for name in ("log_every", "checkpoint_every"):
