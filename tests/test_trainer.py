@@ -188,3 +188,34 @@ def test_resume_on_cuda(tmp_path):
         out = RunDir(run).resume(asked, torch.device("cuda"), progress=False)
         assert (out is None) == (asked == 12)
         assert torch.equal(torch.get_rng_state(), saved)
+
+
+@pytest.mark.parametrize("poison_at", [3, 7])  # before the first checkpoint (a fresh start), after it (back to it)
+def test_flashavatar_recipe_recovers_when_allowed(tmp_path, monkeypatch, poison_at):
+    """FlashAvatar stops at the first divergence (max_recoveries = 0); its recipe still restarts
+    correctly when a caller allows recoveries: fresh model or the checkpoint, learning rates halved."""
+    import headavatar.methods.flashavatar.train as fa_train
+    from headavatar.config import apply_overrides
+    from headavatar.methods.flashavatar.config import FlashAvatarConfig
+    from headavatar.subjects.synthetic import make_synthetic_subject
+
+    subj = tmp_path / "s"
+    make_synthetic_subject(subj, num_frames=6, resolution=32, progress=False)
+    real, calls = fa_train.huber, {"n": 0}
+
+    def once(pred, gt, delta):
+        calls["n"] += 1
+        out = real(pred, gt, delta)
+        return out * float("nan") if calls["n"] == 2 * poison_at - 1 else out  # two huber terms per step
+
+    monkeypatch.setattr(fa_train, "huber", once)
+    cfg = apply_overrides(FlashAvatarConfig(), {"iterations": 8, "uv_resolution": 16, "mlp_width": 16, "resolution": 32, "lpips_weight": 0.0,
+                                                "log_every": 1, "checkpoint_every": 5, "preview_every": 0, "device": "cpu"})
+    run = RunDir(tmp_path / "run")
+    recipe = fa_train.FlashAvatarRecipe(subj, run, cfg)
+    recipe.max_recoveries = 1
+    Trainer(recipe, run, progress=False).fit()
+    state = run.load_checkpoint()[1]
+    assert state["step"] == 8 and state["recoveries"] == 1 and state["lr_scale"] == 0.5
+    assert [g["lr"] for g in recipe.opt.param_groups][0] == pytest.approx(0.5 * cfg.lr_mlp)
+    assert [r["step"] for r in _rows(tmp_path / "run")] == list(range(1, 9))

@@ -252,4 +252,5 @@ class Trainer:
             torch.manual_seed(self.loop.seed + self.recoveries)  # a different initialisation
             r.reset(self.lr_scale)
         r.restart_data(step)
+        self.run.truncate_curves(step)  # rows logged past it are replaced by the rerun's (as a resume does)
         return step

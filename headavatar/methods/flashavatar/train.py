@@ -80,6 +80,8 @@ class FlashAvatarRecipe:
 
     def reset(self, lr_scale: float) -> None:
         self.build()
+        self._initialize()
+        self._graph_frame_inputs()
         _scale_lr(self.opt, lr_scale)
 
     def run_info(self) -> dict:
@@ -116,19 +118,27 @@ class FlashAvatarRecipe:
 
     # ------------------------------------------------------------------ data
     def prepare(self, start: int, resumed: bool) -> None:
-        cfg, device, subject, model = self.cfg, self.device, self.subject, self.model
+        cfg, device, subject = self.cfg, self.device, self.subject
         self.restart_data(start)
         if not resumed:
-            first = next(iter(torch.utils.data.DataLoader(self.data, batch_size=1, sampler=InfiniteSampler(len(self.data), seed=cfg.seed), collate_fn=collate)))
-            model.initialize_from_frame(self.tr.params(first["index"].numpy(), device))
+            self._initialize()
         self.lpips_net = None
         if cfg.lpips_weight > 0 and cfg.lpips_start <= cfg.iterations:
             from headavatar.metrics.lpips import LPIPS
 
             self.lpips_net = LPIPS(net="vgg").to(device)
         self.eval_set = heldout_sample(subject, self.test_idx, cfg.eval_frames if cfg.eval_every > 0 else 0, self.size)
+        self._graph_frame_inputs()
+
+    def _initialize(self) -> None:
+        """The reference's initialisation from the first training frame the sampler gives."""
+        sampler = InfiniteSampler(len(self.data), seed=self.cfg.seed)
+        first = next(iter(torch.utils.data.DataLoader(self.data, batch_size=1, sampler=sampler, collate_fn=collate)))
+        self.model.initialize_from_frame(self.tr.params(first["index"].numpy(), self.device))
+
+    def _graph_frame_inputs(self) -> None:
         # the head model's forward (no gradient) replayed from a CUDA graph: hundreds of small launches
-        self.frame_inputs = CudaGraphed(model.frame_inputs) if device.type == "cuda" else model.frame_inputs
+        self.frame_inputs = CudaGraphed(self.model.frame_inputs) if self.device.type == "cuda" else self.model.frame_inputs
 
     def restart_data(self, start: int) -> None:
         cfg, device = self.cfg, self.device
