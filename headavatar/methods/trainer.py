@@ -176,6 +176,10 @@ class Trainer:
         else:
             run.write_info(r.name, r.subject_dir, r.cfg, r.run_info())
         r.prepare(start, resume)
+        if resume:
+            # prepare may draw from the RNG (a loss network's initialisation before its weights load):
+            # the steps continue from the checkpoint's state, as the uninterrupted run did
+            torch.set_rng_state(state["rng"].cpu())
         self._loop(start, elapsed)
 
     # ------------------------------------------------------------------ the loop
