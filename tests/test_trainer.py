@@ -181,6 +181,25 @@ def test_resume_restores_the_cpu_rng_from_a_checkpoint_mapped_to_a_device(tmp_pa
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: a checkpoint loaded with map_location=cuda")
 def test_resume_on_cuda(tmp_path):
+    # the trainer's own resume on CUDA: the CPU and the CUDA generators come back from the GPU-mapped checkpoint
+    class OnCuda(LineRecipe):
+        def __init__(self, *a, **k):
+            super().__init__(*a, **k)
+            self.device = torch.device("cuda")
+
+        def step(self, it):
+            torch.randn(4, device="cuda")  # a draw from the CUDA generator
+            return super().step(it)
+
+    whole, part = tmp_path / "whole", tmp_path / "part"
+    Trainer(OnCuda(LineCfg(), tmp_path), RunDir(whole), progress=False).fit()
+    Trainer(OnCuda(LineCfg(iterations=8), tmp_path), RunDir(part), progress=False).fit()
+    assert "cuda_rng" in RunDir(part).load_checkpoint()[1]
+    torch.cuda.manual_seed(99)
+    Trainer(OnCuda(LineCfg(), tmp_path), RunDir(part), progress=False).fit(resume=True)
+    assert torch.equal(torch.cuda.get_rng_state(), RunDir(whole).load_checkpoint()[1]["cuda_rng"])
+    Trainer(OnCuda(LineCfg(), tmp_path), RunDir(part), progress=False).fit(resume=True)  # already done: no TypeError
+
     run = tmp_path / "run"
     Trainer(LineRecipe(LineCfg(), tmp_path), RunDir(run), progress=False).fit()
     saved = RunDir(run).load_checkpoint()[1]["rng"]

@@ -180,6 +180,8 @@ class Trainer:
             # prepare may draw from the RNG (a loss network's initialisation before its weights load):
             # the steps continue from the checkpoint's state, as the uninterrupted run did
             torch.set_rng_state(state["rng"].cpu())
+            if "cuda_rng" in state and r.device.type == "cuda":  # random draws on the GPU (e.g. jitter) too
+                torch.cuda.set_rng_state(state["cuda_rng"].cpu(), r.device)
         self._loop(start, elapsed)
 
     # ------------------------------------------------------------------ the loop
@@ -238,6 +240,8 @@ class Trainer:
     def _save(self, it: int, elapsed: float) -> None:
         state = {**self.recipe.state_dict(), "rng": torch.get_rng_state(), "step": it, "elapsed": elapsed,
                  "lr_scale": self.lr_scale, "recoveries": self.recoveries}
+        if self.recipe.device.type == "cuda":
+            state["cuda_rng"] = torch.cuda.get_rng_state(self.recipe.device)
         self.run.save_checkpoint(it, state)
 
     def _recover(self, problem: str, it: int) -> int:
