@@ -187,7 +187,7 @@ def test_regional_conditioning_frees_hair_from_the_expression_code(subjects):
     # an expression change moves some Gaussians' MLP output, never an unconditioned one's
     tr = subj.tracking
     p0 = tr.params([0])
-    p1 = {**p0, "expression": p0["expression"] + 0.5}
+    p1 = p0.replace(expression=p0.expression + 0.5)
     with torch.no_grad():
         o0 = m.mlp(m.pe, m.frame_inputs(p0)[0], m.cond_masks, m.cond_group)
         o1 = m.mlp(m.pe, m.frame_inputs(p1)[0], m.cond_masks, m.cond_group)

@@ -145,10 +145,10 @@ def test_lighting_objects(subject):
     for frame in ("head", "world"):
         cols = []
         for yaw in (-0.45, 0.45):
-            q = {k: v.clone() for k, v in p.items() if k != "extras"}
-            q["joint_rotations"][0, 0] = torch.tensor([0.0, yaw, 0.0])
+            q = p.replace(extras={}).clone()
+            q.joint_rotations[0, 0] = torch.tensor([0.0, yaw, 0.0])
             img = render_synthetic_frames(model, tex, q, cams.resized(96, 96), StudioLighting(frame=frame, specular_scale=0.0), None, 1)[0][0]
-            verts = model(q["shape"], q["expression"], q["joint_rotations"], q["translation"])
+            verts = model(q)
             uv = cams.resized(96, 96).project(model.landmarks(verts)[:, [29, 2, 14]])[0]  # nose, both cheeks
             cols.append(np.stack([img[int(v), int(u)] for u, v in uv.tolist()]).astype(float))
         diffs[frame] = np.abs(cols[0] - cols[1]).mean()

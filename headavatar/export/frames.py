@@ -8,30 +8,18 @@ head model's origin, facing +z.
 
 from __future__ import annotations
 
-import torch
-
 from headavatar.errors import UserError
+from headavatar.headmodels.params import FrameParams
 
 CANONICAL = "canonical"
 
 
-def neutral_params(avatar, batch: int = 1) -> dict:
+def neutral_params(avatar, batch: int = 1) -> FrameParams:
     """Head-model inputs of the canonical pose for ``avatar`` (tensors on its device)."""
-    tr = avatar.subject.tracking
-    dev = avatar.device
-    E = tr.expression.shape[1]
-    J = tr.joint_rotations.shape[1]
-    shape = torch.as_tensor(tr.shape, dtype=torch.float32, device=dev)
-    return {
-        "shape": shape[None].expand(batch, -1).clone(),
-        "expression": torch.zeros(batch, E, device=dev),
-        "joint_rotations": torch.zeros(batch, J, 3, device=dev),
-        "translation": torch.zeros(batch, 3, device=dev),
-        "extras": {k: torch.zeros(batch, v.shape[1], device=dev) for k, v in tr.extras.items()},
-    }
+    return avatar.subject.tracking.neutral(batch, avatar.device)
 
 
-def frame_params(avatar, idx: int) -> dict:
+def frame_params(avatar, idx: int) -> FrameParams:
     """Tracked head-model inputs of frame ``idx`` (batch of 1)."""
     check_frame(avatar.subject, idx)
     return avatar.subject.tracking.params([idx], avatar.device)

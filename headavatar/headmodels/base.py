@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from headavatar.headmodels.params import FrameParams
 from headavatar.headmodels.skinning import blend_shapes, global_transforms, pose_correctives, skin, transform_points
 from headavatar.utils.rotations import axis_angle_to_6d, axis_angle_to_matrix
 
@@ -135,14 +136,21 @@ class HeadModel:
 
     def forward(
         self,
-        shape: torch.Tensor | None = None,
+        shape: torch.Tensor | FrameParams | None = None,
         expression: torch.Tensor | None = None,
         joint_rotations: torch.Tensor | None = None,
         translation: torch.Tensor | None = None,
         extras: dict[str, torch.Tensor] | None = None,
         return_joints: bool = False,
     ):
-        """Posed vertices [B,V,3] (and posed joint positions [B,J,3] if asked)."""
+        """Posed vertices [B,V,3] (and posed joint positions [B,J,3] if asked).
+
+        Takes a ``FrameParams`` (``head(params)``), or its parts (a part left out: the mean identity,
+        zero expression, the rest pose, no translation).  A dict with the FrameParams keys is accepted
+        in its place too, for one release (the older calling convention)."""
+        if isinstance(shape, (FrameParams, dict)):
+            p = FrameParams.of(shape)
+            shape, expression, joint_rotations, translation, extras = p.shape, p.expression, p.joint_rotations, p.translation, p.extras or None
         v_shaped = self.shaped(shape, expression)
         if extras and "gaze" in extras:  # eyeballs turn about their centres (headmodels/gaze.py); models without them ignore it
             from headavatar.headmodels.gaze import rotate_eyes

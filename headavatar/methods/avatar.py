@@ -34,6 +34,7 @@ if TYPE_CHECKING:
     from headavatar.camera import Cameras
     from headavatar.export.mesh import TexturedMesh
     from headavatar.headmodels.base import HeadModel
+    from headavatar.headmodels.params import FrameParams
     from headavatar.methods.run import RunDir
     from headavatar.subjects.format import Subject
 
@@ -67,14 +68,14 @@ class Avatar(Protocol):
     background: "torch.Tensor"  # [3] sRGB, what ``render`` composites over by default
     head: "HeadModel"
 
-    def render(self, params: dict, cameras: "Cameras", background: "torch.Tensor | None" = None) -> dict:
+    def render(self, params: FrameParams, cameras: "Cameras", background: "torch.Tensor | None" = None) -> dict:
         """{"rgb": [B,H,W,3] sRGB in [0,1], "alpha": [B,H,W,1]} for head-model inputs ``params`` [B,...]."""
         ...
 
 
 @runtime_checkable
 class GaussianAvatar(Protocol):
-    def gaussians(self, params: dict) -> dict:
+    def gaussians(self, params: FrameParams) -> dict:
         """Activated Gaussians of a batch of frames as the avatar renders them:
         means [B,N,3], quats [B,N,4] (wxyz), scales [B,N,3], opacities [B,N], colors SH [B,N,K,3] (K = (degree+1)²)."""
         ...
@@ -86,19 +87,19 @@ class GaussianAvatar(Protocol):
 
 @runtime_checkable
 class MeshAvatar(Protocol):
-    def textured_mesh(self, params: dict | None, texture_size: int = 1024, uv: str = "auto", morph_targets: bool = True,
+    def textured_mesh(self, params: FrameParams | None, texture_size: int = 1024, uv: str = "auto", morph_targets: bool = True,
                       textures: bool = True) -> "TexturedMesh":
         """The avatar as a mesh (metres, world space) with baked maps; ``params`` one frame's inputs, None = canonical."""
         ...
 
-    def posed_mesh(self, base: "TexturedMesh", params: dict) -> "TexturedMesh":
+    def posed_mesh(self, base: "TexturedMesh", params: FrameParams) -> "TexturedMesh":
         """``base`` (from ``textured_mesh``) moved to one frame: same UVs and maps, no morph targets."""
         ...
 
 
 @runtime_checkable
 class RelightableAvatar(Protocol):
-    def relight(self, params: dict, cameras: "Cameras", light: Any, background: Any = None, intrinsics: bool = False,
+    def relight(self, params: FrameParams, cameras: "Cameras", light: Any, background: Any = None, intrinsics: bool = False,
                 light_frame: str = "world") -> dict:
         """{"rgb", "alpha", ...} under an EnvironmentLight; background None = the environment behind the head."""
         ...

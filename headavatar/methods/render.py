@@ -5,12 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import torch
 from tqdm import tqdm
 
-from headavatar.camera import Cameras
 from headavatar.errors import UserError
-from headavatar.subjects.format import Subject
+from headavatar.subjects.format import Subject, Tracking
 from headavatar.utils.video import to_uint8, write_video
 
 
@@ -40,10 +38,10 @@ def reenactment_tracking(avatar, driver: Subject):
         trel = R0.T @ (dtr.t[i] - t0)
         Rs.append(A_R @ Rrel)
         ts.append(A_R @ trel + A_t)
-    return {
-        "expression": dtr.expression, "joint_rotations": dtr.joint_rotations, "translation": dtr.translation,
-        "extras": dtr.extras, "R": np.stack(Rs), "t": np.stack(ts), "K": np.repeat(atr.K[:1], n, 0), "valid": dtr.valid,
-    }
+    # the avatar's identity with the driver's motion, seen from the avatar's first camera moved as the driver's
+    return Tracking(shape=atr.shape, expression=dtr.expression, joint_rotations=dtr.joint_rotations, translation=dtr.translation,
+                    K=np.repeat(atr.K[:1], n, 0), R=np.stack(Rs).astype(np.float32), t=np.stack(ts).astype(np.float32), extras=dict(dtr.extras),
+                    valid=dtr.valid, timestamps=dtr.timestamps)
 
 
 def render_run(run_dir, out_path, driver_dir=None, device="cpu", frames: str = "all", batch_size: int = 4, side_by_side: bool = False, progress: bool = True,
@@ -58,21 +56,18 @@ def render_run(run_dir, out_path, driver_dir=None, device="cpu", frames: str = "
     subj = avatar.subject
     H, W = avatar.size
     dev = avatar.device
-    shape = torch.as_tensor(subj.tracking.shape, dtype=torch.float32, device=dev)
     if driver_dir is not None:
         driver = Subject.open(driver_dir)
         seq = reenactment_tracking(avatar, driver)
-        idx = [i for i in range(driver.num_frames) if seq["valid"][i]]
+        idx = [i for i in range(driver.num_frames) if seq.valid[i]]
         fps = driver.fps
         ref_size = (subj.height, subj.width)
         side_by_side = False
     else:
-        tr = subj.tracking
         idx = {"all": list(range(subj.num_frames)), "test": subj.split.get("test", []), "train": subj.split["train"]}.get(frames)
         if idx is None:
             raise UserError(f"--frames must be all, train or test (got {frames})")
-        seq = {"expression": tr.expression, "joint_rotations": tr.joint_rotations, "translation": tr.translation,
-               "extras": tr.extras, "R": tr.R, "t": tr.t, "K": tr.K}
+        seq = subj.tracking
         fps = subj.fps
         ref_size = (subj.height, subj.width)
     if not idx:
@@ -80,14 +75,11 @@ def render_run(run_dir, out_path, driver_dir=None, device="cpu", frames: str = "
     gt_data = FrameDataset(subj, idx, (H, W)) if side_by_side else None
 
     def frames_iter():
-        f = lambda a, ii: torch.as_tensor(np.asarray(a)[ii], dtype=torch.float32, device=dev)  # noqa: E731
         bar = tqdm(total=len(idx), disable=not progress, desc="render", unit="frame")
         for s in range(0, len(idx), batch_size):
             ii = np.array(idx[s : s + batch_size])
-            params = {"shape": shape[None].expand(len(ii), -1), "expression": f(seq["expression"], ii), "joint_rotations": f(seq["joint_rotations"], ii),
-                      "translation": f(seq["translation"], ii), "extras": {k: f(v, ii) for k, v in seq["extras"].items()}}
-            cams = Cameras(f(seq["K"], ii), f(seq["R"], ii), f(seq["t"], ii), *ref_size).resized(H, W)
-            rgb = avatar.render(params, cams)["rgb"]
+            cams = seq.cameras(ii, *ref_size, dev).resized(H, W)
+            rgb = avatar.render(seq.params(ii, dev), cams)["rgb"]
             for j in range(len(ii)):
                 img = to_uint8(rgb[j])
                 if gt_data is not None:

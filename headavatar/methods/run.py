@@ -195,7 +195,9 @@ class RunDir:
         already has ``iterations`` steps (nothing to do; said once).  The method restores its own
         model and optimisers from ``state``."""
         start, state = self.load_checkpoint(map_location=map_location)
-        torch.set_rng_state(state["rng"])
+        # the CPU generator's state must be a CPU ByteTensor: a checkpoint loaded with map_location=cuda
+        # brings it back on the GPU (TypeError: RNG state must be a torch.ByteTensor)
+        torch.set_rng_state(state["rng"].cpu())
         self.truncate_curves(start)
         if start >= iterations:
             if progress:

@@ -28,6 +28,7 @@ import torch
 
 from headavatar.camera import Cameras
 from headavatar.errors import UserError
+from headavatar.headmodels.params import FrameParams
 from headavatar.utils.io import read_image, read_json, save_npz, write_image, write_json
 
 FORMAT_NAME = "headavatar-subject"
@@ -157,17 +158,25 @@ class Tracking:
         f = lambda a: torch.as_tensor(a[idx], dtype=torch.float32, device=device)  # noqa: E731
         return Cameras(f(self.K), f(self.R), f(self.t), height, width)
 
-    def params(self, idx, device=None) -> dict:
+    def params(self, idx, device=None) -> FrameParams:
         """Head-model inputs for frames ``idx`` as torch tensors."""
         idx = np.atleast_1d(np.asarray(idx))
         f = lambda a: torch.as_tensor(a, dtype=torch.float32, device=device)  # noqa: E731
-        return {
-            "shape": f(np.broadcast_to(self.shape, (len(idx),) + self.shape.shape).copy()),
-            "expression": f(self.expression[idx]),
-            "joint_rotations": f(self.joint_rotations[idx]),
-            "translation": f(self.translation[idx]),
-            "extras": {k: f(v[idx]) for k, v in self.extras.items()},
-        }
+        return FrameParams(
+            shape=f(np.broadcast_to(self.shape, (len(idx),) + self.shape.shape).copy()),
+            expression=f(self.expression[idx]),
+            joint_rotations=f(self.joint_rotations[idx]),
+            translation=f(self.translation[idx]),
+            extras={k: f(v[idx]) for k, v in self.extras.items()},
+        )
+
+    def neutral(self, batch: int = 1, device=None) -> FrameParams:
+        """The canonical pose of this subject: its identity, zero expression and extras, every joint at rest,
+        no translation (sizes as this tracking's)."""
+        f = lambda *s: torch.zeros(*s, device=device)  # noqa: E731
+        shape = torch.as_tensor(self.shape, dtype=torch.float32, device=device)
+        return FrameParams(shape[None].expand(batch, -1).clone(), f(batch, self.expression.shape[1]), f(batch, self.joint_rotations.shape[1], 3),
+                           f(batch, 3), {k: f(batch, v.shape[1]) for k, v in self.extras.items()})
 
     def on_device(self, device) -> "DeviceTracking":
         """All per-frame arrays uploaded once (they are small), indexed on the device without host syncs."""
@@ -194,18 +203,19 @@ class DeviceTracking:
         self.K, self.R, self.t = f(tr.K), f(tr.R), f(tr.t)
         self.extras = {k: f(v) for k, v in tr.extras.items()}
 
-    def params(self, idx: torch.Tensor) -> dict:
-        idx = idx.to(self.device, non_blocking=True)
-        return {
-            "shape": self.shape[None].expand(idx.shape[0], -1),
-            "expression": self.expression[idx],
-            "joint_rotations": self.joint_rotations[idx],
-            "translation": self.translation[idx],
-            "extras": {k: v[idx] for k, v in self.extras.items()},
-        }
+    def params(self, idx) -> FrameParams:
+        """Frames ``idx`` (a LongTensor, or anything torch.as_tensor takes) as ``Tracking.params`` gives them."""
+        idx = torch.as_tensor(idx).to(self.device, non_blocking=True)
+        return FrameParams(
+            shape=self.shape[None].expand(idx.shape[0], -1),
+            expression=self.expression[idx],
+            joint_rotations=self.joint_rotations[idx],
+            translation=self.translation[idx],
+            extras={k: v[idx] for k, v in self.extras.items()},
+        )
 
-    def cameras(self, idx: torch.Tensor, height: int, width: int) -> Cameras:
-        idx = idx.to(self.device, non_blocking=True)
+    def cameras(self, idx, height: int, width: int) -> Cameras:
+        idx = torch.as_tensor(idx).to(self.device, non_blocking=True)
         return Cameras(self.K[idx], self.R[idx], self.t[idx], height, width)
 
 

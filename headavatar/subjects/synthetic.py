@@ -36,6 +36,7 @@ import torch
 
 from headavatar.camera import Cameras, fov_to_focal, intrinsics, look_at
 from headavatar.errors import UserError
+from headavatar.headmodels.params import FrameParams
 from headavatar.lighting.color import linear_to_srgb
 from headavatar.subjects.format import Subject, SubjectWriter, Tracking, default_split
 from headavatar.utils.rotations import axis_angle_to_matrix, matrix_to_axis_angle
@@ -381,18 +382,16 @@ def make_synthetic_animation(model, num_frames: int, fps: float = 25.0, seed: in
 
 
 # =================================================================== renderer
-def _as_params(tracking_or_params) -> dict:
+def _as_params(tracking_or_params) -> FrameParams:
+    """A Tracking (all its frames), a FrameParams, or a dict of arrays with its keys (``shape`` may be [S])."""
     if isinstance(tracking_or_params, Tracking):
         return tracking_or_params.params(np.arange(tracking_or_params.num_frames))
-    p = dict(tracking_or_params)
-    out = {}
-    for k in ("shape", "expression", "joint_rotations", "translation"):
-        if p.get(k) is not None:
-            out[k] = torch.as_tensor(p[k], dtype=torch.float32)
-    out["extras"] = {k: torch.as_tensor(v, dtype=torch.float32) for k, v in (p.get("extras") or {}).items()}
-    n = out["expression"].shape[0]
-    if "shape" in out and out["shape"].dim() == 1:
-        out["shape"] = out["shape"][None].expand(n, -1)
+    p = tracking_or_params
+    f = lambda v: None if v is None else torch.as_tensor(v, dtype=torch.float32)  # noqa: E731
+    out = FrameParams(f(p.get("shape")), f(p.get("expression")), f(p.get("joint_rotations")), f(p.get("translation")),
+                      {k: f(v) for k, v in (p.get("extras") or {}).items()})
+    if out.shape is not None and out.shape.dim() == 1:
+        out.shape = out.shape[None].expand(out.batch_size, -1)
     return out
 
 
@@ -410,7 +409,7 @@ def render_synthetic_frames(
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Render frames of the procedural head: (rgb [N,H,W,3], alpha [N,H,W], parsing [N,H,W]) uint8.
 
-    tracking_or_params: a ``Tracking`` (all its frames) or a dict as ``Tracking.params`` returns.
+    tracking_or_params: a ``Tracking`` (all its frames) or a ``FrameParams`` (or a dict of arrays with its keys).
     cameras: one per frame (or one for all); None takes them from the Tracking.
     lighting: "head", "world" or a ``Lighting`` object (see the class).
     resolution: output (H, W) or an int; None keeps the cameras' size.
@@ -425,7 +424,7 @@ def render_synthetic_frames(
 
     light = make_lighting(lighting)
     params = _as_params(tracking_or_params)
-    N = params["expression"].shape[0]
+    N = params.batch_size
     if cameras is None:
         if not isinstance(tracking_or_params, Tracking):
             raise UserError("render_synthetic_frames needs cameras when given plain parameters")
@@ -440,7 +439,7 @@ def render_synthetic_frames(
         raise UserError(f"supersample must be >= 1 (got {supersample})")
     device = torch.device(device or "cpu")
     model = model.to(device)
-    params = {k: (v.to(device) if isinstance(v, torch.Tensor) else {kk: vv.to(device) for kk, vv in v.items()}) for k, v in params.items()}
+    params = params.to(device)
     cams = cameras.resized(H * ss, W * ss).to(device)
     backend = backend or get_mesh_backend("torch")
     faces = model.faces
@@ -454,14 +453,7 @@ def render_synthetic_frames(
     pars_out = np.zeros((N, H, W), np.uint8)
     with torch.no_grad():
         for i in range(N):
-            sl = slice(i, i + 1)
-            verts = model(
-                shape=params["shape"][sl] if "shape" in params else None,
-                expression=params["expression"][sl],
-                joint_rotations=params["joint_rotations"][sl],
-                translation=params["translation"][sl] if "translation" in params else None,
-                extras={k: v[sl] for k, v in params.get("extras", {}).items()} or None,
-            )
+            verts = model(params[i])
             cam = cams[i] if len(cams) > 1 else cams
             clip = cam.to_clip(verts)
             rast = backend.rasterize(clip, faces, (H * ss, W * ss))[0].reshape(-1, 4)
@@ -484,7 +476,7 @@ def render_synthetic_frames(
             # two-sided: a back face seen through an opening (the neck rim) is lit like a front face
             n = torch.where(((n * v).sum(-1, keepdim=True) < 0), -n, n)
             if light.frame == "head":
-                R_root = axis_angle_to_matrix(params["joint_rotations"][i, root])
+                R_root = axis_angle_to_matrix(params.joint_rotations[i, root])
                 # row vectors: n_head = R^T n  <=>  n_head^T = n^T R
                 n = n @ R_root
                 v = v @ R_root

@@ -85,13 +85,13 @@ def eye_frames(model, tracking) -> tuple[torch.Tensor, torch.Tensor]:
 
     n = tracking.num_frames
     p = tracking.params(np.arange(n), device=model.template.device)
-    extras = {k: v for k, v in p["extras"].items() if k != "gaze"}  # the eyes' own rotation is what we look for
+    extras = {k: v for k, v in p.extras.items() if k != "gaze"}  # the eyes' own rotation is what we look for
     centres, rots = [], []
     with torch.no_grad():
         for e in EYES:
             lm = LandmarkModel(model, _eye_embedding(model, e))
-            posed = lm(p["shape"], p["expression"], p["joint_rotations"], p["translation"], extras)
-            rest = lm(p["shape"], p["expression"], torch.zeros_like(p["joint_rotations"]), None, None)
+            posed = lm(p.shape, p.expression, p.joint_rotations, p.translation, extras)
+            rest = lm(p.shape, p.expression, torch.zeros_like(p.joint_rotations), None, None)
             R = _kabsch(rest, posed)
             off = torch.as_tensor(eyeballs(model)[e]["centre_offset"], dtype=posed.dtype)
             centres.append(posed.mean(1) + (R @ off[:, None])[..., 0])

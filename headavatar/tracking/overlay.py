@@ -56,7 +56,7 @@ def project_fit(model, tracking, image_size: tuple[int, int], idx=None, batch: i
     for s in range(0, len(idx), batch):
         b = idx[s : s + batch]
         p = tracking.params(b)
-        X = points(p["shape"], p["expression"], p["joint_rotations"], p["translation"], extras=p["extras"] or None)
+        X = points(p.shape, p.expression, p.joint_rotations, p.translation, extras=p.extras or None)
         out.append(tracking.cameras(b, H, W).project(X).numpy())
     uv = np.concatenate(out) if out else np.zeros((0, len(faces), 2), np.float32)
     return uv[:, :L], (uv[:, L:] if mesh_points is not None else None)

@@ -12,16 +12,19 @@ first.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Callable
 
 import torch
 
 
 def _flatten(obj: Any, out: list) -> Any:
-    """Nested dicts/tuples/lists of tensors -> structure spec, appending tensors to ``out``."""
+    """Nested dicts/tuples/lists/dataclasses (e.g. FrameParams) of tensors -> structure spec, appending tensors to ``out``."""
     if isinstance(obj, torch.Tensor):
         out.append(obj)
         return ("T", tuple(obj.shape), obj.dtype)
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return ("C", type(obj), tuple((f.name, _flatten(getattr(obj, f.name), out)) for f in dataclasses.fields(obj)))
     if isinstance(obj, dict):
         return ("D", tuple((k, _flatten(obj[k], out)) for k in sorted(obj)))
     if isinstance(obj, (tuple, list)):
@@ -35,6 +38,8 @@ def _rebuild(spec: Any, it) -> Any:
         return next(it)
     if kind == "D":
         return {k: _rebuild(s, it) for k, s in spec[1]}
+    if kind == "C":
+        return spec[1](**{k: _rebuild(s, it) for k, s in spec[2]})
     if kind == "L":
         return tuple(_rebuild(s, it) for s in spec[1])
     return spec[1]
@@ -43,7 +48,7 @@ def _rebuild(spec: Any, it) -> Any:
 class CudaGraphed:
     """``CudaGraphed(fn)(*args)`` == ``fn(*args)`` for CUDA tensor arguments, replayed from a graph.
 
-    Arguments may be nested dicts/tuples/lists of tensors and plain values
+    Arguments may be nested dicts/tuples/lists/dataclasses of tensors and plain values
     (plain values are part of the signature).  Use under ``torch.no_grad()``:
     the graph records no autograd state.
     """

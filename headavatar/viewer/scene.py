@@ -32,6 +32,7 @@ import torch
 
 from headavatar.camera import Cameras
 from headavatar.errors import UserError
+from headavatar.headmodels.params import FrameParams
 from headavatar.methods.avatar import GAUSSIANS, RELIGHT
 from headavatar.utils.rotations import axis_angle_to_matrix, matrix_to_axis_angle
 
@@ -225,32 +226,31 @@ class ViewerScene:
         f = lambda a: torch.as_tensor(a[st.frame], dtype=torch.float32)  # noqa: E731
         return frame_params(self.avatar, st.frame), f(tr.R), f(tr.t), f(tr.K)
 
-    def _target(self, params: dict) -> torch.Tensor:
+    def _target(self, params: FrameParams) -> torch.Tensor:
         """Orbit centre: the centre of the head's bounding box in this frame (before the sliders, so it stays put)."""
-        v = self.head(shape=params["shape"], expression=params["expression"], joint_rotations=params["joint_rotations"],
-                      translation=params["translation"], extras=params.get("extras"))[0]
+        v = self.head(params)[0]
         return (0.5 * (v.min(0).values + v.max(0).values)).float().cpu()
 
-    def _apply_sliders(self, params: dict, st: ViewState) -> dict:
-        p = {k: (v.clone() if isinstance(v, torch.Tensor) else {kk: vv.clone() for kk, vv in v.items()}) for k, v in params.items()}
-        E = p["expression"].shape[1]
+    def _apply_sliders(self, params: FrameParams, st: ViewState) -> FrameParams:
+        p = params.clone()
+        E = p.expression.shape[1]
         for k, v in st.expression.items():
             if not 0 <= k < E:
                 raise BadRequest(f"expression index {k} out of range (0-{E - 1})")
-            p["expression"][0, k] += v
+            p.expression[0, k] += v
         if st.yaw or st.pitch or st.roll:
             # the added rotation is in the head's own axes, applied on top of the tracked root rotation
-            R0 = axis_angle_to_matrix(p["joint_rotations"][0, 0].cpu())
+            R0 = axis_angle_to_matrix(p.joint_rotations[0, 0].cpu())
             Radd = _rot("y", st.yaw) @ _rot("x", st.pitch) @ _rot("z", st.roll)
-            p["joint_rotations"][0, 0] = matrix_to_axis_angle(R0 @ Radd).to(p["joint_rotations"])
+            p.joint_rotations[0, 0] = matrix_to_axis_angle(R0 @ Radd).to(p.joint_rotations)
         if st.jaw and self.jaw_index is not None:
-            p["joint_rotations"][0, self.jaw_index, 0] += self.jaw_sign * math.radians(st.jaw)
+            p.joint_rotations[0, self.jaw_index, 0] += self.jaw_sign * math.radians(st.jaw)
         return p
 
     def _jaw_sign(self) -> float:
         return self.head.jaw_open_sign() or 1.0
 
-    def _render_gaussians(self, params: dict, cams, st: ViewState) -> torch.Tensor:
+    def _render_gaussians(self, params: FrameParams, cams, st: ViewState) -> torch.Tensor:
         """Avatars made of Gaussians: the Gaussians of a pose are kept, so orbiting only re-rasterises."""
         key = (st.frame, tuple(sorted(st.expression.items())), st.yaw, st.pitch, st.roll, st.jaw)
         if key != self._cache_key:
@@ -269,6 +269,6 @@ class ViewerScene:
             self._lights[name] = load_light(self.env_paths.get(name, name), size=self.env_size, device=self.avatar.device)
         return self._lights[name]
 
-    def _relight(self, params: dict, cams, name: str) -> torch.Tensor:
+    def _relight(self, params: FrameParams, cams, name: str) -> torch.Tensor:
         light = self.light(name)
         return self.avatar.relight(params, cams, light, background=None)["rgb"]

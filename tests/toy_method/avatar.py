@@ -42,10 +42,9 @@ class ToyAvatar:
         self.shape = torch.as_tensor(self.subject.tracking.shape, dtype=torch.float32, device=self.device)
 
     @torch.no_grad()
-    def gaussians(self, params: dict) -> dict:
-        B = params["expression"].shape[0]
-        means = self.head(shape=self.shape[None].expand(B, -1), expression=params["expression"], joint_rotations=params["joint_rotations"],
-                          translation=params["translation"], extras=params.get("extras"))
+    def gaussians(self, params) -> dict:
+        B = params.batch_size
+        means = self.head(params.replace(shape=self.shape[None].expand(B, -1)))
         N = means.shape[1]
         one = means.new_ones(B, N)
         return {"means": means, "quats": torch.tensor([1.0, 0, 0, 0], device=self.device).expand(B, N, 4),

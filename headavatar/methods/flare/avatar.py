@@ -6,6 +6,7 @@ from pathlib import Path
 
 import torch
 
+from headavatar.headmodels.params import FrameParams
 from headavatar.methods.avatar import MESH, RELIGHT, open_run
 from headavatar.methods.flare.config import FlareConfig
 from headavatar.methods.flare.shading import composite
@@ -36,28 +37,28 @@ class FlareAvatar:
         return self.model.head
 
     @torch.no_grad()
-    def render(self, params: dict, cameras, background: torch.Tensor | None = None) -> dict:
+    def render(self, params: FrameParams, cameras, background: torch.Tensor | None = None) -> dict:
         """sRGB frames under the learnt light: {"rgb": [B,H,W,3] in [0,1], "alpha": [B,H,W,1]}."""
         out = self.model.render(params, cameras, light_frame=self.light_frame)
         bg = self.background if background is None else background
         return {"rgb": composite(out["rgb"], out["alpha"], bg), "alpha": out["alpha"]}
 
     @torch.no_grad()
-    def relight(self, params: dict, cameras, light, background=None, intrinsics: bool = False, light_frame: str = "world") -> dict:
+    def relight(self, params: FrameParams, cameras, light, background=None, intrinsics: bool = False, light_frame: str = "world") -> dict:
         """Render under an EnvironmentLight; see headavatar.methods.flare.relight for the outputs."""
         from headavatar.methods.flare.relight import relight_frames
 
         return relight_frames(self, params, cameras, light, background, intrinsics, light_frame)
 
     # ------------------------------------------------------------ MESH
-    def textured_mesh(self, params: dict | None = None, texture_size: int = 1024, uv: str = "auto", morph_targets: bool = True,
+    def textured_mesh(self, params: FrameParams | None = None, texture_size: int = 1024, uv: str = "auto", morph_targets: bool = True,
                       textures: bool = True):
         """The mesh with baked albedo/roughness/specular maps and, canonical only, expression morph targets."""
         from headavatar.methods.flare.export_mesh import textured_mesh
 
         return textured_mesh(self, params, texture_size, uv, morph_targets, textures)
 
-    def posed_mesh(self, base, params: dict):
+    def posed_mesh(self, base, params: FrameParams):
         from headavatar.methods.flare.export_mesh import posed_mesh
 
         return posed_mesh(self, base, params)

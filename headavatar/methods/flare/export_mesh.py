@@ -34,6 +34,7 @@ import torch
 
 from headavatar.errors import UserError
 from headavatar.export.mesh import TexturedMesh, atlas_uvs, check_mesh_options, fill_gutters, split_uv_seams, uv_texel_samples, vertex_normals
+from headavatar.headmodels.params import FrameParams
 from headavatar.lighting.color import linear_to_srgb
 
 
@@ -75,7 +76,7 @@ def bake_materials(model, canon_points: torch.Tensor, chunk: int = 1 << 16) -> d
 
 
 @torch.no_grad()
-def textured_mesh(avatar, params: dict | None = None, texture_size: int = 1024, uv: str = "auto", morph_targets: bool = True,
+def textured_mesh(avatar, params: FrameParams | None = None, texture_size: int = 1024, uv: str = "auto", morph_targets: bool = True,
                   textures: bool = True) -> TexturedMesh:
     """The FLARE avatar as a TexturedMesh (see the module docstring).  ``params`` one frame's inputs, None = canonical."""
     check_mesh_options(texture_size, uv)
@@ -131,7 +132,7 @@ def textured_mesh(avatar, params: dict | None = None, texture_size: int = 1024, 
 
 
 @torch.no_grad()
-def posed_vertices(avatar, params: dict | None, deformation=None) -> tuple[np.ndarray, np.ndarray]:
+def posed_vertices(avatar, params: FrameParams | None, deformation=None) -> tuple[np.ndarray, np.ndarray]:
     """FLARE's unsplit mesh at the canonical pose (None) or one frame's inputs: (vertices [V,3] in metres, normals [V,3])."""
     from headavatar.export.frames import neutral_params
 
@@ -141,7 +142,7 @@ def posed_vertices(avatar, params: dict | None, deformation=None) -> tuple[np.nd
     return verts, vertex_normals(verts, model.faces.detach().cpu().numpy())  # normals before any UV split: seams stay smooth
 
 
-def posed_mesh(avatar, base: TexturedMesh, params: dict) -> TexturedMesh:
+def posed_mesh(avatar, base: TexturedMesh, params: FrameParams) -> TexturedMesh:
     """``base`` (from ``textured_mesh``) moved to one frame: same UVs and maps, no morph targets."""
     import dataclasses
 

@@ -30,11 +30,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from headavatar.headmodels.base import HeadModel
+from headavatar.headmodels.params import FrameParams
+from headavatar.headmodels.skinning import blend_shapes, blend_transforms, global_transforms, pose_features, transform_points
 from headavatar.methods.flare.light import LightMLP
 from headavatar.methods.flare.materials import MaterialMLP
 from headavatar.methods.flare.shading import SplitSum, prepare_shading_normal, reflect
 from headavatar.render.mesh.ops import face_normals, vertex_normals
-from headavatar.headmodels.skinning import blend_shapes, blend_transforms, global_transforms, pose_features, transform_points
 from headavatar.utils.rotations import axis_angle_to_matrix
 
 # Parsing labels (headavatar.subjects.format.LABELS) whose surface gets the skin F0 (FLARE's channels 0-2).
@@ -113,18 +114,19 @@ class HeadPrior(nn.Module):
     def num_pose(self) -> int:
         return self.pose_basis.shape[1]
 
-    def frame_inputs(self, params: dict, scale: float) -> dict:
+    def frame_inputs(self, params: FrameParams, scale: float) -> dict:
         """Tracking params -> psi [B,Ne], p [B,Np], G [B,J+1,3,4] (ghost first), translation [B,3] (scaled)."""
+        params = FrameParams.of(params)
         E = self.num_expr_model
-        expr = params["expression"][:, :E]
+        expr = params.expression[:, :E]
         B = expr.shape[0]
-        extras = params.get("extras") or {}
+        extras = params.extras
         psi = torch.cat([expr] + [extras.get(k, expr.new_zeros(B, n)) for k, n in self.extras_sizes.items()], -1)
-        R = axis_angle_to_matrix(params["joint_rotations"])
+        R = axis_angle_to_matrix(params.joint_rotations)
         joints = self.joints_id[None] + torch.einsum("jce,be->bjc", self.joints_expr, expr)
         G = self.global_transforms(R, joints)
         ghost = torch.eye(3, 4, dtype=G.dtype, device=G.device).expand(B, 1, 3, 4)
-        t = params.get("translation")
+        t = params.translation
         t = expr.new_zeros(B, 3) if t is None else t * scale
         return {"psi": psi, "pose": pose_features(R), "G": torch.cat([ghost, G], 1), "translation": t}
 
@@ -310,7 +312,7 @@ class FlareModel(nn.Module):
         E, P, W = self.deformer(x_c)
         return x_c, E, P, W
 
-    def posed(self, params: dict, deformation=None) -> tuple[torch.Tensor, tuple]:
+    def posed(self, params: FrameParams, deformation=None) -> tuple[torch.Tensor, tuple]:
         d = deformation if deformation is not None else self.deformation()
         frame = self.prior.frame_inputs(params, self.scale)
         return deform(d[0], d[1], d[2], d[3], self.prior, frame), d
@@ -325,7 +327,7 @@ class FlareModel(nn.Module):
             return torch.full_like(skin, self.cfg.f0_stage1)
         return self.cfg.f0_other + (self.cfg.f0_skin - self.cfg.f0_other) * skin
 
-    def render(self, params: dict, cameras, light=None, deformation=None, intrinsics: bool = False, light_frame: str = "world",
+    def render(self, params: FrameParams, cameras, light=None, deformation=None, intrinsics: bool = False, light_frame: str = "world",
                material_scale: torch.Tensor | None = None) -> dict:
         """Render frames. ``light``: None (the neural light) or an EnvironmentLight (relighting).
 
@@ -394,14 +396,14 @@ class FlareModel(nn.Module):
         return out
 
 
-def to_light_frame(frame: str, params: dict, batch_of: torch.Tensor, *dirs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+def to_light_frame(frame: str, params: FrameParams, batch_of: torch.Tensor, *dirs: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """World directions [N,3] -> the light's frame: unchanged for "world"; for "head" (the light turns with
     the head) R^T d with the root rotation of each direction's frame (``batch_of`` [N])."""
     if frame == "world":
         return dirs
     if frame != "head":
         raise ValueError(f"light_frame must be world or head, not {frame!r}")
-    R = axis_angle_to_matrix(params["joint_rotations"][:, 0])[batch_of]  # [N,3,3] head -> world
+    R = axis_angle_to_matrix(params.joint_rotations[:, 0])[batch_of]  # [N,3,3] head -> world
     return tuple(torch.einsum("nij,ni->nj", R, d) for d in dirs)
 
 

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from headavatar.errors import UserError
+from headavatar.headmodels.params import FrameParams
 from headavatar.lighting.color import linear_to_srgb, srgb_to_linear
 from headavatar.lighting.envmap import load_light
 from headavatar.methods.flare.shading import composite
@@ -43,7 +44,7 @@ def _to_image(vals: torch.Tensor, pix: torch.Tensor, B: int, H: int, W: int, fil
 
 
 @torch.no_grad()
-def relight_frames(avatar, params: dict, cameras, light, background=None, intrinsics: bool = False, light_frame: str = "world",
+def relight_frames(avatar, params: FrameParams, cameras, light, background=None, intrinsics: bool = False, light_frame: str = "world",
                    material_scale: torch.Tensor | None = None) -> dict:
     """Relit frames {"rgb" [B,H,W,3] sRGB, "alpha", "linear" (premultiplied radiance)} (+ intrinsic maps).
 
@@ -119,7 +120,6 @@ def relight_run(run_dir, envmap, out_path, device="auto", frames: str = "all", b
     if not idx_all:
         raise UserError("no frames to relight")
     H, W = avatar.size
-    shape = torch.as_tensor(tr.shape, dtype=torch.float32, device=dev)
     first: dict | None = None
     grid_frames: list[np.ndarray] = []
 
@@ -130,12 +130,11 @@ def relight_run(run_dir, envmap, out_path, device="auto", frames: str = "all", b
         for s in range(0, n, batch_size):
             ii = np.array(idx_all[s : s + batch_size])
             params = tr.params(ii, dev)
-            params["shape"] = shape[None].expand(len(ii), -1)
             cams = tr.cameras(ii, subj.height, subj.width, dev).resized(H, W)
             for j in range(len(ii)):
                 k = s + j
                 light = light0.rotated(spin * k / max(1, n - 1)) if spin else light0
-                one = {key: (v[j : j + 1] if isinstance(v, torch.Tensor) else {kk: vv[j : j + 1] for kk, vv in v.items()}) for key, v in params.items()}
+                one = params[j]
                 res = relight_frames(avatar, one, cams[j], light, bgs[background], intrinsics, light_frame, scale)
                 if intrinsics:
                     row1 = torch.cat([res["rgb"][0], res["albedo"][0], res["roughness"][0], res["specular"][0]], 1)
@@ -185,8 +184,7 @@ def evaluate_relighting(run_dir, envmap="sky", device="auto", frames: str = "tes
     from headavatar.lighting.envmap import EnvMapLighting
     from headavatar.methods import load_avatar
     from headavatar.methods.flare.calibration import exposure_scale
-    from headavatar.subjects.synthetic import capture_lighting
-    from headavatar.subjects.synthetic import render_synthetic_frames
+    from headavatar.subjects.synthetic import capture_lighting, render_synthetic_frames
     from headavatar.utils.io import write_image, write_json
 
     avatar = load_avatar(run_dir, device)

@@ -6,10 +6,10 @@ the head-model prior; one isotropic remesh at each ``remesh_at`` iteration.
 Stage 2: a new shader with hash-grid materials (and light), the deformer
 frozen, offsets at a tiny learning rate.  Steps are counted, not epochs.
 
-Divergence (NaN, or a light that collapsed to black, flare#2/#4) is checked at
-every log step; training then goes back to the last checkpoint (or the start)
-with halved learning rates, at most ``max_recoveries`` times, and otherwise
-stops with a TrainingDiverged error instead of looping.
+The loop is methods/trainer.py's; this module gives it ``FlareRecipe``.
+Divergence (NaN, or a light that collapsed to black, flare#2/#4) follows the
+trainer's policy: back to the last checkpoint (or the start) with halved
+learning rates, at most ``max_recoveries`` times, then a TrainingDiverged error.
 """
 
 from __future__ import annotations
@@ -21,25 +21,27 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
-from headavatar.errors import TrainingDiverged, UserError
-from headavatar.log import get_logger
+from headavatar.errors import UserError
+from headavatar.lighting.color import linear_to_srgb, srgb_to_linear
 from headavatar.methods.flare.build import build_model, resolve_light_frame, restore_model
 from headavatar.methods.flare.config import FlareConfig
 from headavatar.methods.flare.losses import (
-    MeshRegularizer, VGGPerceptual, head_prior_loss, hinge_prior, mask_loss, shading_loss, white_light_loss,
+    MeshRegularizer,
+    VGGPerceptual,
+    head_prior_loss,
+    hinge_prior,
+    mask_loss,
+    shading_loss,
+    white_light_loss,
 )
 from headavatar.methods.flare.model import FlareModel, nearest_with_distance
-from headavatar.lighting.color import linear_to_srgb, srgb_to_linear
 from headavatar.methods.run import RunDir
-from headavatar.subjects.dataset import heldout_sample, training_size, training_stream, FrameDataset, collate
+from headavatar.methods.trainer import StepOutput, Trainer
+from headavatar.subjects.dataset import FrameDataset, collate, heldout_sample, training_size, training_stream
 from headavatar.subjects.format import LABEL_IDS, Subject
 from headavatar.utils.device import resolve_device
-from headavatar.utils.io import write_image, write_json
-from headavatar.utils.video import to_uint8
-
-_log = get_logger(__name__)
+from headavatar.utils.io import write_json
 
 SKIN_PRIOR_LABELS = (LABEL_IDS["skin"], LABEL_IDS["lips"], LABEL_IDS["neck"])  # FLARE's channel 0
 MOUTH_INTERIOR = LABEL_IDS["mouth_interior"]
@@ -186,136 +188,168 @@ def _psnr(pred_lin: torch.Tensor, gt_lin: torch.Tensor) -> torch.Tensor:
     return -10 * torch.log10((a - b).square().mean().clamp_min(1e-12))
 
 
-# ------------------------------------------------------------------ checkpoints
-def checkpoint_state(model: FlareModel, opts, it: int, elapsed: float, extra: dict) -> dict:
-    return {
-        "step": it, "stage": model.stage, "mesh": {"verts": model.base_verts.detach().cpu(), "faces": model.faces.cpu()},
-        "model": model.state_dict(), "opt_vert": opts[0].state_dict(), "opt_net": opts[1].state_dict(),
-        "rng": torch.get_rng_state(), "elapsed": elapsed, **extra,
-    }
-
-
 # ------------------------------------------------------------------ training
 def train_flare(subject_dir: Path, run: RunDir, cfg: FlareConfig, resume: bool = False, progress: bool = True) -> None:
-    check_config(cfg)
-    device = resolve_device(cfg.device)
-    subject = Subject.open(subject_dir)
-    torch.manual_seed(cfg.seed)
-    np.random.seed(cfg.seed)
-    H, W = training_size(subject, cfg.resolution)
-    light_frame = resolve_light_frame(cfg, subject)
-    sched = Schedule.make(cfg)
-    tr = subject.tracking
-    train_idx = subject.split["train"]
-    test_idx = subject.split.get("test", [])
+    Trainer(FlareRecipe(subject_dir, run, cfg), run, progress).fit(resume)
 
-    def fresh():
-        m = build_model(subject, cfg, device, run.head_overrides)
-        if sched.n1 == 0:
+
+class FlareRecipe:
+    """FLARE's part of the training loop (methods/trainer.py runs it): the two stages, the remesh,
+    and one step of the reference's losses."""
+
+    name = "flare"
+
+    def __init__(self, subject_dir: Path, run: RunDir, cfg: FlareConfig):
+        check_config(cfg)
+        self.subject_dir, self.run, self.cfg = subject_dir, run, cfg
+        self.max_recoveries = cfg.max_recoveries
+        self.device = resolve_device(cfg.device)
+        self.subject = Subject.open(subject_dir)
+        self.size = training_size(self.subject, cfg.resolution)
+        self.light_frame = resolve_light_frame(cfg, self.subject)
+        self.sched = Schedule.make(cfg)
+        self.tr = self.subject.tracking
+        self.dtr = self.tr.on_device(self.device)  # indexed on the device: no host-to-device copy per step
+        self.train_idx = self.subject.split["train"]
+        self.test_idx = self.subject.split.get("test", [])
+
+    # ------------------------------------------------------------------ state
+    def _new_model(self) -> FlareModel:
+        m = build_model(self.subject, self.cfg, self.device, self.run.head_overrides)
+        if self.sched.n1 == 0:
             m.enter_stage2()
         return m
 
-    model = fresh()
-    info = {"stage": 1, "remeshes": 0, "lr_scale": 1.0, "recoveries": 0, "remesh_log": []}
-    start, elapsed = 0, 0.0
-    if resume:
-        resumed = run.resume(cfg.iterations, device, progress)
-        if resumed is None:
-            return
-        start, state, elapsed = resumed
-        restore_model(model, state)
-        info.update({k: state[k] for k in ("remeshes", "lr_scale", "recoveries", "remesh_log") if k in state})
-        opts = make_optimizers(model, cfg, model.stage, info["lr_scale"], info["remeshes"])
-        opts[0].load_state_dict(state["opt_vert"])
-        opts[1].load_state_dict(state["opt_net"])
-    else:
-        run.write_info("flare", subject_dir, cfg, {"train_size": [H, W], "light_frame": light_frame, "head_model": subject.head_model_spec.get("name"),
-                                                   "stage1_iterations": sched.n1, "stage2_iterations": sched.n2, "remesh_iterations": sched.remesh})
-        opts = make_optimizers(model, cfg, model.stage, 1.0, 0)
+    def build(self) -> None:
+        self.model = self._new_model()
+        self._untouched = True  # a fresh model: a resume restores into it without building another
+        self.remeshes, self.remesh_log = 0, []
+        self.lr_scale = 1.0
+        self.opts = make_optimizers(self.model, self.cfg, self.model.stage, 1.0, 0)
 
-    data, batches = _stream(subject, train_idx, (H, W), cfg, start, device)
-    perceptual = VGGPerceptual(cfg.perceptual_size).to(device) if cfg.w_perceptual > 0 else None
-    reg = MeshRegularizer(model.faces, model.num_vertices)
-    eval_set = heldout_sample(subject, test_idx, cfg.eval_frames if cfg.eval_every > 0 else 0, (H, W))
+    def reset(self, lr_scale: float) -> None:
+        self.model = self._new_model()
+        self.remeshes, self.remesh_log = 0, []
+        self.lr_scale = lr_scale
+        self.opts = make_optimizers(self.model, self.cfg, self.model.stage, lr_scale, 0)
+        self.reg = MeshRegularizer(self.model.faces, self.model.num_vertices)
 
-    pbar = tqdm(total=cfg.iterations, initial=start, disable=not progress, desc="train flare", unit="it", dynamic_ncols=True)
-    t0 = time.perf_counter() - elapsed
-    sums = _Sums(device)
-    it = start
-    try:
-        while it < cfg.iterations:
-            it += 1
-            stage, local, scale = sched.stage(it)
-            if stage == 2 and model.stage == 1:
-                model.enter_stage2()
-                opts = make_optimizers(model, cfg, 2, info["lr_scale"], info["remeshes"])
-            if stage == 1 and local in sched.remesh and info["remeshes"] < sched.remesh.index(local) + 1:
-                _remesh(model, cfg, info, it)
-                write_json(run.root / "remesh.json", info["remesh_log"])
-                reg = MeshRegularizer(model.faces, model.num_vertices)
-                opts = (make_optimizers(model, cfg, 1, info["lr_scale"], info["remeshes"])[0], opts[1])
-            reg_factor = cfg.remesh_reg_factor ** info["remeshes"]
+    def run_info(self) -> dict:
+        sched = self.sched
+        return {"train_size": list(self.size), "light_frame": self.light_frame, "head_model": self.subject.head_model_spec.get("name"),
+                "stage1_iterations": sched.n1, "stage2_iterations": sched.n2, "remesh_iterations": sched.remesh}
 
-            batch = next(batches)
-            tgt = flare_targets(batch, device)
-            idx = batch["index"].numpy()
-            params = tr.params(idx, device)
-            cams = tr.cameras(idx, subject.height, subject.width, device).resized(H, W)
-            out = model.render(params, cams, light_frame=light_frame)
-            loss, terms = compute_losses(model, out, tgt, cfg, reg, stage, local, scale, reg_factor, perceptual, light_frame)
-            for o in opts:
-                o.zero_grad(set_to_none=True)
-            loss.backward()
-            for o in opts:
-                o.step()
-            sums.add(loss, _psnr(out["rgb"].detach(), tgt["gt"]), out["diffuse"].detach(), terms)
-            pbar.update(1)
+    def load_state_dict(self, state: dict, lr_scale: float) -> None:
+        if not self._untouched:
+            self.model = self._new_model()
+        self._untouched = False
+        restore_model(self.model, state)
+        self.remeshes = int(state.get("remeshes", 0))
+        self.remesh_log = list(state.get("remesh_log", []))
+        self.lr_scale = lr_scale
+        self.opts = make_optimizers(self.model, self.cfg, self.model.stage, lr_scale, self.remeshes)
+        self.opts[0].load_state_dict(state["opt_vert"])
+        self.opts[1].load_state_dict(state["opt_net"])
+        ratio = lr_scale / float(state.get("lr_scale", 1.0))  # loaded groups carry the saved rates
+        if ratio != 1.0:
+            for o in self.opts:
+                for g in o.param_groups:
+                    g["lr"] *= ratio
+        self.reg = MeshRegularizer(self.model.faces, self.model.num_vertices)
 
-            if it % cfg.log_every == 0 or it == cfg.iterations or it == sched.n1:
-                row = sums.row(it, stage, time.perf_counter() - t0, model.num_vertices)
-                problem = _health(row, cfg)
-                if problem:
-                    it, model, opts = _recover(run, model, cfg, info, problem, it, fresh)
-                    reg = MeshRegularizer(model.faces, model.num_vertices)
-                    data, batches = _stream(subject, train_idx, (H, W), cfg, it, device)
-                    pbar.n = it
-                    pbar.refresh()
-                    sums = _Sums(device)
-                    continue
-                if eval_set is not None and (it % cfg.eval_every == 0 or it == cfg.iterations):
-                    row["test_psnr"] = evaluate_psnr(model, eval_set, tr, subject, (H, W), device, light_frame)
-                run.append_curve(row)
-                pbar.set_postfix(loss=f"{row['loss']:.4f}", psnr=f"{row['train_psnr']:.2f}", V=model.num_vertices)
-                sums = _Sums(device)
-            if cfg.preview_every and (it % cfg.preview_every == 0 or it == cfg.iterations):
-                _preview(run, it, out, tgt)
-            if it % cfg.checkpoint_every == 0 or it == cfg.iterations:
-                if _finite(loss, model):  # never checkpoint a diverged model: recovery goes back to checkpoints
-                    run.save_checkpoint(it, checkpoint_state(model, opts, it, time.perf_counter() - t0, _extra(info)))
-                else:
-                    _log.warning(f"not checkpointing iteration {it}: the model holds NaN/Inf")
-    except KeyboardInterrupt:
-        if it > start:
-            run.save_checkpoint(it, checkpoint_state(model, opts, it, time.perf_counter() - t0, _extra(info)))
-        raise
-    finally:
-        pbar.close()
+    def state_dict(self) -> dict:
+        model = self.model
+        return {"stage": model.stage, "mesh": {"verts": model.base_verts.detach().cpu(), "faces": model.faces.cpu()},
+                "model": model.state_dict(), "opt_vert": self.opts[0].state_dict(), "opt_net": self.opts[1].state_dict(),
+                "remeshes": self.remeshes, "remesh_log": self.remesh_log}
+
+    def finite(self) -> bool:
+        return all(bool(torch.isfinite(p).all()) for p in self.model.parameters())
+
+    # ------------------------------------------------------------------ data
+    def prepare(self, start: int, resumed: bool) -> None:
+        cfg = self.cfg
+        self.restart_data(start)
+        self.perceptual = VGGPerceptual(cfg.perceptual_size).to(self.device) if cfg.w_perceptual > 0 else None
+        self.reg = MeshRegularizer(self.model.faces, self.model.num_vertices)
+        self.eval_set = heldout_sample(self.subject, self.test_idx, cfg.eval_frames if cfg.eval_every > 0 else 0, self.size)
+
+    def restart_data(self, start: int) -> None:
+        self.data, self.batches = _stream(self.subject, self.train_idx, self.size, self.cfg, start, self.device)
+
+    # ------------------------------------------------------------------ one step
+    def step(self, it: int) -> StepOutput:
+        cfg, sched, model = self.cfg, self.sched, self.model
+        self._untouched = False
+        stage, local, scale = sched.stage(it)
+        if stage == 2 and model.stage == 1:
+            model.enter_stage2()
+            self.opts = make_optimizers(model, cfg, 2, self.lr_scale, self.remeshes)
+        if stage == 1 and local in sched.remesh and self.remeshes < sched.remesh.index(local) + 1:
+            self._remesh(it)
+        reg_factor = cfg.remesh_reg_factor ** self.remeshes
+        self.stage = stage
+
+        batch = next(self.batches)
+        tgt = flare_targets(batch, self.device)
+        idx = batch["index"]
+        params = self.dtr.params(idx)
+        cams = self.dtr.cameras(idx, self.subject.height, self.subject.width).resized(*self.size)
+        out = model.render(params, cams, light_frame=self.light_frame)
+        loss, terms = compute_losses(model, out, tgt, cfg, self.reg, stage, local, scale, reg_factor, self.perceptual, self.light_frame)
+        for o in self.opts:
+            o.zero_grad(set_to_none=True)
+        loss.backward()
+        for o in self.opts:
+            o.step()
+        self._last = (out, tgt)
+        diffuse = out["diffuse"].detach()
+        extras = {"diffuse_light": diffuse.mean() if diffuse.numel() else 0.0, **{f"loss_{k}": v.detach() for k, v in terms.items()}}
+        return StepOutput(loss.detach(), _psnr(out["rgb"].detach(), tgt["gt"]), extras)
+
+    def _remesh(self, it: int) -> None:
+        info = {"remeshes": self.remeshes, "remesh_log": self.remesh_log}
+        _remesh(self.model, self.cfg, info, it)
+        self.remeshes = info["remeshes"]
+        write_json(self.run.root / "remesh.json", self.remesh_log)
+        self.reg = MeshRegularizer(self.model.faces, self.model.num_vertices)
+        self.opts = (make_optimizers(self.model, self.cfg, 1, self.lr_scale, self.remeshes)[0], self.opts[1])
+
+    # ------------------------------------------------------------------ reporting
+    def curve_row(self, it: int, means: dict, elapsed: float) -> dict:
+        row = {"step": it, "stage": self.stage, "loss": means.pop("loss"), "train_psnr": means.pop("train_psnr"),
+               "diffuse_light": means.pop("diffuse_light"), "time": elapsed, "vertices": self.model.num_vertices}
+        row.update(means)
+        return row
+
+    def health(self, row: dict) -> str | None:
+        return _health(row, self.cfg)
+
+    def log_now(self, it: int) -> bool:
+        return it == self.sched.n1  # the end of stage 1
+
+    def evaluate_heldout(self) -> float | None:
+        if self.eval_set is None:
+            return None
+        return evaluate_psnr(self.model, self.eval_set, self.tr, self.subject, self.size, self.device, self.light_frame)
+
+    def preview(self) -> torch.Tensor:
+        out, tgt = self._last
+        a = out["alpha"][0].detach()
+        pred = linear_to_srgb((out["rgb"][0].detach() / a.clamp_min(1e-4)).clamp(0, 1)) * a + (1 - a)
+        m = tgt["mask"][0]
+        gt = linear_to_srgb((tgt["gt"][0] / m.clamp_min(1e-4)).clamp(0, 1)) * m + (1 - m)
+        return torch.cat([gt, pred], 1)
+
+    def diverged_message(self, it: int, problem: str) -> str:
+        return (f"FLARE training failed at iteration {it}: {problem}, again after {self.cfg.max_recoveries} restarts with halved learning rates; "
+                f"try --set light_activation=softplus, lower learning rates (--set lr_shader=5e-4) or check the subject's masks")
 
 
 def _stream(subject: Subject, indices, size, cfg: FlareConfig, start: int, device: torch.device):
     """Training batches from step ``start``; frames stay on the GPU when they fit in ``device_cache_mb``."""
     return training_stream(subject, indices, size, cfg.batch_size, cfg.seed, cfg.frames_per_pass, cfg.num_workers, cfg.cache_mb, start, device,
                            cfg.device_cache_mb if device.type == "cuda" else 0)
-
-
-def _finite(loss: torch.Tensor, model: FlareModel) -> bool:
-    if not bool(torch.isfinite(loss.detach())):
-        return False
-    return all(bool(torch.isfinite(p).all()) for p in model.parameters())
-
-
-def _extra(info: dict) -> dict:
-    return {k: info[k] for k in ("remeshes", "lr_scale", "recoveries", "remesh_log")}
 
 
 def _remesh(model: FlareModel, cfg: FlareConfig, info: dict, it: int) -> None:
@@ -332,80 +366,12 @@ def _remesh(model: FlareModel, cfg: FlareConfig, info: dict, it: int) -> None:
                                "seconds": time.perf_counter() - t})
 
 
-class _Sums:
-    """Per-log-interval accumulators kept on the device (one host sync per log step)."""
-
-    def __init__(self, device):
-        self.loss = torch.zeros((), device=device)
-        self.psnr = torch.zeros((), device=device)
-        self.light = torch.zeros((), device=device)
-        self.terms: dict[str, torch.Tensor] = {}
-        self.n = 0
-
-    def add(self, loss, psnr, diffuse, terms):
-        self.loss += loss.detach()
-        self.psnr += psnr
-        self.light += diffuse.mean() if diffuse.numel() else 0.0
-        for k, v in terms.items():
-            self.terms[k] = self.terms.get(k, 0.0) + v.detach()
-        self.n += 1
-
-    def row(self, it, stage, t, nv) -> dict:
-        n = max(self.n, 1)
-        row = {"step": it, "stage": stage, "loss": (self.loss / n).item(), "train_psnr": (self.psnr / n).item(),
-               "diffuse_light": (self.light / n).item(), "time": t, "vertices": nv}
-        row.update({f"loss_{k}": float(v / n) for k, v in self.terms.items()})
-        return row
-
-
 def _health(row: dict, cfg: FlareConfig) -> str | None:
     if not math.isfinite(row["loss"]) or not math.isfinite(row["diffuse_light"]):
         return f"the loss became {row['loss']}"
     if row["diffuse_light"] < cfg.collapse_threshold:
         return f"the light collapsed to black (mean diffuse light {row['diffuse_light']:.2e})"
     return None
-
-
-def _recover(run: RunDir, model: FlareModel, cfg: FlareConfig, info: dict, problem: str, it: int, fresh):
-    """Go back to the last checkpoint (or the start) with halved learning rates.
-
-    Returns (iteration resumed from, model, optimisers).
-    """
-    info["recoveries"] += 1
-    if info["recoveries"] > cfg.max_recoveries:
-        raise TrainingDiverged(
-            f"FLARE training failed at iteration {it}: {problem}, again after {cfg.max_recoveries} restarts with halved learning rates; "
-            f"try --set light_activation=softplus, lower learning rates (--set lr_shader=5e-4) or check the subject's masks"
-        )
-    info["lr_scale"] *= 0.5
-    _log.warning(f"{problem} at iteration {it}; restarting from the last checkpoint with learning rates x{info['lr_scale']:g}")
-    if run.checkpoints():
-        step, state = run.load_checkpoint(map_location=model.base_verts.device)
-        model = fresh()
-        restore_model(model, state)
-        info["remeshes"] = int(state.get("remeshes", 0))
-        info["remesh_log"] = list(state.get("remesh_log", []))
-        opts = make_optimizers(model, cfg, model.stage, info["lr_scale"], info["remeshes"])
-        opts[0].load_state_dict(state["opt_vert"])
-        opts[1].load_state_dict(state["opt_net"])
-        ratio = info["lr_scale"] / float(state.get("lr_scale", 1.0))  # loaded groups carry the old rates
-        for o in opts:
-            for g in o.param_groups:
-                g["lr"] *= ratio
-        return step, model, opts
-    torch.manual_seed(cfg.seed + info["recoveries"])  # a different initialisation
-    model = fresh()
-    info["remeshes"] = 0
-    info["remesh_log"] = []
-    return 0, model, make_optimizers(model, cfg, model.stage, info["lr_scale"], 0)
-
-
-def _preview(run: RunDir, it: int, out: dict, tgt: dict) -> None:
-    a = out["alpha"][0].detach()
-    pred = linear_to_srgb((out["rgb"][0].detach() / a.clamp_min(1e-4)).clamp(0, 1)) * a + (1 - a)
-    m = tgt["mask"][0]
-    gt = linear_to_srgb((tgt["gt"][0] / m.clamp_min(1e-4)).clamp(0, 1)) * m + (1 - m)
-    write_image(run.root / "previews" / f"{it:07d}.jpg", to_uint8(torch.cat([gt, pred], 1)))
 
 
 @torch.no_grad()

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import torch
 
+from headavatar.headmodels.params import FrameParams
 from headavatar.methods.avatar import GAUSSIANS, open_run
 from headavatar.methods.flashavatar.config import FlashAvatarConfig
 from headavatar.methods.run import RunDir
@@ -44,14 +45,14 @@ class FlashAvatarAvatar:
         self._graphed_frame = CudaGraphed(self._frame)
         self._frame_generation = None
 
-    def _gaussians_rgb(self, params: dict, viewmats: torch.Tensor) -> dict:
+    def _gaussians_rgb(self, params: FrameParams, viewmats: torch.Tensor) -> dict:
         cond, verts = self.model.frame_inputs(params)
         g = self.model.gaussians(cond, verts)
         # view-dependent colour evaluated here (inside the graph), so the rasteriser takes plain RGB
         g["colors"] = sh_to_rgb(self.cfg.sh_degree, g["colors"], g["means"], viewmats)
         return g
 
-    def _frame(self, params: dict, K, R, t, background, hw: tuple) -> dict:
+    def _frame(self, params: FrameParams, K, R, t, background, hw: tuple) -> dict:
         from headavatar.camera import Cameras
 
         cams = Cameras(K, R, t, *hw)
@@ -59,7 +60,7 @@ class FlashAvatarAvatar:
         out = self.model.render(g, cams, background, backend="triton", render_depth=False)
         return {"rgb": out.rgb, "alpha": out.alpha}
 
-    def _render_graphed_frame(self, params: dict, cameras, bg) -> dict:
+    def _render_graphed_frame(self, params: FrameParams, cameras, bg) -> dict:
         from headavatar.render.gaussians import triton_backend as tb
 
         gen = tb.watch_overflow()  # a grown pair buffer (never dropped, only slower) -> capture again
@@ -73,7 +74,7 @@ class FlashAvatarAvatar:
         return self.model.head
 
     @torch.no_grad()
-    def render(self, params: dict, cameras, background: torch.Tensor | None = None) -> dict:
+    def render(self, params: FrameParams, cameras, background: torch.Tensor | None = None) -> dict:
         if self.cuda_graphs and self.device.type == "cuda":
             from headavatar.render.gaussians import select_backend
 
@@ -85,7 +86,7 @@ class FlashAvatarAvatar:
 
     # ------------------------------------------------------------ GAUSSIANS
     @torch.no_grad()
-    def gaussians(self, params: dict) -> dict[str, torch.Tensor]:
+    def gaussians(self, params: FrameParams) -> dict[str, torch.Tensor]:
         """The Gaussians of a batch of frames ([B,N,...]), SH colours of the degree the avatar renders with."""
         cond, verts = self.model.frame_inputs(params)
         g = dict(self.model.gaussians(cond, verts))

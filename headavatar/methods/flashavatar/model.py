@@ -10,6 +10,7 @@ from torch import nn
 
 from headavatar.errors import UserError
 from headavatar.headmodels.base import HeadModel
+from headavatar.headmodels.params import FrameParams
 from headavatar.methods.flashavatar.config import FlashAvatarConfig
 from headavatar.methods.flashavatar.embedding import barycentric_points, positional_encoding, sample_uv_texels
 from headavatar.render.gaussians import RenderOutput, render_gaussians
@@ -119,20 +120,15 @@ class FlashAvatarModel(nn.Module):
         return self.mu_t.shape[0]
 
     # --------------------------------------------------------------- frames
-    def frame_inputs(self, params: dict, grad: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    def frame_inputs(self, params: FrameParams, grad: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """Tracking params (Tracking.params) -> (condition [B,C], posed vertices [B,V,3]); gradients reach
-        the tracking only with ``grad`` (tracking refinement, refine.py)."""
+        the tracking only with ``grad`` (tracking refinement, refine.py).  The identity is the model's own."""
+        params = FrameParams.of(params)
         with torch.set_grad_enabled(grad and torch.is_grad_enabled()):
-            verts = self.head(
-                shape=self.shape.expand(params["expression"].shape[0], -1),
-                expression=params["expression"],
-                joint_rotations=params["joint_rotations"],
-                translation=params["translation"],
-                extras=params.get("extras"),
-            )
-            cond = self.head.condition(params["expression"], params["joint_rotations"], params.get("extras"))
+            verts = self.head(params.replace(shape=self.shape.expand(params.batch_size, -1)))
+            cond = self.head.condition(params.expression, params.joint_rotations, params.extras or None)
             if self.pose_dim:
-                cond = torch.cat([cond, axis_angle_to_6d(params["joint_rotations"][:, 0])], -1)
+                cond = torch.cat([cond, axis_angle_to_6d(params.joint_rotations[:, 0])], -1)
         return cond, verts
 
     def gaussians(self, cond: torch.Tensor, verts: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -172,9 +168,9 @@ class FlashAvatarModel(nn.Module):
 
     # ----------------------------------------------------------------- init
     @torch.no_grad()
-    def initialize_from_frame(self, params: dict) -> None:
+    def initialize_from_frame(self, params: FrameParams) -> None:
         """Reference init: isotropic scale from the 3 nearest neighbours of the first frame's Gaussians."""
-        cond, verts = self.frame_inputs({k: (v[:1] if isinstance(v, torch.Tensor) else {kk: vv[:1] for kk, vv in v.items()}) for k, v in params.items()})
+        cond, verts = self.frame_inputs(FrameParams.of(params)[0])
         if self.cfg.init_with_mlp_offsets:
             pts = self.gaussians(cond, verts)["means"][0]
         else:

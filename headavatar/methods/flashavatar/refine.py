@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from headavatar.errors import UserError
+from headavatar.headmodels.params import FrameParams
 
 REFINED_TRACKING = "refined_tracking.npz"
 
@@ -93,27 +94,27 @@ class TrackingCorrections(nn.Module):
     def scaled(self, name: str, rows: torch.Tensor) -> torch.Tensor:
         return self.blocks[name](rows)
 
-    def apply(self, params: dict, frames: torch.Tensor) -> dict:
+    def apply(self, params: FrameParams, frames: torch.Tensor) -> FrameParams:
         """Tracking params of ``frames`` with the corrections added (frames not refined: unchanged)."""
         rows, on = self.rows(frames.to(self.row_of.device))
-        out = dict(params)
+        params = FrameParams.of(params)
+        out = {}
         if "expression" in self.blocks:
-            out["expression"] = params["expression"] + on * self.sigma["expression"] * self.scaled("expression", rows)
+            out["expression"] = params.expression + on * self.sigma["expression"] * self.scaled("expression", rows)
         if "rotation" in self.blocks:
             d = (on * self.sigma["rotation"] * self.scaled("rotation", rows)).view(-1, len(self.joints), 3)
-            full = params["joint_rotations"].new_zeros(params["joint_rotations"].shape)
+            full = params.joint_rotations.new_zeros(params.joint_rotations.shape)
             full = full.index_add(1, self.joint_idx, d)
             # axis-angle + small correction: first order the same as composing the rotations
-            out["joint_rotations"] = params["joint_rotations"] + full
+            out["joint_rotations"] = params.joint_rotations + full
         if "translation" in self.blocks:
-            out["translation"] = params["translation"] + on * self.sigma["translation"] * self.scaled("translation", rows)
-        extras = dict(params.get("extras") or {})
+            out["translation"] = params.translation + on * self.sigma["translation"] * self.scaled("translation", rows)
+        extras = dict(params.extras)
         for k in list(extras):
             name = f"extra__{k}"
             if name in self.blocks:
                 extras[k] = extras[k] + on * self.sigma[name] * self.scaled(name, rows)
-        out["extras"] = extras
-        return out
+        return params.replace(extras=extras, **out)
 
     def prior(self, frames: torch.Tensor, prior_weight: float, smooth_weight: float) -> torch.Tensor:
         """L2 on the scaled corrections of ``frames`` (+ smoothness to each one's previous frame)."""
@@ -136,9 +137,9 @@ class TrackingCorrections(nn.Module):
         base = tracking.params(self.frames, self.row_of.device)
         p = self.apply(base, idx)
         out = {"frames": np.asarray(self.frames, dtype=np.int64),
-               "expression": p["expression"].cpu().numpy(), "joint_rotations": p["joint_rotations"].cpu().numpy(),
-               "translation": p["translation"].cpu().numpy()}
-        for k, v in p["extras"].items():
+               "expression": p.expression.cpu().numpy(), "joint_rotations": p.joint_rotations.cpu().numpy(),
+               "translation": p.translation.cpu().numpy()}
+        for k, v in p.extras.items():
             out[f"extra__{k}"] = v.cpu().numpy()
         return out
 
@@ -161,7 +162,7 @@ class JointRefiner:
     def active(self, it: int) -> bool:
         return it >= self.cfg.refine_start
 
-    def params(self, params: dict, frames: torch.Tensor) -> dict:
+    def params(self, params: FrameParams, frames: torch.Tensor) -> FrameParams:
         return self.corr.apply(params, frames)
 
     def prior(self, frames: torch.Tensor) -> torch.Tensor:
