@@ -219,9 +219,9 @@ def run_pool(inputs, out: Path, workers: int, common: dict) -> dict:
 
 
 def run(args) -> None:
-    from headavatar.pipeline.batch import batch
-
     import importlib.util
+
+    from headavatar.pipeline.batch import batch
 
     missing = [m for m in ("numpy", "scipy", "PIL", "tqdm", "matplotlib", "imageio", "imageio_ffmpeg", "pytorch_msssim", "gsplat")
                if importlib.util.find_spec(m) is None]
@@ -297,7 +297,8 @@ def _compare(result: dict) -> None:
 
 
 def table(results: list[dict]) -> str:
-    lines = ["| mode | device | jobs | wall s | subjects/h | time vs sequential | held-out PSNR mean (min–max) | Δ PSNR vs sequential, max abs | GPU util mean % (per GPU) | GPU mem max MiB |",
+    lines = ["| mode | device | jobs | wall s | subjects/h | time vs sequential | held-out PSNR mean (min–max) "
+             "| Δ PSNR vs sequential, max abs | GPU util mean % (per GPU) | GPU mem max MiB |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for res in results:
         for mode, m in res["modes"].items():

@@ -215,8 +215,10 @@ def protocol(args, argv: list[str]) -> int:
         log = work / "runs" / args.label / f"{v.stem}.log"
         print(f"{v.name}: started (log {log})", flush=True)
         with open(log, "w") as fh:
-            running.append((v, subprocess.Popen([sys.executable, str(Path(__file__).resolve()), *base, "--one", str(v)], stdout=fh, stderr=subprocess.STDOUT, env=env)))
-    rows = [json.loads((work / "runs" / args.label / f"{v.stem}.json").read_text()) for v in videos if (work / "runs" / args.label / f"{v.stem}.json").is_file()]
+            running.append((v, subprocess.Popen([sys.executable, str(Path(__file__).resolve()), *base, "--one", str(v)], stdout=fh,
+                                                stderr=subprocess.STDOUT, env=env)))
+    done = [work / "runs" / args.label / f"{v.stem}.json" for v in videos]
+    rows = [json.loads(p.read_text()) for p in done if p.is_file()]
     res = summarise(rows, args)
     write_json(work / f"results_{args.label}.json", res)
     md = markdown(res)

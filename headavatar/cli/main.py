@@ -130,7 +130,8 @@ def build_parser() -> argparse.ArgumentParser:
     tk.add_argument("--duration", type=float, help="seconds to track")
     tk.add_argument("--ict-path", help="the ICT-FaceKit npz (default: $HEADAVATAR_ICT_NPZ, else the copy shipped with headavatar)")
     _add_flame_dir(tk)
-    tk.add_argument("--storage", default="frames", choices=["frames", "compact"], help="frames: an image file per frame (default); compact: video chunks, ~6x smaller")
+    tk.add_argument("--storage", default="frames", choices=["frames", "compact"],
+                    help="frames: an image file per frame (default); compact: video chunks, ~6x smaller")
     tk.add_argument("--overwrite", action="store_true")
     tk.add_argument("--strict", action="store_true", help="refuse a video whose decoded length disagrees with its header (default: a warning)")
     tk.add_argument("--verbose", action="store_true", help="show the log lines of MediaPipe/TensorFlow Lite (silenced by default)")

@@ -80,7 +80,8 @@ def _check_plan(layout: Layout, plan: dict) -> None:
             diffs.insert(0, "input")
         if diffs:
             said = ", ".join(f"{k} {_show(old.get(k))} (now {_show(plan.get(k))})" for k in diffs)
-            raise UserError(f"{layout.root} was made with other options: {said}; use the same options, another -o folder, or delete {layout.root} to start over")
+            raise UserError(f"{layout.root} was made with other options: {said}; "
+                            f"use the same options, another -o folder, or delete {layout.root} to start over")
         return
     ours = {"stages", LOG, ERROR}  # what batch may have written before the first make call
     if layout.root.exists() and any(p for p in layout.root.iterdir() if not p.name.startswith(".") and p.name not in ours):

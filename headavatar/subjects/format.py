@@ -263,7 +263,8 @@ class Subject:
         else:
             missing = [i for i in range(n) if not subj.frame_path(i).is_file()]
             if missing:
-                raise UserError(f"{root}: {len(missing)} of {n} frame images are missing (first: {subj.frame_path(missing[0]).name}); restore them or re-create the subject")
+                raise UserError(f"{root}: {len(missing)} of {n} frame images are missing (first: {subj.frame_path(missing[0]).name}); "
+                                "restore them or re-create the subject")
         for name in ("train", "test"):
             bad = [i for i in subj.split.get(name, []) if not 0 <= i < n]
             if bad:
@@ -326,7 +327,8 @@ class Subject:
                 f"the head model '{model.name}' loaded for {self.root} differs from the one it was tracked with "
                 f"(fingerprint {model.fingerprint()} != {fp}); pass the same model files as when it was made"
             )
-        self.tracking.check(where=str(self.root / "tracking.npz"), num_joints=model.num_joints, num_expression=model.num_expression, extras=model.extras_sizes())
+        self.tracking.check(where=str(self.root / "tracking.npz"), num_joints=model.num_joints, num_expression=model.num_expression,
+                            extras=model.extras_sizes())
         return model
 
     def frame_path(self, i: int) -> Path:
@@ -435,7 +437,8 @@ class SubjectWriter:
             write_image(self.root / "parsing" / f"{i:06d}.png", parsing)
         self.count = max(self.count, i + 1)
 
-    def finalize(self, tracking: Tracking, head_model_spec: dict, image_size: tuple[int, int], split: dict | None = None, fps: float = 25.0, extra_meta: dict | None = None) -> Subject:
+    def finalize(self, tracking: Tracking, head_model_spec: dict, image_size: tuple[int, int], split: dict | None = None, fps: float = 25.0,
+                 extra_meta: dict | None = None) -> Subject:
         n = tracking.num_frames
         self.flush_chunks()
         if n != self.count:

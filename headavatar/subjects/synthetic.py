@@ -444,7 +444,8 @@ def render_synthetic_frames(
     cams = cameras.resized(H * ss, W * ss).to(device)
     backend = backend or get_mesh_backend("torch")
     faces = model.faces
-    tex = torch.cat([torch.as_tensor(textures["albedo"]), torch.as_tensor(textures["roughness"]), torch.as_tensor(textures["specular"])], -1)[None].float().to(device)
+    tex = torch.cat([torch.as_tensor(textures["albedo"]), torch.as_tensor(textures["roughness"]), torch.as_tensor(textures["specular"])],
+                    -1)[None].float().to(device)
     labels = model.face_labels if model.face_labels is not None else torch.ones(faces.shape[0], dtype=torch.int64, device=device)
     labels0 = torch.cat([torch.zeros(1, dtype=torch.int64, device=device), labels.long()])  # index 0 = empty
     root = model.joint_index("root") if "root" in model.joint_names else 0
@@ -617,6 +618,7 @@ def _write_synthetic(out_dir, N, S, seed, fps, test_fraction, overwrite, light, 
 
 
 __all__ = [
-    "make_synthetic_subject", "render_synthetic_frames", "make_synthetic_animation", "synthetic_camera", "capture_lighting", "lighting_spec", "lighting_from_spec",
+    "make_synthetic_subject", "render_synthetic_frames", "make_synthetic_animation", "synthetic_camera", "capture_lighting", "lighting_spec",
+    "lighting_from_spec",
     "StudioLighting", "SHLighting", "FunctionLighting", "Lighting", "make_lighting", "sh9_basis", "BACKGROUND",
 ]

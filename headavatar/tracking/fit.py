@@ -376,7 +376,8 @@ def _skinned_jacobians(lmodel, rotations, v, joints, x, logf, rc, scale, fitted_
         for k in fitted_joints:
             desc = [j for j in range(lmodel.num_joints) if _is_descendant(lmodel.parents, j, k)]
             o = (G[:, k, :3, :3] @ joints[:, k, :, None])[..., 0] + G[:, k, :3, 3]  # posed joint k
-            carried = sum(lmodel.skin_weights[None, :, j, None] * ((G[:, j, None, :3, :3] @ v[..., None])[..., 0] + G[:, j, None, :3, 3] - o[:, None]) for j in desc)
+            carried = sum(lmodel.skin_weights[None, :, j, None] * ((G[:, j, None, :3, :3] @ v[..., None])[..., 0] + G[:, j, None, :3, 3] - o[:, None])
+                          for j in desc)
             carried = lmodel.blend @ carried  # [M,L,3]
             parent = G[:, lmodel.parents[k], :3, :3] if lmodel.parents[k] >= 0 else torch.eye(3, device=x.device).expand(M, 3, 3)
             axes = parent @ _left_jacobian(rv[:, k])  # world axis of each coordinate's rotation

@@ -417,7 +417,8 @@ class _StageTimer:
 
 
 def _reason_text(reasons: dict) -> str:
-    names = {"not_found": "no face found", "outside": "face leaving the frame", "size": "implausible face size", "jump": "tracking glitch", "fit": "unexplained by the model"}
+    names = {"not_found": "no face found", "outside": "face leaving the frame", "size": "implausible face size", "jump": "tracking glitch",
+             "fit": "unexplained by the model"}
     return ", ".join(f"{names.get(k, k)}: {v}" for k, v in reasons.items() if v)
 
 

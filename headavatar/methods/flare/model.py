@@ -30,11 +30,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from headavatar.headmodels.base import HeadModel
+from headavatar.headmodels.skinning import blend_shapes, blend_transforms, global_transforms, pose_features, transform_points
 from headavatar.methods.flare.light import LightMLP
 from headavatar.methods.flare.materials import MaterialMLP
 from headavatar.methods.flare.shading import SplitSum, prepare_shading_normal, reflect
 from headavatar.render.mesh.ops import face_normals, vertex_normals
-from headavatar.headmodels.skinning import blend_shapes, blend_transforms, global_transforms, pose_features, transform_points
 from headavatar.utils.rotations import axis_angle_to_matrix
 
 # Parsing labels (headavatar.subjects.format.LABELS) whose surface gets the skin F0 (FLARE's channels 0-2).
@@ -240,7 +240,8 @@ class FlareModel(nn.Module):
         self.register_buffer("faces", F0)
         self.offsets = nn.Parameter(torch.zeros_like(V0))
         self.register_buffer("vskin", self._vertex_skin(V0), persistent=False)
-        self.deformer = DeformerNet(self.prior.num_blend, self.prior.num_pose, head.num_joints + 1, cfg.deformer_width, cfg.deformer_layers, cfg.skinning_sharpness)
+        self.deformer = DeformerNet(self.prior.num_blend, self.prior.num_pose, head.num_joints + 1, cfg.deformer_width, cfg.deformer_layers,
+                                    cfg.skinning_sharpness)
         self.shader = Shader("pe", cfg)
         from headavatar.methods.flare.losses import AdaptiveRobustLoss
 

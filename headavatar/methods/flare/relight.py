@@ -156,7 +156,8 @@ def relight_run(run_dir, envmap, out_path, device="auto", frames: str = "all", b
         for k, img in (first or {}).items():
             write_image(folder / f"{'relit' if k == 'rgb' else k}.png", img)
         outputs.update({"intrinsics_video": str(grid), "intrinsics_folder": str(folder),
-                        "intrinsics_layout": "top: relit | albedo | roughness | specular intensity; bottom: normals | diffuse shading | specular shading | alpha"})
+                        "intrinsics_layout": "top: relit | albedo | roughness | specular intensity; "
+                                             "bottom: normals | diffuse shading | specular shading | alpha"})
     return outputs
 
 
@@ -185,8 +186,7 @@ def evaluate_relighting(run_dir, envmap="sky", device="auto", frames: str = "tes
     from headavatar.lighting.envmap import EnvMapLighting
     from headavatar.methods import load_avatar
     from headavatar.methods.flare.calibration import exposure_scale
-    from headavatar.subjects.synthetic import capture_lighting
-    from headavatar.subjects.synthetic import render_synthetic_frames
+    from headavatar.subjects.synthetic import capture_lighting, render_synthetic_frames
     from headavatar.utils.io import write_image, write_json
 
     avatar = load_avatar(run_dir, device)
