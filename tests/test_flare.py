@@ -353,7 +353,7 @@ def test_relight_cli_with_a_small_hdr(trained, tmp_path):
 
     from headavatar.lighting import procedural_sky
     from headavatar.lighting.hdr_io import write_hdr
-    from headavatar.methods.flare.cli import add_relight_arguments, relight_command
+    from headavatar.cli.relight_cmd import add_relight_arguments, relight_command
     from headavatar.methods.flare.relight import relight_run
 
     _, run = trained

@@ -149,7 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--device", default="auto")
     _add_flame_dir(x)
 
-    from headavatar.methods.flare.cli import add_relight_arguments
+    from headavatar.cli.relight_cmd import add_relight_arguments
 
     rl = sub.add_parser("relight", help="relight a FLARE run under an HDR environment map (+ intrinsic images)")
     add_relight_arguments(rl)
@@ -209,11 +209,9 @@ def _overrides(args) -> dict:
         v = getattr(args, flag, None)
         if v is not None:
             o[key] = v
-    for item in getattr(args, "set", []) or []:
-        if "=" not in item:
-            raise UserError(f"--set expects KEY=VALUE, got '{item}'")
-        k, v = item.split("=", 1)
-        o[k.strip()] = v.strip()
+    from headavatar.config import parse_set
+
+    o.update(parse_set(getattr(args, "set", None)))
     return o
 
 
@@ -364,7 +362,7 @@ def cmd_export(args) -> int:
 
 
 def cmd_relight(args) -> int:
-    from headavatar.methods.flare.cli import relight_command
+    from headavatar.cli.relight_cmd import relight_command
 
     return relight_command(args)
 

@@ -56,15 +56,13 @@ def input_record(path, kind: str) -> dict:
 
 def typed_overrides(method: str, overrides: dict | list | None) -> dict:
     """--set values converted to the config's types (and unknown keys refused) before any work."""
-    from headavatar.config import apply_overrides
+    from headavatar.config import apply_overrides, parse_set
     from headavatar.methods import get_method
 
     if not overrides:
         return {}
     if isinstance(overrides, list):
-        overrides = dict(item.split("=", 1) if "=" in item else (item, None) for item in overrides)
-        if None in overrides.values():
-            raise UserError("--set expects KEY=VALUE")
+        overrides = parse_set(overrides)
     cfg = apply_overrides(get_method(method).config_cls(), {k.strip(): v for k, v in overrides.items()})
     return {k.strip(): getattr(cfg, k.strip()) if "." not in k else v for k, v in overrides.items()}
 

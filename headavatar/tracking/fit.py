@@ -71,7 +71,7 @@ class FitConfig:
     over landmarks and frames of robust squared errors in pixels at 512 px."""
 
     fov_deg: float = 22.0  # initial field of view across the larger image side
-    optimize_focal: bool = True
+    optimize_focal: bool = True  # fit the focal length (else it stays at fov_deg)
     focal_prior: float = 5.0  # weight on (log f - log f_init)^2
     fov_range_deg: tuple[float, float] = (8.0, 60.0)  # the focal length stays inside this field-of-view range
     rigid_iters: int = 8  # Gauss-Newton iterations of the rigid stage
@@ -84,11 +84,11 @@ class FitConfig:
     w_expr_l2: float = 0.02  # on sum of expression^2, per frame
     w_expr_l1: float = 0.02  # on sum of |expression|, per frame (sparsity; models with an expression range only)
     w_jaw: float = 10.0  # on |jaw rotation|^2 (rad^2), for models with a "jaw" joint
-    fit_jaw: bool = True
+    fit_jaw: bool = True  # fit the jaw rotation for models with a "jaw" joint
     max_shape: int | None = 50  # fit only the first identity modes (None: all); later ICT modes move landmarks by < 0.5 mm
     cg_iters: int = 10  # conjugate-gradient iterations per Gauss-Newton step (at most)
     device: str | None = None  # default: the model's device
-    progress: bool = False
+    progress: bool = False  # show a progress bar
 
 
 # --------------------------------------------------------------------------- landmark sub-model
