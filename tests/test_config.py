@@ -56,3 +56,13 @@ def test_field_help_reads_the_comments(cls):
     assert all(h for h in helps.values())
     if cls is FlareConfig:
         assert "head-fixed" in helps["light_frame"]  # a comment block above the field
+
+
+def test_options_command_lists_fields_with_help(capsys):
+    from headavatar.cli.main import main
+
+    assert main(["options", "flare"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert len(out) == len(dataclasses.fields(FlareConfig))
+    row = next(x for x in out if x.startswith("light_frame = "))
+    assert "auto | world | head" in row and "head-fixed" in row

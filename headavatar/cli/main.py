@@ -20,7 +20,8 @@ def _add_common_train(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, help="frames per training step")
     p.add_argument("--device", default=None, help="auto (default), cpu, cuda, cuda:N")
     p.add_argument("--backend", default=None, help="rasterizer backend: auto (default), torch, triton, gsplat")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override any config option (repeatable), e.g. --set lr_mlp=5e-5")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override any config option (repeatable), e.g. --set lr_mlp=5e-5; 'headavatar options METHOD' lists them")
     _add_flame_dir(p)
 
 
@@ -47,6 +48,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common_train(d)
     _add_no_lpips(d)
     d.add_argument("--overwrite", action="store_true", help="make the demo's subject and run again (only the files the demo writes are replaced)")
+
+    op = sub.add_parser("options", help="list a method's config options (the keys of --set): type, default, meaning")
+    op.add_argument("method", nargs="?", default="flashavatar", help="flashavatar (default), flare, or another registered method")
 
     s = sub.add_parser("synth", help="write the built-in synthetic subject (procedural head) to a folder")
     s.add_argument("-o", "--output", required=True)
@@ -367,6 +371,23 @@ def cmd_relight(args) -> int:
     return relight_command(args)
 
 
+def cmd_options(args) -> int:
+    import dataclasses
+    import typing
+
+    from headavatar.config import field_help
+    from headavatar.methods import get_method
+
+    cls = get_method(args.method).config_cls
+    helps, hints = field_help(cls), typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        t = hints[f.name]
+        shown = " | ".join(map(str, typing.get_args(t))) if typing.get_origin(t) is typing.Literal else getattr(t, "__name__", str(t))
+        print(f"{f.name} = {default!r}  [{shown}]  {helps.get(f.name, '')}".rstrip())
+    return 0
+
+
 def cmd_view(args) -> int:
     from headavatar.viewer import serve
 
@@ -406,7 +427,8 @@ def cmd_batch(args) -> int:
 
 
 COMMANDS = {"subject": cmd_subject, "train": cmd_train, "eval": cmd_eval, "render": cmd_render, "synth": cmd_synth, "demo": cmd_demo,
-            "import": cmd_import, "head-model": cmd_head_model, "track": cmd_track, "export": cmd_export, "view": cmd_view, "relight": cmd_relight}
+            "import": cmd_import, "head-model": cmd_head_model, "track": cmd_track, "export": cmd_export, "view": cmd_view, "relight": cmd_relight,
+            "options": cmd_options}
 COMMANDS.update({"make": cmd_make, "batch": cmd_batch})  # headavatar/pipeline/
 
 
