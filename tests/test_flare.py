@@ -351,9 +351,9 @@ def test_load_render_and_resume(trained, tmp_path):
 def test_relight_cli_with_a_small_hdr(trained, tmp_path):
     import argparse
 
+    from headavatar.cli.relight_cmd import add_relight_arguments, relight_command
     from headavatar.lighting import procedural_sky
     from headavatar.lighting.hdr_io import write_hdr
-    from headavatar.cli.relight_cmd import add_relight_arguments, relight_command
     from headavatar.methods.flare.relight import relight_run
 
     _, run = trained

@@ -6,6 +6,7 @@ import argparse
 import sys
 
 from headavatar import __version__
+from headavatar.constants import DEFAULT_FPS
 from headavatar.errors import UserError
 
 
@@ -101,7 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
     fa.add_argument("--test-frames", type=float, default=500, help="held-out frames: a count (default 500, the reference) or a fraction < 1")
     fa.add_argument("--frame-offset", type=int, help="image index = tracker index + offset (default: detected, else 1)")
     fa.add_argument("--principal-point", default="tracker", choices=["tracker", "opencv"], help="how the tracker's K is to be read")
-    fa.add_argument("--fps", type=float, default=25.0)
+    fa.add_argument("--fps", type=float, default=DEFAULT_FPS)
     fa.add_argument("--overwrite", action="store_true")
     ia = isub.add_parser("imavatar", help="IMavatar / FLARE layout (image/, mask/, semantic/, flame_params.json per sequence)")
     ia.add_argument("root", help="subject root holding one folder per sequence")
@@ -110,7 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
     ia.add_argument("--train", help="comma-separated training sequence names (default: all but --test)")
     ia.add_argument("--test", help="comma-separated held-out sequence names (default: the last sequence)")
     ia.add_argument("--max-landmark-error", type=float, help="refuse the import if the camera check's mean landmark error exceeds this (pixels)")
-    ia.add_argument("--fps", type=float, default=25.0)
+    ia.add_argument("--fps", type=float, default=DEFAULT_FPS)
     ia.add_argument("--overwrite", action="store_true")
 
     hm = sub.add_parser("head-model", help="head-model tools")

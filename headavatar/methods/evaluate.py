@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from headavatar.constants import LABEL_IDS
 from headavatar.errors import UserError
 from headavatar.subjects.dataset import FrameDataset, collate, prepare_targets
 from headavatar.utils.device import sync
@@ -72,7 +73,7 @@ def evaluate_run(run_dir, device="cpu", split: str = "test", batch_size: int = 4
         if protocol == "imavatar":
             gt_img = b["image"].to(avatar.device).permute(0, 3, 1, 2).float() / 255
             mask = b["alpha"].to(avatar.device).float() / 255
-            res = evaluate_frames(pred, gt_img, mask, "imavatar", exclude=(b["parsing"].to(avatar.device) == 8).float(),
+            res = evaluate_frames(pred, gt_img, mask, "imavatar", exclude=(b["parsing"].to(avatar.device) == LABEL_IDS["clothing"]).float(),
                                   lpips_cache=lpips_cache, frame_ids=[int(i) for i in idx], lpips=lpips)
         else:
             # gt = img·(alpha·head) + bg·(1 − alpha·head): the training targets' compositing

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from headavatar.camera import Cameras
+from headavatar.constants import ALPHA_FOREGROUND_U8, DEFAULT_FPS, HEAD_LABELS, LABEL_IDS, LABELS, MOUTH_LABELS  # noqa: F401 (re-exported)
 from headavatar.errors import UserError
 from headavatar.utils.io import read_image, read_json, save_npz, write_image, write_json
 
@@ -34,23 +35,7 @@ FORMAT_NAME = "headavatar-subject"
 FORMAT_VERSION = 2  # the newest this code reads and writes; version 1 = the per-image-file layout only
 FRAME_LAYOUT = "frames"  # one image file per frame and map (version 1)
 
-# Parsing labels (uint8 values in parsing/*.png).
-LABELS = {
-    0: "background",
-    1: "skin",
-    2: "brows",
-    3: "eyes",
-    4: "lips",
-    5: "mouth_interior",
-    6: "hair",
-    7: "neck",
-    8: "clothing",
-    9: "accessory",
-}
-LABEL_IDS = {v: k for k, v in LABELS.items()}
-# What FlashAvatar calls "neckhead": everything of the head, hair and neck kept; clothes dropped.
-HEAD_LABELS = (1, 2, 3, 4, 5, 6, 7)
-MOUTH_LABELS = (4, 5)
+# Parsing labels (uint8 values in parsing/*.png): defined in headavatar.constants, re-exported here.
 
 
 @dataclass
@@ -309,7 +294,7 @@ class Subject:
 
     @property
     def fps(self) -> float:
-        return float(self.meta.get("fps", 25.0))
+        return float(self.meta.get("fps", DEFAULT_FPS))
 
     @property
     def head_model_spec(self) -> dict:
@@ -356,7 +341,7 @@ class Subject:
         ap = self.alpha_path(i)
         alpha = read_image(ap, "L") if ap.is_file() else np.full((H, W), 255, np.uint8)
         pp = self.parsing_path(i)
-        parsing = read_image(pp, "L") if pp.is_file() else np.where(alpha > 127, LABEL_IDS["skin"], 0).astype(np.uint8)
+        parsing = read_image(pp, "L") if pp.is_file() else np.where(alpha > ALPHA_FOREGROUND_U8, LABEL_IDS["skin"], 0).astype(np.uint8)
         for name, a in (("alpha", alpha), ("parsing", parsing)):
             if a.shape != (H, W):
                 raise UserError(f"{name} map of frame {i} in {self.root} is {a.shape[1]}x{a.shape[0]}, expected {W}x{H}")
@@ -408,7 +393,7 @@ class SubjectWriter:
         if alpha is None:
             alpha = np.full((H, W), 255, np.uint8)
         if parsing is None:
-            parsing = np.where(alpha > 127, LABEL_IDS["skin"], 0).astype(np.uint8)
+            parsing = np.where(alpha > ALPHA_FOREGROUND_U8, LABEL_IDS["skin"], 0).astype(np.uint8)
         return self._buffer.add(i, np.asarray(image, np.uint8), np.asarray(alpha, np.uint8), np.asarray(parsing, np.uint8), num_frames)
 
     def _encode_chunk(self, chunk) -> None:
@@ -437,7 +422,7 @@ class SubjectWriter:
             write_image(self.root / "parsing" / f"{i:06d}.png", parsing)
         self.count = max(self.count, i + 1)
 
-    def finalize(self, tracking: Tracking, head_model_spec: dict, image_size: tuple[int, int], split: dict | None = None, fps: float = 25.0,
+    def finalize(self, tracking: Tracking, head_model_spec: dict, image_size: tuple[int, int], split: dict | None = None, fps: float = DEFAULT_FPS,
                  extra_meta: dict | None = None) -> Subject:
         n = tracking.num_frames
         self.flush_chunks()

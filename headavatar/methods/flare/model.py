@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from headavatar.constants import LABEL_IDS
 from headavatar.headmodels.base import HeadModel
 from headavatar.headmodels.skinning import blend_shapes, blend_transforms, global_transforms, pose_features, transform_points
 from headavatar.methods.flare.light import LightMLP
@@ -38,7 +39,7 @@ from headavatar.render.mesh.ops import face_normals, vertex_normals
 from headavatar.utils.rotations import axis_angle_to_matrix
 
 # Parsing labels (headavatar.subjects.format.LABELS) whose surface gets the skin F0 (FLARE's channels 0-2).
-SKIN_F0_LABELS = (1, 2, 3, 4, 7)
+SKIN_F0_LABELS = tuple(LABEL_IDS[k] for k in ("skin", "brows", "eyes", "lips", "neck"))
 
 
 class HeadPrior(nn.Module):
