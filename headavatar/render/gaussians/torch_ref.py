@@ -67,6 +67,36 @@ _SPAN_MARGIN = 1e-3  # px; enlarge enumerated spans a little, the exact alpha te
 _FOREIGN_OPTIONS = frozenset({"render_depth", "tile_size", "packed", "absgrad", "sparse_grad", "rasterize_mode", "channel_chunk"})
 
 
+def ewa_projection(x, y, z, K, Wv, quats, scales, W: int, H: int, eps2d: float):
+    """EWA splatting of G Gaussians: camera-space centres x, y, z [G], intrinsics K [G,3,3], view
+    rotations Wv [G,3,3], quats [G,4], scales [G,3] -> the 2D covariance (a, bb, c) with the
+    low-pass ``eps2d`` added, its determinant and the pixel centres (mx, my), each [G].
+    Shared by this reference and the triton backend's PyTorch projection (same operations)."""
+    fx, fy, cx, cy = K[:, 0, 0], K[:, 1, 1], K[:, 0, 2], K[:, 1, 2]
+    # gsplat clamps the Jacobian's x/z, y/z to 1.3x the field of view
+    lim_x_pos = (W - cx) / fx + 0.15 * W / fx
+    lim_x_neg = cx / fx + 0.15 * W / fx
+    lim_y_pos = (H - cy) / fy + 0.15 * H / fy
+    lim_y_neg = cy / fy + 0.15 * H / fy
+    rz = 1.0 / z
+    tx = z * torch.clamp(x * rz, min=-lim_x_neg, max=lim_x_pos)
+    ty = z * torch.clamp(y * rz, min=-lim_y_neg, max=lim_y_pos)
+    # rows of J @ R_view: the 2x3 map from world offsets to pixel offsets
+    T0 = (fx * rz)[:, None] * Wv[:, 0] - (fx * tx * rz * rz)[:, None] * Wv[:, 2]
+    T1 = (fy * rz)[:, None] * Wv[:, 1] - (fy * ty * rz * rz)[:, None] * Wv[:, 2]
+    M = quaternion_to_matrix(quats) * scales[:, None, :]
+    # U = J R_view R_g S, the 2D covariance is U U^T (batched matmuls beat broadcasting here)
+    U = torch.bmm(torch.stack([T0, T1], 1), M)
+    cov = torch.bmm(U, U.transpose(1, 2))
+    a = cov[:, 0, 0] + eps2d
+    bb = cov[:, 0, 1]
+    c = cov[:, 1, 1] + eps2d
+    det = a * c - bb * bb
+    mx = fx * x * rz + cx
+    my = fy * y * rz + cy
+    return a, bb, c, det, mx, my
+
+
 @register_backend("torch")
 def render_torch(means, quats, scales, opacities, colors, viewmats, Ks, width: int, height: int,
                  sh_degree: int | None = None, backgrounds=None, near: float = 0.01, far: float = 1e10,
@@ -168,30 +198,8 @@ def _project(means, quats, scales, opacities, viewmats, Ks, W, H, near, far, eps
         cand = None if bool(front.all()) else torch.nonzero(front).squeeze(1)
         b = torch.div(torch.arange(B * N, device=means.device) if cand is None else cand, N, rounding_mode="floor")
     x, y, z = _take(mean_c, cand).unbind(-1)
-    K = Ks.index_select(0, b)
-    fx, fy, cx, cy = K[:, 0, 0], K[:, 1, 1], K[:, 0, 2], K[:, 1, 2]
-    # gsplat clamps the Jacobian's x/z, y/z to 1.3x the field of view
-    lim_x_pos = (W - cx) / fx + 0.15 * W / fx
-    lim_x_neg = cx / fx + 0.15 * W / fx
-    lim_y_pos = (H - cy) / fy + 0.15 * H / fy
-    lim_y_neg = cy / fy + 0.15 * H / fy
-    rz = 1.0 / z
-    tx = z * torch.clamp(x * rz, min=-lim_x_neg, max=lim_x_pos)
-    ty = z * torch.clamp(y * rz, min=-lim_y_neg, max=lim_y_pos)
-    Wv = Rw.index_select(0, b)  # [G,3,3]
-    # rows of J @ R_view: the 2x3 map from world offsets to pixel offsets
-    T0 = (fx * rz)[:, None] * Wv[:, 0] - (fx * tx * rz * rz)[:, None] * Wv[:, 2]
-    T1 = (fy * rz)[:, None] * Wv[:, 1] - (fy * ty * rz * rz)[:, None] * Wv[:, 2]
-    M = quaternion_to_matrix(_take(quats.reshape(-1, 4), cand)) * _take(scales.reshape(-1, 3), cand)[:, None, :]
-    # U = J R_view R_g S, the 2D covariance is U U^T (batched matmuls beat broadcasting here)
-    U = torch.bmm(torch.stack([T0, T1], 1), M)
-    cov = torch.bmm(U, U.transpose(1, 2))
-    a = cov[:, 0, 0] + eps2d
-    bb = cov[:, 0, 1]
-    c = cov[:, 1, 1] + eps2d
-    det = a * c - bb * bb
-    mx = fx * x * rz + cx
-    my = fy * y * rz + cy
+    a, bb, c, det, mx, my = ewa_projection(x, y, z, Ks.index_select(0, b), Rw.index_select(0, b), _take(quats.reshape(-1, 4), cand),
+                                           _take(scales.reshape(-1, 3), cand), W, H, eps2d)
     o = _take(opacities.reshape(-1), cand)
 
     with torch.no_grad():
