@@ -9,13 +9,15 @@ import pytest
 
 from headavatar.config import apply_overrides, field_help, from_dict, parse_set, to_dict
 from headavatar.errors import UserError
+from headavatar.methods.avatar import DemoSettings
 from headavatar.methods.flare.config import FlareConfig
 from headavatar.methods.flashavatar.config import FlashAvatarConfig
+from headavatar.pipeline.recipe import Budget, Recipe
 from headavatar.tracking.fit import FitConfig
 from headavatar.tracking.gaze import GazeConfig
 from headavatar.tracking.landmarks import ValidityConfig
 
-CONFIGS = (FlashAvatarConfig, FlareConfig, FitConfig, GazeConfig, ValidityConfig)
+CONFIGS = (FlashAvatarConfig, FlareConfig, FitConfig, GazeConfig, ValidityConfig, Recipe, Budget, DemoSettings)
 
 
 def test_parse_set():
@@ -64,5 +66,7 @@ def test_options_command_lists_fields_with_help(capsys):
     assert main(["options", "flare"]) == 0
     out = capsys.readouterr().out.splitlines()
     assert len(out) == len(dataclasses.fields(FlareConfig))
+    with pytest.raises(UserError, match="name is 'slow'; allowed values: fast, best, seconds"):
+        Budget("slow")
     row = next(x for x in out if x.startswith("light_frame = "))
     assert "auto | world | head" in row and "head-fixed" in row
