@@ -52,6 +52,10 @@ from headavatar.render.gaussians import RenderOutput, register_backend
 from headavatar.render.gaussians.sh import camera_centres, eval_sh
 from headavatar.utils.rotations import quaternion_to_matrix
 
+# the contract every backend shares (module docstring of render/gaussians): their defaults
+NEAR, FAR = 0.01, 1e10  # Gaussians with camera depth outside [NEAR, FAR] are culled
+EPS2D = 0.3  # px^2 low-pass added to the 2D covariance (3DGS)
+ALPHA_MAX = 0.99  # per-Gaussian alpha cap (Inria / FlashAvatar)
 ALPHA_THRESHOLD = 1.0 / 255.0
 T_MIN = 1e-4  # compositing stops once transmittance would reach this (gsplat, Inria)
 _LOG_T_MIN = math.log(T_MIN)
@@ -99,8 +103,8 @@ def ewa_projection(x, y, z, K, Wv, quats, scales, W: int, H: int, eps2d: float):
 
 @register_backend("torch")
 def render_torch(means, quats, scales, opacities, colors, viewmats, Ks, width: int, height: int,
-                 sh_degree: int | None = None, backgrounds=None, near: float = 0.01, far: float = 1e10,
-                 eps2d: float = 0.3, alpha_max: float = 0.99, max_pairs: int = 1 << 21, **kw) -> RenderOutput:
+                 sh_degree: int | None = None, backgrounds=None, near: float = NEAR, far: float = FAR,
+                 eps2d: float = EPS2D, alpha_max: float = ALPHA_MAX, max_pairs: int = 1 << 21, **kw) -> RenderOutput:
     """Render B frames of Gaussians; see the module and package docstrings.
 
     ``alpha_max`` is the per-splat alpha clamp (0.999 reproduces gsplat exactly).
@@ -143,7 +147,7 @@ def render_torch(means, quats, scales, opacities, colors, viewmats, Ks, width: i
 
 
 def _check_inputs(means, quats, scales, opacities, colors, viewmats, Ks, width, height, sh_degree, backgrounds,
-                  alpha_max=0.99):
+                  alpha_max=ALPHA_MAX):
     """Shape checks (these are programming errors, hence ValueError); returns opacities as [B,N]."""
     if not 0.0 < alpha_max < 1.0:
         raise ValueError(f"alpha_max must be in (0, 1), got {alpha_max}")

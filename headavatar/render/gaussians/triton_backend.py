@@ -51,7 +51,18 @@ import triton.language as tl
 
 from headavatar.errors import UserError
 from headavatar.render.gaussians import RenderOutput, register_backend
-from headavatar.render.gaussians.torch_ref import _EXTEND_MAX, ALPHA_THRESHOLD, T_MIN, _candidate_colors, _check_inputs, ewa_projection
+from headavatar.render.gaussians.torch_ref import (
+    _EXTEND_MAX,
+    ALPHA_MAX,
+    ALPHA_THRESHOLD,
+    EPS2D,
+    FAR,
+    NEAR,
+    T_MIN,
+    _candidate_colors,
+    _check_inputs,
+    ewa_projection,
+)
 
 TILE = 16
 _INT32_MAX = tl.constexpr(2**31 - 1)  # kernels may only read constexpr globals
@@ -1115,8 +1126,8 @@ def triton_device_ok(device) -> tuple[bool, str]:
 
 @register_backend("triton")
 def render_triton(means, quats, scales, opacities, colors, viewmats, Ks, width: int, height: int,
-                  sh_degree: int | None = None, backgrounds=None, near: float = 0.01, far: float = 1e10,
-                  eps2d: float = 0.3, alpha_max: float = 0.99, chunk: int = 8, num_warps: int = 4, chunk_bwd: int = 8,
+                  sh_degree: int | None = None, backgrounds=None, near: float = NEAR, far: float = FAR,
+                  eps2d: float = EPS2D, alpha_max: float = ALPHA_MAX, chunk: int = 8, num_warps: int = 4, chunk_bwd: int = 8,
                   num_warps_bwd: int = 4, fused_projection: bool = True, split_channels: bool = True, one_reduce: bool = False,
                   **kw) -> RenderOutput:
     """Render B frames with the Triton tile rasteriser; same arguments as ``render_torch``.
