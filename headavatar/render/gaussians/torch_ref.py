@@ -101,6 +101,19 @@ def ewa_projection(x, y, z, K, Wv, quats, scales, W: int, H: int, eps2d: float):
     return a, bb, c, det, mx, my
 
 
+def screen_box(ok, o, a, bb, c, mx, my, W: int, H: int):
+    """The pixel box of each projected Gaussian and what survives it: (ok & a non-empty box inside
+    the image, half-widths rx, ry, the 2D covariance's largest eigenvalue lam).  The box is gsplat's
+    opacity-aware one: it bounds exactly the alpha >= 1/255 ellipse.  No gradients."""
+    extend = torch.sqrt(2.0 * torch.log(o.clamp_min(ALPHA_THRESHOLD) / ALPHA_THRESHOLD)).clamp_max(_EXTEND_MAX)
+    rx = torch.ceil(extend * a.clamp_min(0).sqrt())
+    ry = torch.ceil(extend * c.clamp_min(0).sqrt())
+    ok = ok & ((rx > 0) | (ry > 0))
+    ok = ok & ((mx + rx > 0) & (mx - rx < W) & (my + ry > 0) & (my - ry < H))
+    lam = 0.5 * (a + c) + torch.sqrt((0.5 * (a - c)) ** 2 + bb * bb)
+    return ok, rx, ry, lam
+
+
 @register_backend("torch")
 def render_torch(means, quats, scales, opacities, colors, viewmats, Ks, width: int, height: int,
                  sh_degree: int | None = None, backgrounds=None, near: float = NEAR, far: float = FAR,
@@ -207,14 +220,7 @@ def _project(means, quats, scales, opacities, viewmats, Ks, W, H, near, far, eps
     o = _take(opacities.reshape(-1), cand)
 
     with torch.no_grad():
-        ok = (det > 0) & (o >= ALPHA_THRESHOLD)
-        # gsplat's opacity-aware box: it bounds exactly the alpha >= 1/255 ellipse
-        extend = torch.sqrt(2.0 * torch.log(o.clamp_min(ALPHA_THRESHOLD) / ALPHA_THRESHOLD)).clamp_max(_EXTEND_MAX)
-        rx = torch.ceil(extend * a.clamp_min(0).sqrt())
-        ry = torch.ceil(extend * c.clamp_min(0).sqrt())
-        ok &= (rx > 0) | (ry > 0)
-        ok &= (mx + rx > 0) & (mx - rx < W) & (my + ry > 0) & (my - ry < H)
-        lam = 0.5 * (a + c) + torch.sqrt((0.5 * (a - c)) ** 2 + bb * bb)
+        ok, rx, ry, lam = screen_box((det > 0) & (o >= ALPHA_THRESHOLD), o, a, bb, c, mx, my, W, H)
         r3 = torch.where(ok, torch.ceil(3.0 * lam.sqrt()), torch.zeros_like(lam)).to(torch.int32)
         radii = r3 if cand is None else torch.zeros(B * N, dtype=torch.int32, device=means.device).index_copy_(0, cand, r3)
         keep = torch.nonzero(ok).squeeze(1)

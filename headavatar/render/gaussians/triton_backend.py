@@ -52,7 +52,6 @@ import triton.language as tl
 from headavatar.errors import UserError
 from headavatar.render.gaussians import RenderOutput, register_backend
 from headavatar.render.gaussians.torch_ref import (
-    _EXTEND_MAX,
     ALPHA_MAX,
     ALPHA_THRESHOLD,
     EPS2D,
@@ -62,6 +61,7 @@ from headavatar.render.gaussians.torch_ref import (
     _candidate_colors,
     _check_inputs,
     ewa_projection,
+    screen_box,
 )
 
 TILE = 16
@@ -933,13 +933,7 @@ def _project(means, quats, scales, opacities, viewmats, Ks, W, H, near, far, eps
                                            W, H, eps2d)
     o = opacities.reshape(-1)
     with torch.no_grad():
-        ok = front & (det > 0) & (o >= ALPHA_THRESHOLD)
-        extend = torch.sqrt(2.0 * torch.log(o.clamp_min(ALPHA_THRESHOLD) / ALPHA_THRESHOLD)).clamp_max(_EXTEND_MAX)
-        rx = torch.ceil(extend * a.clamp_min(0).sqrt())
-        ry = torch.ceil(extend * c.clamp_min(0).sqrt())
-        ok &= (rx > 0) | (ry > 0)
-        ok &= (mx + rx > 0) & (mx - rx < W) & (my + ry > 0) & (my - ry < H)
-        lam = 0.5 * (a + c) + torch.sqrt((0.5 * (a - c)) ** 2 + bb * bb)
+        ok, rx, ry, lam = screen_box(front & (det > 0) & (o >= ALPHA_THRESHOLD), o, a, bb, c, mx, my, W, H)
         radii = torch.where(ok, torch.ceil(3.0 * lam.clamp_min(0).sqrt()), torch.zeros_like(lam)).to(torch.int32)
         # tiles that the box [m - r, m + r] touches (inclusive), empty for culled Gaussians
         TXn, TYn = (W + TILE - 1) // TILE, (H + TILE - 1) // TILE
