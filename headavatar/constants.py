@@ -23,6 +23,9 @@ LABEL_IDS = {v: k for k, v in LABELS.items()}
 HEAD_LABELS = tuple(LABEL_IDS[k] for k in ("skin", "brows", "eyes", "lips", "mouth_interior", "hair", "neck"))
 MOUTH_LABELS = (LABEL_IDS["lips"], LABEL_IDS["mouth_interior"])
 
+# the held-out share of a clip (its last frames) when a subject is made
+TEST_FRACTION = 0.15
+
 # frame rate assumed where a video or a dataset does not say (and the default of written videos)
 DEFAULT_FPS = 25.0
 

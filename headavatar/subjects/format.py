@@ -27,7 +27,15 @@ import numpy as np
 import torch
 
 from headavatar.camera import Cameras
-from headavatar.constants import ALPHA_FOREGROUND_U8, DEFAULT_FPS, HEAD_LABELS, LABEL_IDS, LABELS, MOUTH_LABELS  # noqa: F401 (re-exported)
+from headavatar.constants import (  # noqa: F401 (the label names are re-exported)
+    ALPHA_FOREGROUND_U8,
+    DEFAULT_FPS,
+    HEAD_LABELS,
+    LABEL_IDS,
+    LABELS,
+    MOUTH_LABELS,
+    TEST_FRACTION,
+)
 from headavatar.errors import UserError
 from headavatar.utils.io import read_image, read_json, save_npz, write_image, write_json
 
@@ -194,7 +202,7 @@ class DeviceTracking:
         return Cameras(self.K[idx], self.R[idx], self.t[idx], height, width)
 
 
-def default_split(num_frames: int, test_fraction: float = 0.15, min_test: int = 1, valid: np.ndarray | None = None) -> dict[str, list[int]]:
+def default_split(num_frames: int, test_fraction: float = TEST_FRACTION, min_test: int = 1, valid: np.ndarray | None = None) -> dict[str, list[int]]:
     """The last ``test_fraction`` of the clip is held out (as the references do with their last frames)."""
     if num_frames < 2:
         raise UserError(f"a subject needs at least 2 frames to hold some out (it has {num_frames})")

@@ -35,7 +35,7 @@ import numpy as np
 import torch
 
 from headavatar.camera import Cameras, fov_to_focal, intrinsics, look_at
-from headavatar.constants import DEFAULT_FPS
+from headavatar.constants import DEFAULT_FPS, TEST_FRACTION
 from headavatar.errors import UserError
 from headavatar.lighting.color import linear_to_srgb
 from headavatar.subjects.format import Subject, SubjectWriter, Tracking, default_split
@@ -287,7 +287,7 @@ def _euler_to_axis_angle(yaw, pitch, roll) -> np.ndarray:
     return matrix_to_axis_angle(Ry @ Rx @ Rz).numpy()
 
 
-def make_synthetic_animation(model, num_frames: int, fps: float = DEFAULT_FPS, seed: int = 0, test_fraction: float = 0.15) -> dict[str, np.ndarray]:
+def make_synthetic_animation(model, num_frames: int, fps: float = DEFAULT_FPS, seed: int = 0, test_fraction: float = TEST_FRACTION) -> dict[str, np.ndarray]:
     """Deterministic per-frame parameters: expressions, blinks, talking, gaze and head sway.
 
     Returns float32 arrays: shape [S], expression [N,E], joint_rotations [N,J,3], translation [N,3].
@@ -521,7 +521,7 @@ def make_synthetic_subject(
     resolution: int = 256,
     seed: int = 0,
     fps: float = DEFAULT_FPS,
-    test_fraction: float = 0.15,
+    test_fraction: float = TEST_FRACTION,
     overwrite: bool = False,
     lighting="head",
     supersample: int = 2,
