@@ -219,9 +219,10 @@ def run_pool(inputs, out: Path, workers: int, common: dict) -> dict:
 
 
 def run(args) -> None:
-    from headavatar.pipeline.batch import batch
-
     import importlib.util
+
+    from headavatar.config import parse_set
+    from headavatar.pipeline.batch import batch
 
     missing = [m for m in ("numpy", "scipy", "PIL", "tqdm", "matplotlib", "imageio", "imageio_ffmpeg", "pytorch_msssim", "gsplat")
                if importlib.util.find_spec(m) is None]
@@ -230,7 +231,7 @@ def run(args) -> None:
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     inputs = make_inputs(Path(args.subjects), args.jobs, work)
-    overrides = dict(s.split("=", 1) for s in args.set) if args.set else None
+    overrides = parse_set(args.set) or None
     common = dict(method=args.method, budget=args.budget, overrides=overrides)
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     result = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "command": " ".join(sys.argv), "jobs": args.jobs,
@@ -297,7 +298,8 @@ def _compare(result: dict) -> None:
 
 
 def table(results: list[dict]) -> str:
-    lines = ["| mode | device | jobs | wall s | subjects/h | time vs sequential | held-out PSNR mean (min–max) | Δ PSNR vs sequential, max abs | GPU util mean % (per GPU) | GPU mem max MiB |",
+    lines = ["| mode | device | jobs | wall s | subjects/h | time vs sequential | held-out PSNR mean (min–max) "
+             "| Δ PSNR vs sequential, max abs | GPU util mean % (per GPU) | GPU mem max MiB |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for res in results:
         for mode, m in res["modes"].items():

@@ -37,14 +37,13 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
 
-    import numpy as np
     import torch
     from torch.profiler import ProfilerActivity, profile, record_function
 
     from headavatar.config import apply_overrides
+    from headavatar.methods.flare.build import build_model, resolve_light_frame
     from headavatar.methods.flare.config import FlareConfig
     from headavatar.methods.flare.losses import VGGPerceptual
-    from headavatar.methods.flare.build import build_model, resolve_light_frame
     from headavatar.methods.flare.train import MeshRegularizer, _remesh, _stream, compute_losses, flare_targets, make_optimizers
     from headavatar.subjects.format import Subject
     from headavatar.subjects.synthetic import make_synthetic_subject
@@ -53,7 +52,8 @@ def main(argv=None) -> int:
     dev = resolve_device(args.device)
     tmp = tempfile.TemporaryDirectory()
     sdir = Path(args.subject or Path(tmp.name) / "subject")
-    subj = Subject.open(sdir) if (sdir / "subject.json").is_file() else make_synthetic_subject(sdir, num_frames=60, resolution=args.resolution, seed=0, progress=False)
+    subj = Subject.open(sdir) if (sdir / "subject.json").is_file() else make_synthetic_subject(sdir, num_frames=60, resolution=args.resolution, seed=0,
+                                                                                               progress=False)
     cfg = FlareConfig(device=str(dev))
     cfg = apply_overrides(cfg, list(args.set))
     H = W = args.resolution

@@ -45,6 +45,7 @@ def main(argv=None) -> int:
     import numpy as np
     import torch
 
+    from headavatar.config import parse_set
     from headavatar.methods import load_avatar, train_method
     from headavatar.subjects.dataset import FrameDataset, collate
     from headavatar.subjects.format import Subject
@@ -64,9 +65,7 @@ def main(argv=None) -> int:
 
     overrides = {"iterations": args.iterations, "stage2_iterations": args.stage2, "batch_size": args.batch_size, "device": str(device),
                  "checkpoint_every": args.iterations, "preview_every": 0, "log_every": 50}
-    for item in args.set:
-        k, v = item.split("=", 1)
-        overrides[k.strip()] = v.strip()
+    overrides.update(parse_set(args.set))
     sync(device)
     t = time.perf_counter()
     train_method("flare", subj_dir, run_dir, overrides, progress=False)

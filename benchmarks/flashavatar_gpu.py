@@ -77,7 +77,8 @@ def avatar_parity(av, idx, smoke: bool, fast: str = "gsplat") -> dict:
     a, b = res.values()
     ga, gb = grads.values()
     d = (a - b).abs()
-    r = {"frames": [int(i) for i in idx], "rgb_mean_abs_diff": d.mean().item(), "rgb_p999_abs_diff": d.flatten().float().quantile(0.999).item() if d.numel() < 2**24 else None,
+    r = {"frames": [int(i) for i in idx], "rgb_mean_abs_diff": d.mean().item(),
+         "rgb_p999_abs_diff": d.flatten().float().quantile(0.999).item() if d.numel() < 2**24 else None,
          "rgb_max_abs_diff": d.max().item(), "psnr_between_backends": (-10 * torch.log10((d ** 2).mean())).item()}
     for k in ga:
         cos = torch.nn.functional.cosine_similarity(ga[k].double(), gb[k].double(), dim=0).item()
@@ -160,7 +161,8 @@ def main():
     bs_ttq = 1 if args.smoke else 8
     t = time.perf_counter()
     train_method("flashavatar", subj_dir, work / "ttq", {
-        "iterations": 1_000_000, "lpips_weight": 0.0, "max_seconds": 5 if args.smoke else args.ttq_seconds, "batch_size": bs_ttq, "device": dev, "backend": backend,
+        "iterations": 1_000_000, "lpips_weight": 0.0, "max_seconds": 5 if args.smoke else args.ttq_seconds, "batch_size": bs_ttq, "device": dev,
+        "backend": backend,
         "eval_every": 10 if args.smoke else 100, "eval_frames": 24, "log_every": 10 if args.smoke else 50, "preview_every": 0,
         "checkpoint_every": 1_000_000, "num_workers": 0 if args.smoke else 6, **paper}, progress=False)
     curves = [c for c in RunDir(work / "ttq").read_curves() if "test_psnr" in c]
@@ -281,8 +283,10 @@ def main():
         rd = work / f"thr{B}"
         if dev == "cuda":
             torch.cuda.reset_peak_memory_stats()
-        train_method("flashavatar", subj_dir, rd, {"iterations": steps, "lpips_weight": 0.0, "batch_size": B, "device": dev, "backend": backend, "log_every": steps // 3,
-                                                   "preview_every": 0, "checkpoint_every": 1_000_000, "num_workers": 0 if args.smoke else 6, **paper}, progress=False)
+        train_method("flashavatar", subj_dir, rd, {"iterations": steps, "lpips_weight": 0.0, "batch_size": B, "device": dev, "backend": backend,
+                                                   "log_every": steps // 3,
+                                                   "preview_every": 0, "checkpoint_every": 1_000_000, "num_workers": 0 if args.smoke else 6,
+                                                   **paper}, progress=False)
         c = RunDir(rd).read_curves()
         dt = (c[-1]["time"] - c[0]["time"]) / (c[-1]["step"] - c[0]["step"])
         thr[B] = {"it_per_s": 1 / dt, "frames_per_s": B / dt, "peak_mem_gb": torch.cuda.max_memory_allocated() / 2**30 if dev == "cuda" else None}
@@ -296,8 +300,10 @@ def main():
         sd = tile_subject(subj_dir, work / f"subj{n}", n)
         if dev == "cuda":
             torch.cuda.reset_peak_memory_stats()
-        train_method("flashavatar", sd, work / f"mem{n}", {"lpips_weight": 0.0, "iterations": 30 if not args.smoke else 3, "batch_size": 8 if not args.smoke else 1, "device": dev, "backend": backend,
-                                                           "preview_every": 0, "checkpoint_every": 1_000_000, "num_workers": 0 if args.smoke else 6, **paper}, progress=False)
+        train_method("flashavatar", sd, work / f"mem{n}", {"lpips_weight": 0.0, "iterations": 30 if not args.smoke else 3,
+                                                           "batch_size": 8 if not args.smoke else 1, "device": dev, "backend": backend,
+                                                           "preview_every": 0, "checkpoint_every": 1_000_000, "num_workers": 0 if args.smoke else 6,
+                                                           **paper}, progress=False)
         mem[n] = torch.cuda.max_memory_allocated() / 2**30 if dev == "cuda" else None
         print(f"{n} frames: peak GPU memory {mem[n]} GB", flush=True)
     out["memory_vs_frames_gb"] = mem

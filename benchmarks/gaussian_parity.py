@@ -93,7 +93,7 @@ def head_scene(B, N, W, H, sh_degree, opacity_max, seed, device):
     else:
         colors = 0.4 * torch.randn(B, N, 16, 3, generator=g)  # K=16 even for lower degrees
     viewmats, Ks = [], []
-    for b in range(B):
+    for _ in range(B):
         dist = 0.6 + 0.4 * torch.rand((), generator=g).item()
         yaw = (torch.rand((), generator=g).item() - 0.5) * 1.2
         eye = torch.tensor([dist * math.sin(yaw), 0.02, dist * math.cos(yaw)])
@@ -595,7 +595,8 @@ def print_table(report):
             print(f"avatar frame B={B}: graph {r['graph_ms']:.3f} ms = {r['frames_per_s']:.0f} frames/s (eager {r['eager_ms']:.3f} ms)")
         for B, r in (av.get("avatar_class_render") or {}).items():
             if isinstance(r, dict):
-                print(f"FlashAvatarAvatar.render B={B}: {r['graph_ms']:.3f} ms = {r['frames_per_s']:.0f} frames/s (graph vs eager max diff {r['max_abs_diff_graph_vs_eager']:.1e})")
+                print(f"FlashAvatarAvatar.render B={B}: {r['graph_ms']:.3f} ms = {r['frames_per_s']:.0f} frames/s "
+                      f"(graph vs eager max diff {r['max_abs_diff_graph_vs_eager']:.1e})")
         for B, r in av.get("train_step_eager", {}).items():
             print(f"avatar training step (eager) B={B}: {r['ms_per_step']:.2f} ms = {r['frames_per_s']:.0f} frames/s")
 

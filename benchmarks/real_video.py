@@ -56,6 +56,7 @@ def find_subject(stem: str, work: Path, reuse: Path | None) -> Path | None:
 
 def run_one(args) -> dict:
     """Track (if needed), train and evaluate one video; returns and writes its result row."""
+    from headavatar.config import parse_set
     from headavatar.methods import train_method
     from headavatar.methods.evaluate import evaluate_run
     from headavatar.subjects.format import Subject
@@ -79,9 +80,7 @@ def run_one(args) -> dict:
     run_dir = work / "runs" / args.label / stem
     overrides = {"iterations": args.iterations, "batch_size": args.batch_size, "resolution": args.resolution, "device": args.device,
                  "preview_every": 0, "eval_every": 0}
-    for item in args.set:
-        k, _, v = item.partition("=")
-        overrides[k.strip()] = v.strip()
+    overrides.update(parse_set(args.set))
     t = time.perf_counter()
     resume = (run_dir / "checkpoints").is_dir() and not args.redo
     if not resume and run_dir.exists():
@@ -215,8 +214,10 @@ def protocol(args, argv: list[str]) -> int:
         log = work / "runs" / args.label / f"{v.stem}.log"
         print(f"{v.name}: started (log {log})", flush=True)
         with open(log, "w") as fh:
-            running.append((v, subprocess.Popen([sys.executable, str(Path(__file__).resolve()), *base, "--one", str(v)], stdout=fh, stderr=subprocess.STDOUT, env=env)))
-    rows = [json.loads((work / "runs" / args.label / f"{v.stem}.json").read_text()) for v in videos if (work / "runs" / args.label / f"{v.stem}.json").is_file()]
+            running.append((v, subprocess.Popen([sys.executable, str(Path(__file__).resolve()), *base, "--one", str(v)], stdout=fh,
+                                                stderr=subprocess.STDOUT, env=env)))
+    done = [work / "runs" / args.label / f"{v.stem}.json" for v in videos]
+    rows = [json.loads(p.read_text()) for p in done if p.is_file()]
     res = summarise(rows, args)
     write_json(work / f"results_{args.label}.json", res)
     md = markdown(res)

@@ -15,7 +15,6 @@ from pathlib import Path
 from headavatar.errors import UserError
 from headavatar.methods.avatar import DemoSettings  # noqa: F401 (re-exported: what a method's demo_settings returns)
 
-
 # What a demo writes inside OUT/run (the run's own files, then the demo's outputs): --overwrite
 # removes these and nothing else, so files a user put in the folder survive.
 RUN_OWNED = ("run.json", "checkpoints", "curves.jsonl", "previews", "remesh.json", "eval", "export", "render_all.mp4", "report.html",

@@ -72,7 +72,8 @@ def write_report(run_dir, title: str | None = None, extra_sections: list[tuple[s
     metrics = json.loads(mpath.read_text()) if mpath.is_file() else None
     esc = html.escape
     parts = [f"<h1>{esc(title or 'headavatar run: ' + info['method'])}</h1>",
-             f"<p>method <b>{esc(info['method'])}</b> · subject <code>{esc(info['subject'])}</code> · headavatar {esc(info.get('headavatar_version', '?'))}</p>"]
+             f"<p>method <b>{esc(info['method'])}</b> · subject <code>{esc(info['subject'])}</code> · "
+             f"headavatar {esc(info.get('headavatar_version', '?'))}</p>"]
     if info.get("lpips_term"):
         parts.append(f"<p>Trained without the LPIPS loss term ({esc(str(info['lpips_term']))}).</p>")
     if metrics:
@@ -81,7 +82,8 @@ def write_report(run_dir, title: str | None = None, extra_sections: list[tuple[s
             f"<tr><td>{esc(k)}</td><td>{v:.4f}</td><td>{m['median'][k]:.4f}</td></tr>" for k, v in m["mean"].items()
         )
         parts.append("<h2>Held-out metrics</h2>")
-        parts.append(f"<p>{metrics['num_frames']} frames ({esc(metrics['split'])}), {metrics['resolution'][1]}×{metrics['resolution'][0]}, checkpoint {metrics['checkpoint_step']}.<br>"
+        parts.append(f"<p>{metrics['num_frames']} frames ({esc(metrics['split'])}), {metrics['resolution'][1]}×{metrics['resolution'][0]}, "
+                     f"checkpoint {metrics['checkpoint_step']}.<br>"
                      f"Protocol: {esc(str(metrics['protocol']))}<br>Render speed: {metrics['render_fps']:.1f} frames/s ({esc(metrics['render_fps_note'])})</p>")
         parts.append(f"<table><tr><th>metric</th><th>mean</th><th>median</th></tr>{rows}</table>")
         lp = metrics.get("lpips") or {}
@@ -105,7 +107,8 @@ def write_report(run_dir, title: str | None = None, extra_sections: list[tuple[s
             parts.append(f"<figure><img src='{_file_data_uri(p)}'><figcaption>iteration {int(p.stem)}</figcaption></figure>")
     videos = [p for p in sorted(run.root.rglob("*.mp4"))]
     if videos:
-        parts.append("<h2>Videos</h2><ul>" + "".join(f"<li><a href='{esc(str(p.relative_to(run.root)))}'>{esc(str(p.relative_to(run.root)))}</a></li>" for p in videos) + "</ul>")
+        links = (esc(str(p.relative_to(run.root))) for p in videos)
+        parts.append("<h2>Videos</h2><ul>" + "".join(f"<li><a href='{rel}'>{rel}</a></li>" for rel in links) + "</ul>")
     from headavatar.export import report_section
 
     exports = report_section(run.root)

@@ -7,6 +7,8 @@ bash scripts/setup.sh
 . "${HEADAVATAR_VENV:-.venv}/bin/activate"
 # one torch thread per xdist worker: two workers on two cores, no oversubscription
 export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
+# lint first: a finding fails the test command (ruff comes with the dev extra)
+python -m ruff check headavatar tests benchmarks
 set +e
 python -m pytest -n "${HEADAVATAR_TEST_WORKERS:-2}" -q -p no:cacheprovider "$@"
 rc=$?

@@ -36,8 +36,8 @@ def tiny_flashavatar_run(subject: Path, run: Path) -> Path:
 
 def untrained_flare_run(subject: Path, run: Path, mesh: str = "head", seed: int = 0) -> Path:
     from headavatar.config import apply_overrides
-    from headavatar.methods.flare.config import FlareConfig
     from headavatar.methods.flare.build import build_model
+    from headavatar.methods.flare.config import FlareConfig
     from headavatar.methods.run import RunDir
     from headavatar.subjects.format import Subject
 

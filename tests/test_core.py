@@ -1,13 +1,12 @@
 """Camera convention, rotations, configs, the subject format and its error paths."""
 
-import math
 from dataclasses import dataclass, field
 
 import numpy as np
 import pytest
 import torch
 
-from headavatar.camera import Cameras, intrinsics, look_at, opengl_c2w_to_w2c, opencv_K_to_internal
+from headavatar.camera import Cameras, intrinsics, look_at, opencv_K_to_internal, opengl_c2w_to_w2c
 from headavatar.config import apply_overrides, from_dict, to_dict
 from headavatar.errors import UserError
 from headavatar.subjects.format import Subject, SubjectWriter, Tracking, default_split
@@ -172,7 +171,8 @@ def test_subject_errors(tmp_path):
 def test_tracking_shape_errors(tmp_path):
     s = _write_subject(tmp_path / "s")
     tr = s.tracking
-    bad = Tracking(**{**{k: getattr(tr, k) for k in ("shape", "expression", "joint_rotations", "translation", "K", "R", "t")}, "translation": np.zeros((4, 3), np.float32)})
+    fields = ("shape", "expression", "joint_rotations", "translation", "K", "R", "t")
+    bad = Tracking(**{**{k: getattr(tr, k) for k in fields}, "translation": np.zeros((4, 3), np.float32)})
     with pytest.raises(UserError, match="translation"):
         bad.check()
     bad.translation = np.zeros((5, 3), np.float32)

@@ -11,7 +11,14 @@ import torch
 from headavatar.errors import UserError
 from headavatar.lighting.brdf import compute_split_sum_lut, ggx_ndf, lut_lookup, smith_g2, split_sum_lut
 from headavatar.lighting.cubemap import (
-    CubeMap, cube_directions, direction_to_face, irradiance, latlong_directions, latlong_to_cubemap, prefilter_ggx, sample_mips,
+    CubeMap,
+    cube_directions,
+    direction_to_face,
+    irradiance,
+    latlong_directions,
+    latlong_to_cubemap,
+    prefilter_ggx,
+    sample_mips,
     texel_solid_angles,
 )
 from headavatar.lighting.envmap import EnvironmentLight, EnvMapLighting, load_envmap, procedural_sky

@@ -187,9 +187,9 @@ def test_mesh_writer_on_the_procedural_head(tmp_path):
 
 
 def test_flare_glb_with_morph_targets(runs, flare, tmp_path):
-    from headavatar.methods.flare.export_mesh import bake_materials, blend_names, posed_vertices
     from headavatar.export.mesh import uv_texel_samples
     from headavatar.lighting.color import linear_to_srgb
+    from headavatar.methods.flare.export_mesh import bake_materials, blend_names, posed_vertices
 
     out = tmp_path / "flare.glb"
     export_run(runs["flare"], out, texture_size=64)

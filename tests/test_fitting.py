@@ -43,7 +43,8 @@ def synthetic_head(jaw: bool = False, bounded: bool = True, S: int = 6, E: int =
     front = torch.nonzero(template[:, 2] > 0.03)[:, 0]
     centres = template[front[torch.randperm(len(front), generator=g)[:E]]]
     expr_basis = torch.stack([
-        torch.exp(-((template - centres[k]) ** 2).sum(-1, keepdim=True) / (2 * 0.025**2)) * 0.008 * torch.nn.functional.normalize(torch.randn(3, generator=g), dim=0)
+        torch.exp(-((template - centres[k]) ** 2).sum(-1, keepdim=True) / (2 * 0.025**2))
+        * 0.008 * torch.nn.functional.normalize(torch.randn(3, generator=g), dim=0)
         for k in range(E)
     ], -1)
     # 68 landmarks: interior points of front-facing triangles, spread over the face

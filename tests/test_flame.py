@@ -13,8 +13,15 @@ import pytest
 import torch
 
 from fixtures_flame import (
-    F_FLAME, V_FLAME, make_fake_flame, reference_flame, reference_landmarks, shared_flame_dir,
-    write_generic_model, write_landmark_embedding, write_obj,
+    F_FLAME,
+    V_FLAME,
+    make_fake_flame,
+    reference_flame,
+    reference_landmarks,
+    shared_flame_dir,
+    write_generic_model,
+    write_landmark_embedding,
+    write_obj,
 )
 from headavatar.errors import UserError
 from headavatar.headmodels import load_head_model

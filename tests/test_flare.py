@@ -10,11 +10,11 @@ import pytest
 import torch
 
 from headavatar.errors import TrainingDiverged, UserError
+from headavatar.headmodels.skinning import global_transforms
 from headavatar.methods.flare.config import FlareConfig
 from headavatar.methods.flare.light import LightMLP, integrated_directional_encoding, spherical_harmonics_complex
 from headavatar.methods.flare.losses import AdaptiveRobustLoss, MeshRegularizer, hinge_prior
 from headavatar.methods.flare.materials import HashGrid, MaterialMLP, positional_encoding
-from headavatar.headmodels.skinning import global_transforms
 from headavatar.methods.flare.model import HeadPrior, deform
 from headavatar.methods.flare.remesh import mean_edge_length, remesh, split_long_edges
 from headavatar.methods.flare.train import Schedule
@@ -144,7 +144,6 @@ def test_deformation_with_head_model_targets_reproduces_the_head_model(small_hea
 def test_deformation_with_a_flame_like_model(tmp_path):
     """Pose correctives, eyelid extras and FLAME's joints: the same identity with the model's own bases."""
     from fixtures_flame import write_flame_dir
-
     from headavatar.headmodels.flame import build_flame_head
 
     write_flame_dir(tmp_path / "flame")
@@ -352,9 +351,9 @@ def test_load_render_and_resume(trained, tmp_path):
 def test_relight_cli_with_a_small_hdr(trained, tmp_path):
     import argparse
 
+    from headavatar.cli.relight_cmd import add_relight_arguments, relight_command
     from headavatar.lighting import procedural_sky
     from headavatar.lighting.hdr_io import write_hdr
-    from headavatar.methods.flare.cli import add_relight_arguments, relight_command
     from headavatar.methods.flare.relight import relight_run
 
     _, run = trained

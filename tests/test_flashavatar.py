@@ -7,7 +7,6 @@ import subprocess
 import sys
 import time
 
-import numpy as np
 import pytest
 import torch
 
@@ -35,8 +34,8 @@ def _test_psnr(run_dir):
 
 
 def test_model_layout(subject):
-    from headavatar.methods.flashavatar.config import FlashAvatarConfig
     from headavatar.methods.flashavatar.build import build_model
+    from headavatar.methods.flashavatar.config import FlashAvatarConfig
     from headavatar.subjects.format import Subject
 
     subj = Subject.open(subject)

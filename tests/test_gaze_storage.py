@@ -67,9 +67,9 @@ def test_gaze_rotates_only_the_eyeballs_and_zero_is_rest():
     eye_idx = np.concatenate([eb["right"]["vertices"], eb["left"]["vertices"]])
     assert moved.any() and not moved.numpy()[np.setdiff1d(np.arange(m.num_vertices), eye_idx)].any()
     # yaw turns the right eye towards +x, pitch the left eye up
-    r, l = eb["right"]["vertices"], eb["left"]["vertices"]
+    r, lft = eb["right"]["vertices"], eb["left"]["vertices"]
     assert (v[0, r, 0] - v0[0, r, 0]).mean() > 0 and abs(float((v[0, r, 1] - v0[0, r, 1]).mean())) < 1e-4
-    assert (v[0, l, 1] - v0[0, l, 1]).mean() > 0
+    assert (v[0, lft, 1] - v0[0, lft, 1]).mean() > 0
     # a model that cannot express gaze ignores it
     from headavatar.headmodels import load_head_model
 

@@ -12,7 +12,10 @@ import pytest
 import torch
 
 from fixtures_flame import (
-    rodrigues, shared_flame_dir, write_flashavatar, write_imavatar_sequence,
+    rodrigues,
+    shared_flame_dir,
+    write_flashavatar,
+    write_imavatar_sequence,
 )
 from headavatar.errors import UserError
 from headavatar.subjects.format import LABEL_IDS

@@ -14,6 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import headavatar.metrics.lpips as lpips_mod
 from headavatar.errors import UserError
 from headavatar.metrics import (
     LPIPS,
@@ -26,7 +27,6 @@ from headavatar.metrics import (
     psnr,
     ssim,
 )
-import headavatar.metrics.lpips as lpips_mod
 
 
 @pytest.fixture(autouse=True, scope="module")

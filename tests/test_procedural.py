@@ -47,7 +47,8 @@ def test_registry_validate_and_size(model):
 
 def test_deterministic_and_coarse(model):
     a, b = model, build_procedural_head()
-    for k in ("template", "faces", "uvs", "uv_faces", "shape_basis", "expr_basis", "joint_regressor", "skin_weights", "landmark_faces", "landmark_bary", "face_labels"):
+    for k in ("template", "faces", "uvs", "uv_faces", "shape_basis", "expr_basis", "joint_regressor", "skin_weights", "landmark_faces", "landmark_bary",
+              "face_labels"):
         assert torch.equal(getattr(a, k), getattr(b, k)), k
     for k in a.regions:
         assert np.array_equal(a.regions[k], b.regions[k])

@@ -53,7 +53,9 @@ def _vertex_error_mm(subject_dir, tracking_arrays, frames) -> float:
     subj = Subject.open(subject_dir)
     head, tr = subj.head_model(), subj.tracking
     shape = torch.as_tensor(tr.shape)[None].expand(len(frames), -1)
-    f = lambda a: torch.as_tensor(np.asarray(a), dtype=torch.float32)
+    def f(a):
+        return torch.as_tensor(np.asarray(a), dtype=torch.float32)
+
     with torch.no_grad():
         v = head(shape=shape, expression=f(tracking_arrays["expression"]), joint_rotations=f(tracking_arrays["joint_rotations"]),
                  translation=f(tracking_arrays["translation"]))

@@ -71,3 +71,59 @@ def test_the_project_registries():
         load_head_model("nope")
     with pytest.raises(UserError, match="unknown mesh backend 'gl'"):
         get_mesh_backend("gl")
+
+
+def test_gaussian_backends_on_the_registry():
+    import torch
+
+    from headavatar.render.gaussians import GAUSSIAN_BACKENDS, RenderOutput, register_backend, render_gaussians, select_backend
+
+    assert {"torch", "triton", "gsplat"} <= set(GAUSSIAN_BACKENDS.available())
+    with pytest.raises(UserError, match="unknown Gaussian backend 'tpu'.*torch"):
+        select_backend("tpu", "cpu")
+    calls = []
+
+    @register_backend("toy_flat")
+    def _toy(means, quats, scales, opacities, colors, viewmats, Ks, width, height, *, sh_degree=None, backgrounds=None, **kw):
+        calls.append(kw)
+        B = means.shape[0]
+        z = torch.zeros(B, height, width, 1)
+        return RenderOutput(torch.full((B, height, width, 3), 0.5), z, z, torch.zeros(B, means.shape[1], dtype=torch.int32))
+
+    try:
+        out = render_gaussians(torch.zeros(1, 2, 3), torch.ones(1, 2, 4), torch.ones(1, 2, 3), torch.ones(1, 2), torch.ones(1, 2, 3),
+                               torch.eye(4)[None], torch.eye(3)[None], 4, 3, backend="toy_flat", chunk=2)
+        assert out.rgb.shape == (1, 3, 4, 3) and calls == [{"chunk": 2}]
+    finally:
+        GAUSSIAN_BACKENDS._entries.pop("toy_flat")
+
+
+def test_metric_protocols_on_the_registry():
+    import torch
+
+    from headavatar.metrics.protocols import METRIC_PROTOCOLS, PROTOCOLS, evaluate_frames
+
+    assert set(PROTOCOLS) <= set(METRIC_PROTOCOLS.available())
+
+    @METRIC_PROTOCOLS.register()
+    class MeanAbs:
+        name = "toy_mae"
+        lpips_nets = ()
+
+        def describe(self, background=None):
+            return "toy: mean absolute error"
+
+        def check(self, background, exclude):
+            pass
+
+        def compute(self, p, g, m, exclude, background, models):
+            return {"mae": (p - g).abs().flatten(1).mean(1)}
+
+    try:
+        pred, gt = torch.zeros(2, 3, 4, 4), torch.full((2, 3, 4, 4), 0.25)
+        rows = evaluate_frames(pred, gt, torch.ones(2, 4, 4), "toy_mae", lpips=False)
+        assert [r["mae"] for r in rows] == [0.25, 0.25] and rows[0]["protocol"].startswith("toy: mean absolute error")
+    finally:
+        METRIC_PROTOCOLS._entries.pop("toy_mae")
+    with pytest.raises(UserError, match="unknown evaluation protocol 'toy_mae'"):
+        evaluate_frames(pred, gt, torch.ones(2, 4, 4), "toy_mae", lpips=False)

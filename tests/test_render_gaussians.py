@@ -8,9 +8,8 @@ import pytest
 import torch
 
 from headavatar.errors import UserError
-from headavatar.render.gaussians import gsplat_available, render_gaussians, select_backend
+from headavatar.render.gaussians import gsplat_available, render_gaussians, select_backend, torch_ref
 from headavatar.render.gaussians.sh import C0, RGB2SH, SH2RGB, eval_sh, sh_basis
-from headavatar.render.gaussians import torch_ref
 from headavatar.render.gaussians.torch_ref import render_torch
 
 DT = torch.float64

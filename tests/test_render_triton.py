@@ -60,7 +60,8 @@ def _parity(tb, sc, **kw):
     g = torch.Generator().manual_seed(5)
     bg = torch.rand(B, 3, generator=g).to(DEV)
     weights = torch.randn(B, H, W, 5, generator=g).to(DEV)
-    ref, gr = _render_with_grads(render_torch, sc, bg, weights, **{k: v for k, v in kw.items() if k not in ("chunk", "num_warps", "fused_projection", "split_channels", "one_reduce")})
+    ref, gr = _render_with_grads(render_torch, sc, bg, weights, **{k: v for k, v in kw.items() if k not in ("chunk", "num_warps", "fused_projection",
+                                                                                                            "split_channels", "one_reduce")})
     out, go = _render_with_grads(tb.render_triton, sc, bg, weights, **kw)
     assert (out.rgb - ref.rgb).abs().mean() <= 1e-6 and (out.rgb - ref.rgb).abs().max() <= 1e-4
     assert (out.alpha - ref.alpha).abs().max() <= 1e-4

@@ -10,8 +10,8 @@ import urllib.request
 import numpy as np
 import pytest
 import torch
-
 import toy_method  # registers the method (headavatar.methods.register_method)
+
 from headavatar.cli.main import main as cli
 from headavatar.errors import UserError
 from headavatar.export import export_run
@@ -108,7 +108,6 @@ print(sorted(m for m in sys.modules if m.startswith("headavatar.methods") and m.
 def test_builtin_avatars_keep_the_protocol(tmp_path_factory):
     """What each built-in method declares is what its avatar offers (export and viewer rely on the declaration)."""
     from avatar_runs import shared_runs
-
     from headavatar.methods import get_method
     from headavatar.methods.avatar import CAPABILITIES, GAUSSIANS, MESH, RELIGHT, RelightableAvatar
 

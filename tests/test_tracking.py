@@ -288,7 +288,8 @@ def test_portrait_phone_rotation_is_applied_like_ffmpeg(tmp_path):
     src = write_video(tmp_path / "r0.mp4", [img] * 5)
     for rot in (90, -90, 180):
         out = tmp_path / f"r{rot}.mp4"
-        subprocess.run([imageio_ffmpeg.get_ffmpeg_exe(), "-y", "-loglevel", "error", "-display_rotation", str(rot), "-i", str(src), "-c", "copy", str(out)], check=True)
+        subprocess.run([imageio_ffmpeg.get_ffmpeg_exe(), "-y", "-loglevel", "error", "-display_rotation", str(rot), "-i", str(src), "-c", "copy",
+                        str(out)], check=True)
         gen = imageio_ffmpeg.read_frames(str(out))
         next(gen)
         info = probe_video(out)

@@ -6,6 +6,7 @@ import argparse
 import sys
 
 from headavatar import __version__
+from headavatar.constants import DEFAULT_FPS
 from headavatar.errors import UserError
 
 
@@ -20,7 +21,8 @@ def _add_common_train(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, help="frames per training step")
     p.add_argument("--device", default=None, help="auto (default), cpu, cuda, cuda:N")
     p.add_argument("--backend", default=None, help="rasterizer backend: auto (default), torch, triton, gsplat")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override any config option (repeatable), e.g. --set lr_mlp=5e-5")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override any config option (repeatable), e.g. --set lr_mlp=5e-5; 'headavatar options METHOD' lists them")
     _add_flame_dir(p)
 
 
@@ -47,6 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common_train(d)
     _add_no_lpips(d)
     d.add_argument("--overwrite", action="store_true", help="make the demo's subject and run again (only the files the demo writes are replaced)")
+
+    op = sub.add_parser("options", help="list a method's config options (the keys of --set): type, default, meaning")
+    op.add_argument("method", nargs="?", default="flashavatar", help="flashavatar (default), flare, or another registered method")
 
     s = sub.add_parser("synth", help="write the built-in synthetic subject (procedural head) to a folder")
     s.add_argument("-o", "--output", required=True)
@@ -97,7 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
     fa.add_argument("--test-frames", type=float, default=500, help="held-out frames: a count (default 500, the reference) or a fraction < 1")
     fa.add_argument("--frame-offset", type=int, help="image index = tracker index + offset (default: detected, else 1)")
     fa.add_argument("--principal-point", default="tracker", choices=["tracker", "opencv"], help="how the tracker's K is to be read")
-    fa.add_argument("--fps", type=float, default=25.0)
+    fa.add_argument("--fps", type=float, default=DEFAULT_FPS)
     fa.add_argument("--overwrite", action="store_true")
     ia = isub.add_parser("imavatar", help="IMavatar / FLARE layout (image/, mask/, semantic/, flame_params.json per sequence)")
     ia.add_argument("root", help="subject root holding one folder per sequence")
@@ -106,7 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
     ia.add_argument("--train", help="comma-separated training sequence names (default: all but --test)")
     ia.add_argument("--test", help="comma-separated held-out sequence names (default: the last sequence)")
     ia.add_argument("--max-landmark-error", type=float, help="refuse the import if the camera check's mean landmark error exceeds this (pixels)")
-    ia.add_argument("--fps", type=float, default=25.0)
+    ia.add_argument("--fps", type=float, default=DEFAULT_FPS)
     ia.add_argument("--overwrite", action="store_true")
 
     hm = sub.add_parser("head-model", help="head-model tools")
@@ -130,7 +135,8 @@ def build_parser() -> argparse.ArgumentParser:
     tk.add_argument("--duration", type=float, help="seconds to track")
     tk.add_argument("--ict-path", help="the ICT-FaceKit npz (default: $HEADAVATAR_ICT_NPZ, else the copy shipped with headavatar)")
     _add_flame_dir(tk)
-    tk.add_argument("--storage", default="frames", choices=["frames", "compact"], help="frames: an image file per frame (default); compact: video chunks, ~6x smaller")
+    tk.add_argument("--storage", default="frames", choices=["frames", "compact"],
+                    help="frames: an image file per frame (default); compact: video chunks, ~6x smaller")
     tk.add_argument("--overwrite", action="store_true")
     tk.add_argument("--strict", action="store_true", help="refuse a video whose decoded length disagrees with its header (default: a warning)")
     tk.add_argument("--verbose", action="store_true", help="show the log lines of MediaPipe/TensorFlow Lite (silenced by default)")
@@ -148,7 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--device", default="auto")
     _add_flame_dir(x)
 
-    from headavatar.methods.flare.cli import add_relight_arguments
+    from headavatar.cli.relight_cmd import add_relight_arguments
 
     rl = sub.add_parser("relight", help="relight a FLARE run under an HDR environment map (+ intrinsic images)")
     add_relight_arguments(rl)
@@ -208,11 +214,9 @@ def _overrides(args) -> dict:
         v = getattr(args, flag, None)
         if v is not None:
             o[key] = v
-    for item in getattr(args, "set", []) or []:
-        if "=" not in item:
-            raise UserError(f"--set expects KEY=VALUE, got '{item}'")
-        k, v = item.split("=", 1)
-        o[k.strip()] = v.strip()
+    from headavatar.config import parse_set
+
+    o.update(parse_set(getattr(args, "set", None)))
     return o
 
 
@@ -363,9 +367,26 @@ def cmd_export(args) -> int:
 
 
 def cmd_relight(args) -> int:
-    from headavatar.methods.flare.cli import relight_command
+    from headavatar.cli.relight_cmd import relight_command
 
     return relight_command(args)
+
+
+def cmd_options(args) -> int:
+    import dataclasses
+    import typing
+
+    from headavatar.config import field_help
+    from headavatar.methods import get_method
+
+    cls = get_method(args.method).config_cls
+    helps, hints = field_help(cls), typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        t = hints[f.name]
+        shown = " | ".join(map(str, typing.get_args(t))) if typing.get_origin(t) is typing.Literal else getattr(t, "__name__", str(t))
+        print(f"{f.name} = {default!r}  [{shown}]  {helps.get(f.name, '')}".rstrip())
+    return 0
 
 
 def cmd_view(args) -> int:
@@ -407,7 +428,8 @@ def cmd_batch(args) -> int:
 
 
 COMMANDS = {"subject": cmd_subject, "train": cmd_train, "eval": cmd_eval, "render": cmd_render, "synth": cmd_synth, "demo": cmd_demo,
-            "import": cmd_import, "head-model": cmd_head_model, "track": cmd_track, "export": cmd_export, "view": cmd_view, "relight": cmd_relight}
+            "import": cmd_import, "head-model": cmd_head_model, "track": cmd_track, "export": cmd_export, "view": cmd_view, "relight": cmd_relight,
+            "options": cmd_options}
 COMMANDS.update({"make": cmd_make, "batch": cmd_batch})  # headavatar/pipeline/
 
 

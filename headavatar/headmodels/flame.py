@@ -37,6 +37,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from headavatar.constants import LABEL_IDS
 from headavatar.errors import UserError
 from headavatar.headmodels import register_head_model
 from headavatar.headmodels.base import HeadModel
@@ -540,12 +541,12 @@ def build_flame_head(
         m[idx] = True
         return m[faces].all(1)
 
-    labels = np.full(len(faces), 1, dtype=np.int64)
-    labels[all_in(masks["neck"]) & ~all_in(masks["face"])] = 7
-    labels[all_in(masks["scalp"])] = 6
-    labels[all_in(eyes)] = 3
-    labels[all_in(masks["lips"])] = 4
-    labels[len(flame_f):] = 5
+    labels = np.full(len(faces), LABEL_IDS["skin"], dtype=np.int64)
+    labels[all_in(masks["neck"]) & ~all_in(masks["face"])] = LABEL_IDS["neck"]
+    labels[all_in(masks["scalp"])] = LABEL_IDS["hair"]
+    labels[all_in(eyes)] = LABEL_IDS["eyes"]
+    labels[all_in(masks["lips"])] = LABEL_IDS["lips"]
+    labels[len(flame_f):] = LABEL_IDS["mouth_interior"]
 
     if lmk_p is not None:
         lmk_f, lmk_b, lmk_src = read_landmark_embedding(lmk_p, FLAME_NUM_FACES)

@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from headavatar.constants import LABEL_IDS
 from headavatar.errors import UserError
 from headavatar.headmodels import register_head_model
 from headavatar.headmodels.base import HeadModel
@@ -83,7 +84,7 @@ CHART_DENSITY = {
 ATLAS_GAP = 1.0 / 256  # empty margin between charts (one texel at 256^2)
 
 # Parsing labels (subjects.format.LABELS)
-SKIN, BROWS, EYES, LIPS, MOUTH, HAIR, NECK = 1, 2, 3, 4, 5, 6, 7
+SKIN, BROWS, EYES, LIPS, MOUTH, HAIR, NECK = (LABEL_IDS[k] for k in ("skin", "brows", "eyes", "lips", "mouth_interior", "hair", "neck"))
 
 
 # --------------------------------------------------------------------------- files

@@ -41,6 +41,7 @@ import math
 import numpy as np
 import torch
 
+from headavatar.constants import LABEL_IDS
 from headavatar.headmodels import register_head_model
 from headavatar.headmodels.base import HeadModel
 
@@ -910,18 +911,16 @@ def build_procedural_head(resolution: float = 1.0) -> HeadModel:
     # ---- labels per face (parsing): from the parts and the mean of the soft masks
     part_of_face = bld.face_part
     fm = {k: v[F].mean(1) for k, v in masks.items()}
-    labels = np.ones(len(F), np.int64)  # skin
-    labels[fm["brows"] > 0.5] = 2
-    labels[fm["lips"] > 0.5] = 4
-    labels[fm["neck"] > 0.5] = 7
-    labels[fm["hair"] > 0.5] = 6
+    labels = np.full(len(F), LABEL_IDS["skin"], np.int64)
+    for part in ("brows", "lips", "neck", "hair"):  # in this order: a later part wins
+        labels[fm[part] > 0.5] = LABEL_IDS[part]
     for k, name in enumerate(order):
         if name.startswith("eyeball"):
-            labels[part_of_face == k] = 3
+            labels[part_of_face == k] = LABEL_IDS["eyes"]
         elif name.startswith(("mouth", "teeth")):
-            labels[part_of_face == k] = 5
+            labels[part_of_face == k] = LABEL_IDS["mouth_interior"]
         elif name.startswith("lid"):
-            labels[part_of_face == k] = 1
+            labels[part_of_face == k] = LABEL_IDS["skin"]
 
     # ---- regions (vertex indices)
     def idx(mask):

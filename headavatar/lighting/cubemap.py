@@ -233,7 +233,8 @@ def cubemap_to_latlong(cube: CubeMap, height: int, width: int) -> torch.Tensor:
 
 # ------------------------------------------------------------------ filtering
 def _tangent_frames(n: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    up = torch.where((n[..., 1:2].abs() < 0.999), torch.tensor([0.0, 1.0, 0.0], dtype=n.dtype, device=n.device), torch.tensor([1.0, 0.0, 0.0], dtype=n.dtype, device=n.device))
+    up = torch.where((n[..., 1:2].abs() < 0.999), torch.tensor([0.0, 1.0, 0.0], dtype=n.dtype, device=n.device), torch.tensor([1.0, 0.0, 0.0],
+                                                                                                                              dtype=n.dtype, device=n.device))
     t = F.normalize(torch.linalg.cross(up, n, dim=-1), dim=-1)
     b = torch.linalg.cross(n, t, dim=-1)
     return t, b

@@ -251,5 +251,6 @@ def load_light(envmap, size: int = 256, tonemap: str = "reinhard", scale: float 
     return light.rotated(rotation) if rotation else light
 
 
-__all__ = ["EnvironmentLight", "EnvMapLighting", "load_envmap", "load_light", "preprocess_radiance", "procedural_sky", "rotation_y", "level_roughness", "TONEMAPS"]
+__all__ = ["EnvironmentLight", "EnvMapLighting", "load_envmap", "load_light", "preprocess_radiance", "procedural_sky", "rotation_y", "level_roughness",
+           "TONEMAPS"]
 

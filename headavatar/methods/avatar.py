@@ -48,9 +48,9 @@ CAPABILITIES = (GAUSSIANS, MESH, RELIGHT)
 class DemoSettings:
     """What `headavatar demo` uses for a method: the synthetic subject's size and the training overrides."""
 
-    frames: int
+    frames: int  # synthetic subject length
     image_size: int  # synthetic subject resolution
-    overrides: dict = field(default_factory=dict)
+    overrides: dict = field(default_factory=dict)  # training config overrides for the demo
 
 
 @runtime_checkable

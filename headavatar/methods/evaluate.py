@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from headavatar.constants import LABEL_IDS
 from headavatar.errors import UserError
 from headavatar.subjects.dataset import FrameDataset, collate, prepare_targets
 from headavatar.utils.device import sync
@@ -28,7 +29,7 @@ def evaluate_run(run_dir, device="cpu", split: str = "test", batch_size: int = 4
 
     from headavatar.methods import load_avatar
     from headavatar.metrics.lpips import LPIPSCache, missing_reason
-    from headavatar.metrics.protocols import aggregate, evaluate_frames
+    from headavatar.metrics.protocols import aggregate
     from headavatar.utils.io import ensure_writable
 
     out_dir = Path(run_dir) / "eval"
@@ -69,28 +70,14 @@ def evaluate_run(run_dir, device="cpu", split: str = "test", batch_size: int = 4
         # our own render: clamped as an 8-bit frame would be (it may exceed 1 before that, e.g. 2.09
         # on a real clip); the range check in evaluate_frames is for images from outside
         pred = out["rgb"].permute(0, 3, 1, 2).clamp(0.0, 1.0)
-        if protocol == "imavatar":
-            gt_img = b["image"].to(avatar.device).permute(0, 3, 1, 2).float() / 255
-            mask = b["alpha"].to(avatar.device).float() / 255
-            res = evaluate_frames(pred, gt_img, mask, "imavatar", exclude=(b["parsing"].to(avatar.device) == 8).float(),
-                                  lpips_cache=lpips_cache, frame_ids=[int(i) for i in idx], lpips=lpips)
-        else:
-            # gt = img·(alpha·head) + bg·(1 − alpha·head): the training targets' compositing
-            gt_img = b["image"].to(avatar.device).permute(0, 3, 1, 2).float() / 255
-            res = evaluate_frames(pred, gt_img, tgt["alpha"][..., 0], "flashavatar", background=avatar.background,
-                                  lpips_cache=lpips_cache, frame_ids=[int(i) for i in idx], lpips=lpips)
-        rows.extend(res)
+        rows.extend(score_batch(protocol, pred, b, tgt, avatar, lpips_cache, [int(i) for i in idx], lpips))
         for j in range(len(idx)):
             side_by_side.append(np.concatenate([to_uint8(tgt["gt"][j]), to_uint8(out["rgb"][j])], 1))
         bar.update(len(idx))
     bar.close()
     summary = aggregate(rows)
     result = {
-        "method": avatar.method,
-        "split": split,
-        "num_frames": len(rows),
-        "resolution": [H, W],
-        "checkpoint_step": avatar.step,
+        **result_header(avatar, split, rows),
         # which checkpoint was scored, and any newer one skipped as unreadable
         "checkpoint": _checkpoint_record(getattr(avatar, "run", None)),
         "lpips": {"computed": lpips, **({} if lpips else {"reason": lpips_reason})},
@@ -110,6 +97,27 @@ def evaluate_run(run_dir, device="cpu", split: str = "test", batch_size: int = 4
         k = frames.index(r["frame"])
         write_image(out_dir / "worst" / f"{r['frame']:06d}.jpg", side_by_side[k])
     return result
+
+
+def score_batch(protocol: str, pred, batch: dict, targets: dict, avatar, lpips_cache, frame_ids: list[int], lpips: bool) -> list[dict]:
+    """Score rendered frames ``pred`` [B,3,H,W] against a collated batch under ``protocol``: the one place
+    that chooses each protocol's inputs (mask, excluded pixels, background)."""
+    from headavatar.metrics.protocols import evaluate_frames
+
+    device = avatar.device
+    gt_img = batch["image"].to(device).permute(0, 3, 1, 2).float() / 255
+    if protocol == "imavatar":
+        mask = batch["alpha"].to(device).float() / 255
+        return evaluate_frames(pred, gt_img, mask, "imavatar", exclude=(batch["parsing"].to(device) == LABEL_IDS["clothing"]).float(),
+                               lpips_cache=lpips_cache, frame_ids=frame_ids, lpips=lpips)
+    # gt = img·(alpha·head) + bg·(1 − alpha·head): the training targets' compositing
+    return evaluate_frames(pred, gt_img, targets["alpha"][..., 0], "flashavatar", background=avatar.background,
+                           lpips_cache=lpips_cache, frame_ids=frame_ids, lpips=lpips)
+
+
+def result_header(avatar, split: str, rows: list) -> dict:
+    """The first keys of every metrics file: what was scored."""
+    return {"method": avatar.method, "split": split, "num_frames": len(rows), "resolution": list(avatar.size), "checkpoint_step": avatar.step}
 
 
 def _checkpoint_record(run) -> dict | None:

@@ -141,7 +141,8 @@ class RunDir:
     def load_checkpoint(self, map_location="cpu") -> tuple[int, dict]:
         ckpts = self.checkpoints()
         if not ckpts:
-            raise UserError(f"{self.root} has no checkpoint; train first (or the run was killed before its first checkpoint: start it again without --resume in a new folder)")
+            raise UserError(f"{self.root} has no checkpoint; train first (or the run was killed before its first checkpoint: "
+                            "start it again without --resume in a new folder)")
         skipped = []
         for step, path in reversed(ckpts):  # fall back to an older one if the newest is damaged
             try:

@@ -27,7 +27,7 @@ from __future__ import annotations
 import math
 import statistics
 from contextlib import contextmanager
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any, ClassVar, Iterable, Iterator, Protocol, Sequence
 
 import torch
 
@@ -35,9 +35,37 @@ from headavatar.errors import UserError
 from headavatar.metrics.lpips import LPIPSCache
 from headavatar.metrics.psnr import as_mask, psnr_from_mse
 from headavatar.metrics.ssim import ssim
+from headavatar.registry import Registry
 
-PROTOCOLS = ("flashavatar", "imavatar")
 _FLASHAVATAR_DEFAULT_BG = (0.0, 1.0, 0.0)  # FlashAvatar trains on green unless run with -w (white)
+
+
+class MetricProtocol(Protocol):
+    """One evaluation recipe, registered by name in ``METRIC_PROTOCOLS``.
+
+    ``evaluate_frames`` validates and chunks the frames and calls ``compute`` per chunk on
+    float frames clamped to [0, 1]; a protocol says only how a chunk is compared.
+    """
+
+    name: ClassVar[str]
+    lpips_nets: ClassVar[tuple[str, ...]]  # the LPIPS networks it reports (lpips_<net> columns)
+
+    def describe(self, background: Sequence[float] | torch.Tensor | None) -> str:
+        """One line stored with every result: what was compared, how."""
+        ...
+
+    def check(self, background: Sequence[float] | torch.Tensor | None, exclude: torch.Tensor | None) -> None:
+        """Raise UserError for arguments the protocol does not take (before any work)."""
+        ...
+
+    def compute(self, p: torch.Tensor, g: torch.Tensor, m: torch.Tensor, exclude: torch.Tensor | None,
+                background: Sequence[float] | torch.Tensor | None, models: dict) -> dict[str, torch.Tensor]:
+        """Per-frame metrics of one chunk ``[n, 3, H, W]`` (mask ``m`` and ``exclude`` ``[n, 1, H, W]``):
+        name -> ``[n]``; an optional boolean ``skipped`` entry marks frames without a result."""
+        ...
+
+
+METRIC_PROTOCOLS: Registry[type[MetricProtocol]] = Registry("evaluation protocol", hint="eval --protocol")
 
 
 def describe(protocol: str, background: Sequence[float] | None = None, lpips: bool = True) -> str:
@@ -51,20 +79,13 @@ def describe(protocol: str, background: Sequence[float] | None = None, lpips: bo
 
 
 def _describe(protocol: str, background: Sequence[float] | None = None) -> str:
-    if protocol == "flashavatar":
-        bg_t = torch.as_tensor(background if background is not None else _FLASHAVATAR_DEFAULT_BG)
-        bg = tuple(round(float(v), 6) for v in bg_t.flatten()) if bg_t.numel() == 3 else "per-pixel image"
-        return (
-            f"flashavatar: gt*mask + bg*(1-mask) with bg={bg}, prediction as rendered on bg; "
-            "full-image PSNR(max 1), SSIM(gauss 11/1.5, valid), LPIPS v0.1 vgg+alex"
-        )
-    if protocol == "imavatar":
-        return (
-            "imavatar: pred and gt on white with the GT mask, metric mask = mask minus excluded (cloth); "
-            "MAE/PSNR over all 3HW values, SSIM(gauss 11/1.5, valid) outside-mask zeroed, "
-            "LPIPS v0.1 alex on mask-multiplied images; frames with empty masked prediction skipped"
-        )
-    raise UserError(f"unknown evaluation protocol {protocol!r}; use one of {', '.join(PROTOCOLS)}")
+    return _protocol(protocol).describe(background)
+
+
+def _protocol(name: str) -> MetricProtocol:
+    if name not in METRIC_PROTOCOLS:
+        raise UserError(f"unknown evaluation protocol {name!r}; use one of {', '.join(METRIC_PROTOCOLS.available())}")
+    return METRIC_PROTOCOLS.get(name)()
 
 
 def _as_frames(x: torch.Tensor, name: str) -> torch.Tensor:
@@ -173,6 +194,7 @@ def evaluate_frames(
     lpips_alex; all ``None`` for a skipped frame).
     """
     desc = describe(protocol, background, lpips=lpips)
+    proto = _protocol(protocol)
     pred = _as_frames(pred, "pred")
     gt = _as_frames(gt, "gt")
     if pred.shape != gt.shape:
@@ -183,15 +205,10 @@ def evaluate_frames(
         raise UserError(f"{len(ids)} frame ids given for {n} frames")
     if batch_size < 1:
         raise UserError(f"batch_size must be >= 1, got {batch_size}")
-    if protocol == "imavatar" and background is not None:
-        bg_t = torch.as_tensor(background, dtype=torch.float64).flatten()
-        if not bool((bg_t == 1).all()):
-            raise UserError("the imavatar protocol always uses a white background; drop the background argument")
-    if protocol == "flashavatar" and exclude is not None:
-        raise UserError("exclude applies to the imavatar protocol only; fold it into mask for flashavatar")
+    proto.check(background, exclude)
     device = torch.device(device) if device is not None else pred.device
     cache = lpips_cache if lpips_cache is not None else LPIPSCache()
-    nets = (("vgg", "alex") if protocol == "flashavatar" else ("alex",)) if lpips else ()
+    nets = proto.lpips_nets if lpips else ()
     models = {net: cache.get(net, device) for net in nets}
 
     results: list[dict[str, Any]] = []
@@ -205,13 +222,8 @@ def evaluate_frames(
             p = p.clamp(0.0, 1.0)
             g = g.clamp(0.0, 1.0)
             m = _as_weights(_frames_of(mask, sl, n), g, "mask")
-            if protocol == "flashavatar":
-                metrics = _flashavatar(p, g, m, background, models)
-            else:
-                ex = None
-                if exclude is not None:
-                    ex = _as_weights(_frames_of(exclude, sl, n), g, "exclude")
-                metrics = _imavatar(p, g, m, ex, models)
+            ex = _as_weights(_frames_of(exclude, sl, n), g, "exclude") if exclude is not None else None
+            metrics = proto.compute(p, g, m, ex, background, models)
             # One device->host copy per metric and chunk.
             host = {k: v.tolist() for k, v in metrics.items()}
             for j, frame in enumerate(ids[sl]):
@@ -227,33 +239,72 @@ def evaluate_frames(
     return results
 
 
-def _flashavatar(p, g, m, background, models) -> dict[str, torch.Tensor]:
-    bg = _background(background if background is not None else _FLASHAVATAR_DEFAULT_BG, g)
-    g = g * m + bg * (1.0 - m)
-    err = (p - g).square().flatten(1).mean(1)
-    return {
-        "psnr": psnr_from_mse(err),
-        "ssim": ssim(p, g),
-        **{f"lpips_{net}": model(p, g) for net, model in models.items()},
-    }
+@METRIC_PROTOCOLS.register()
+class FlashAvatarProtocol:
+    name = "flashavatar"
+    lpips_nets = ("vgg", "alex")
+
+    def describe(self, background=None) -> str:
+        bg_t = torch.as_tensor(background if background is not None else _FLASHAVATAR_DEFAULT_BG)
+        bg = tuple(round(float(v), 6) for v in bg_t.flatten()) if bg_t.numel() == 3 else "per-pixel image"
+        return (
+            f"flashavatar: gt*mask + bg*(1-mask) with bg={bg}, prediction as rendered on bg; "
+            "full-image PSNR(max 1), SSIM(gauss 11/1.5, valid), LPIPS v0.1 vgg+alex"
+        )
+
+    def check(self, background, exclude) -> None:
+        if exclude is not None:
+            raise UserError("exclude applies to the imavatar protocol only; fold it into mask for flashavatar")
+
+    def compute(self, p, g, m, exclude, background, models) -> dict[str, torch.Tensor]:
+        bg = _background(background if background is not None else _FLASHAVATAR_DEFAULT_BG, g)
+        g = g * m + bg * (1.0 - m)
+        err = (p - g).square().flatten(1).mean(1)
+        return {
+            "psnr": psnr_from_mse(err),
+            "ssim": ssim(p, g),
+            **{f"lpips_{net}": model(p, g) for net, model in models.items()},
+        }
 
 
-def _imavatar(p, g, m, ex, models) -> dict[str, torch.Tensor]:
-    # Composite with the full GT mask; the cloth-free mask only weights the metrics.
-    p = p * m + (1.0 - m)
-    g = g * m + (1.0 - m)
-    mm = m if ex is None else m * (1.0 - ex)
-    numel = p[0].numel()
-    diff = p - g
-    mae = (diff.abs() * mm).flatten(1).sum(1) / numel
-    mse = (diff.square() * mm).flatten(1).sum(1) / numel
-    inside = mm > 0
-    ssim_v = ssim(p * inside, g * inside)
-    skipped = (p * mm).flatten(1).sum(1) == 0
-    out = {"mae": mae, "psnr": psnr_from_mse(mse), "ssim": ssim_v, "skipped": skipped}
-    if "alex" in models:
-        out["lpips_alex"] = models["alex"](p * mm, g * mm)
-    return out
+@METRIC_PROTOCOLS.register()
+class IMavatarProtocol:
+    name = "imavatar"
+    lpips_nets = ("alex",)
+
+    def describe(self, background=None) -> str:
+        return (
+            "imavatar: pred and gt on white with the GT mask, metric mask = mask minus excluded (cloth); "
+            "MAE/PSNR over all 3HW values, SSIM(gauss 11/1.5, valid) outside-mask zeroed, "
+            "LPIPS v0.1 alex on mask-multiplied images; frames with empty masked prediction skipped"
+        )
+
+    def check(self, background, exclude) -> None:
+        if background is not None:
+            bg_t = torch.as_tensor(background, dtype=torch.float64).flatten()
+            if not bool((bg_t == 1).all()):
+                raise UserError("the imavatar protocol always uses a white background; drop the background argument")
+
+    def compute(self, p, g, m, exclude, background, models) -> dict[str, torch.Tensor]:
+        # Composite with the full GT mask; the cloth-free mask only weights the metrics.
+        p = p * m + (1.0 - m)
+        g = g * m + (1.0 - m)
+        mm = m if exclude is None else m * (1.0 - exclude)
+        numel = p[0].numel()
+        diff = p - g
+        mae = (diff.abs() * mm).flatten(1).sum(1) / numel
+        mse = (diff.square() * mm).flatten(1).sum(1) / numel
+        inside = mm > 0
+        ssim_v = ssim(p * inside, g * inside)
+        skipped = (p * mm).flatten(1).sum(1) == 0
+        out = {"mae": mae, "psnr": psnr_from_mse(mse), "ssim": ssim_v, "skipped": skipped}
+        if "alex" in models:
+            out["lpips_alex"] = models["alex"](p * mm, g * mm)
+        return out
+
+
+# the built-in names, in the order the docs list them (kept for callers that iterate them)
+PROTOCOLS = ("flashavatar", "imavatar")
 
 
 def aggregate(results: Sequence[dict[str, Any]]) -> dict[str, Any]:

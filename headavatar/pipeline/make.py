@@ -56,15 +56,13 @@ def input_record(path, kind: str) -> dict:
 
 def typed_overrides(method: str, overrides: dict | list | None) -> dict:
     """--set values converted to the config's types (and unknown keys refused) before any work."""
-    from headavatar.config import apply_overrides
+    from headavatar.config import apply_overrides, parse_set
     from headavatar.methods import get_method
 
     if not overrides:
         return {}
     if isinstance(overrides, list):
-        overrides = dict(item.split("=", 1) if "=" in item else (item, None) for item in overrides)
-        if None in overrides.values():
-            raise UserError("--set expects KEY=VALUE")
+        overrides = parse_set(overrides)
     cfg = apply_overrides(get_method(method).config_cls(), {k.strip(): v for k, v in overrides.items()})
     return {k.strip(): getattr(cfg, k.strip()) if "." not in k else v for k, v in overrides.items()}
 
@@ -80,7 +78,8 @@ def _check_plan(layout: Layout, plan: dict) -> None:
             diffs.insert(0, "input")
         if diffs:
             said = ", ".join(f"{k} {_show(old.get(k))} (now {_show(plan.get(k))})" for k in diffs)
-            raise UserError(f"{layout.root} was made with other options: {said}; use the same options, another -o folder, or delete {layout.root} to start over")
+            raise UserError(f"{layout.root} was made with other options: {said}; "
+                            f"use the same options, another -o folder, or delete {layout.root} to start over")
         return
     ours = {"stages", LOG, ERROR}  # what batch may have written before the first make call
     if layout.root.exists() and any(p for p in layout.root.iterdir() if not p.name.startswith(".") and p.name not in ours):

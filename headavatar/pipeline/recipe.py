@@ -22,7 +22,9 @@ Where the numbers come from (docs/BENCHMARKS.md, docs/SCALING.md):
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
 
+from headavatar.config import check_choices
 from headavatar.errors import UserError
 
 BUDGETS = ("fast", "best")
@@ -30,8 +32,11 @@ BUDGETS = ("fast", "best")
 
 @dataclass
 class Budget:
-    name: str  # fast | best | seconds
+    name: Literal["fast", "best", "seconds"]  # a preset, or a time limit given in seconds
     seconds: float = 0.0  # for name == "seconds"
+
+    def __post_init__(self):
+        check_choices(self, "budget")
 
     def __str__(self) -> str:
         return f"{self.seconds:g}s" if self.name == "seconds" else self.name
@@ -57,13 +62,13 @@ def parse_budget(text) -> Budget:
 class Recipe:
     """What the train, eval and export stages use on one device."""
 
-    method: str
+    method: str  # a registered method name
     device: str  # the device string handed to the library: cpu, cuda, cuda:N
-    budget: str
+    budget: str  # the budget as the user gave it (str(Budget)): fast, best or e.g. 300s
     overrides: dict  # training config overrides (iterations included)
-    eval_batch: int
+    eval_batch: int  # frames per batch when scoring the held-out frames
     texture_size: int  # FLARE glb maps
-    notes: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # why the recipe differs from the defaults, shown to the user
 
     def describe(self) -> str:
         o = self.overrides

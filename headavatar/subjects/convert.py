@@ -25,7 +25,8 @@ def convert_subject(src, dst, layout: str = LAYOUT, crf: int = DEFAULT_CRF, imag
     dst = Path(dst)
     if dst.resolve() == Path(src).resolve():
         raise UserError("the converted subject needs its own folder: pass another -o than the input")
-    keep = {k: v for k, v in subj.meta.items() if k not in ("format", "version", "num_frames", "image_size", "image_ext", "fps", "head_model", "split", "labels", "storage")}
+    keep = {k: v for k, v in subj.meta.items() if k not in ("format", "version", "num_frames", "image_size", "image_ext", "fps", "head_model", "split",
+                                                            "labels", "storage")}
     writer = SubjectWriter(dst, image_ext=image_ext, overwrite=overwrite, layout=layout, crf=crf if layout == LAYOUT else None,
                            chunk_frames=chunk_frames if layout == LAYOUT else None)
     for i in tqdm(range(subj.num_frames), desc="convert", unit="frame", disable=not progress, dynamic_ncols=True):

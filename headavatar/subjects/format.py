@@ -27,6 +27,15 @@ import numpy as np
 import torch
 
 from headavatar.camera import Cameras
+from headavatar.constants import (  # noqa: F401 (the label names are re-exported)
+    ALPHA_FOREGROUND_U8,
+    DEFAULT_FPS,
+    HEAD_LABELS,
+    LABEL_IDS,
+    LABELS,
+    MOUTH_LABELS,
+    TEST_FRACTION,
+)
 from headavatar.errors import UserError
 from headavatar.headmodels.params import FrameParams
 from headavatar.utils.io import read_image, read_json, save_npz, write_image, write_json
@@ -35,23 +44,7 @@ FORMAT_NAME = "headavatar-subject"
 FORMAT_VERSION = 2  # the newest this code reads and writes; version 1 = the per-image-file layout only
 FRAME_LAYOUT = "frames"  # one image file per frame and map (version 1)
 
-# Parsing labels (uint8 values in parsing/*.png).
-LABELS = {
-    0: "background",
-    1: "skin",
-    2: "brows",
-    3: "eyes",
-    4: "lips",
-    5: "mouth_interior",
-    6: "hair",
-    7: "neck",
-    8: "clothing",
-    9: "accessory",
-}
-LABEL_IDS = {v: k for k, v in LABELS.items()}
-# What FlashAvatar calls "neckhead": everything of the head, hair and neck kept; clothes dropped.
-HEAD_LABELS = (1, 2, 3, 4, 5, 6, 7)
-MOUTH_LABELS = (4, 5)
+# Parsing labels (uint8 values in parsing/*.png): defined in headavatar.constants, re-exported here.
 
 
 @dataclass
@@ -143,7 +136,8 @@ class Tracking:
             got = tuple(np.shape(arr))
             if len(got) != len(want) or any(w is not None and g != w for g, w in zip(got, want)):
                 want_s = "x".join("?" if w is None else str(w) for w in want)
-                raise UserError(f"{where}: '{name}' has shape {'x'.join(map(str, got))}, expected {want_s}; the tracking does not match this subject or head model")
+                raise UserError(f"{where}: '{name}' has shape {'x'.join(map(str, got))}, expected {want_s}; "
+                                "the tracking does not match this subject or head model")
         if "gaze" in self.extras and self.extras["gaze"].shape != (n, 4):
             raise UserError(f"{where}: extra 'gaze' has shape {self.extras['gaze'].shape}, expected ({n}, 4): yaw and pitch of each eye")
         for name, k in (extras or {}).items():
@@ -219,7 +213,7 @@ class DeviceTracking:
         return Cameras(self.K[idx], self.R[idx], self.t[idx], height, width)
 
 
-def default_split(num_frames: int, test_fraction: float = 0.15, min_test: int = 1, valid: np.ndarray | None = None) -> dict[str, list[int]]:
+def default_split(num_frames: int, test_fraction: float = TEST_FRACTION, min_test: int = 1, valid: np.ndarray | None = None) -> dict[str, list[int]]:
     """The last ``test_fraction`` of the clip is held out (as the references do with their last frames)."""
     if num_frames < 2:
         raise UserError(f"a subject needs at least 2 frames to hold some out (it has {num_frames})")
@@ -273,7 +267,8 @@ class Subject:
         else:
             missing = [i for i in range(n) if not subj.frame_path(i).is_file()]
             if missing:
-                raise UserError(f"{root}: {len(missing)} of {n} frame images are missing (first: {subj.frame_path(missing[0]).name}); restore them or re-create the subject")
+                raise UserError(f"{root}: {len(missing)} of {n} frame images are missing (first: {subj.frame_path(missing[0]).name}); "
+                                "restore them or re-create the subject")
         for name in ("train", "test"):
             bad = [i for i in subj.split.get(name, []) if not 0 <= i < n]
             if bad:
@@ -318,7 +313,7 @@ class Subject:
 
     @property
     def fps(self) -> float:
-        return float(self.meta.get("fps", 25.0))
+        return float(self.meta.get("fps", DEFAULT_FPS))
 
     @property
     def head_model_spec(self) -> dict:
@@ -336,7 +331,8 @@ class Subject:
                 f"the head model '{model.name}' loaded for {self.root} differs from the one it was tracked with "
                 f"(fingerprint {model.fingerprint()} != {fp}); pass the same model files as when it was made"
             )
-        self.tracking.check(where=str(self.root / "tracking.npz"), num_joints=model.num_joints, num_expression=model.num_expression, extras=model.extras_sizes())
+        self.tracking.check(where=str(self.root / "tracking.npz"), num_joints=model.num_joints, num_expression=model.num_expression,
+                            extras=model.extras_sizes())
         return model
 
     def frame_path(self, i: int) -> Path:
@@ -364,7 +360,7 @@ class Subject:
         ap = self.alpha_path(i)
         alpha = read_image(ap, "L") if ap.is_file() else np.full((H, W), 255, np.uint8)
         pp = self.parsing_path(i)
-        parsing = read_image(pp, "L") if pp.is_file() else np.where(alpha > 127, LABEL_IDS["skin"], 0).astype(np.uint8)
+        parsing = read_image(pp, "L") if pp.is_file() else np.where(alpha > ALPHA_FOREGROUND_U8, LABEL_IDS["skin"], 0).astype(np.uint8)
         for name, a in (("alpha", alpha), ("parsing", parsing)):
             if a.shape != (H, W):
                 raise UserError(f"{name} map of frame {i} in {self.root} is {a.shape[1]}x{a.shape[0]}, expected {W}x{H}")
@@ -416,7 +412,7 @@ class SubjectWriter:
         if alpha is None:
             alpha = np.full((H, W), 255, np.uint8)
         if parsing is None:
-            parsing = np.where(alpha > 127, LABEL_IDS["skin"], 0).astype(np.uint8)
+            parsing = np.where(alpha > ALPHA_FOREGROUND_U8, LABEL_IDS["skin"], 0).astype(np.uint8)
         return self._buffer.add(i, np.asarray(image, np.uint8), np.asarray(alpha, np.uint8), np.asarray(parsing, np.uint8), num_frames)
 
     def _encode_chunk(self, chunk) -> None:
@@ -445,7 +441,8 @@ class SubjectWriter:
             write_image(self.root / "parsing" / f"{i:06d}.png", parsing)
         self.count = max(self.count, i + 1)
 
-    def finalize(self, tracking: Tracking, head_model_spec: dict, image_size: tuple[int, int], split: dict | None = None, fps: float = 25.0, extra_meta: dict | None = None) -> Subject:
+    def finalize(self, tracking: Tracking, head_model_spec: dict, image_size: tuple[int, int], split: dict | None = None, fps: float = DEFAULT_FPS,
+                 extra_meta: dict | None = None) -> Subject:
         n = tracking.num_frames
         self.flush_chunks()
         if n != self.count:

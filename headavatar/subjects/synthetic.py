@@ -35,6 +35,7 @@ import numpy as np
 import torch
 
 from headavatar.camera import Cameras, fov_to_focal, intrinsics, look_at
+from headavatar.constants import DEFAULT_FPS, TEST_FRACTION
 from headavatar.errors import UserError
 from headavatar.headmodels.params import FrameParams
 from headavatar.lighting.color import linear_to_srgb
@@ -287,7 +288,7 @@ def _euler_to_axis_angle(yaw, pitch, roll) -> np.ndarray:
     return matrix_to_axis_angle(Ry @ Rx @ Rz).numpy()
 
 
-def make_synthetic_animation(model, num_frames: int, fps: float = 25.0, seed: int = 0, test_fraction: float = 0.15) -> dict[str, np.ndarray]:
+def make_synthetic_animation(model, num_frames: int, fps: float = DEFAULT_FPS, seed: int = 0, test_fraction: float = TEST_FRACTION) -> dict[str, np.ndarray]:
     """Deterministic per-frame parameters: expressions, blinks, talking, gaze and head sway.
 
     Returns float32 arrays: shape [S], expression [N,E], joint_rotations [N,J,3], translation [N,3].
@@ -443,7 +444,8 @@ def render_synthetic_frames(
     cams = cameras.resized(H * ss, W * ss).to(device)
     backend = backend or get_mesh_backend("torch")
     faces = model.faces
-    tex = torch.cat([torch.as_tensor(textures["albedo"]), torch.as_tensor(textures["roughness"]), torch.as_tensor(textures["specular"])], -1)[None].float().to(device)
+    tex = torch.cat([torch.as_tensor(textures["albedo"]), torch.as_tensor(textures["roughness"]), torch.as_tensor(textures["specular"])],
+                    -1)[None].float().to(device)
     labels = model.face_labels if model.face_labels is not None else torch.ones(faces.shape[0], dtype=torch.int64, device=device)
     labels0 = torch.cat([torch.zeros(1, dtype=torch.int64, device=device), labels.long()])  # index 0 = empty
     root = model.joint_index("root") if "root" in model.joint_names else 0
@@ -510,8 +512,8 @@ def make_synthetic_subject(
     num_frames: int = 120,
     resolution: int = 256,
     seed: int = 0,
-    fps: float = 25,
-    test_fraction: float = 0.15,
+    fps: float = DEFAULT_FPS,
+    test_fraction: float = TEST_FRACTION,
     overwrite: bool = False,
     lighting="head",
     supersample: int = 2,
@@ -609,6 +611,7 @@ def _write_synthetic(out_dir, N, S, seed, fps, test_fraction, overwrite, light, 
 
 
 __all__ = [
-    "make_synthetic_subject", "render_synthetic_frames", "make_synthetic_animation", "synthetic_camera", "capture_lighting", "lighting_spec", "lighting_from_spec",
+    "make_synthetic_subject", "render_synthetic_frames", "make_synthetic_animation", "synthetic_camera", "capture_lighting", "lighting_spec",
+    "lighting_from_spec",
     "StudioLighting", "SHLighting", "FunctionLighting", "Lighting", "make_lighting", "sh9_basis", "BACKGROUND",
 ]

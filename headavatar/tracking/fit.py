@@ -71,7 +71,7 @@ class FitConfig:
     over landmarks and frames of robust squared errors in pixels at 512 px."""
 
     fov_deg: float = 22.0  # initial field of view across the larger image side
-    optimize_focal: bool = True
+    optimize_focal: bool = True  # fit the focal length (else it stays at fov_deg)
     focal_prior: float = 5.0  # weight on (log f - log f_init)^2
     fov_range_deg: tuple[float, float] = (8.0, 60.0)  # the focal length stays inside this field-of-view range
     rigid_iters: int = 8  # Gauss-Newton iterations of the rigid stage
@@ -84,11 +84,11 @@ class FitConfig:
     w_expr_l2: float = 0.02  # on sum of expression^2, per frame
     w_expr_l1: float = 0.02  # on sum of |expression|, per frame (sparsity; models with an expression range only)
     w_jaw: float = 10.0  # on |jaw rotation|^2 (rad^2), for models with a "jaw" joint
-    fit_jaw: bool = True
+    fit_jaw: bool = True  # fit the jaw rotation for models with a "jaw" joint
     max_shape: int | None = 50  # fit only the first identity modes (None: all); later ICT modes move landmarks by < 0.5 mm
     cg_iters: int = 10  # conjugate-gradient iterations per Gauss-Newton step (at most)
     device: str | None = None  # default: the model's device
-    progress: bool = False
+    progress: bool = False  # show a progress bar
 
 
 # --------------------------------------------------------------------------- landmark sub-model
@@ -376,7 +376,8 @@ def _skinned_jacobians(lmodel, rotations, v, joints, x, logf, rc, scale, fitted_
         for k in fitted_joints:
             desc = [j for j in range(lmodel.num_joints) if _is_descendant(lmodel.parents, j, k)]
             o = (G[:, k, :3, :3] @ joints[:, k, :, None])[..., 0] + G[:, k, :3, 3]  # posed joint k
-            carried = sum(lmodel.skin_weights[None, :, j, None] * ((G[:, j, None, :3, :3] @ v[..., None])[..., 0] + G[:, j, None, :3, 3] - o[:, None]) for j in desc)
+            carried = sum(lmodel.skin_weights[None, :, j, None] * ((G[:, j, None, :3, :3] @ v[..., None])[..., 0] + G[:, j, None, :3, 3] - o[:, None])
+                          for j in desc)
             carried = lmodel.blend @ carried  # [M,L,3]
             parent = G[:, lmodel.parents[k], :3, :3] if lmodel.parents[k] >= 0 else torch.eye(3, device=x.device).expand(M, 3, 3)
             axes = parent @ _left_jacobian(rv[:, k])  # world axis of each coordinate's rotation
@@ -532,113 +533,184 @@ def _fit(model, landmarks2d, image_size, valid, embedding, weights, cfg: FitConf
     model = model.to(dev) if cfg.device else model
     lmodel = LandmarkModel(model, embedding)
     lm_np, N, L, H, W, valid_np, w_np = _check_inputs(model, landmarks2d, image_size, valid, weights, lmodel.num_points)
+    p = _Problem(model, lmodel, lm_np, L, valid_np, w_np, H, W, cfg, dev)
+    x, y = p.start()
 
-    vidx = np.flatnonzero(valid_np)
-    M = len(vidx)
-    dt = torch.float32
-    uv = torch.as_tensor(lm_np[vidx], dtype=dt, device=dev)
-    w = torch.as_tensor(w_np, dtype=dt, device=dev)
-    cx, cy = W / 2.0, H / 2.0
-    scale = REFERENCE_SIZE / max(H, W)  # pixels -> pixels at the reference size
-    f_init = fov_to_focal(math.radians(cfg.fov_deg), max(H, W))
-    logf_lo, logf_hi = (math.log(fov_to_focal(math.radians(a), max(H, W))) for a in (cfg.fov_range_deg[1], cfg.fov_range_deg[0]))
-    E, J = model.num_expression, model.num_joints
-    S = model.num_shape if cfg.max_shape is None else min(model.num_shape, int(cfg.max_shape))
-    shape_std = float(model.meta.get("shape_prior_std", 1.0))
-    e_range = model.meta.get("expression_range")
-    jaw = model.joint_names.index("jaw") if (cfg.fit_jaw and "jaw" in model.joint_names and J > 1) else None
-    rc = torch.as_tensor(np.diag(CAMERA_R).copy(), device=dev)  # the camera rotation is diagonal
+    stats: dict[str, int] = {}
+    x, y, _ = _solve(p, x, y, True, cfg.rigid_iters, "fit: rigid", stats)
+    err_before = p.errors(x, y, True)
+    x, y, final_loss = _solve(p, x, y, False, cfg.iters, "fit: all", stats)
+    err_after = p.errors(x, y, False)
 
-    # ---- closed-form rigid init from the template's landmarks
-    with torch.no_grad():
-        X0 = lmodel(None, None, None, None)[0]  # [L,3] rest landmarks, identity 0
-        pivot0 = lmodel.rest_joints(None)[0, 0]
-        Q, centre = _closed_form_pose(X0, uv, w, f_init, cx, cy)
-        mu = (w[:, None] * X0).sum(0) / w.sum()
-        pc = centre + Q @ (pivot0 - mu)  # the pivot in camera coordinates
-        rot0 = matrix_to_axis_angle(torch.as_tensor(CAMERA_R, device=dev) @ Q)  # the camera rotation is its own inverse
-        # pixel sensitivities (at the reference size), to weigh priors and smoothness in pixels
-        px_per_m = f_init * scale / float(pc[:, 2].median().clamp_min(1e-3))
-        px_rot = px_per_m * float((X0 - pivot0).norm(dim=-1).pow(2).mean().sqrt())
-        px_expr = lmodel.expr_sensitivity * px_per_m
+    tracking = _assemble(p, model, x, y, N, lm_np, valid_np)
+    f = p.focal(y)
+    per_before = np.full(N, np.nan)
+    per_before[p.vidx] = err_before
+    per_after = np.full(N, np.nan)
+    per_after[p.vidx] = err_after
+    report = {
+        "error_px_before": float(np.median(err_before)),
+        "error_px": float(np.median(err_after)),
+        "per_frame_error_px_before": per_before,
+        "per_frame_error_px": per_after,
+        "focal_px": f,
+        "focal_px_init": float(p.f_init),
+        "fov_deg": float(math.degrees(2 * math.atan(0.5 * max(H, W) / f))),
+        "num_frames": N,
+        "num_valid": p.M,
+        "final_loss": final_loss,
+        "iterations": {"rigid": stats.get("fit: rigid", 0), "all": stats.get("fit: all", 0)},
+        "time_s": time.perf_counter() - t_start,
+    }
+    return tracking, report
 
-    # ---- unknowns: per valid frame x = [rot 3 | cxy 2 | log z 1 | expression E | jaw 3], shared y = [shape S | log f]
-    i_e = 6
-    i_jaw = 6 + E
-    d = 6 + E + (3 if jaw is not None else 0)
-    x = torch.zeros(M, d, device=dev)
-    x[:, 0:3] = rot0
-    x[:, 3:5] = pc[:, :2] / pc[:, 2:3]
-    x[:, 5] = pc[:, 2].log()
-    y = torch.zeros(S + 1, device=dev)
-    y[S] = math.log(f_init)
-    lo = torch.full((d,), -math.inf, device=dev)
-    hi = torch.full((d,), math.inf, device=dev)
-    lo[5], hi[5] = math.log(0.05), math.log(20.0)
-    if e_range is not None and E:
-        lo[i_e : i_e + E], hi[i_e : i_e + E] = float(e_range[0]), float(e_range[1])
-    y_lo = torch.full((S + 1,), -math.inf, device=dev)
-    y_hi = torch.full((S + 1,), math.inf, device=dev)
-    y_lo[S], y_hi[S] = logf_lo, logf_hi
 
-    # smoothness (per coordinate, pixel equivalents^2) and quadratic priors on x
-    smooth = torch.zeros(d, device=dev)
-    smooth[0:3] = cfg.w_smooth_pose * px_rot**2
-    smooth[3:5] = cfg.w_smooth_pose * (f_init * scale) ** 2
-    smooth[5] = cfg.w_smooth_pose * px_rot**2
-    prior_x = torch.zeros(d, device=dev)
-    l1_x = torch.zeros(d, device=dev)
-    if E:
-        smooth[i_e : i_e + E] = cfg.w_smooth_expr * px_expr**2
-        prior_x[i_e : i_e + E] = cfg.w_expr_l2
-        if e_range is not None:
-            l1_x[i_e : i_e + E] = cfg.w_expr_l1
-    if jaw is not None:
-        smooth[i_jaw:] = cfg.w_smooth_pose * px_rot**2
-        prior_x[i_jaw:] = cfg.w_jaw
-    pair_w = torch.as_tensor(1.0 / np.maximum(np.diff(vidx), 1), dtype=dt, device=dev) if M > 1 else torch.zeros(0, device=dev)
-    prior_y = torch.zeros(S + 1, device=dev)
-    prior_y[:S] = cfg.w_shape / shape_std**2
-    prior_y[S] = cfg.focal_prior
-    y_ref = y.clone()
-    cw = w / (w.sum() * M)  # data weight per landmark
+class _Problem:
+    """The fitting problem of one clip: the valid frames' landmarks, the layout of the unknowns,
+    their bounds, the priors and smoothness weights, and the objective with its Jacobians.
 
-    def rotations(xb: torch.Tensor) -> torch.Tensor:
+    Unknowns: per valid frame x = [rot 3 | cxy 2 | log z 1 | expression E | jaw 3], shared
+    y = [shape S | log f].
+    """
+
+    def __init__(self, model: HeadModel, lmodel: LandmarkModel, lm_np, L: int, valid_np, w_np, H: int, W: int, cfg: FitConfig, dev):
+        self.cfg, self.dev, self.lmodel = cfg, dev, lmodel
+        self.vidx = np.flatnonzero(valid_np)
+        self.M = len(self.vidx)
+        self.L = L
+        self.dt = torch.float32
+        self.uv = torch.as_tensor(lm_np[self.vidx], dtype=self.dt, device=dev)
+        self.w = torch.as_tensor(w_np, dtype=self.dt, device=dev)
+        self.cx, self.cy = W / 2.0, H / 2.0
+        self.scale = REFERENCE_SIZE / max(H, W)  # pixels -> pixels at the reference size
+        self.f_init = fov_to_focal(math.radians(cfg.fov_deg), max(H, W))
+        self.logf_lo, self.logf_hi = (math.log(fov_to_focal(math.radians(a), max(H, W))) for a in (cfg.fov_range_deg[1], cfg.fov_range_deg[0]))
+        self.E, self.J = model.num_expression, model.num_joints
+        self.S = model.num_shape if cfg.max_shape is None else min(model.num_shape, int(cfg.max_shape))
+        self.shape_std = float(model.meta.get("shape_prior_std", 1.0))
+        self.e_range = model.meta.get("expression_range")
+        self.jaw = model.joint_names.index("jaw") if (cfg.fit_jaw and "jaw" in model.joint_names and self.J > 1) else None
+        self.rc = torch.as_tensor(np.diag(CAMERA_R).copy(), device=dev)  # the camera rotation is diagonal
+        self.i_e = 6
+        self.i_jaw = 6 + self.E
+        self.d = 6 + self.E + (3 if self.jaw is not None else 0)
+
+    # ------------------------------------------------------------------ set-up
+    def start(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The starting point (closed-form rigid pose, zero expression and identity, the initial
+        focal) and, from its pixel sensitivities, the bounds, priors and smoothness weights."""
+        rot0, pc, px_rot, px_expr = self._rigid_init()
+        x, y = self._unknowns(rot0, pc)
+        self._weights(px_rot, px_expr, y)
+        return x, y
+
+    def _rigid_init(self):
+        """Closed-form rigid pose from the template's landmarks, and the pixel sensitivities (at
+        the reference size) that weigh priors and smoothness in pixels."""
+        lmodel, uv, w, dev = self.lmodel, self.uv, self.w, self.dev
+        with torch.no_grad():
+            X0 = lmodel(None, None, None, None)[0]  # [L,3] rest landmarks, identity 0
+            pivot0 = lmodel.rest_joints(None)[0, 0]
+            Q, centre = _closed_form_pose(X0, uv, w, self.f_init, self.cx, self.cy)
+            mu = (w[:, None] * X0).sum(0) / w.sum()
+            pc = centre + Q @ (pivot0 - mu)  # the pivot in camera coordinates
+            rot0 = matrix_to_axis_angle(torch.as_tensor(CAMERA_R, device=dev) @ Q)  # the camera rotation is its own inverse
+            px_per_m = self.f_init * self.scale / float(pc[:, 2].median().clamp_min(1e-3))
+            px_rot = px_per_m * float((X0 - pivot0).norm(dim=-1).pow(2).mean().sqrt())
+            px_expr = lmodel.expr_sensitivity * px_per_m
+        return rot0, pc, px_rot, px_expr
+
+    def _unknowns(self, rot0, pc):
+        """x and y at the start, and their bounds (depth, expression range, field of view)."""
+        M, d, S, E, i_e, dev = self.M, self.d, self.S, self.E, self.i_e, self.dev
+        x = torch.zeros(M, d, device=dev)
+        x[:, 0:3] = rot0
+        x[:, 3:5] = pc[:, :2] / pc[:, 2:3]
+        x[:, 5] = pc[:, 2].log()
+        y = torch.zeros(S + 1, device=dev)
+        y[S] = math.log(self.f_init)
+        lo = torch.full((d,), -math.inf, device=dev)
+        hi = torch.full((d,), math.inf, device=dev)
+        lo[5], hi[5] = math.log(0.05), math.log(20.0)
+        if self.e_range is not None and E:
+            lo[i_e : i_e + E], hi[i_e : i_e + E] = float(self.e_range[0]), float(self.e_range[1])
+        y_lo = torch.full((S + 1,), -math.inf, device=dev)
+        y_hi = torch.full((S + 1,), math.inf, device=dev)
+        y_lo[S], y_hi[S] = self.logf_lo, self.logf_hi
+        self.lo, self.hi, self.y_lo, self.y_hi = lo, hi, y_lo, y_hi
+        return x, y
+
+    def _weights(self, px_rot, px_expr, y) -> None:
+        """Smoothness (per coordinate, pixel equivalents^2), quadratic and L1 priors, the data weight
+        per landmark, and the frame-pair weights of the smoothness term."""
+        cfg, M, d, S, E, i_e, i_jaw, dev = self.cfg, self.M, self.d, self.S, self.E, self.i_e, self.i_jaw, self.dev
+        smooth = torch.zeros(d, device=dev)
+        smooth[0:3] = cfg.w_smooth_pose * px_rot**2
+        smooth[3:5] = cfg.w_smooth_pose * (self.f_init * self.scale) ** 2
+        smooth[5] = cfg.w_smooth_pose * px_rot**2
+        prior_x = torch.zeros(d, device=dev)
+        l1_x = torch.zeros(d, device=dev)
+        if E:
+            smooth[i_e : i_e + E] = cfg.w_smooth_expr * px_expr**2
+            prior_x[i_e : i_e + E] = cfg.w_expr_l2
+            if self.e_range is not None:
+                l1_x[i_e : i_e + E] = cfg.w_expr_l1
+        if self.jaw is not None:
+            smooth[i_jaw:] = cfg.w_smooth_pose * px_rot**2
+            prior_x[i_jaw:] = cfg.w_jaw
+        pair_w = torch.as_tensor(1.0 / np.maximum(np.diff(self.vidx), 1), dtype=self.dt, device=dev) if M > 1 else torch.zeros(0, device=dev)
+        prior_y = torch.zeros(S + 1, device=dev)
+        prior_y[:S] = cfg.w_shape / self.shape_std**2
+        prior_y[S] = cfg.focal_prior
+        self.smooth, self.prior_x, self.l1_x, self.pair_w, self.prior_y = smooth, prior_x, l1_x, pair_w, prior_y
+        self.y_ref = y.clone()
+        self.cw = self.w / (self.w.sum() * M)  # data weight per landmark
+        nb = torch.zeros(M, device=dev)  # summed pair weights of each frame's neighbours
+        if M > 1:
+            nb[1:] += pair_w
+            nb[:-1] += pair_w
+        self.nb = nb
+
+    # --------------------------------------------------------------- the model
+    def rotations(self, xb: torch.Tensor) -> torch.Tensor:
         parts = [xb[:, None, 0:3]]
-        for j in range(1, J):
-            parts.append(xb[:, None, i_jaw : i_jaw + 3] if j == jaw else xb.new_zeros(xb.shape[0], 1, 3))
+        for j in range(1, self.J):
+            parts.append(xb[:, None, self.i_jaw : self.i_jaw + 3] if j == self.jaw else xb.new_zeros(xb.shape[0], 1, 3))
         return torch.cat(parts, 1)
 
-    def project(v, joints, xb, logf, target):
+    def project(self, v, joints, xb, logf, target):
         """Scaled pixel residuals [B,L,2] of posed points (the pose function the Jacobians go through)."""
+        cx, cy, scale = self.cx, self.cy, self.scale
         z = xb[:, 5:6].exp()
         pc = torch.cat([xb[:, 3:5] * z, z], -1)
-        trans = pc * rc - joints[:, 0]  # puts the posed pivot at camera point pc
-        X = lmodel.pose(v, joints, rotations(xb), trans)
+        trans = pc * self.rc - joints[:, 0]  # puts the posed pivot at camera point pc
+        X = self.lmodel.pose(v, joints, self.rotations(xb), trans)
         f = logf.exp()
         f = f[:, None] if f.dim() else f
         zc = (-X[..., 2]).clamp_min(1e-4)
         return torch.stack([(f * X[..., 0] / zc + cx - target[..., 0]) * scale, (f * -X[..., 1] / zc + cy - target[..., 1]) * scale], -1)
 
-    def residuals(x, y, rigid):
+    def residuals(self, x, y, rigid):
+        S, E = self.S, self.E
         shape = None if rigid or S == 0 else y[:S]
-        expr = None if rigid or E == 0 else x[:, i_e : i_e + E]
-        v, joints = lmodel.rest(shape, expr, M)
-        return project(v, joints, x, y[S], uv), v, joints
+        expr = None if rigid or E == 0 else x[:, self.i_e : self.i_e + E]
+        v, joints = self.lmodel.rest(shape, expr, self.M)
+        return self.project(v, joints, x, y[S], self.uv), v, joints
 
-    def objective(x, y, rigid, parts: bool = False):
+    def objective(self, x, y, rigid, parts: bool = False):
         """The fitting objective (and, with ``parts``, the residuals and rest points it came from)."""
-        e, v, joints = residuals(x, y, rigid)
-        F = (_robust(e.pow(2).sum(-1), cfg.huber_px) * cw).sum()
+        M = self.M
+        e, v, joints = self.residuals(x, y, rigid)
+        F = (_robust(e.pow(2).sum(-1), self.cfg.huber_px) * self.cw).sum()
         if M > 1:
             dx = x[1:] - x[:-1]
-            F = F + ((dx * dx * smooth).sum(-1) * pair_w).sum() / M
-        F = F + ((x * x * prior_x).sum() + (x.abs() * l1_x).sum()) / M
+            F = F + ((dx * dx * self.smooth).sum(-1) * self.pair_w).sum() / M
+        F = F + ((x * x * self.prior_x).sum() + (x.abs() * self.l1_x).sum()) / M
         if not rigid:
-            F = F + ((y - y_ref).pow(2) * prior_y).sum()
+            F = F + ((y - self.y_ref).pow(2) * self.prior_y).sum()
         return (F, e, v, joints) if parts else F
 
-    def jacobians(v, joints, x, y, free_y: bool):
+    def jacobians(self, v, joints, x, y, free_y: bool):
         """Gauss-Newton Jacobians of the scaled residuals: [M,L,2,d] per frame, [M,L,2,S+1] shared.
 
         Derivatives with respect to the pose, each rest point and each rest joint;
@@ -646,10 +718,11 @@ def _fit(model, landmarks2d, image_size, valid, embedding, weights, cfg: FitConf
         Rigid models: closed form; skinned models: closed form except the non-root
         joints' rotations (``_skinned_jacobians``).
         """
+        lmodel, M, L, d, S, E, i_e, i_jaw, jaw = self.lmodel, self.M, self.L, self.d, self.S, self.E, self.i_e, self.i_jaw, self.jaw
         if lmodel.rigid:
-            Jpose, Jv, Jj, Jf = _rigid_jacobians(v, joints, x, y[S], rc, scale)
+            Jpose, Jv, Jj, Jf = _rigid_jacobians(v, joints, x, y[S], self.rc, self.scale)
         else:
-            Jpose, Jv, Jj, Jf = _skinned_jacobians(lmodel, rotations, v, joints, x, y[S], rc, scale, [jaw] if jaw is not None else [])
+            Jpose, Jv, Jj, Jf = _skinned_jacobians(lmodel, self.rotations, v, joints, x, y[S], self.rc, self.scale, [jaw] if jaw is not None else [])
         Jx = x.new_zeros(M, L, 2, d)
         Jx[..., 0:6] = Jpose[..., 0:6]
         if jaw is not None:
@@ -664,157 +737,174 @@ def _fit(model, landmarks2d, image_size, valid, embedding, weights, cfg: FitConf
             Jy[..., S] = Jf
         return Jx, Jy
 
-    nb = torch.zeros(M, device=dev)  # summed pair weights of each frame's neighbours
-    if M > 1:
-        nb[1:] += pair_w
-        nb[:-1] += pair_w
-
-    def laplacian(p):
+    def laplacian(self, p):
         """(Smoothness Hessian / (2/M smooth)) @ p, frame-wise: sum over pairs of w (p_m - p_neighbour)."""
-        out = p * nb[:, None]
-        if M > 1:
-            out[1:] -= pair_w[:, None] * p[:-1]
-            out[:-1] -= pair_w[:, None] * p[1:]
+        out = p * self.nb[:, None]
+        if self.M > 1:
+            out[1:] -= self.pair_w[:, None] * p[:-1]
+            out[:-1] -= self.pair_w[:, None] * p[1:]
         return out
 
-    def solve(x, y, rigid: bool, iters: int, desc: str):
-        """Levenberg-Marquardt.  Exact gradients (autograd); Gauss-Newton curvature with robust
-        (IRLS) weights; the Newton system (per-frame blocks coupled by smoothness between
-        neighbouring frames and by the shared identity / focal) solved by conjugate gradients,
-        preconditioned with the per-frame blocks and the shared block's Schur complement;
-        bounds by an active set."""
-        free_x = torch.ones(d, dtype=torch.bool, device=dev)
-        if rigid:
-            free_x[6:] = False
-        free_y = not rigid and (S > 0 or cfg.optimize_focal)
-        yfree = torch.ones(S + 1, dtype=torch.bool, device=dev)
-        if not cfg.optimize_focal:
-            yfree[S] = False
-        lam = 1e-3
-        bar = None
-        if cfg.progress:
-            from tqdm import tqdm
-
-            bar = tqdm(total=iters, desc=desc, unit="it", leave=False)
-        F = float("nan")
-        sm = 2 * smooth / M  # smoothness Hessian scale per coordinate
-        done = 0
-        for _ in range(iters):
-            done += 1
-            xg = x.clone().requires_grad_(True)
-            yg = y.clone().requires_grad_(free_y)
-            F_t, e, v, joints = objective(xg, yg, rigid, parts=True)
-            grads = torch.autograd.grad(F_t, [xg, yg] if free_y else [xg])
-            F = float(F_t.detach())
-            gx = grads[0] * free_x
-            gy = grads[1] * yfree if free_y else None
-            with torch.no_grad():
-                Jx, Jy = jacobians(v.detach(), joints.detach(), x, y, free_y)
-                e2 = e.detach().pow(2).sum(-1)
-                sw = (cw / torch.sqrt(1 + e2 / cfg.huber_px**2)).sqrt()[..., None, None]  # IRLS weight
-                Jx = (Jx * sw).reshape(M, 2 * L, d)
-                A = Jx.transpose(1, 2) @ Jx + torch.diag_embed((2 * prior_x / M).expand(M, d))  # [M,d,d]
-                if free_y:
-                    Jy = (Jy * sw).reshape(M, 2 * L, S + 1)
-                    B = Jx.transpose(1, 2) @ Jy  # [M,d,S+1]
-                    Jy2 = Jy.reshape(M * 2 * L, S + 1)
-                    C = Jy2.T @ Jy2 + torch.diag(2 * prior_y)
-                # projected Newton (Bertsekas): coordinates within eps of a bound that the gradient
-                # pushes against leave the Newton system and take a diagonal step onto the bound
-                eps = (0.02 * (hi - lo)).nan_to_num(0.0, posinf=0.0)
-                active = free_x[None] & (((x <= lo + eps) & (gx > 0)) | ((x >= hi - eps) & (gx < 0)))
-                fxf = (free_x[None].expand(M, d) & ~active).to(dt)
-                diag_step = -gx / torch.diagonal(A, dim1=1, dim2=2).clamp_min(1e-12) * active
-                fyf = (yfree & ~(((y <= y_lo) & (gy > 0)) | ((y >= y_hi) & (gy < 0)))).to(dt) if free_y else None
-                improved = 0.0
-                for _attempt in range(8):
-                    # damped system restricted to the free coordinates (frozen ones: identity rows)
-                    Ad = A + lam * torch.diag_embed(torch.diagonal(A, dim1=1, dim2=2)) + 1e-9 * torch.eye(d, device=dev)
-                    Ad = Ad * (fxf[:, :, None] * fxf[:, None, :]) + torch.diag_embed(1 - fxf)
-                    Dsm = sm * nb[:, None] * fxf  # the smoothness Hessian's diagonal
-                    # explicit inverses: applying them is element-wise work, far cheaper on CPU
-                    # than batched triangular solves of many small systems
-                    Ainv = _spd_inverse(Ad + torch.diag_embed(Dsm))
-                    if free_y:
-                        Bf = B * fxf[:, :, None] * fyf[None, None, :]
-                        Cd = C + lam * torch.diag(torch.diagonal(C)) + 1e-9 * torch.eye(S + 1, device=dev)
-                        Cd = Cd * (fyf[:, None] * fyf[None, :]) + torch.diag(1 - fyf)
-                        AiB = Ainv @ Bf  # [M,d,S+1]
-                        Sinv = _spd_inverse(Cd - Bf.reshape(-1, S + 1).T @ AiB.reshape(-1, S + 1))
-
-                    def matvec(px, py):
-                        ox = (Ad * px[:, None, :]).sum(-1) + sm * laplacian(px) * fxf
-                        if not free_y:
-                            return ox, None
-                        ox = ox + Bf.reshape(-1, S + 1).matmul(py).reshape(M, d)
-                        oy = Cd @ py + Bf.reshape(-1, S + 1).T.matmul(px.reshape(-1))
-                        return ox, oy
-
-                    def precond(rx, ry):
-                        zx = (Ainv * rx[:, None, :]).sum(-1)
-                        if not free_y:
-                            return zx, None
-                        zy = Sinv @ (ry - Bf.reshape(-1, S + 1).T.matmul(zx.reshape(-1)))
-                        return zx - AiB.reshape(-1, S + 1).matmul(zy).reshape(M, d), zy
-
-                    dxs, dy = _pcg(matvec, precond, -(gx * fxf), -(gy * fyf) if free_y else None, cfg.cg_iters)
-                    # backtracking along the projected path: cheaper than re-solving with more damping
-                    accepted = False
-                    for k in range(4):
-                        a = 0.5**k
-                        x_new = torch.minimum(torch.maximum(x + a * (dxs * fxf + diag_step), lo), hi)
-                        y_new = torch.minimum(torch.maximum(y + a * dy * fyf, y_lo), y_hi) if free_y else y
-                        F_new = float(objective(x_new, y_new, rigid))
-                        if F_new <= F:
-                            accepted = True
-                            break
-                    if accepted:
-                        improved = (F - F_new) / max(F, 1e-12)
-                        x, y = x_new, y_new
-                        lam = max(lam / 3.0, 1e-7) if k == 0 else lam * 2.0
-                        break
-                    lam *= 10.0
-            if bar is not None:
-                bar.update(1)
-            if improved < cfg.tol:
-                break  # converged (or no step decreases the objective any more)
-        if bar is not None:
-            bar.close()
-        stats[desc] = done
-        return x, y, F
-
-    def errors(x, y, rigid) -> np.ndarray:
+    def errors(self, x, y, rigid) -> np.ndarray:
+        """Mean reprojection error per valid frame, in pixels of the input images."""
         with torch.no_grad():
-            e, _, _ = residuals(x, y, rigid)
-            return (e / scale).norm(dim=-1).mean(-1).cpu().numpy()
+            e, _, _ = self.residuals(x, y, rigid)
+            return (e / self.scale).norm(dim=-1).mean(-1).cpu().numpy()
 
-    stats: dict[str, int] = {}
-    x, y, _ = solve(x, y, True, cfg.rigid_iters, "fit: rigid")
-    err_before = errors(x, y, True)
-    x, y, final_loss = solve(x, y, False, cfg.iters, "fit: all")
-    err_after = errors(x, y, False)
+    def focal(self, y) -> float:
+        return float(y[self.S].exp())
 
-    # ---- assemble the per-frame tracking (invalid frames interpolated)
+
+def _solve(p: _Problem, x, y, rigid: bool, iters: int, desc: str, stats: dict):
+    """Levenberg-Marquardt.  Exact gradients (autograd); Gauss-Newton curvature with robust
+    (IRLS) weights; the Newton system (per-frame blocks coupled by smoothness between
+    neighbouring frames and by the shared identity / focal) solved by conjugate gradients,
+    preconditioned with the per-frame blocks and the shared block's Schur complement;
+    bounds by an active set."""
+    cfg, d, S, M, dev = p.cfg, p.d, p.S, p.M, p.dev
+    free_x = torch.ones(d, dtype=torch.bool, device=dev)
+    if rigid:
+        free_x[6:] = False
+    free_y = not rigid and (S > 0 or cfg.optimize_focal)
+    yfree = torch.ones(S + 1, dtype=torch.bool, device=dev)
+    if not cfg.optimize_focal:
+        yfree[S] = False
+    lam = 1e-3
+    bar = None
+    if cfg.progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=iters, desc=desc, unit="it", leave=False)
+    F = float("nan")
+    sm = 2 * p.smooth / M  # smoothness Hessian scale per coordinate
+    done = 0
+    for _ in range(iters):
+        done += 1
+        xg = x.clone().requires_grad_(True)
+        yg = y.clone().requires_grad_(free_y)
+        F_t, e, v, joints = p.objective(xg, yg, rigid, parts=True)
+        grads = torch.autograd.grad(F_t, [xg, yg] if free_y else [xg])
+        F = float(F_t.detach())
+        gx = grads[0] * free_x
+        gy = grads[1] * yfree if free_y else None
+        with torch.no_grad():
+            system = _gauss_newton_system(p, e, v, joints, x, y, free_y)
+            x, y, lam, improved = _damped_step(p, system, x, y, gx, gy, F, rigid, lam, free_x, free_y, yfree, sm)
+        if bar is not None:
+            bar.update(1)
+        if improved < cfg.tol:
+            break  # converged (or no step decreases the objective any more)
+    if bar is not None:
+        bar.close()
+    stats[desc] = done
+    return x, y, F
+
+
+def _gauss_newton_system(p: _Problem, e, v, joints, x, y, free_y: bool):
+    """The IRLS-weighted Gauss-Newton blocks: per-frame A [M,d,d] (with the quadratic priors),
+    frame-to-shared B [M,d,S+1] and shared C [S+1,S+1] (None without free shared unknowns)."""
+    M, L, d, S = p.M, p.L, p.d, p.S
+    Jx, Jy = p.jacobians(v.detach(), joints.detach(), x, y, free_y)
+    e2 = e.detach().pow(2).sum(-1)
+    sw = (p.cw / torch.sqrt(1 + e2 / p.cfg.huber_px**2)).sqrt()[..., None, None]  # IRLS weight
+    Jx = (Jx * sw).reshape(M, 2 * L, d)
+    A = Jx.transpose(1, 2) @ Jx + torch.diag_embed((2 * p.prior_x / M).expand(M, d))  # [M,d,d]
+    B = C = None
+    if free_y:
+        Jy = (Jy * sw).reshape(M, 2 * L, S + 1)
+        B = Jx.transpose(1, 2) @ Jy  # [M,d,S+1]
+        Jy2 = Jy.reshape(M * 2 * L, S + 1)
+        C = Jy2.T @ Jy2 + torch.diag(2 * p.prior_y)
+    return A, B, C
+
+
+def _damped_step(p: _Problem, system, x, y, gx, gy, F: float, rigid: bool, lam: float, free_x, free_y: bool, yfree, sm):
+    """One accepted Levenberg-Marquardt step (damping raised until one decreases the objective):
+    the new x, y, damping, and the relative decrease (0 when no step helped)."""
+    A, B, C = system
+    M, d, S, dev, dt = p.M, p.d, p.S, p.dev, p.dt
+    lo, hi, y_lo, y_hi, nb = p.lo, p.hi, p.y_lo, p.y_hi, p.nb
+    # projected Newton (Bertsekas): coordinates within eps of a bound that the gradient
+    # pushes against leave the Newton system and take a diagonal step onto the bound
+    eps = (0.02 * (hi - lo)).nan_to_num(0.0, posinf=0.0)
+    active = free_x[None] & (((x <= lo + eps) & (gx > 0)) | ((x >= hi - eps) & (gx < 0)))
+    fxf = (free_x[None].expand(M, d) & ~active).to(dt)
+    diag_step = -gx / torch.diagonal(A, dim1=1, dim2=2).clamp_min(1e-12) * active
+    fyf = (yfree & ~(((y <= y_lo) & (gy > 0)) | ((y >= y_hi) & (gy < 0)))).to(dt) if free_y else None
+    improved = 0.0
+    for _attempt in range(8):
+        # damped system restricted to the free coordinates (frozen ones: identity rows)
+        Ad = A + lam * torch.diag_embed(torch.diagonal(A, dim1=1, dim2=2)) + 1e-9 * torch.eye(d, device=dev)
+        Ad = Ad * (fxf[:, :, None] * fxf[:, None, :]) + torch.diag_embed(1 - fxf)
+        Dsm = sm * nb[:, None] * fxf  # the smoothness Hessian's diagonal
+        # explicit inverses: applying them is element-wise work, far cheaper on CPU
+        # than batched triangular solves of many small systems
+        Ainv = _spd_inverse(Ad + torch.diag_embed(Dsm))
+        if free_y:
+            Bf = B * fxf[:, :, None] * fyf[None, None, :]
+            Cd = C + lam * torch.diag(torch.diagonal(C)) + 1e-9 * torch.eye(S + 1, device=dev)
+            Cd = Cd * (fyf[:, None] * fyf[None, :]) + torch.diag(1 - fyf)
+            AiB = Ainv @ Bf  # [M,d,S+1]
+            Sinv = _spd_inverse(Cd - Bf.reshape(-1, S + 1).T @ AiB.reshape(-1, S + 1))
+
+        def matvec(px, py):
+            ox = (Ad * px[:, None, :]).sum(-1) + sm * p.laplacian(px) * fxf
+            if not free_y:
+                return ox, None
+            ox = ox + Bf.reshape(-1, S + 1).matmul(py).reshape(M, d)
+            oy = Cd @ py + Bf.reshape(-1, S + 1).T.matmul(px.reshape(-1))
+            return ox, oy
+
+        def precond(rx, ry):
+            zx = (Ainv * rx[:, None, :]).sum(-1)
+            if not free_y:
+                return zx, None
+            zy = Sinv @ (ry - Bf.reshape(-1, S + 1).T.matmul(zx.reshape(-1)))
+            return zx - AiB.reshape(-1, S + 1).matmul(zy).reshape(M, d), zy
+
+        dxs, dy = _pcg(matvec, precond, -(gx * fxf), -(gy * fyf) if free_y else None, p.cfg.cg_iters)
+        # backtracking along the projected path: cheaper than re-solving with more damping
+        accepted = False
+        for k in range(4):
+            a = 0.5**k
+            x_new = torch.minimum(torch.maximum(x + a * (dxs * fxf + diag_step), lo), hi)
+            y_new = torch.minimum(torch.maximum(y + a * dy * fyf, y_lo), y_hi) if free_y else y
+            F_new = float(p.objective(x_new, y_new, rigid))
+            if F_new <= F:
+                accepted = True
+                break
+        if accepted:
+            improved = (F - F_new) / max(F, 1e-12)
+            x, y = x_new, y_new
+            lam = max(lam / 3.0, 1e-7) if k == 0 else lam * 2.0
+            break
+        lam *= 10.0
+    return x, y, lam, improved
+
+
+def _assemble(p: _Problem, model: HeadModel, x, y, N: int, lm_np, valid_np) -> Tracking:
+    """The per-frame tracking from the fitted unknowns (invalid frames interpolated)."""
+    S, E, J, L, vidx = p.S, p.E, p.J, p.L, p.vidx
     with torch.no_grad():
         shape = y[:S]
         z = x[:, 5:6].exp()
         pc = torch.cat([x[:, 3:5] * z, z], -1)
-        trans = pc * rc - lmodel.rest_joints(shape if S else None, x[:, i_e : i_e + E] if E else None)[:, 0]
-        f = float(y[S].exp())
+        trans = pc * p.rc - p.lmodel.rest_joints(shape if S else None, x[:, p.i_e : p.i_e + E] if E else None)[:, 0]
+        f = p.focal(y)
     rots = np.zeros((N, J, 3), np.float32)
-    rots[vidx] = rotations(x).cpu().numpy()
+    rots[vidx] = p.rotations(x).cpu().numpy()
     trans_np = np.zeros((N, 3), np.float32)
     trans_np[vidx] = trans.cpu().numpy()
     expr_np = np.zeros((N, E), np.float32)
-    expr_np[vidx] = x[:, i_e : i_e + E].cpu().numpy()
-    if M < N:
+    expr_np[vidx] = x[:, p.i_e : p.i_e + E].cpu().numpy()
+    if p.M < N:
         rots = _interp_rotations(rots, valid_np)
         trans_np = _interp_missing(trans_np, valid_np)
         expr_np = _interp_missing(expr_np, valid_np)
     shape_full = np.zeros(model.num_shape, np.float32)
     shape_full[:S] = shape.cpu().numpy()
-    K = np.array([[f, 0, cx], [0, f, cy], [0, 0, 1]], np.float32)
-    tracking = Tracking(
+    K = np.array([[f, 0, p.cx], [0, f, p.cy], [0, 0, 1]], np.float32)
+    return Tracking(
         shape=shape_full,
         expression=expr_np,
         joint_rotations=rots,
@@ -826,22 +916,3 @@ def _fit(model, landmarks2d, image_size, valid, embedding, weights, cfg: FitConf
         valid=valid_np.copy(),
         landmarks2d=np.where(valid_np[:, None, None], lm_np, np.nan).astype(np.float32) if L == 68 else None,
     )
-    per_before = np.full(N, np.nan)
-    per_before[vidx] = err_before
-    per_after = np.full(N, np.nan)
-    per_after[vidx] = err_after
-    report = {
-        "error_px_before": float(np.median(err_before)),
-        "error_px": float(np.median(err_after)),
-        "per_frame_error_px_before": per_before,
-        "per_frame_error_px": per_after,
-        "focal_px": f,
-        "focal_px_init": float(f_init),
-        "fov_deg": float(math.degrees(2 * math.atan(0.5 * max(H, W) / f))),
-        "num_frames": N,
-        "num_valid": M,
-        "final_loss": final_loss,
-        "iterations": {"rigid": stats.get("fit: rigid", 0), "all": stats.get("fit: all", 0)},
-        "time_s": time.perf_counter() - t_start,
-    }
-    return tracking, report

@@ -32,6 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
+from headavatar.constants import DEFAULT_FPS
 from headavatar.errors import UserError
 from headavatar.subjects.format import Subject, SubjectWriter
 from headavatar.utils.io import atomic_path, save_npz
@@ -189,7 +190,7 @@ def find_crop(video, info, start: float = 0.0, duration: float | None = None, ma
     from headavatar.tracking.video import clip_fps, read_frames
 
     total = info.estimated_frames(start, duration, max_frames)
-    fps_guess = info.fps if info.fps > 0 else 25.0
+    fps_guess = info.fps if info.fps > 0 else DEFAULT_FPS
     every = max(1, int(round(fps_guess / 10)))  # ~10 detections per second of video are plenty for a union box
     boxes, times = [], []
     far: list = []  # the full-range detector, made only if the short-range one misses a frame
@@ -417,7 +418,8 @@ class _StageTimer:
 
 
 def _reason_text(reasons: dict) -> str:
-    names = {"not_found": "no face found", "outside": "face leaving the frame", "size": "implausible face size", "jump": "tracking glitch", "fit": "unexplained by the model"}
+    names = {"not_found": "no face found", "outside": "face leaving the frame", "size": "implausible face size", "jump": "tracking glitch",
+             "fit": "unexplained by the model"}
     return ", ".join(f"{names.get(k, k)}: {v}" for k, v in reasons.items() if v)
 
 

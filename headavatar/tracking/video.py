@@ -21,6 +21,7 @@ from typing import Callable, Iterator
 
 import numpy as np
 
+from headavatar.constants import DEFAULT_FPS
 from headavatar.errors import UserError
 
 
@@ -201,7 +202,7 @@ def _decode(path, start: float, duration: float | None, max_frames: int | None, 
         tb = stream.time_base
         t0 = float(stream.start_time * tb) if stream.start_time is not None and tb is not None else 0.0
         rate = stream.average_rate or stream.guessed_rate
-        fps = float(rate) if rate else 25.0
+        fps = float(rate) if rate else DEFAULT_FPS
         end = None if duration is None else start + duration
         if start > 1.0 and tb is not None:
             # seek lands on the keyframe before ``start``; the frames before it are skipped below
@@ -275,7 +276,7 @@ class VideoWriter:
         if self._container is None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._container = av.open(str(self.path), mode="w")
-            rate = Fraction(self.fps).limit_denominator(1001) if self.fps > 0 else Fraction(25)
+            rate = Fraction(self.fps).limit_denominator(1001) if self.fps > 0 else Fraction(DEFAULT_FPS)
             self._stream = self._container.add_stream("libx264", rate=rate)
             self._stream.width, self._stream.height = w, h
             self._stream.pix_fmt = "yuv420p"
@@ -314,7 +315,7 @@ def check_read_length(info: VideoInfo, times, start: float = 0.0, duration: floa
     """
     times = np.asarray(times, np.float64)
     n = int(len(times))
-    fps = clip_fps(times, info.fps) if n else (info.fps or 25.0)
+    fps = clip_fps(times, info.fps) if n else (info.fps or DEFAULT_FPS)
     read_end = float(times[-1]) + 1.0 / fps if n else float(start)
     rec = {"header_frames": info.num_frames, "header_duration_s": None if info.duration is None else round(float(info.duration), 3),
            "decoded_frames": n, "decoded_start_s": round(float(times[0]), 3) if n else None, "decoded_end_s": round(read_end, 3),

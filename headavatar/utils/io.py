@@ -23,7 +23,6 @@ import numpy as np
 
 from headavatar.errors import UserError
 
-
 _TMP_NAME = re.compile(r"^\.(?P<name>.+)\.[A-Za-z0-9_]{8}\.tmp")  # atomic_path's ".NAME.XXXXXXXX.tmp.ext"
 
 

@@ -8,10 +8,11 @@ from typing import Iterable
 
 import numpy as np
 
+from headavatar.constants import DEFAULT_FPS
 from headavatar.utils.io import atomic_path
 
 
-def write_video(path: str | os.PathLike, frames: Iterable[np.ndarray], fps: float = 25.0) -> int:
+def write_video(path: str | os.PathLike, frames: Iterable[np.ndarray], fps: float = DEFAULT_FPS) -> int:
     """Write uint8 HxWx3 frames; sizes are padded to even numbers (yuv420p needs them). Returns the frame count."""
     import imageio.v2 as imageio
 

@@ -5,8 +5,8 @@ blendshape/skinning network; materials (albedo, roughness, specular
 intensity) from an MLP on canonical positions; a neural light in training and
 any HDR environment map for relighting (``headavatar relight``).
 
-This module stays light (no torch import) so that the command line can read
-``headavatar.methods.flare.cli`` without loading the models.
+This module stays light (no torch import) so that the command line can list
+the method without loading the models.
 """
 
 from __future__ import annotations

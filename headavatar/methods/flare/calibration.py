@@ -22,6 +22,7 @@ import torch
 from headavatar.errors import UserError
 from headavatar.methods.flare.model import to_light_frame
 
+
 @torch.no_grad()
 def exposure_scale(avatar, capture, frames: int = 8) -> torch.Tensor:
     """Per-channel factor [3] to multiply the learnt materials by, so that they match ``capture``.

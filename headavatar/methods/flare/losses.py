@@ -125,7 +125,8 @@ class AdaptiveRobustLoss(nn.Module):
     in alpha without Barron's precomputed spline.
     """
 
-    def __init__(self, channels: int, alpha_lo: float = 0.001, alpha_hi: float = 1.999, alpha_init: float = 1.0, scale_lo: float = 1e-5, scale_init: float = 1.0, nodes: int = 512):
+    def __init__(self, channels: int, alpha_lo: float = 0.001, alpha_hi: float = 1.999, alpha_init: float = 1.0, scale_lo: float = 1e-5,
+                 scale_init: float = 1.0, nodes: int = 512):
         super().__init__()
         self.alpha_lo, self.alpha_hi, self.scale_lo = alpha_lo, alpha_hi, scale_lo
         t = (alpha_init - alpha_lo) / (alpha_hi - alpha_lo)

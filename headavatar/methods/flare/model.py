@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from headavatar.constants import LABEL_IDS
 from headavatar.headmodels.base import HeadModel
 from headavatar.headmodels.params import FrameParams
 from headavatar.headmodels.skinning import blend_shapes, blend_transforms, global_transforms, pose_features, transform_points
@@ -39,7 +40,7 @@ from headavatar.render.mesh.ops import face_normals, vertex_normals
 from headavatar.utils.rotations import axis_angle_to_matrix
 
 # Parsing labels (headavatar.subjects.format.LABELS) whose surface gets the skin F0 (FLARE's channels 0-2).
-SKIN_F0_LABELS = (1, 2, 3, 4, 7)
+SKIN_F0_LABELS = tuple(LABEL_IDS[k] for k in ("skin", "brows", "eyes", "lips", "neck"))
 
 
 class HeadPrior(nn.Module):
@@ -242,7 +243,8 @@ class FlareModel(nn.Module):
         self.register_buffer("faces", F0)
         self.offsets = nn.Parameter(torch.zeros_like(V0))
         self.register_buffer("vskin", self._vertex_skin(V0), persistent=False)
-        self.deformer = DeformerNet(self.prior.num_blend, self.prior.num_pose, head.num_joints + 1, cfg.deformer_width, cfg.deformer_layers, cfg.skinning_sharpness)
+        self.deformer = DeformerNet(self.prior.num_blend, self.prior.num_pose, head.num_joints + 1, cfg.deformer_width, cfg.deformer_layers,
+                                    cfg.skinning_sharpness)
         self.shader = Shader("pe", cfg)
         from headavatar.methods.flare.losses import AdaptiveRobustLoss
 

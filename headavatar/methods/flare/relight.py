@@ -155,7 +155,8 @@ def relight_run(run_dir, envmap, out_path, device="auto", frames: str = "all", b
         for k, img in (first or {}).items():
             write_image(folder / f"{'relit' if k == 'rgb' else k}.png", img)
         outputs.update({"intrinsics_video": str(grid), "intrinsics_folder": str(folder),
-                        "intrinsics_layout": "top: relit | albedo | roughness | specular intensity; bottom: normals | diffuse shading | specular shading | alpha"})
+                        "intrinsics_layout": "top: relit | albedo | roughness | specular intensity; "
+                                             "bottom: normals | diffuse shading | specular shading | alpha"})
     return outputs
 
 

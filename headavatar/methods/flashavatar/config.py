@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
+
+from headavatar.config import check_choices
 
 
 @dataclass
@@ -12,16 +15,16 @@ class FlashAvatarConfig:
     exclude_boundary: bool = True  # drop texels whose triangle touches the model's 'boundary' region
     # --- deformation MLP: PE(mu_T) ⊕ condition -> Δpos, Δrot, scale exponent
     pe_frequencies: int = 8  # sin/cos at 2^0..2^7 -> 3 + 48 = 51 inputs
-    mlp_width: int = 256
+    mlp_width: int = 256  # hidden units per layer of the deformation MLP
     mlp_layers: int = 6  # Linear(in,256) + 5x Linear(256,256), ReLU after each, then Linear(256,10)
     # MLP matmul precision: auto = bfloat16 autocast on CUDA (3-4x faster, weights and outputs stay
     # float32), float32 elsewhere; fp32 = the reference's; bf16 = autocast wherever supported
-    mlp_precision: str = "auto"
+    mlp_precision: Literal["auto", "fp32", "bf16"] = "auto"
     offset_scale: float = 1.0  # Δpos = offset_scale * tanh(.) in metres (reference: 1)
     # --- appearance
-    sh_degree: int = 3
+    sh_degree: int = 3  # spherical-harmonic degree of the Gaussians' colours (0-3)
     sh_increase_every: int = 500  # the active SH degree rises by one every this many iterations
-    init_opacity: float = 0.1
+    init_opacity: float = 0.1  # opacity of every Gaussian at initialisation
     init_with_mlp_offsets: bool = True  # reference: initial positions include the untrained MLP's offsets
     zero_init_deform: bool = False  # start the MLP's output layer at zero: no offset, rotation or scale change at init
     # --- regional conditioning (against memorisation; docs/FLASHAVATAR.md "Options beyond the paper")
@@ -30,13 +33,13 @@ class FlashAvatarConfig:
     # displacing it, joints skinning it), so hair, scalp and neck, which no expression moves, cannot
     # place themselves frame by frame through the expression code; static = only the Gaussians no
     # entry moves lose the condition, the rest keep all of it
-    condition_regions: str = "off"
+    condition_regions: Literal["off", "basis", "static"] = "off"
     # an entry moves a vertex when its displacement at unit coefficient exceeds this fraction of that
     # entry's largest displacement (joints: skin weight above it)
     region_threshold: float = 0.05
     # root = append the head pose (6D rotation of the root joint) to the condition vector, seen by every
     # Gaussian (with condition_regions=basis, hair/scalp/neck see the pose alone); none = the paper
-    condition_pose: str = "none"
+    condition_pose: Literal["none", "root"] = "none"
     # --- coverage off the head mesh (hair volume, long hair): shell Gaussians
     shell_layers: int = 0  # copies of the shell_regions Gaussians stacked outward (0 = none, the paper)
     shell_spacing: float = 0.01  # metres between layers, along the triangle's normal (start distance of layer k: k x this)
@@ -59,34 +62,37 @@ class FlashAvatarConfig:
     test_refine_steps: int = 100
     test_refine_lr: float = 5e-2  # Adam step in refine_sigma_* units
     # --- training
-    iterations: int = 150_000
-    batch_size: int = 1
+    iterations: int = 150_000  # optimisation steps
+    batch_size: int = 1  # frames per step
     resolution: int | None = None  # training/eval image size (square side or the long side); None = the subject's
     background: list[float] = field(default_factory=lambda: [0.0, 1.0, 0.0])  # reference: green
-    lr_mlp: float = 1e-4
-    lr_sh_dc: float = 2.5e-3
-    lr_sh_rest: float = 1.25e-4
-    lr_opacity: float = 5e-2
-    lr_scale: float = 5e-3
-    lr_rotation: float = 1e-3
-    huber_delta: float = 0.1
-    mouth_weight: float = 40.0
-    lpips_weight: float = 0.05
+    lr_mlp: float = 1e-4  # Adam learning rate of the deformation MLP
+    lr_sh_dc: float = 2.5e-3  # learning rate of the colours' constant SH term
+    lr_sh_rest: float = 1.25e-4  # learning rate of the higher SH coefficients
+    lr_opacity: float = 5e-2  # learning rate of the opacities (logits)
+    lr_scale: float = 5e-3  # learning rate of the log scales
+    lr_rotation: float = 1e-3  # learning rate of the rotation quaternions
+    huber_delta: float = 0.1  # Huber loss threshold on the colour residuals
+    mouth_weight: float = 40.0  # extra weight of the photometric term inside the mouth mask
+    lpips_weight: float = 0.05  # weight of the LPIPS-VGG term (0 = off)
     lpips_start: int = 15_000  # first iteration (1-based, as the reference) with the LPIPS-VGG term
     frames_per_pass: int = 2000  # each pass over the data reshuffles and keeps at most this many frames
-    seed: int = 0
+    seed: int = 0  # random seed of initialisation and data order
     max_seconds: float = 0.0  # stop (with a checkpoint) once training has run this long; 0 = no limit
     # --- bookkeeping
-    checkpoint_every: int = 5000
-    preview_every: int = 500
-    log_every: int = 50
+    checkpoint_every: int = 5000  # steps between checkpoints
+    preview_every: int = 500  # steps between preview images (0 = none)
+    log_every: int = 50  # steps between lines of curves.jsonl and the progress log
     eval_every: int = 0  # 0 = no held-out evaluation during training (curves of held-out PSNR when > 0)
     eval_frames: int = 8  # held-out frames used for the in-training PSNR curve
     # --- execution
-    device: str = "auto"
-    backend: str = "auto"  # Gaussian rasterizer: auto | torch | triton | gsplat
+    device: str = "auto"  # auto (CUDA when available, else CPU), cpu, cuda or cuda:N
+    backend: str = "auto"  # Gaussian rasterizer: auto | torch | triton | gsplat (a name of the backend registry, which checks it)
     num_workers: int = 0  # data-loading worker processes (0 = in the training process)
     cache_mb: int = 512  # decoded uint8 frames kept in host memory
     # training frames kept on the accelerator as uint8 when they all fit in this budget (no loader in
     # the loop); larger subjects stream through the loader, so memory never grows past it
     device_cache_mb: int = 1024
+
+    def __post_init__(self):
+        check_choices(self, "FlashAvatar config")

@@ -58,8 +58,6 @@ class DeformMLP(nn.Module):
 class FlashAvatarModel(nn.Module):
     def __init__(self, head: HeadModel, cfg: FlashAvatarConfig, shape: torch.Tensor):
         super().__init__()
-        if cfg.mlp_precision not in ("auto", "fp32", "bf16"):
-            raise UserError(f"mlp_precision must be auto, fp32 or bf16, got {cfg.mlp_precision!r}")
         self.cfg = cfg
         self.head = head
         face_idx, bary = sample_uv_texels(head, cfg.uv_resolution, cfg.exclude_boundary)
@@ -83,8 +81,6 @@ class FlashAvatarModel(nn.Module):
             mu_t = mu_t + init[:, None] * face_normals(canonical, head.faces, face_idx, sign)[0]
         self.register_buffer("mu_t", mu_t)
         self.register_buffer("pe", positional_encoding(mu_t, cfg.pe_frequencies))
-        if cfg.condition_pose not in ("none", "root"):
-            raise UserError(f"condition_pose must be none or root, got {cfg.condition_pose!r}")
         # head pose (6D rotation of the root joint) appended to the condition when asked
         self.pose_dim = 6 if cfg.condition_pose == "root" else 0
         self.mlp = DeformMLP(self.pe.shape[1], head.condition_dim + self.pose_dim, cfg.mlp_width, cfg.mlp_layers)
@@ -96,8 +92,6 @@ class FlashAvatarModel(nn.Module):
                 masks = torch.cat([masks, masks.new_ones(masks.shape[0], self.pose_dim)], 1)
         self.register_buffer("cond_masks", masks, persistent=False)
         self.register_buffer("cond_group", group, persistent=False)
-        if cfg.condition_regions not in ("off", "basis", "static"):
-            raise UserError(f"condition_regions must be off, basis or static, got {cfg.condition_regions!r}")
         if cfg.zero_init_deform:
             # tanh(0) = 0: Gaussians start on the tracked surface and the MLP learns a residual
             nn.init.zeros_(self.mlp.out.weight)

@@ -259,8 +259,9 @@ def evaluate_refined(run_dir, steps: int | None = None, device="cpu", batch_size
     from tqdm import tqdm
 
     from headavatar.methods import load_avatar
+    from headavatar.methods.evaluate import result_header, score_batch
     from headavatar.metrics.lpips import LPIPSCache
-    from headavatar.metrics.protocols import aggregate, evaluate_frames
+    from headavatar.metrics.protocols import aggregate
     from headavatar.subjects.dataset import FrameDataset, collate, prepare_targets
     from headavatar.utils.io import write_json
 
@@ -298,9 +299,7 @@ def evaluate_refined(run_dir, steps: int | None = None, device="cpu", batch_size
         with torch.no_grad():
             out = avatar.render(params, cams)
         pred = out["rgb"].permute(0, 3, 1, 2)
-        gt_img = b["image"].to(avatar.device).permute(0, 3, 1, 2).float() / 255
-        rows.extend(evaluate_frames(pred, gt_img, tgt["alpha"][..., 0], "flashavatar", background=bg, lpips_cache=lpips_cache,
-                                    frame_ids=idx, lpips=lpips))
+        rows.extend(score_batch("flashavatar", pred, b, tgt, avatar, lpips_cache, idx, lpips))
         bar.update(len(idx))
     bar.close()
     summary = aggregate(rows)
@@ -308,11 +307,7 @@ def evaluate_refined(run_dir, steps: int | None = None, device="cpu", batch_size
     merged = {k: np.concatenate([r[k] for r in refined]) for k in refined[0]}
     save_refined_tracking(out_dir / f"refined_tracking_{split}.npz", merged)
     result = {
-        "method": avatar.method,
-        "split": split,
-        "num_frames": len(rows),
-        "resolution": [H, W],
-        "checkpoint_step": avatar.step,
+        **result_header(avatar, split, rows),
         "protocol": summary["protocol"],
         "tracking": (f"TEST-TIME REFINED: the avatar frozen, each {split} frame's tracking (joint rotations, translation, expression, "
                      f"extras) optimised against that frame for {steps} Adam steps (lr {cfg.test_refine_lr} in refine_sigma units, "

@@ -37,11 +37,12 @@ Semantics shared by all backends (they are checked against each other):
 from __future__ import annotations
 
 import os
-from typing import Callable
+from typing import Callable, Protocol
 
 import torch
 
 from headavatar.errors import UserError
+from headavatar.registry import Registry
 
 
 class RenderOutput:
@@ -66,15 +67,29 @@ class RenderOutput:
         return self._radii
 
 
-_BACKENDS: dict[str, Callable[..., RenderOutput]] = {}
+class GaussianBackend(Protocol):
+    """What a Gaussian rasteriser registers: a function with ``render_gaussians``'s inputs (module
+    docstring) that returns a ``RenderOutput``.  ``**kw`` carries backend-specific tuning options
+    (e.g. triton's ``chunk``)."""
+
+    def __call__(self, means: torch.Tensor, quats: torch.Tensor, scales: torch.Tensor, opacities: torch.Tensor, colors: torch.Tensor,
+                 viewmats: torch.Tensor, Ks: torch.Tensor, width: int, height: int, *, sh_degree: int | None = None,
+                 backgrounds: torch.Tensor | None = None, **kw) -> RenderOutput: ...
+
+
+# Device-dependent availability (CUDA, Triton's interpreter) is checked by ``select_backend``, which
+# knows the device; the registry holds the entries and imports a built-in on first use.
+GAUSSIAN_BACKENDS: Registry[GaussianBackend] = Registry(
+    "Gaussian backend",
+    builtins={"torch": "headavatar.render.gaussians.torch_ref", "gsplat": "headavatar.render.gaussians.gsplat_backend",
+              "triton": "headavatar.render.gaussians.triton_backend"},
+    hint="--backend auto picks gsplat, then triton on CUDA, else torch",
+)
 
 
 def register_backend(name: str):
-    def deco(fn):
-        _BACKENDS[name] = fn
-        return fn
-
-    return deco
+    """Decorator: register a Gaussian rasteriser under ``name`` (see ``GaussianBackend``)."""
+    return GAUSSIAN_BACKENDS.register(name)
 
 
 def gsplat_available() -> tuple[bool, str]:
@@ -128,20 +143,13 @@ def select_backend(name: str, device: torch.device | str) -> str:
         if not ok:
             raise UserError(f"--backend gsplat unavailable: {why}")
         return name
-    raise UserError(f"unknown Gaussian backend '{name}'; choose auto, torch, triton or gsplat")
+    if name in GAUSSIAN_BACKENDS:  # a backend registered by a user: its own checks run when it is called
+        return name
+    raise UserError(f"unknown Gaussian backend '{name}'; choose auto or one of: {', '.join(GAUSSIAN_BACKENDS.available())}")
 
 
 def render_gaussians(means, quats, scales, opacities, colors, viewmats, Ks, width: int, height: int,
                      sh_degree: int | None = None, backgrounds=None, backend: str = "auto", **kw) -> RenderOutput:
     name = select_backend(backend, means.device)
-    _load(name)
-    return _BACKENDS[name](means, quats, scales, opacities, colors, viewmats, Ks, width, height,
-                           sh_degree=sh_degree, backgrounds=backgrounds, **kw)
-
-
-def _load(name: str) -> None:
-    if name not in _BACKENDS:
-        import importlib
-
-        importlib.import_module({"torch": "headavatar.render.gaussians.torch_ref", "gsplat": "headavatar.render.gaussians.gsplat_backend",
-                                 "triton": "headavatar.render.gaussians.triton_backend"}[name])
+    return GAUSSIAN_BACKENDS.get(name)(means, quats, scales, opacities, colors, viewmats, Ks, width, height,
+                                       sh_degree=sh_degree, backgrounds=backgrounds, **kw)

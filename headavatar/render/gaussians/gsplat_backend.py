@@ -29,7 +29,7 @@ import torch
 
 from headavatar.errors import UserError
 from headavatar.render.gaussians import RenderOutput, register_backend
-from headavatar.render.gaussians.torch_ref import _check_inputs
+from headavatar.render.gaussians.torch_ref import ALPHA_MAX, EPS2D, FAR, NEAR, _check_inputs
 
 # options of the torch backend that this one accepts and ignores
 _FOREIGN_OPTIONS = frozenset({"max_pairs"})
@@ -49,8 +49,8 @@ def _import_gsplat():
 
 @register_backend("gsplat")
 def render_gsplat(means, quats, scales, opacities, colors, viewmats, Ks, width: int, height: int,
-                  sh_degree: int | None = None, backgrounds=None, near: float = 0.01, far: float = 1e10,
-                  eps2d: float = 0.3, alpha_max: float = 0.99, render_depth: bool = True, **kw) -> RenderOutput:
+                  sh_degree: int | None = None, backgrounds=None, near: float = NEAR, far: float = FAR,
+                  eps2d: float = EPS2D, alpha_max: float = ALPHA_MAX, render_depth: bool = True, **kw) -> RenderOutput:
     """Render B frames with ``gsplat.rasterization``; same arguments as ``render_torch``."""
     unknown = set(kw) - _FOREIGN_OPTIONS - _PASSTHROUGH
     if unknown:

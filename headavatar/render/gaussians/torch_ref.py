@@ -52,6 +52,10 @@ from headavatar.render.gaussians import RenderOutput, register_backend
 from headavatar.render.gaussians.sh import camera_centres, eval_sh
 from headavatar.utils.rotations import quaternion_to_matrix
 
+# the contract every backend shares (module docstring of render/gaussians): their defaults
+NEAR, FAR = 0.01, 1e10  # Gaussians with camera depth outside [NEAR, FAR] are culled
+EPS2D = 0.3  # px^2 low-pass added to the 2D covariance (3DGS)
+ALPHA_MAX = 0.99  # per-Gaussian alpha cap (Inria / FlashAvatar)
 ALPHA_THRESHOLD = 1.0 / 255.0
 T_MIN = 1e-4  # compositing stops once transmittance would reach this (gsplat, Inria)
 _LOG_T_MIN = math.log(T_MIN)
@@ -67,10 +71,53 @@ _SPAN_MARGIN = 1e-3  # px; enlarge enumerated spans a little, the exact alpha te
 _FOREIGN_OPTIONS = frozenset({"render_depth", "tile_size", "packed", "absgrad", "sparse_grad", "rasterize_mode", "channel_chunk"})
 
 
+def ewa_projection(x, y, z, K, Wv, quats, scales, W: int, H: int, eps2d: float):
+    """EWA splatting of G Gaussians: camera-space centres x, y, z [G], intrinsics K [G,3,3], view
+    rotations Wv [G,3,3], quats [G,4], scales [G,3] -> the 2D covariance (a, bb, c) with the
+    low-pass ``eps2d`` added, its determinant and the pixel centres (mx, my), each [G].
+    Shared by this reference and the triton backend's PyTorch projection (same operations)."""
+    fx, fy, cx, cy = K[:, 0, 0], K[:, 1, 1], K[:, 0, 2], K[:, 1, 2]
+    # gsplat clamps the Jacobian's x/z, y/z to 1.3x the field of view
+    lim_x_pos = (W - cx) / fx + 0.15 * W / fx
+    lim_x_neg = cx / fx + 0.15 * W / fx
+    lim_y_pos = (H - cy) / fy + 0.15 * H / fy
+    lim_y_neg = cy / fy + 0.15 * H / fy
+    rz = 1.0 / z
+    tx = z * torch.clamp(x * rz, min=-lim_x_neg, max=lim_x_pos)
+    ty = z * torch.clamp(y * rz, min=-lim_y_neg, max=lim_y_pos)
+    # rows of J @ R_view: the 2x3 map from world offsets to pixel offsets
+    T0 = (fx * rz)[:, None] * Wv[:, 0] - (fx * tx * rz * rz)[:, None] * Wv[:, 2]
+    T1 = (fy * rz)[:, None] * Wv[:, 1] - (fy * ty * rz * rz)[:, None] * Wv[:, 2]
+    M = quaternion_to_matrix(quats) * scales[:, None, :]
+    # U = J R_view R_g S, the 2D covariance is U U^T (batched matmuls beat broadcasting here)
+    U = torch.bmm(torch.stack([T0, T1], 1), M)
+    cov = torch.bmm(U, U.transpose(1, 2))
+    a = cov[:, 0, 0] + eps2d
+    bb = cov[:, 0, 1]
+    c = cov[:, 1, 1] + eps2d
+    det = a * c - bb * bb
+    mx = fx * x * rz + cx
+    my = fy * y * rz + cy
+    return a, bb, c, det, mx, my
+
+
+def screen_box(ok, o, a, bb, c, mx, my, W: int, H: int):
+    """The pixel box of each projected Gaussian and what survives it: (ok & a non-empty box inside
+    the image, half-widths rx, ry, the 2D covariance's largest eigenvalue lam).  The box is gsplat's
+    opacity-aware one: it bounds exactly the alpha >= 1/255 ellipse.  No gradients."""
+    extend = torch.sqrt(2.0 * torch.log(o.clamp_min(ALPHA_THRESHOLD) / ALPHA_THRESHOLD)).clamp_max(_EXTEND_MAX)
+    rx = torch.ceil(extend * a.clamp_min(0).sqrt())
+    ry = torch.ceil(extend * c.clamp_min(0).sqrt())
+    ok = ok & ((rx > 0) | (ry > 0))
+    ok = ok & ((mx + rx > 0) & (mx - rx < W) & (my + ry > 0) & (my - ry < H))
+    lam = 0.5 * (a + c) + torch.sqrt((0.5 * (a - c)) ** 2 + bb * bb)
+    return ok, rx, ry, lam
+
+
 @register_backend("torch")
 def render_torch(means, quats, scales, opacities, colors, viewmats, Ks, width: int, height: int,
-                 sh_degree: int | None = None, backgrounds=None, near: float = 0.01, far: float = 1e10,
-                 eps2d: float = 0.3, alpha_max: float = 0.99, max_pairs: int = 1 << 21, **kw) -> RenderOutput:
+                 sh_degree: int | None = None, backgrounds=None, near: float = NEAR, far: float = FAR,
+                 eps2d: float = EPS2D, alpha_max: float = ALPHA_MAX, max_pairs: int = 1 << 21, **kw) -> RenderOutput:
     """Render B frames of Gaussians; see the module and package docstrings.
 
     ``alpha_max`` is the per-splat alpha clamp (0.999 reproduces gsplat exactly).
@@ -113,7 +160,7 @@ def render_torch(means, quats, scales, opacities, colors, viewmats, Ks, width: i
 
 
 def _check_inputs(means, quats, scales, opacities, colors, viewmats, Ks, width, height, sh_degree, backgrounds,
-                  alpha_max=0.99):
+                  alpha_max=ALPHA_MAX):
     """Shape checks (these are programming errors, hence ValueError); returns opacities as [B,N]."""
     if not 0.0 < alpha_max < 1.0:
         raise ValueError(f"alpha_max must be in (0, 1), got {alpha_max}")
@@ -168,41 +215,12 @@ def _project(means, quats, scales, opacities, viewmats, Ks, W, H, near, far, eps
         cand = None if bool(front.all()) else torch.nonzero(front).squeeze(1)
         b = torch.div(torch.arange(B * N, device=means.device) if cand is None else cand, N, rounding_mode="floor")
     x, y, z = _take(mean_c, cand).unbind(-1)
-    K = Ks.index_select(0, b)
-    fx, fy, cx, cy = K[:, 0, 0], K[:, 1, 1], K[:, 0, 2], K[:, 1, 2]
-    # gsplat clamps the Jacobian's x/z, y/z to 1.3x the field of view
-    lim_x_pos = (W - cx) / fx + 0.15 * W / fx
-    lim_x_neg = cx / fx + 0.15 * W / fx
-    lim_y_pos = (H - cy) / fy + 0.15 * H / fy
-    lim_y_neg = cy / fy + 0.15 * H / fy
-    rz = 1.0 / z
-    tx = z * torch.clamp(x * rz, min=-lim_x_neg, max=lim_x_pos)
-    ty = z * torch.clamp(y * rz, min=-lim_y_neg, max=lim_y_pos)
-    Wv = Rw.index_select(0, b)  # [G,3,3]
-    # rows of J @ R_view: the 2x3 map from world offsets to pixel offsets
-    T0 = (fx * rz)[:, None] * Wv[:, 0] - (fx * tx * rz * rz)[:, None] * Wv[:, 2]
-    T1 = (fy * rz)[:, None] * Wv[:, 1] - (fy * ty * rz * rz)[:, None] * Wv[:, 2]
-    M = quaternion_to_matrix(_take(quats.reshape(-1, 4), cand)) * _take(scales.reshape(-1, 3), cand)[:, None, :]
-    # U = J R_view R_g S, the 2D covariance is U U^T (batched matmuls beat broadcasting here)
-    U = torch.bmm(torch.stack([T0, T1], 1), M)
-    cov = torch.bmm(U, U.transpose(1, 2))
-    a = cov[:, 0, 0] + eps2d
-    bb = cov[:, 0, 1]
-    c = cov[:, 1, 1] + eps2d
-    det = a * c - bb * bb
-    mx = fx * x * rz + cx
-    my = fy * y * rz + cy
+    a, bb, c, det, mx, my = ewa_projection(x, y, z, Ks.index_select(0, b), Rw.index_select(0, b), _take(quats.reshape(-1, 4), cand),
+                                           _take(scales.reshape(-1, 3), cand), W, H, eps2d)
     o = _take(opacities.reshape(-1), cand)
 
     with torch.no_grad():
-        ok = (det > 0) & (o >= ALPHA_THRESHOLD)
-        # gsplat's opacity-aware box: it bounds exactly the alpha >= 1/255 ellipse
-        extend = torch.sqrt(2.0 * torch.log(o.clamp_min(ALPHA_THRESHOLD) / ALPHA_THRESHOLD)).clamp_max(_EXTEND_MAX)
-        rx = torch.ceil(extend * a.clamp_min(0).sqrt())
-        ry = torch.ceil(extend * c.clamp_min(0).sqrt())
-        ok &= (rx > 0) | (ry > 0)
-        ok &= (mx + rx > 0) & (mx - rx < W) & (my + ry > 0) & (my - ry < H)
-        lam = 0.5 * (a + c) + torch.sqrt((0.5 * (a - c)) ** 2 + bb * bb)
+        ok, rx, ry, lam = screen_box((det > 0) & (o >= ALPHA_THRESHOLD), o, a, bb, c, mx, my, W, H)
         r3 = torch.where(ok, torch.ceil(3.0 * lam.sqrt()), torch.zeros_like(lam)).to(torch.int32)
         radii = r3 if cand is None else torch.zeros(B * N, dtype=torch.int32, device=means.device).index_copy_(0, cand, r3)
         keep = torch.nonzero(ok).squeeze(1)

@@ -51,8 +51,18 @@ import triton.language as tl
 
 from headavatar.errors import UserError
 from headavatar.render.gaussians import RenderOutput, register_backend
-from headavatar.render.gaussians.torch_ref import _EXTEND_MAX, ALPHA_THRESHOLD, T_MIN, _candidate_colors, _check_inputs
-from headavatar.utils.rotations import quaternion_to_matrix
+from headavatar.render.gaussians.torch_ref import (
+    ALPHA_MAX,
+    ALPHA_THRESHOLD,
+    EPS2D,
+    FAR,
+    NEAR,
+    T_MIN,
+    _candidate_colors,
+    _check_inputs,
+    ewa_projection,
+    screen_box,
+)
 
 TILE = 16
 _INT32_MAX = tl.constexpr(2**31 - 1)  # kernels may only read constexpr globals
@@ -919,36 +929,11 @@ def _project(means, quats, scales, opacities, viewmats, Ks, W, H, near, far, eps
     # culled Gaussians get harmless values so that nothing below divides by a bad depth (no NaN grads)
     z = torch.where(front, z, torch.ones_like(z))
     b = torch.div(torch.arange(B * N, device=dev), N, rounding_mode="floor")  # image of each Gaussian
-    K = Ks.index_select(0, b)
-    fx, fy, cx, cy = K[:, 0, 0], K[:, 1, 1], K[:, 0, 2], K[:, 1, 2]
-    lim_x_pos = (W - cx) / fx + 0.15 * W / fx
-    lim_x_neg = cx / fx + 0.15 * W / fx
-    lim_y_pos = (H - cy) / fy + 0.15 * H / fy
-    lim_y_neg = cy / fy + 0.15 * H / fy
-    rz = 1.0 / z
-    tx = z * torch.clamp(x * rz, min=-lim_x_neg, max=lim_x_pos)
-    ty = z * torch.clamp(y * rz, min=-lim_y_neg, max=lim_y_pos)
-    Wv = Rw.index_select(0, b)
-    T0 = (fx * rz)[:, None] * Wv[:, 0] - (fx * tx * rz * rz)[:, None] * Wv[:, 2]
-    T1 = (fy * rz)[:, None] * Wv[:, 1] - (fy * ty * rz * rz)[:, None] * Wv[:, 2]
-    M = quaternion_to_matrix(quats.reshape(-1, 4)) * scales.reshape(-1, 3)[:, None, :]
-    U = torch.bmm(torch.stack([T0, T1], 1), M)
-    cov = torch.bmm(U, U.transpose(1, 2))
-    a = cov[:, 0, 0] + eps2d
-    bb = cov[:, 0, 1]
-    c = cov[:, 1, 1] + eps2d
-    det = a * c - bb * bb
-    mx = fx * x * rz + cx
-    my = fy * y * rz + cy
+    a, bb, c, det, mx, my = ewa_projection(x, y, z, Ks.index_select(0, b), Rw.index_select(0, b), quats.reshape(-1, 4), scales.reshape(-1, 3),
+                                           W, H, eps2d)
     o = opacities.reshape(-1)
     with torch.no_grad():
-        ok = front & (det > 0) & (o >= ALPHA_THRESHOLD)
-        extend = torch.sqrt(2.0 * torch.log(o.clamp_min(ALPHA_THRESHOLD) / ALPHA_THRESHOLD)).clamp_max(_EXTEND_MAX)
-        rx = torch.ceil(extend * a.clamp_min(0).sqrt())
-        ry = torch.ceil(extend * c.clamp_min(0).sqrt())
-        ok &= (rx > 0) | (ry > 0)
-        ok &= (mx + rx > 0) & (mx - rx < W) & (my + ry > 0) & (my - ry < H)
-        lam = 0.5 * (a + c) + torch.sqrt((0.5 * (a - c)) ** 2 + bb * bb)
+        ok, rx, ry, lam = screen_box(front & (det > 0) & (o >= ALPHA_THRESHOLD), o, a, bb, c, mx, my, W, H)
         radii = torch.where(ok, torch.ceil(3.0 * lam.clamp_min(0).sqrt()), torch.zeros_like(lam)).to(torch.int32)
         # tiles that the box [m - r, m + r] touches (inclusive), empty for culled Gaussians
         TXn, TYn = (W + TILE - 1) // TILE, (H + TILE - 1) // TILE
@@ -1135,8 +1120,8 @@ def triton_device_ok(device) -> tuple[bool, str]:
 
 @register_backend("triton")
 def render_triton(means, quats, scales, opacities, colors, viewmats, Ks, width: int, height: int,
-                  sh_degree: int | None = None, backgrounds=None, near: float = 0.01, far: float = 1e10,
-                  eps2d: float = 0.3, alpha_max: float = 0.99, chunk: int = 8, num_warps: int = 4, chunk_bwd: int = 8,
+                  sh_degree: int | None = None, backgrounds=None, near: float = NEAR, far: float = FAR,
+                  eps2d: float = EPS2D, alpha_max: float = ALPHA_MAX, chunk: int = 8, num_warps: int = 4, chunk_bwd: int = 8,
                   num_warps_bwd: int = 4, fused_projection: bool = True, split_channels: bool = True, one_reduce: bool = False,
                   **kw) -> RenderOutput:
     """Render B frames with the Triton tile rasteriser; same arguments as ``render_torch``.

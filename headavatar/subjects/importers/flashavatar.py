@@ -30,6 +30,7 @@ from typing import Callable
 import numpy as np
 import torch
 
+from headavatar.constants import ALPHA_FOREGROUND_U8, DEFAULT_FPS
 from headavatar.errors import UserError
 from headavatar.log import get_logger
 from headavatar.subjects.format import LABEL_IDS, Subject, SubjectWriter, Tracking
@@ -175,7 +176,7 @@ def import_flashavatar(
     max_train: int | None = 10000,
     frame_offset: int | None = None,
     principal_point: str = "tracker",
-    fps: float = 25.0,
+    fps: float = DEFAULT_FPS,
     overwrite: bool = False,
     model_path=None,
     masks_path=None,
@@ -438,9 +439,9 @@ def parsing_from_masks(alpha: np.ndarray | None, neckhead: np.ndarray | None, mo
     H, W = neckhead.shape
     lab = np.zeros((H, W), np.uint8)
     if alpha is not None:
-        lab[alpha > 127] = LABEL_IDS["clothing"]
-    head = neckhead > 127
+        lab[alpha > ALPHA_FOREGROUND_U8] = LABEL_IDS["clothing"]
+    head = neckhead > ALPHA_FOREGROUND_U8
     lab[head] = LABEL_IDS["skin"]
     if mouth is not None:
-        lab[head & (mouth > 127)] = LABEL_IDS["lips"]
+        lab[head & (mouth > ALPHA_FOREGROUND_U8)] = LABEL_IDS["lips"]
     return lab

@@ -28,6 +28,7 @@ from typing import Callable, NamedTuple
 import numpy as np
 import torch
 
+from headavatar.constants import DEFAULT_FPS
 from headavatar.errors import UserError
 from headavatar.headmodels.base import HeadModel
 from headavatar.log import get_logger
@@ -135,7 +136,7 @@ def import_imavatar(
     train: list[str] | str | None = None,
     test: list[str] | str | None = None,
     source_scale: float = 4.0,
-    fps: float = 25.0,
+    fps: float = DEFAULT_FPS,
     overwrite: bool = False,
     max_landmark_error: float | None = None,
     model_path=None,

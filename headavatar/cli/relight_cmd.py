@@ -1,11 +1,6 @@
 """`headavatar relight` on the command line: argument definitions (no heavy imports, so --help stays
-instant) and the handler.  headavatar/cli/main.py wires them:
-
-    from headavatar.methods.flare.cli import add_relight_arguments, relight_command
-    r = sub.add_parser("relight", help="relight a FLARE run under an HDR environment map (+ intrinsic images)")
-    add_relight_arguments(r)
-    COMMANDS["relight"] = relight_command
-"""
+instant) and the handler, which hands the work to ``headavatar.methods.flare.relight``.
+headavatar/cli/main.py wires them, as it does subject_cmd.py's."""
 
 from __future__ import annotations
 
