@@ -39,7 +39,7 @@ def test_model_layout(subject):
     from headavatar.subjects.format import Subject
 
     subj = Subject.open(subject)
-    cfg = FlashAvatarConfig(uv_resolution=32)
+    cfg = FlashAvatarConfig(uv_resolution=32, shell_layers=0)  # the paper's layout: every Gaussian on the mesh
     m = build_model(subj, cfg, torch.device("cpu"))
     head = m.head
     # paper's MLP: PE 51 + condition, 256 wide: check the input size and parameter count formula

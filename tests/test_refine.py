@@ -223,7 +223,7 @@ def test_shell_gaussians_sit_off_the_surface_and_follow_the_head(subjects):
     from headavatar.subjects.format import Subject
 
     subj = Subject.open(subjects[0])
-    base = build_model(subj, FlashAvatarConfig(uv_resolution=32, mlp_width=32), torch.device("cpu"))
+    base = build_model(subj, FlashAvatarConfig(uv_resolution=32, mlp_width=32, shell_layers=0), torch.device("cpu"))
     cfg = FlashAvatarConfig(uv_resolution=32, mlp_width=32, zero_init_deform=True, shell_layers=2, shell_spacing=0.01)
     m = build_model(subj, cfg, torch.device("cpu"))
     n0 = base.num_gaussians

@@ -1,4 +1,4 @@
-"""FlashAvatar configuration. Defaults reproduce the paper / reference code (see docs/FLASHAVATAR.md)."""
+"""FlashAvatar configuration. Defaults reproduce the paper / reference code, except ``shell_layers`` (see docs/FLASHAVATAR.md)."""
 
 from __future__ import annotations
 
@@ -6,6 +6,9 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from headavatar.config import check_choices
+
+# the head-model region the shell Gaussians cover by default (a model without it gets no shell)
+DEFAULT_SHELL_REGION = "hair"
 
 
 @dataclass
@@ -41,9 +44,11 @@ class FlashAvatarConfig:
     # Gaussian (with condition_regions=basis, hair/scalp/neck see the pose alone); none = the paper
     condition_pose: Literal["none", "root"] = "none"
     # --- coverage off the head mesh (hair volume, long hair): shell Gaussians
-    shell_layers: int = 0  # copies of the shell_regions Gaussians stacked outward (0 = none, the paper)
+    # copies of the shell_regions Gaussians stacked outward (0 = none, the paper's layout);
+    # 2 measured best on real video (docs/BENCHMARKS.md)
+    shell_layers: int = 2
     shell_spacing: float = 0.01  # metres between layers, along the triangle's normal (start distance of layer k: k x this)
-    shell_regions: str = "hair"  # comma-separated head-model regions whose Gaussians get shell copies
+    shell_regions: str = DEFAULT_SHELL_REGION  # comma-separated head-model regions whose Gaussians get shell copies
     lr_normal_offset: float = 1e-4  # learning rate of the per-Gaussian distance along the normal (metres)
     # --- joint refinement of the training frames' tracking (refine.py; refined values saved in
     # RUN_DIR/refined_tracking.npz and used by render/export/viewer for training frames)

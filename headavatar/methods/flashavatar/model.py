@@ -11,10 +11,13 @@ from torch import nn
 from headavatar.errors import UserError
 from headavatar.headmodels.base import HeadModel
 from headavatar.headmodels.params import FrameParams
-from headavatar.methods.flashavatar.config import FlashAvatarConfig
+from headavatar.log import get_logger
+from headavatar.methods.flashavatar.config import DEFAULT_SHELL_REGION, FlashAvatarConfig
 from headavatar.methods.flashavatar.embedding import barycentric_points, positional_encoding, sample_uv_texels
 from headavatar.render.gaussians import RenderOutput, render_gaussians
 from headavatar.utils.rotations import axis_angle_to_6d, quaternion_multiply
+
+_log = get_logger(__name__)
 
 
 class DeformMLP(nn.Module):
@@ -185,9 +188,14 @@ def face_normals(verts: torch.Tensor, faces: torch.Tensor, face_idx: torch.Tenso
 def shell_gaussians(head: HeadModel, canonical: torch.Tensor, face_idx: torch.Tensor, bary: torch.Tensor, cfg):
     """Add ``shell_layers`` copies of the Gaussians on the ``shell_regions`` triangles, bound to the same
     triangle and barycentrics (binding inheritance) but starting k x ``shell_spacing`` out along its
-    normal.  Returns (face_idx, bary, (initial normal distance [N], outward sign [N]))."""
+    normal.  Returns (face_idx, bary, (initial normal distance [N], outward sign [N])), or
+    (face_idx, bary, None) when the head model has no region of the default name (no shell)."""
     names = [r.strip() for r in cfg.shell_regions.split(",") if r.strip()]
     bad = [r for r in names if r not in head.regions]
+    if bad and names == [DEFAULT_SHELL_REGION]:
+        # the default asks for the hair region; a head model without one simply gets no shell
+        _log.info("head model '%s' has no '%s' region: no shell Gaussians", head.name, DEFAULT_SHELL_REGION)
+        return face_idx, bary, None
     if bad:
         raise UserError(f"shell_regions names regions {bad} the head model '{head.name}' lacks; it has {sorted(head.regions)}")
     in_region = torch.zeros(len(face_idx), dtype=torch.bool, device=face_idx.device)
