@@ -438,3 +438,21 @@ def test_protocol_inputs(cache):
         evaluate_frames(gt, gt, mask, "imavatar", background=(0, 1, 0), lpips_cache=cache)
     with pytest.raises(UserError, match="shape"):
         evaluate_frames(gt, gt[:, :, :16], mask, "imavatar", lpips_cache=cache)
+
+
+def test_lpips_env_file_names_one_network(monkeypatch, tmp_path):
+    # $HEADAVATAR_LPIPS_WEIGHTS pointing at one network's file must not be used for the other
+    # (seen on the GPU machine: eval read a VGG file for AlexNet and stopped after training)
+    vgg = tmp_path / "vgg16_fp16.ckpt"
+    vgg.write_bytes(pickle.dumps({"VGG16_0": {}}))
+    monkeypatch.setenv(lpips_mod.ENV_VAR, str(vgg))
+    assert find_weights("vgg") == vgg
+    monkeypatch.setattr(lpips_mod.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(UserError, match=r"alexnet\.ckpt not found"):
+        find_weights("alex")  # looked up as usual, not the VGG file
+    # a file that names no network is used for whichever is asked, and says what it holds
+    other = tmp_path / "weights.ckpt"
+    other.write_bytes(pickle.dumps({"VGG16_0": {}}))
+    monkeypatch.setenv(lpips_mod.ENV_VAR, str(other))
+    with pytest.raises(UserError, match="hold the vgg network's weights, not alex's"):
+        LPIPS("alex")

