@@ -153,11 +153,9 @@ def _chunk_alpha(params_ptr, rect_ptr, ids_sorted_ptr, order_ptr, ovf, i, end, G
 
 
 @triton.jit
-def _raster_fwd_kernel(params_ptr, feats_ptr, rect_ptr, ids_sorted_ptr, order_ptr, ranges_ptr, ovf_ptr,
-                       out_ptr, tfin_ptr, G, N, W, H, TX, TPI, alpha_max,
-                       DP: tl.constexpr, CH: tl.constexpr, TS: tl.constexpr, SPLIT: tl.constexpr):
-    # SPLIT (DP == 4: RGB + depth): one [PIX] accumulator per channel instead of a
-    # [CH, PIX, DP] product, which keeps fewer values in registers
+def _tile_setup(ranges_ptr, ovf_ptr, N, W, H, TX, TPI, TS: tl.constexpr):
+    """This program's tile: its image, tile column/row, pixel coordinates (and centres at +0.5), in-bounds
+    mask, the overflow flag and the range of its sorted pairs (all of its image's Gaussians after an overflow)."""
     t = tl.program_id(0)
     img = t // TPI
     lt = t % TPI
@@ -167,11 +165,19 @@ def _raster_fwd_kernel(params_ptr, feats_ptr, rect_ptr, ids_sorted_ptr, order_pt
     px = tx * TS + lane % TS
     py = ty * TS + lane // TS
     inb = (px < W) & (py < H)
-    pxf = px.to(tl.float32) + 0.5
-    pyf = py.to(tl.float32) + 0.5
     ovf = tl.load(ovf_ptr)
     start = tl.where(ovf != 0, img * N, tl.load(ranges_ptr + t))
     end = tl.where(ovf != 0, img * N + N, tl.load(ranges_ptr + t + 1))
+    return img, tx, ty, px, py, inb, px.to(tl.float32) + 0.5, py.to(tl.float32) + 0.5, ovf, start, end
+
+
+@triton.jit
+def _raster_fwd_kernel(params_ptr, feats_ptr, rect_ptr, ids_sorted_ptr, order_ptr, ranges_ptr, ovf_ptr,
+                       out_ptr, tfin_ptr, G, N, W, H, TX, TPI, alpha_max,
+                       DP: tl.constexpr, CH: tl.constexpr, TS: tl.constexpr, SPLIT: tl.constexpr):
+    # SPLIT (DP == 4: RGB + depth): one [PIX] accumulator per channel instead of a
+    # [CH, PIX, DP] product, which keeps fewer values in registers
+    img, tx, ty, px, py, inb, pxf, pyf, ovf, start, end = _tile_setup(ranges_ptr, ovf_ptr, N, W, H, TX, TPI, TS)
     chan = tl.arange(0, DP)
 
     T = tl.full([TS * TS], 1.0, tl.float32)
@@ -225,20 +231,7 @@ def _raster_bwd_kernel(params_ptr, feats_ptr, rect_ptr, ids_sorted_ptr, order_pt
                        DP: tl.constexpr, CH: tl.constexpr, TS: tl.constexpr, SPLIT: tl.constexpr,
                        ONE_REDUCE: tl.constexpr):
     # ONE_REDUCE (needs SPLIT): see below
-    t = tl.program_id(0)
-    img = t // TPI
-    lt = t % TPI
-    tx = lt % TX
-    ty = lt // TX
-    lane = tl.arange(0, TS * TS)
-    px = tx * TS + lane % TS
-    py = ty * TS + lane // TS
-    inb = (px < W) & (py < H)
-    pxf = px.to(tl.float32) + 0.5
-    pyf = py.to(tl.float32) + 0.5
-    ovf = tl.load(ovf_ptr)
-    start = tl.where(ovf != 0, img * N, tl.load(ranges_ptr + t))
-    end = tl.where(ovf != 0, img * N + N, tl.load(ranges_ptr + t + 1))
+    img, tx, ty, px, py, inb, pxf, pyf, ovf, start, end = _tile_setup(ranges_ptr, ovf_ptr, N, W, H, TX, TPI, TS)
     chan = tl.arange(0, DP)
     pix = (img * H + py) * W + px
 
