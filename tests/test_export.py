@@ -275,3 +275,15 @@ def test_default_destination_and_report(runs, tmp_path):
     assert sorted(p.name for p in (run / "export" / "ply_0_1").iterdir()) == ["frame_000000.ply", "frame_000001.ply", "frames.json"]
     page = write_report(run).read_text()
     assert "<h2>Exports</h2>" in page and "href='export/canonical.ply'" in page and "href='export/ply_0_1/'>ply_0_1/</a> (2 frames)" in page
+
+
+def test_eval_refine_tracking_refused_before_work_for_a_run_without_it(tmp_path_factory, tmp_path, capsys):
+    # a FLARE run has no test-time-refinement protocol: the CLI says so before any evaluation
+    from headavatar.cli.main import main
+
+    runs = shared_runs(tmp_path_factory)
+    run = tmp_path / "flare"
+    shutil.copytree(runs["flare"], run)
+    assert main(["eval", str(run), "--no-video", "--no-lpips", "--device", "cpu", "--refine-tracking", "5"]) == 2
+    assert "--refine-tracking is not available for FLARE" in capsys.readouterr().err
+    assert not (run / "eval" / "metrics.json").exists()

@@ -247,17 +247,25 @@ def cmd_train(args) -> int:
 def cmd_eval(args) -> int:
     from headavatar.methods.evaluate import evaluate_run
 
+    method = None
+    if args.refine_tracking is not None:  # checked before the fixed-tracking evaluation, not after it
+        from headavatar.methods import get_method
+        from headavatar.methods.run import RunDir
+
+        method = get_method(RunDir(args.run).read_info()["method"])
+        if not hasattr(method, "evaluate_refined"):  # an optional part of the method protocol (methods/avatar.py)
+            raise UserError(f"--refine-tracking is not available for {method.describe}s ({args.run})")
+        if args.refine_tracking < -1:
+            raise UserError("--refine-tracking STEPS must be 0 or more")
     res = evaluate_run(args.run, device=args.device, split=args.split, batch_size=args.batch_size, video=not args.no_video, lpips=not args.no_lpips,
                        head_overrides=_head_overrides(args), protocol=args.protocol)
     m = res["metrics"]["mean"]
     parts = [f"{k} {v:.4f}" for k, v in m.items()]
     print(f"{res['num_frames']} {args.split} frames: " + ", ".join(parts))
     print(f"protocol: {res['protocol']}")
-    if args.refine_tracking is not None:  # reported after, never instead of, the fixed-tracking figure
-        from headavatar.methods.flashavatar.refine import evaluate_refined
-
-        ref = evaluate_refined(args.run, steps=None if args.refine_tracking < 0 else args.refine_tracking, device=args.device, split=args.split,
-                               batch_size=args.batch_size, lpips=not args.no_lpips, head_overrides=_head_overrides(args))
+    if method is not None:  # reported after, never instead of, the fixed-tracking figure
+        ref = method().evaluate_refined(args.run, steps=None if args.refine_tracking < 0 else args.refine_tracking, device=args.device, split=args.split,
+                                       batch_size=args.batch_size, lpips=not args.no_lpips, head_overrides=_head_overrides(args))
         parts = [f"{k} {v:.4f}" for k, v in ref["metrics"]["mean"].items()]
         print(f"test-time refined tracking ({ref['refine_steps']} steps, eval/metrics_refined.json): " + ", ".join(parts))
     return 0

@@ -138,6 +138,10 @@ class MethodProtocol(Protocol):
         """Method-specific demo steps after the common ones; returns report sections (title, HTML)."""
         ...
 
+    # Optional: evaluate_refined(run_dir, steps=None, device=..., split=..., batch_size=..., lpips=...,
+    # head_overrides=...) -> dict, the test-time-refinement protocol (`headavatar eval --refine-tracking`);
+    # a method without it has no such protocol.
+
 
 __all__ = ["Avatar", "GaussianAvatar", "open_run", "MeshAvatar", "RelightableAvatar", "MethodProtocol", "DemoSettings", "GAUSSIANS", "MESH", "RELIGHT",
            "CAPABILITIES"]

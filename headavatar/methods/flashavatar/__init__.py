@@ -43,3 +43,9 @@ class FlashAvatarMethod:
 
     def demo_extras(self, run_dir: Path, device, quick: bool, log=print) -> list[tuple[str, str]]:
         return []
+
+    def evaluate_refined(self, run_dir, **kw) -> dict:
+        """The test-time-refinement protocol: held-out tracking optimised with the avatar frozen (methods/flashavatar/refine.py)."""
+        from headavatar.methods.flashavatar.refine import evaluate_refined
+
+        return evaluate_refined(run_dir, **kw)
