@@ -121,6 +121,7 @@ def main():
     ap.add_argument("--frames", type=int, default=160)
     ap.add_argument("--batch-sizes", default="1,8,16,32")
     ap.add_argument("--memory-frames", default="2000")
+    ap.add_argument("--shell-layers", type=int, default=0, help="FlashAvatar shell_layers (0 = the paper's model, as the figures in BENCHMARKS.md)")
     ap.add_argument("--backend", default="auto", help="Gaussian rasteriser: auto (as render_gaussians: gsplat if installed, else triton), triton, gsplat")
     args = ap.parse_args()
     dev = "cpu" if args.smoke else "cuda"
@@ -131,7 +132,8 @@ def main():
     work.mkdir(parents=True)
     out = {"device": torch.cuda.get_device_name() if dev == "cuda" else "cpu", "torch": torch.__version__,
            "date": time.strftime("%Y-%m-%d"), "resolution": res}
-    paper = {} if not args.smoke else {"uv_resolution": 32, "mlp_width": 32}
+    # the paper's model (shell_layers=0 unless asked: the issue-14 default adds hair-shell Gaussians)
+    paper = {"shell_layers": args.shell_layers, **({} if not args.smoke else {"uv_resolution": 32, "mlp_width": 32})}
     if args.smoke:
         backend = "torch"
     else:

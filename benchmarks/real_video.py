@@ -78,8 +78,11 @@ def run_one(args) -> dict:
     subj = Subject.open(subject_dir)
     row.update(subject=str(subject_dir), frames=subj.num_frames, train_frames=len(subj.split["train"]), test_frames=len(subj.split["test"]))
     run_dir = work / "runs" / args.label / stem
-    overrides = {"iterations": args.iterations, "batch_size": args.batch_size, "resolution": args.resolution, "device": args.device,
-                 "preview_every": 0, "eval_every": 0}
+    overrides = {"resolution": args.resolution, "device": args.device, "preview_every": 0}
+    if args.method == "flashavatar":  # FLARE keeps its own two-stage recipe unless a budget is given
+        overrides.update(iterations=args.iterations or 2500, batch_size=args.batch_size or 8, eval_every=0)
+    else:
+        overrides.update({k: v for k, v in (("iterations", args.iterations), ("batch_size", args.batch_size)) if v})
     overrides.update(parse_set(args.set))
     t = time.perf_counter()
     resume = (run_dir / "checkpoints").is_dir() and not args.redo
@@ -87,15 +90,28 @@ def run_one(args) -> dict:
         import shutil
 
         shutil.rmtree(run_dir)
-    train_method("flashavatar", subject_dir, run_dir, overrides, resume=resume, progress=False)
+    train_method(args.method, subject_dir, run_dir, overrides, resume=resume, progress=False)
     row["train_s"] = round(time.perf_counter() - t, 1)
     dev = args.device if args.device != "auto" else ("cuda" if _cuda() else "cpu")
     test = evaluate_run(run_dir, device=dev, split="test", video=False, progress=False, lpips=args.lpips, protocol="flashavatar")
     train = evaluate_run(run_dir, device=dev, split="train", video=False, progress=False, lpips=False, protocol="flashavatar",
                          out_name="metrics_train.json")
     m = test["metrics"]["mean"]
+    if args.method != "flashavatar":  # a method with another protocol of its own is scored under it too
+        o = evaluate_run(run_dir, device=dev, split="test", video=False, progress=False, lpips=args.lpips, protocol=None)
+        if o["protocol"] != "flashavatar":
+            row.update(own_protocol=o["protocol"], own_metrics=o["metrics"]["mean"])
+    if args.refine_tracking is not None:  # the second, separately labelled protocol; never replaces the fixed one
+        from headavatar.methods import get_method
+
+        method = get_method(args.method)
+        if not hasattr(method, "evaluate_refined"):
+            raise UserError(f"--refine-tracking: {args.method} has no test-time refinement")
+        ref = method().evaluate_refined(run_dir, steps=args.refine_tracking, device=dev, split="test", lpips=args.lpips, progress=False)
+        rm = ref["metrics"]["mean"]
+        row.update(refined_steps=ref["refine_steps"], refined_psnr=rm["psnr"], refined_ssim=rm["ssim"], refined_lpips_vgg=rm.get("lpips_vgg"))
     row.update(
-        iterations=test["checkpoint_step"], batch_size=args.batch_size, resolution=args.resolution, overrides=args.set,
+        method=args.method, iterations=test["checkpoint_step"], batch_size=overrides.get("batch_size"), resolution=args.resolution, overrides=args.set,
         psnr=m["psnr"], ssim=m["ssim"], lpips_vgg=m.get("lpips_vgg"), psnr_median=test["metrics"]["median"]["psnr"],
         train_psnr=train["metrics"]["mean"]["psnr"], device=dev, gpu=_gpu_name(),
     )
@@ -119,9 +135,10 @@ def _gpu_name() -> str | None:
 def summarise(rows: list[dict], args) -> dict:
     import numpy as np
 
-    keys = ("psnr", "ssim", "lpips_vgg", "train_psnr", "gap_db", "train_s")
+    keys = ("psnr", "ssim", "lpips_vgg", "train_psnr", "gap_db", "train_s", "refined_psnr", "refined_ssim", "refined_lpips_vgg")
     mean = {k: float(np.mean([r[k] for r in rows])) for k in keys if rows and all(r.get(k) is not None for r in rows)}
-    return {"label": args.label, "protocol": {"iterations": args.iterations, "batch_size": args.batch_size, "resolution": args.resolution,
+    return {"label": args.label, "method": args.method, "protocol": {"iterations": rows[0].get("iterations") if rows else args.iterations,
+            "batch_size": rows[0].get("batch_size") if rows else args.batch_size, "resolution": args.resolution, "refine_tracking": args.refine_tracking,
             "set": args.set, "held_out": "last 15 % of each clip, contiguous", "metrics": "flashavatar protocol (docs/METRICS.md)"},
             "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "videos": rows, "mean": mean}
 
@@ -129,7 +146,8 @@ def summarise(rows: list[dict], args) -> dict:
 def markdown(res: dict) -> str:
     f = lambda v, d=2: "–" if v is None else f"{v:.{d}f}"  # noqa: E731
     p = res["protocol"]
-    lines = [f"Real-video protocol, label `{res['label']}`: FlashAvatar {p['iterations']:,} iterations at batch {p['batch_size']}, "
+    it = "–" if p["iterations"] is None else f"{p['iterations']:,}"
+    lines = [f"Real-video protocol, label `{res['label']}`: {res.get('method', 'flashavatar')} {it} iterations at batch {p['batch_size']}, "
              f"{p['resolution']}², overrides {', '.join(p['set']) or 'none'}; {res['date']}.", "",
              "| video | frames (train / held-out) | held-out PSNR | SSIM | LPIPS-VGG | train PSNR | gap | train s |", "|---|---|---|---|---|---|---|---|"]
     for r in res["videos"]:
@@ -138,6 +156,15 @@ def markdown(res: dict) -> str:
     m = res["mean"]
     lines.append(f"| **mean** | | **{f(m.get('psnr'))}** | {f(m.get('ssim'), 3)} | {f(m.get('lpips_vgg'), 3)} | {f(m.get('train_psnr'))} | "
                  f"{f(m.get('gap_db'))} | {f(m.get('train_s'), 0)} |")
+    if p.get("refine_tracking") is not None:  # the second protocol, labelled, after the fixed-tracking table
+        lines += ["", f"Test-time refinement protocol ({p['refine_tracking']} steps; the avatar frozen, held-out tracking optimised):", "",
+                  "| video | held-out PSNR | SSIM | LPIPS-VGG |", "|---|---|---|---|"]
+        lines += [f"| {r['video']} | {f(r.get('refined_psnr'))} | {f(r.get('refined_ssim'), 3)} | {f(r.get('refined_lpips_vgg'), 3)} |" for r in res["videos"]]
+    own = [r for r in res["videos"] if r.get("own_protocol")]
+    if own:
+        lines += ["", f"The method's own protocol ({own[0]['own_protocol']}):", "",
+                  "| video | " + " | ".join(own[0]["own_metrics"]) + " |", "|---" * (1 + len(own[0]["own_metrics"])) + "|"]
+        lines += [f"| {r['video']} | " + " | ".join(f(v, 4) for v in r["own_metrics"].values()) + " |" for r in own]
     return "\n".join(lines) + "\n"
 
 
@@ -146,8 +173,11 @@ def parse(argv=None):
     ap.add_argument("videos", nargs="?", default=str(DEFAULT_VIDEOS), help="folder of videos (default ../shared/videos)")
     ap.add_argument("-o", "--output", required=True, help="work folder: subjects/, runs/LABEL/, results_LABEL.json/.md")
     ap.add_argument("--subjects", help="folder of already tracked subjects (STEM/ or base_STEM/) to reuse")
-    ap.add_argument("--iterations", type=int, default=2500)
-    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--method", default="flashavatar", help="method to train (a name of the method registry)")
+    ap.add_argument("--iterations", type=int, help="training budget (FlashAvatar default 2500; FLARE: its recipe's)")
+    ap.add_argument("--batch-size", type=int, help="frames per step (FlashAvatar default 8; FLARE: its recipe's)")
+    ap.add_argument("--refine-tracking", type=int, metavar="STEPS",
+                    help="also score the test-time-refinement protocol (held-out tracking optimised, avatar frozen) with STEPS steps")
     ap.add_argument("--resolution", type=int, default=512)
     ap.add_argument("--device", default="auto")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="extra training override (repeatable)")

@@ -44,6 +44,12 @@ def test_protocol_on_tiny_synthetic_subjects(tmp_path):
     (tmp_path / "empty").mkdir()
     assert rv.main([str(tmp_path / "empty"), "-o", str(work)]) == 2
     # no video folder at all (a GPU machine given only the tracked subjects): one job per subject
-    args2 = [str(tmp_path / "no_videos"), *args[1:3], "--subjects", str(subjects), *args[5:-6], "--label", "subj", *args[-4:]]
+    # (and the second, separately labelled protocol: test-time refinement of the held-out tracking)
+    args2 = [str(tmp_path / "no_videos"), *args[1:3], "--subjects", str(subjects), *args[5:-6], "--label", "subj", *args[-4:], "--refine-tracking", "2"]
     assert rv.main(args2) == 0
-    assert [r["video"] for r in json.loads((work / "results_subj.json").read_text())["videos"]] == ["clip_a", "clip_b"]
+    res2 = json.loads((work / "results_subj.json").read_text())
+    assert [r["video"] for r in res2["videos"]] == ["clip_a", "clip_b"]
+    for r in res2["videos"]:
+        assert r["refined_steps"] == 2 and 0 < r["refined_psnr"] < 60 and r["psnr"] != r["refined_psnr"]
+    md = (work / "results_subj.md").read_text()
+    assert md.index("| **mean** |") < md.index("Test-time refinement protocol (2 steps")  # fixed tracking first
