@@ -119,11 +119,19 @@ def test_metric_protocols_on_the_registry():
         def compute(self, p, g, m, exclude, background, models):
             return {"mae": (p - g).abs().flatten(1).mean(1)}
 
+    from headavatar.cli.main import build_parser
+
     try:
         pred, gt = torch.zeros(2, 3, 4, 4), torch.full((2, 3, 4, 4), 0.25)
         rows = evaluate_frames(pred, gt, torch.ones(2, 4, 4), "toy_mae", lpips=False)
         assert [r["mae"] for r in rows] == [0.25, 0.25] and rows[0]["protocol"].startswith("toy: mean absolute error")
+        # `eval --protocol` offers what the registry holds, the registered toy included
+        for name in (*PROTOCOLS, "toy_mae"):
+            assert build_parser().parse_args(["eval", "run", "--protocol", name]).protocol == name
+        assert "toy_mae" in build_parser()._subparsers._group_actions[0].choices["eval"].format_help()
     finally:
         METRIC_PROTOCOLS._entries.pop("toy_mae")
     with pytest.raises(UserError, match="unknown evaluation protocol 'toy_mae'"):
         evaluate_frames(pred, gt, torch.ones(2, 4, 4), "toy_mae", lpips=False)
+    with pytest.raises(UserError, match="invalid choice: 'toy_mae'"):
+        build_parser().parse_args(["eval", "run", "--protocol", "toy_mae"])
