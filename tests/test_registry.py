@@ -135,3 +135,40 @@ def test_metric_protocols_on_the_registry():
         evaluate_frames(pred, gt, torch.ones(2, 4, 4), "toy_mae", lpips=False)
     with pytest.raises(UserError, match="invalid choice: 'toy_mae'"):
         build_parser().parse_args(["eval", "run", "--protocol", "toy_mae"])
+
+
+def test_eval_scores_a_registered_protocol(tmp_path_factory, capsys):
+    """`headavatar eval --protocol NAME` scores a run under a protocol added through the registry alone."""
+    import json
+    import shutil
+
+    from avatar_runs import shared_runs
+    from headavatar.cli.main import main
+    from headavatar.metrics.protocols import METRIC_PROTOCOLS
+
+    runs = shared_runs(tmp_path_factory)
+    run = tmp_path_factory.mktemp("toy_eval") / "fa"
+    shutil.copytree(runs["fa"], run)  # shared runs are read-only
+
+    @METRIC_PROTOCOLS.register()
+    class MaxAbs:
+        name = "toy_maxabs"
+        lpips_nets = ()
+
+        def describe(self, background=None):
+            return "toy: largest absolute error on the training background"
+
+        def check(self, background, exclude):
+            assert background is not None and exclude is None  # the head matte and background, as flashavatar
+
+        def compute(self, p, g, m, exclude, background, models):
+            return {"maxabs": (p - g).abs().flatten(1).amax(1)}
+
+    try:
+        assert main(["eval", str(run), "--protocol", "toy_maxabs", "--no-video", "--no-lpips"]) == 0
+    finally:
+        METRIC_PROTOCOLS._entries.pop("toy_maxabs")
+    res = json.loads((run / "eval" / "metrics_toy_maxabs.json").read_text())
+    assert res["protocol"].startswith("toy: largest absolute error")
+    assert 0 < res["metrics"]["mean"]["maxabs"] <= 1 and set(res["per_frame"][0]) >= {"frame", "maxabs"}
+    assert "protocol: toy: largest absolute error" in capsys.readouterr().out

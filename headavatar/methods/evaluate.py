@@ -91,7 +91,8 @@ def evaluate_run(run_dir, device="cpu", split: str = "test", batch_size: int = 4
     write_json(out_dir / (out_name or ("metrics.json" if protocol == avatar.eval_protocol else f"metrics_{protocol}.json")), result)
     if video:
         write_video(out_dir / "side_by_side.mp4", side_by_side, fps=subj.fps)
-    worst = sorted((r for r in rows if not r.get("skipped")), key=lambda r: r["psnr"])[:3]
+    # the worst frames by PSNR, where the protocol reports it (a registered one need not)
+    worst = sorted((r for r in rows if not r.get("skipped") and "psnr" in r), key=lambda r: r["psnr"])[:3]
     for r in worst:
         k = frames.index(r["frame"])
         write_image(out_dir / "worst" / f"{r['frame']:06d}.jpg", side_by_side[k])
