@@ -98,32 +98,66 @@ def test_gaussian_backends_on_the_registry():
         GAUSSIAN_BACKENDS._entries.pop("toy_flat")
 
 
+class ToyMeanAbs:
+    """A metric protocol written outside the package (no PSNR, no LPIPS); tests register it for a while."""
+
+    name = "toy_mae"
+    lpips_nets = ()
+
+    def describe(self, background=None):
+        return "toy: mean absolute error"
+
+    def check(self, background, exclude):
+        pass
+
+    def compute(self, p, g, m, exclude, background, models):
+        return {"mae": (p - g).abs().flatten(1).mean(1)}
+
+
 def test_metric_protocols_on_the_registry():
     import torch
 
+    from headavatar.cli.main import build_parser
     from headavatar.metrics.protocols import METRIC_PROTOCOLS, PROTOCOLS, evaluate_frames
 
     assert set(PROTOCOLS) <= set(METRIC_PROTOCOLS.available())
-
-    @METRIC_PROTOCOLS.register()
-    class MeanAbs:
-        name = "toy_mae"
-        lpips_nets = ()
-
-        def describe(self, background=None):
-            return "toy: mean absolute error"
-
-        def check(self, background, exclude):
-            pass
-
-        def compute(self, p, g, m, exclude, background, models):
-            return {"mae": (p - g).abs().flatten(1).mean(1)}
+    METRIC_PROTOCOLS.register(entry=ToyMeanAbs)
 
     try:
         pred, gt = torch.zeros(2, 3, 4, 4), torch.full((2, 3, 4, 4), 0.25)
         rows = evaluate_frames(pred, gt, torch.ones(2, 4, 4), "toy_mae", lpips=False)
         assert [r["mae"] for r in rows] == [0.25, 0.25] and rows[0]["protocol"].startswith("toy: mean absolute error")
+        # `eval --protocol` offers what the registry holds, the registered toy included
+        for name in (*PROTOCOLS, "toy_mae"):
+            assert build_parser().parse_args(["eval", "run", "--protocol", name]).protocol == name
+        assert "toy_mae" in build_parser()._subparsers._group_actions[0].choices["eval"].format_help()
     finally:
         METRIC_PROTOCOLS._entries.pop("toy_mae")
     with pytest.raises(UserError, match="unknown evaluation protocol 'toy_mae'"):
         evaluate_frames(pred, gt, torch.ones(2, 4, 4), "toy_mae", lpips=False)
+    with pytest.raises(UserError, match="invalid choice: 'toy_mae'"):
+        build_parser().parse_args(["eval", "run", "--protocol", "toy_mae"])
+
+
+def test_eval_scores_a_registered_protocol(tmp_path_factory, capsys):
+    """`headavatar eval --protocol NAME` scores a run under a protocol added through the registry alone."""
+    import json
+    import shutil
+
+    from avatar_runs import shared_runs
+    from headavatar.cli.main import main
+    from headavatar.metrics.protocols import METRIC_PROTOCOLS
+
+    runs = shared_runs(tmp_path_factory)
+    run = tmp_path_factory.mktemp("toy_eval") / "fa"
+    shutil.copytree(runs["fa"], run)  # shared runs are read-only
+
+    METRIC_PROTOCOLS.register(entry=ToyMeanAbs)
+    try:
+        assert main(["eval", str(run), "--protocol", "toy_mae", "--no-video", "--no-lpips"]) == 0
+    finally:
+        METRIC_PROTOCOLS._entries.pop("toy_mae")
+    res = json.loads((run / "eval" / "metrics_toy_mae.json").read_text())
+    assert res["protocol"].startswith("toy: mean absolute error")
+    assert 0 < res["metrics"]["mean"]["mae"] < 1 and set(res["per_frame"][0]) >= {"frame", "mae"}
+    assert "protocol: toy: mean absolute error" in capsys.readouterr().out

@@ -17,6 +17,7 @@ from headavatar.camera import Cameras, fov_to_focal, intrinsics, look_at
 from headavatar.render.mesh import get_mesh_backend, nvdiffrast_available
 from headavatar.render.mesh.ops import face_normals, mip_pyramid, texture2d, vertex_normals
 from headavatar.render.mesh.torch_ref import (
+    RasterOptions,
     TorchMeshBackend,
     antialias,
     coverage,
@@ -186,7 +187,7 @@ def test_rasterize_chunks_and_batch():
     assert r.shape == (2, 16, 16, 4)
     for b, c in enumerate((clip, clip2)):
         _assert_close(r[b], rasterize(c[None], faces, (16, 16))[0])
-        _assert_close(r[b], rasterize(c[None], faces, (16, 16), max_candidates=7)[0])
+        _assert_close(r[b], rasterize(c[None], faces, (16, 16), RasterOptions(max_candidates=7))[0])
     assert not torch.equal(r[0], r[1])
 
 
@@ -206,8 +207,8 @@ def test_culling_near_plane_and_backfaces():
     # the same triangle with both windings: one of them is culled with cull_backfaces
     tri = clip[faces[0]][None]
     one = torch.tensor([[0, 1, 2]])
-    cov_ccw = rasterize(tri, one, (16, 16), cull_backfaces=True)[..., 3] > 0
-    cov_cw = rasterize(tri, one.flip(1), (16, 16), cull_backfaces=True)[..., 3] > 0
+    cov_ccw = rasterize(tri, one, (16, 16), RasterOptions(cull_backfaces=True))[..., 3] > 0
+    cov_cw = rasterize(tri, one.flip(1), (16, 16), RasterOptions(cull_backfaces=True))[..., 3] > 0
     assert cov_ccw.any() != cov_cw.any()
 
 
@@ -279,7 +280,7 @@ def test_watertight_closed_mesh(res):
     assert inside.sum() > 50
     # a closed convex mesh seen from outside: exactly one front and one back face per pixel
     assert (front[inside] == 1).all() and (back[inside] == 1).all()
-    rast = rasterize(clip, faces, res, cull_backfaces=True)
+    rast = rasterize(clip, faces, res, RasterOptions(cull_backfaces=True))
     assert torch.equal(rast[..., 3] > 0, inside)
 
 

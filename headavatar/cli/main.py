@@ -15,6 +15,23 @@ class _Parser(argparse.ArgumentParser):
         raise UserError(f"{self.prog}: {message} (see '{self.prog} --help')")
 
 
+class _MetricProtocolNames:
+    """``--protocol`` choices: the names in the metric-protocol registry, read when argparse first asks
+    (a value to check, or ``eval --help``), so building the parser imports no torch and a protocol
+    registered through ``METRIC_PROTOCOLS`` is a valid choice."""
+
+    def _names(self) -> list[str]:
+        from headavatar.metrics.protocols import METRIC_PROTOCOLS
+
+        return METRIC_PROTOCOLS.available()
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._names()
+
+    def __iter__(self):
+        return iter(self._names())
+
+
 def _add_common_train(p: argparse.ArgumentParser) -> None:
     p.add_argument("--iterations", type=int, help="training iterations (default: the method's paper setting)")
     p.add_argument("--resolution", type=int, help="image size for training (long side, pixels); default: the subject's")
@@ -76,7 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--batch-size", type=int, default=4)
     e.add_argument("--no-video", action="store_true", help="skip the side-by-side video")
     e.add_argument("--no-lpips", action="store_true", help="skip LPIPS (skipped with a note anyway when its weights are not installed)")
-    e.add_argument("--protocol", choices=["flashavatar", "imavatar"], help="scoring protocol (default: the method's own; docs/METRICS.md)")
+    e.add_argument("--protocol", choices=_MetricProtocolNames(), metavar="NAME",
+                   help="scoring protocol: %(choices)s (default: the method's own; docs/METRICS.md)")
     e.add_argument("--refine-tracking", nargs="?", type=int, const=-1, default=None, metavar="STEPS",
                    help="also score a second, separately labelled protocol: the avatar frozen, each held-out frame's tracking optimised "
                         "against that frame for STEPS steps (FlashAvatar; default: the run's test_refine_steps); writes eval/metrics_refined.json")

@@ -193,6 +193,18 @@ def procedural_textures(model, size: int = 512, seed: int = 0) -> dict[str, np.n
     rough = np.zeros(N)
     spec = np.zeros(N)
 
+    def paint(sel, colour, roughness: float, specular: float) -> None:
+        """One material on the texels ``sel`` (a boolean mask or a slice)."""
+        albedo[sel] = colour
+        rough[sel] = roughness
+        spec[sel] = specular
+
+    def layer(m, colour, roughness: float, specular: float) -> None:
+        """A material over what is painted, by the soft mask ``m`` [N] in [0, 1]."""
+        albedo[:] = _mix(albedo, colour, m[:, None])
+        rough[:] = _mix(rough, roughness, m)
+        spec[:] = _mix(spec, specular, m)
+
     # ---- skin: low-frequency tone variation, flushed cheeks/nose, a few moles
     n1 = _fbm(P, 25.0, nseed, 3)
     n2 = _fbm(P + 3.1, 60.0, nseed + 7, 2)
@@ -209,38 +221,27 @@ def procedural_textures(model, size: int = 512, seed: int = 0) -> dict[str, np.n
     s = s * (1 - 0.6 * nost[:, None])
     neck = masks["neck"][:, None]
     s = s * (1 - 0.06 * neck)  # the neck is a shade darker (less sun)
-    albedo[:] = s
-    rough[:] = 0.5
-    spec[:] = 0.3
+    paint(slice(None), s, 0.5, 0.3)
     # ---- lips
-    lm = np.clip(masks["lips"], 0, 1)[:, None]
     lipv = lip_c[None] * (1 + 0.06 * n2[:, None])
-    albedo = albedo * (1 - lm) + lipv * lm
-    rough = rough * (1 - lm[:, 0]) + 0.38 * lm[:, 0]
-    spec = spec * (1 - lm[:, 0]) + 0.4 * lm[:, 0]
+    layer(np.clip(masks["lips"], 0, 1), lipv, 0.38, 0.4)
     # ---- hair: strands flow down from the crown; streaks a few millimetres wide
     phi = np.arctan2(x, z + 0.01)
     streak = _value_noise(np.stack([phi * 14.0, y * 1.2, np.zeros_like(y)], -1), 1.0 * 6.5, nseed + 11)
     streak2 = _value_noise(np.stack([phi * 14.0, y * 1.2, np.ones_like(y)], -1), 13.0, nseed + 13)
     hair_v = hair_c[None] * (1 + 0.35 * streak[:, None] + 0.15 * streak2[:, None])
-    hm = np.clip(masks["hair"], 0, 1)[:, None]
-    albedo = albedo * (1 - hm) + hair_v * hm
-    rough = rough * (1 - hm[:, 0]) + 0.8 * hm[:, 0]
-    spec = spec * (1 - hm[:, 0]) + 0.15 * hm[:, 0]
+    layer(np.clip(masks["hair"], 0, 1), hair_v, 0.8, 0.15)
     # ---- brows: hair colour, slightly lighter, streaked along the brow
-    bm = np.clip(masks["brows"], 0, 1)[:, None] * 0.92
     bstreak = _value_noise(np.stack([x * 1.0, y * 4.0, np.zeros_like(x)], -1), 250.0, nseed + 17)
     brow_v = (hair_c[None] * 1.2 + 0.01) * (1 + 0.3 * bstreak[:, None])
-    albedo = albedo * (1 - bm) + brow_v * bm
-    rough = rough * (1 - bm[:, 0]) + 0.7 * bm[:, 0]
-    spec = spec * (1 - bm[:, 0]) + 0.15 * bm[:, 0]
+    layer(np.clip(masks["brows"], 0, 1) * 0.92, brow_v, 0.7, 0.15)
     # ---- eyelids: skin with a dark lash line at the margin
     lids = is_part("lid_")
     ls = masks["lid_s"]
     upper = is_part("lid_upper")
     lash = np.where(upper, np.clip((ls - 0.80) / 0.12, 0, 1), 0.6 * np.clip((ls - 0.86) / 0.1, 0, 1))
     lid_v = albedo * (1 - 0.08 * (1 - ls))[:, None]
-    lid_v = lid_v * (1 - lash[:, None]) + np.array([0.03, 0.022, 0.02]) * lash[:, None]
+    lid_v = _mix(lid_v, np.array([0.03, 0.022, 0.02]), lash[:, None])
     albedo[lids] = lid_v[lids]
     # ---- eyeballs: sclera, iris with radial fibres, pupil (polar angle from the eye's front)
     for side in ("left", "right"):
@@ -256,11 +257,8 @@ def procedural_textures(model, size: int = 512, seed: int = 0) -> dict[str, np.n
         iris = iris_c[None] * (1 + 0.45 * fib[:, None]) * (1 - 0.45 * _smooth01((al - 22) / 6))[:, None]
         t_iris = _smooth01((27.5 - al) / 2.0)[:, None]
         t_pup = _smooth01((11.0 - al) / 1.5)[:, None]
-        col = sclera * (1 - t_iris) + iris * t_iris
-        col = col * (1 - t_pup) + np.array([0.012, 0.012, 0.014]) * t_pup
-        albedo[sel] = col
-        rough[sel] = 0.1
-        spec[sel] = 0.9
+        col = _mix(_mix(sclera, iris, t_iris), np.array([0.012, 0.012, 0.014]), t_pup)
+        paint(sel, col, 0.1, 0.9)
     # ---- teeth: off-white with darker gaps between teeth and gums at the roots
     teeth = is_part("teeth")
     if teeth.any():
@@ -270,17 +268,12 @@ def procedural_textures(model, size: int = 512, seed: int = 0) -> dict[str, np.n
         col = np.array([0.74, 0.70, 0.60])[None] * (1 - 0.45 * np.clip(gap, 0, 1))[:, None]
         ty = y[teeth] - (-0.028)
         gum = _smooth01((np.abs(ty) - 0.0068) / 0.0012)[:, None]
-        col = col * (1 - gum) + np.array([0.45, 0.12, 0.12]) * gum
-        albedo[teeth] = col
-        rough[teeth] = 0.3
-        spec[teeth] = 0.5
+        paint(teeth, _mix(col, np.array([0.45, 0.12, 0.12]), gum), 0.3, 0.5)
     # ---- mouth interior: dark red, darker towards the back
     mouth = is_part("mouth")
     if mouth.any():
         depth = np.clip((z[mouth].max() - z[mouth]) / 0.03, 0, 1)
-        albedo[mouth] = np.array([0.16, 0.03, 0.03])[None] * (1 - 0.6 * depth)[:, None]
-        rough[mouth] = 0.4
-        spec[mouth] = 0.3
+        paint(mouth, np.array([0.16, 0.03, 0.03])[None] * (1 - 0.6 * depth)[:, None], 0.4, 0.3)
 
     albedo = np.clip(albedo, 0.0, 1.0)
     full = np.zeros((size, size, 5))
@@ -288,6 +281,11 @@ def procedural_textures(model, size: int = 512, seed: int = 0) -> dict[str, np.n
     full = _fill_empty(full, cov)
     full = full.astype(np.float32)
     return {"albedo": np.ascontiguousarray(full[..., :3]), "roughness": np.ascontiguousarray(full[..., 3:4]), "specular": np.ascontiguousarray(full[..., 4:5])}
+
+
+def _mix(a, b, t):
+    """``a`` where ``t`` is 0, ``b`` where it is 1, linear in between."""
+    return a * (1 - t) + b * t
 
 
 def _smooth01(t):

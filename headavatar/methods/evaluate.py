@@ -18,7 +18,7 @@ from headavatar.utils.video import to_uint8, write_video
 
 def evaluate_run(run_dir, device="cpu", split: str = "test", batch_size: int = 4, video: bool = True, progress: bool = True, lpips: bool = True,
                  head_overrides: dict | None = None, protocol: str | None = None, out_name: str | None = None, announce: bool = True) -> dict:
-    """Score a run; ``protocol``: "flashavatar" or "imavatar" (default: the method's own).
+    """Score a run; ``protocol``: a name in ``METRIC_PROTOCOLS`` (default: the method's own).
 
     Writes RUN_DIR/eval/metrics.json (or metrics_<protocol>.json when another protocol is asked for).
     Without LPIPS weights (or with ``lpips=False``) the other metrics are written and
@@ -29,16 +29,15 @@ def evaluate_run(run_dir, device="cpu", split: str = "test", batch_size: int = 4
 
     from headavatar.methods import load_avatar
     from headavatar.metrics.lpips import LPIPSCache, missing_reason
-    from headavatar.metrics.protocols import aggregate
+    from headavatar.metrics.protocols import METRIC_PROTOCOLS, aggregate
     from headavatar.utils.io import ensure_writable
 
     out_dir = Path(run_dir) / "eval"
     avatar = load_avatar(run_dir, device, head_overrides)
     protocol = protocol or avatar.eval_protocol
-    if protocol not in ("flashavatar", "imavatar"):
-        raise UserError(f"unknown protocol '{protocol}'; choose flashavatar or imavatar")
+    nets = METRIC_PROTOCOLS.get(protocol).lpips_nets  # an unknown name: a UserError listing the registered ones
     ensure_writable(out_dir)  # before rendering anything
-    lpips_reason = "--no-lpips was given" if not lpips else missing_reason(*(("vgg", "alex") if protocol == "flashavatar" else ("alex",)))
+    lpips_reason = "--no-lpips was given" if not lpips else (missing_reason(*nets) if nets else None)
     lpips = lpips_reason is None
     if lpips_reason is not None and announce:  # the demo says it once at its start instead
         print(f"headavatar: note: LPIPS not computed ({lpips_reason}); the other metrics are written"
@@ -92,7 +91,8 @@ def evaluate_run(run_dir, device="cpu", split: str = "test", batch_size: int = 4
     write_json(out_dir / (out_name or ("metrics.json" if protocol == avatar.eval_protocol else f"metrics_{protocol}.json")), result)
     if video:
         write_video(out_dir / "side_by_side.mp4", side_by_side, fps=subj.fps)
-    worst = sorted((r for r in rows if not r.get("skipped")), key=lambda r: r["psnr"])[:3]
+    # the worst frames by PSNR, where the protocol reports it (a registered one need not)
+    worst = sorted((r for r in rows if not r.get("skipped") and "psnr" in r), key=lambda r: r["psnr"])[:3]
     for r in worst:
         k = frames.index(r["frame"])
         write_image(out_dir / "worst" / f"{r['frame']:06d}.jpg", side_by_side[k])
@@ -101,7 +101,9 @@ def evaluate_run(run_dir, device="cpu", split: str = "test", batch_size: int = 4
 
 def score_batch(protocol: str, pred, batch: dict, targets: dict, avatar, lpips_cache, frame_ids: list[int], lpips: bool) -> list[dict]:
     """Score rendered frames ``pred`` [B,3,H,W] against a collated batch under ``protocol``: the one place
-    that chooses each protocol's inputs (mask, excluded pixels, background)."""
+    that chooses each protocol's inputs (mask, excluded pixels, background). ``imavatar`` gets the GT
+    mask and the cloth pixels; every other protocol (``flashavatar``, a registered one) the head matte
+    and the training background."""
     from headavatar.metrics.protocols import evaluate_frames
 
     device = avatar.device
@@ -111,7 +113,7 @@ def score_batch(protocol: str, pred, batch: dict, targets: dict, avatar, lpips_c
         return evaluate_frames(pred, gt_img, mask, "imavatar", exclude=(batch["parsing"].to(device) == LABEL_IDS["clothing"]).float(),
                                lpips_cache=lpips_cache, frame_ids=frame_ids, lpips=lpips)
     # gt = img·(alpha·head) + bg·(1 − alpha·head): the training targets' compositing
-    return evaluate_frames(pred, gt_img, targets["alpha"][..., 0], "flashavatar", background=avatar.background,
+    return evaluate_frames(pred, gt_img, targets["alpha"][..., 0], protocol, background=avatar.background,
                            lpips_cache=lpips_cache, frame_ids=frame_ids, lpips=lpips)
 
 

@@ -75,15 +75,10 @@ def ssim_map(
     return ((2 * mu_xy + c1) * (2 * cov + c2)) / ((mu_xx + mu_yy + c1) * (var_x + var_y + c2))
 
 
-def ssim(
-    pred: torch.Tensor,
-    gt: torch.Tensor,
-    *,
-    data_range: float = 1.0,
-    window_size: int = 11,
-    sigma: float = 1.5,
-    padding: str = "valid",
-) -> torch.Tensor:
-    """Mean SSIM per image, ``[B]`` (1 for identical images)."""
-    m = ssim_map(pred, gt, data_range=data_range, window_size=window_size, sigma=sigma, padding=padding)
-    return m.flatten(1).mean(1)
+def ssim(pred: torch.Tensor, gt: torch.Tensor, **options) -> torch.Tensor:
+    """Mean SSIM per image, ``[B]`` (1 for identical images).
+
+    ``options``: the keywords of :func:`ssim_map` (``data_range``, ``window_size``, ``sigma``,
+    ``padding``, ``k1``, ``k2``), whose defaults are the only ones.
+    """
+    return ssim_map(pred, gt, **options).flatten(1).mean(1)

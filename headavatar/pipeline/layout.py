@@ -35,37 +35,22 @@ PLAN, LOG, ERROR, THUMBNAIL = "make.json", "make.log", "error.json", "thumbnail.
 REPORT = "report.html"
 
 
+def _under(name: str, folder: str = "root") -> property:
+    """A read-only path attribute: ``name`` inside the layout's attribute ``folder``."""
+    return property(lambda self: getattr(self, folder) / name, doc=f"{folder}/{name}")
+
+
 class Layout:
     def __init__(self, root):
         self.root = Path(root)
 
-    @property
-    def subject(self) -> Path:
-        return self.root / SUBJECT
-
-    @property
-    def run(self) -> Path:
-        return self.root / RUN
-
-    @property
-    def plan(self) -> Path:
-        return self.root / PLAN
-
-    @property
-    def log(self) -> Path:
-        return self.root / LOG
-
-    @property
-    def error(self) -> Path:
-        return self.root / ERROR
-
-    @property
-    def thumbnail(self) -> Path:
-        return self.root / THUMBNAIL
-
-    @property
-    def report(self) -> Path:
-        return self.run / REPORT
+    subject = _under(SUBJECT)
+    run = _under(RUN)
+    plan = _under(PLAN)
+    log = _under(LOG)
+    error = _under(ERROR)
+    thumbnail = _under(THUMBNAIL)
+    report = _under(REPORT, folder="run")
 
     def marker_path(self, stage: str) -> Path:
         return self.root / STAGE_DIR / f"{stage}.json"

@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -131,16 +132,31 @@ def _import_mediapipe():
     return mp
 
 
-class FaceDetector:
+class _MediaPipeSolution:
+    """Owns one MediaPipe solution graph (``self._solution``), released by ``close()`` or at the end of a ``with``."""
+
+    _solution: Any
+
+    def close(self) -> None:
+        self._solution.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class FaceDetector(_MediaPipeSolution):
     """BlazeFace boxes for the crop pass.  ``detect`` -> (x0, y0, x1, y1) pixels of the most confident face, or None."""
 
     def __init__(self, min_confidence: float = 0.5, full_range: bool = False):
         mp = _import_mediapipe()
         # short range (model 0) suits a face filling part of the frame; full range (1) finds small, distant faces
-        self._det = mp.solutions.face_detection.FaceDetection(model_selection=int(full_range), min_detection_confidence=min_confidence)
+        self._solution = mp.solutions.face_detection.FaceDetection(model_selection=int(full_range), min_detection_confidence=min_confidence)
 
     def detect(self, image: np.ndarray) -> tuple[np.ndarray, float] | None:
-        res = self._det.process(np.ascontiguousarray(image))
+        res = self._solution.process(np.ascontiguousarray(image))
         if not res.detections:
             return None
         H, W = image.shape[:2]
@@ -149,17 +165,8 @@ class FaceDetector:
         box = np.array([bb.xmin * W, bb.ymin * H, (bb.xmin + bb.width) * W, (bb.ymin + bb.height) * H], np.float64)
         return box, float(best.score[0]) if best.score else 0.0
 
-    def close(self) -> None:
-        self._det.close()
 
-    def __enter__(self) -> "FaceDetector":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-
-class FaceMeshTracker:
+class FaceMeshTracker(_MediaPipeSolution):
     """MediaPipe face mesh in tracking mode over one clip: ``track(frame)`` -> [478, 3] or None.
 
     Columns: x, y in pixels of the frame, z in the same pixel scale (relative
@@ -169,7 +176,7 @@ class FaceMeshTracker:
 
     def __init__(self, min_detection_confidence: float = 0.5, min_tracking_confidence: float = 0.5):
         mp = _import_mediapipe()
-        self._mesh = mp.solutions.face_mesh.FaceMesh(
+        self._solution = mp.solutions.face_mesh.FaceMesh(
             static_image_mode=False,
             max_num_faces=1,
             refine_landmarks=True,
@@ -178,7 +185,7 @@ class FaceMeshTracker:
         )
 
     def track(self, image: np.ndarray) -> np.ndarray | None:
-        res = self._mesh.process(np.ascontiguousarray(image))
+        res = self._solution.process(np.ascontiguousarray(image))
         if not res.multi_face_landmarks:
             return None
         H, W = image.shape[:2]
@@ -190,15 +197,6 @@ class FaceMeshTracker:
         pts[:, 1] *= H
         pts[:, 2] *= W  # MediaPipe scales z like x
         return pts
-
-    def close(self) -> None:
-        self._mesh.close()
-
-    def __enter__(self) -> "FaceMeshTracker":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
 
 
 @dataclass

@@ -46,6 +46,22 @@ _INT64_MAX = torch.iinfo(torch.int64).max
 _GUARD = 1 << 29
 
 
+@dataclass(frozen=True)
+class RasterOptions:
+    """How visibility is decided (the same for every draw of a backend)."""
+
+    cull_backfaces: bool = False  # drop triangles that appear clockwise in the image
+    max_candidates: int | None = None  # bounding-box pixels per chunk of triangles (a memory bound); None: by device
+    subpixel_bits: int = 8  # fixed-point precision of the visibility test, 1 to 16
+
+    def __post_init__(self):
+        if not 1 <= self.subpixel_bits <= 16:
+            raise ValueError("subpixel_bits must be in [1, 16]")
+
+
+DEFAULT_OPTIONS = RasterOptions()
+
+
 # --------------------------------------------------------------------- checks
 def _batched_clip(clip: torch.Tensor) -> torch.Tensor:
     if clip.dim() == 2:
@@ -254,26 +270,21 @@ def _scanline(tri: _Triangles, W: int, bits: int) -> Coverage:
     return Coverage(pixel=pfirst.index_select(0, r) + off, face=face2 >> 1, depth=depth, front=(face2 & 1).bool())
 
 
-def coverage(
-    clip: torch.Tensor,
-    faces: torch.Tensor,
-    resolution: tuple[int, int],
-    cull_backfaces: bool = False,
-    max_candidates: int | None = None,
-    subpixel_bits: int = 8,
-) -> Iterator[Coverage]:
+def coverage(clip: torch.Tensor, faces: torch.Tensor, resolution: tuple[int, int], options: RasterOptions = DEFAULT_OPTIONS) -> Iterator[Coverage]:
     """Yield every covering (pixel, face) pair, in chunks of triangles whose
-    bounding boxes hold at most ~``max_candidates`` pixels (one huge triangle may exceed it).
+    bounding boxes hold at most ~``options.max_candidates`` pixels (one huge triangle may exceed it).
 
     ``max_candidates`` bounds memory (~100 bytes per pixel); None: 2**20 on
     CPU, 2**23 elsewhere (fewer chunks, fewer kernel launches).
     """
     clip = _batched_clip(clip)
+    max_candidates = options.max_candidates
     if max_candidates is None:
         max_candidates = 1 << (20 if clip.device.type == "cpu" else 23)
     faces = _long_faces(faces, clip.device)
     H, W = _resolution(resolution)
-    tri = _triangle_setup(clip, faces, H, W, cull_backfaces, subpixel_bits)
+    subpixel_bits = options.subpixel_bits
+    tri = _triangle_setup(clip, faces, H, W, options.cull_backfaces, subpixel_bits)
     T = tri.area.numel()
     if T == 0:
         return
@@ -289,19 +300,12 @@ def coverage(
         yield _scanline(tri.slice(t0, t1), W, subpixel_bits)
 
 
-def visible_faces(
-    clip: torch.Tensor,
-    faces: torch.Tensor,
-    resolution: tuple[int, int],
-    cull_backfaces: bool = False,
-    max_candidates: int | None = None,
-    subpixel_bits: int = 8,
-) -> torch.Tensor:
+def visible_faces(clip: torch.Tensor, faces: torch.Tensor, resolution: tuple[int, int], options: RasterOptions = DEFAULT_OPTIONS) -> torch.Tensor:
     """Z-buffer: [B*H*W] int64 index of the nearest covering face per pixel, -1 where empty."""
     clip = _batched_clip(clip)
     H, W = _resolution(resolution)
     zbuf = torch.full((clip.shape[0] * H * W,), _INT64_MAX, dtype=torch.int64, device=clip.device)
-    for cov in coverage(clip, faces, (H, W), cull_backfaces, max_candidates, subpixel_bits):
+    for cov in coverage(clip, faces, (H, W), options):
         d01 = ((cov.depth + 1) * 0.5).clamp(0, 1).float()
         # Non-negative float32 bit patterns sort like the floats themselves.
         key = (d01.view(torch.int32).long() << 32) | cov.face
@@ -358,20 +362,13 @@ def barycentrics(clip: torch.Tensor, faces: torch.Tensor, pix: torch.Tensor, fac
     return torch.stack([b0, b1, b2], 1), zw
 
 
-def rasterize(
-    clip: torch.Tensor,
-    faces: torch.Tensor,
-    resolution: tuple[int, int],
-    cull_backfaces: bool = False,
-    max_candidates: int | None = None,
-    subpixel_bits: int = 8,
-) -> torch.Tensor:
+def rasterize(clip: torch.Tensor, faces: torch.Tensor, resolution: tuple[int, int], options: RasterOptions = DEFAULT_OPTIONS) -> torch.Tensor:
     """[B,H,W,4] = (u, v, z/w, face+1); u, v weigh vertices 1 and 2; 0 where empty."""
     clip = _batched_clip(clip)
     faces = _long_faces(faces, clip.device)
     H, W = _resolution(resolution)
     B = clip.shape[0]
-    vis = visible_faces(clip, faces, (H, W), cull_backfaces, max_candidates, subpixel_bits)
+    vis = visible_faces(clip, faces, (H, W), options)
     pix = (vis >= 0).nonzero().squeeze(1)
     face = vis.index_select(0, pix)
     bary, zw = barycentrics(clip, faces, pix, face, H, W)
@@ -559,21 +556,12 @@ def antialias(
 
 # ------------------------------------------------------------------ backend
 class TorchMeshBackend:
-    """``MeshBackend`` in pure PyTorch (runs wherever ``clip`` lives).
-
-    cull_backfaces: drop triangles that appear clockwise in the image.
-    max_candidates: bounding-box pixels per chunk of triangles (memory bound; None: by device).
-    subpixel_bits: fixed-point precision of the visibility test.
-    """
+    """``MeshBackend`` in pure PyTorch (runs wherever ``clip`` lives), drawing with ``options``."""
 
     name = "torch"
 
-    def __init__(self, cull_backfaces: bool = False, max_candidates: int | None = None, subpixel_bits: int = 8):
-        if not 1 <= subpixel_bits <= 16:
-            raise ValueError("subpixel_bits must be in [1, 16]")
-        self.cull_backfaces = cull_backfaces
-        self.max_candidates = max_candidates
-        self.subpixel_bits = int(subpixel_bits)
+    def __init__(self, options: RasterOptions = DEFAULT_OPTIONS):
+        self.options = options
         self._topology: tuple[torch.Tensor, torch.Tensor] | None = None  # (faces, edge_topology(faces))
 
     def topology(self, faces: torch.Tensor) -> torch.Tensor:
@@ -587,7 +575,7 @@ class TorchMeshBackend:
         return topo
 
     def rasterize(self, clip: torch.Tensor, faces: torch.Tensor, resolution: tuple[int, int]) -> torch.Tensor:
-        return rasterize(clip, faces, resolution, self.cull_backfaces, self.max_candidates, self.subpixel_bits)
+        return rasterize(clip, faces, resolution, self.options)
 
     def interpolate(self, attr: torch.Tensor, rast: torch.Tensor, faces: torch.Tensor) -> torch.Tensor:
         return interpolate(attr, rast, faces)
