@@ -173,10 +173,13 @@ def _tile_setup(ranges_ptr, ovf_ptr, N, W, H, TX, TPI, TS: tl.constexpr):
 
 @triton.jit
 def _raster_fwd_kernel(params_ptr, feats_ptr, rect_ptr, ids_sorted_ptr, order_ptr, ranges_ptr, ovf_ptr,
-                       out_ptr, tfin_ptr, G, N, W, H, TX, TPI, alpha_max,
-                       DP: tl.constexpr, CH: tl.constexpr, TS: tl.constexpr, SPLIT: tl.constexpr):
+                       out_ptr, tfin_ptr, last_ptr, G, N, W, H, TX, TPI, alpha_max,
+                       DP: tl.constexpr, CH: tl.constexpr, TS: tl.constexpr, SPLIT: tl.constexpr,
+                       LAST: tl.constexpr):
     # SPLIT (DP == 4: RGB + depth): one [PIX] accumulator per channel instead of a
-    # [CH, PIX, DP] product, which keeps fewer values in registers
+    # [CH, PIX, DP] product, which keeps fewer values in registers.
+    # LAST: also store per pixel 1 + the list position of its last kept pair (0: none), for the
+    # backward's LAST mode
     img, tx, ty, px, py, inb, pxf, pyf, ovf, start, end = _tile_setup(ranges_ptr, ovf_ptr, N, W, H, TX, TPI, TS)
     chan = tl.arange(0, DP)
 
@@ -187,6 +190,7 @@ def _raster_fwd_kernel(params_ptr, feats_ptr, rect_ptr, ids_sorted_ptr, order_pt
     acc1 = tl.zeros([TS * TS], dtype=tl.float32)
     acc2 = tl.zeros([TS * TS], dtype=tl.float32)
     acc3 = tl.zeros([TS * TS], dtype=tl.float32)
+    lastp = tl.zeros([TS * TS], dtype=tl.int32)
     i = start
     while i < end:
         gid, m, dx, dy, og, alpha, valid, ca, cb, cc, op = _chunk_alpha(
@@ -195,6 +199,9 @@ def _raster_fwd_kernel(params_ptr, feats_ptr, rect_ptr, ids_sorted_ptr, order_pt
         f = tl.where(valid, 1.0 - alpha, 1.0)
         P = T[None, :] * tl.cumprod(f, axis=0)  # transmittance after each pair
         keep = valid & (P > _T_MIN)
+        if LAST:
+            pos1 = i + 1 + tl.arange(0, CH)
+            lastp = tl.maximum(lastp, tl.max(tl.where(keep, pos1[:, None], 0), axis=0))
         w = tl.where(keep, alpha * (P / f), 0.0)
         if SPLIT:
             acc0 += tl.sum(w * tl.load(feats_ptr + gid * 4 + 0, mask=m, other=0.0)[:, None], axis=0)
@@ -218,6 +225,13 @@ def _raster_fwd_kernel(params_ptr, feats_ptr, rect_ptr, ids_sorted_ptr, order_pt
     else:
         tl.store(out_ptr + pix[:, None] * DP + chan[None, :], acc, mask=inb[:, None])
     tl.store(tfin_ptr + pix, T, mask=inb)
+    if LAST:
+        tl.store(last_ptr + pix, lastp, mask=inb)
+
+
+@triton.jit
+def _add10(a0, a1, a2, a3, a4, a5, a6, a7, a8, a9, b0, b1, b2, b3, b4, b5, b6, b7, b8, b9):
+    return a0 + b0, a1 + b1, a2 + b2, a3 + b3, a4 + b4, a5 + b5, a6 + b6, a7 + b7, a8 + b8, a9 + b9
 
 
 @triton.jit
@@ -227,13 +241,23 @@ def _add11(a0, a1, a2, a3, a4, a5, a6, a7, a8, a9, a10, b0, b1, b2, b3, b4, b5, 
 
 @triton.jit
 def _raster_bwd_kernel(params_ptr, feats_ptr, rect_ptr, ids_sorted_ptr, order_ptr, ranges_ptr, ovf_ptr,
-                       out_ptr, tfin_ptr, gout_ptr, gt_ptr, gparams_ptr, gfeats_ptr, G, N, W, H, TX, TPI, alpha_max,
+                       out_ptr, tfin_ptr, last_ptr, gout_ptr, gt_ptr, gparams_ptr, gfeats_ptr, gpack_ptr,
+                       G, N, W, H, TX, TPI, alpha_max,
                        DP: tl.constexpr, CH: tl.constexpr, TS: tl.constexpr, SPLIT: tl.constexpr,
-                       ONE_REDUCE: tl.constexpr):
-    # ONE_REDUCE (needs SPLIT): see below
+                       ONE_REDUCE: tl.constexpr, LAST: tl.constexpr, PACK: tl.constexpr):
+    # ONE_REDUCE (needs SPLIT): the per-Gaussian sums as one multi-operand reduction.
+    # LAST: the forward's per-pixel stop positions bound the walk (the tile's largest) and
+    #   select the kept pairs, instead of tracking T <= 1e-4 and testing for "all done" per chunk.
+    # PACK (needs SPLIT): ten sums (the conic's coefficients taken out of the pixel sums), no
+    #   separate hit count, and one atomic add of a [CH, 16] block into a [G, 16] buffer
+    #   (a Gaussian's gradients in one 64-byte row instead of ten arrays).
     img, tx, ty, px, py, inb, pxf, pyf, ovf, start, end = _tile_setup(ranges_ptr, ovf_ptr, N, W, H, TX, TPI, TS)
     chan = tl.arange(0, DP)
     pix = (img * H + py) * W + px
+    lastp = tl.zeros([TS * TS], dtype=tl.int32)
+    if LAST:
+        lastp = tl.load(last_ptr + pix, mask=inb, other=0)
+        end = tl.minimum(end, tl.max(lastp, axis=0))
 
     gpix = tl.load(gout_ptr + pix[:, None] * DP + chan[None, :], mask=inb[:, None], other=0.0)  # [PIX, DP]
     outp = tl.load(out_ptr + pix[:, None] * DP + chan[None, :], mask=inb[:, None], other=0.0)
@@ -257,7 +281,12 @@ def _raster_bwd_kernel(params_ptr, feats_ptr, rect_ptr, ids_sorted_ptr, order_pt
     while i < end:
         gid, m, dx, dy, og, alpha, valid, ca, cb, cc, op = _chunk_alpha(
             params_ptr, rect_ptr, ids_sorted_ptr, order_ptr, ovf, i, end, G, tx, ty, pxf, pyf, alpha_max, CH)
-        valid = valid & ~done[None, :]
+        if LAST:
+            # the pairs the forward kept: valid and in front of the pixel's stop (the same f and
+            # cumulative product as the forward's up to there, so the same P)
+            valid = valid & ((i + tl.arange(0, CH))[:, None] < lastp[None, :])
+        else:
+            valid = valid & ~done[None, :]
         f = tl.where(valid, 1.0 - alpha, 1.0)
         P = T[None, :] * tl.cumprod(f, axis=0)
         keep = valid & (P > _T_MIN)
@@ -277,7 +306,37 @@ def _raster_bwd_kernel(params_ptr, feats_ptr, rect_ptr, ids_sorted_ptr, order_pt
         after = total[None, :] - cs  # contributions behind each pair
         g_a = tb * v - (after + q[None, :]) / (1.0 - alpha)
         mm = tl.where(keep & (og < alpha_max), og * g_a, 0.0)  # -dL/dsigma; the clamp blocks the gradient
-        if ONE_REDUCE:
+        if PACK:
+            if ONE_REDUCE:
+                s_x, s_y, s_xx, s_xy, s_yy, s_m, s_f0, s_f1, s_f2, s_f3 = tl.reduce(
+                    (mm * dx, mm * dy, mm * dx * dx, mm * dx * dy, mm * dy * dy, mm,
+                     w * g0[None, :], w * g1[None, :], w * g2[None, :], w * g3[None, :]), axis=1, combine_fn=_add10)
+            else:
+                s_x = tl.sum(mm * dx, axis=1)
+                s_y = tl.sum(mm * dy, axis=1)
+                s_xx = tl.sum(mm * dx * dx, axis=1)
+                s_xy = tl.sum(mm * dx * dy, axis=1)
+                s_yy = tl.sum(mm * dy * dy, axis=1)
+                s_m = tl.sum(mm, axis=1)
+                s_f0 = tl.sum(w * g0[None, :], axis=1)
+                s_f1 = tl.sum(w * g1[None, :], axis=1)
+                s_f2 = tl.sum(w * g2[None, :], axis=1)
+                s_f3 = tl.sum(w * g3[None, :], axis=1)
+            # a Gaussian whose sums are all zero would add zeros: skipping it changes nothing
+            hit = m & ((s_m != 0.0) | (s_f0 != 0.0) | (s_f1 != 0.0) | (s_f2 != 0.0) | (s_f3 != 0.0))
+            k = tl.arange(0, 16)[None, :]
+            row = tl.where(k == 0, -(ca * s_x + cb * s_y)[:, None], 0.0)
+            row = tl.where(k == 1, -(cb * s_x + cc * s_y)[:, None], row)
+            row = tl.where(k == 2, -0.5 * s_xx[:, None], row)
+            row = tl.where(k == 3, -s_xy[:, None], row)
+            row = tl.where(k == 4, -0.5 * s_yy[:, None], row)
+            row = tl.where(k == 5, (s_m / tl.where(m, op, 1.0))[:, None], row)
+            row = tl.where(k == 6, s_f0[:, None], row)
+            row = tl.where(k == 7, s_f1[:, None], row)
+            row = tl.where(k == 8, s_f2[:, None], row)
+            row = tl.where(k == 9, s_f3[:, None], row)
+            tl.atomic_add(gpack_ptr + gid[:, None] * 16 + k, row, mask=hit[:, None] & (k < 10))
+        elif ONE_REDUCE:
             # all per-Gaussian sums over the tile's pixels in one multi-operand reduction
             # (one round of shuffles and barriers instead of eleven)
             r_mx, r_my, r_ca, r_cb, r_cc, r_m, r_f0, r_f1, r_f2, r_f3, r_hit = tl.reduce(
@@ -320,15 +379,17 @@ def _raster_bwd_kernel(params_ptr, feats_ptr, rect_ptr, ids_sorted_ptr, order_pt
                 tl.atomic_add(gfeats_ptr + gid[:, None] * DP + chan[None, :], g_feat, mask=hit[:, None] & (chan[None, :] < DP))
         prefix += tl.sum(wv, axis=0)
         T = tl.minimum(T, tl.min(tl.where(keep, P, 2.0), axis=0))
-        done = done | (tl.sum((valid & (P <= _T_MIN)).to(tl.int32), axis=0) > 0)
-        all_done = tl.sum((~done).to(tl.int32), axis=0) == 0
-        i = tl.where(all_done, end, i + CH)
+        if LAST:
+            i += CH
+        else:
+            done = done | (tl.sum((valid & (P <= _T_MIN)).to(tl.int32), axis=0) > 0)
+            all_done = tl.sum((~done).to(tl.int32), axis=0) == 0
+            i = tl.where(all_done, end, i + CH)
 
 
 @triton.jit
-def _proj_common(means_ptr, quats_ptr, scales_ptr, view_ptr, K_ptr, g, m, N, W, H, near, far, eps2d):
-    """Per-Gaussian EWA projection (the torch path's arithmetic, in registers)."""
-    b = g // N
+def _load_view(view_ptr, b, m):
+    """The top three rows of image b's world-to-camera matrix (identity where masked off)."""
     vb = view_ptr + b * 16
     r00 = tl.load(vb + 0, mask=m, other=1.0)
     r01 = tl.load(vb + 1, mask=m, other=0.0)
@@ -342,6 +403,14 @@ def _proj_common(means_ptr, quats_ptr, scales_ptr, view_ptr, K_ptr, g, m, N, W, 
     r21 = tl.load(vb + 9, mask=m, other=0.0)
     r22 = tl.load(vb + 10, mask=m, other=1.0)
     t2 = tl.load(vb + 11, mask=m, other=0.0)
+    return r00, r01, r02, t0, r10, r11, r12, t1, r20, r21, r22, t2
+
+
+@triton.jit
+def _proj_common(means_ptr, quats_ptr, scales_ptr, view_ptr, K_ptr, g, m, N, W, H, near, far, eps2d):
+    """Per-Gaussian EWA projection (the torch path's arithmetic, in registers)."""
+    b = g // N
+    r00, r01, r02, t0, r10, r11, r12, t1, r20, r21, r22, t2 = _load_view(view_ptr, b, m)
     kb = K_ptr + b * 9
     fx = tl.load(kb + 0, mask=m, other=1.0)
     cx = tl.load(kb + 2, mask=m, other=0.0)
@@ -566,19 +635,7 @@ def _project_bwd_kernel(means_ptr, quats_ptr, scales_ptr, view_ptr, K_ptr, count
 def _sh_dirs(means_ptr, view_ptr, g, m, N):
     """Unit view directions (mean - camera centre) of Gaussians g, their length before normalising."""
     b = g // N
-    vb = view_ptr + b * 16
-    r00 = tl.load(vb + 0, mask=m, other=1.0)
-    r01 = tl.load(vb + 1, mask=m, other=0.0)
-    r02 = tl.load(vb + 2, mask=m, other=0.0)
-    t0 = tl.load(vb + 3, mask=m, other=0.0)
-    r10 = tl.load(vb + 4, mask=m, other=0.0)
-    r11 = tl.load(vb + 5, mask=m, other=1.0)
-    r12 = tl.load(vb + 6, mask=m, other=0.0)
-    t1 = tl.load(vb + 7, mask=m, other=0.0)
-    r20 = tl.load(vb + 8, mask=m, other=0.0)
-    r21 = tl.load(vb + 9, mask=m, other=0.0)
-    r22 = tl.load(vb + 10, mask=m, other=1.0)
-    t2 = tl.load(vb + 11, mask=m, other=0.0)
+    r00, r01, r02, t0, r10, r11, r12, t1, r20, r21, r22, t2 = _load_view(view_ptr, b, m)
     # camera centre -R^T t
     vx = tl.load(means_ptr + g * 3 + 0, mask=m, other=1.0) + (r00 * t0 + r10 * t1 + r20 * t2)
     vy = tl.load(means_ptr + g * 3 + 1, mask=m, other=0.0) + (r01 * t0 + r11 * t1 + r21 * t2)
@@ -1074,28 +1131,43 @@ class _Raster(torch.autograd.Function):
         dev = feats.device
         out = torch.empty(B * H * W, DP, dtype=torch.float32, device=dev)
         tfin = torch.empty(B * H * W, dtype=torch.float32, device=dev)
+        # the stop positions are written only when a backward will read them
+        last = bwd_cfg[3] and any(ctx.needs_input_grad[:2])
+        lastpos = torch.empty(B * H * W if last else 1, dtype=torch.int32, device=dev)
         params, feats = params.contiguous(), feats.contiguous()
         grid = (B * bins["TPI"],)
         _raster_fwd_kernel[grid](params, feats, bins["rect"], bins["ids"], bins["order"], bins["ranges"], bins["ovf"],
-                                 out, tfin, G, N, W, H, bins["TX"], bins["TPI"], alpha_max,
-                                 DP=DP, CH=chunk, TS=TILE, SPLIT=split, num_warps=num_warps)
-        ctx.save_for_backward(params, feats, bins["rect"], bins["ids"], bins["order"], bins["ranges"], bins["ovf"], out, tfin)
-        ctx.meta = (B, N, W, H, bins["TX"], bins["TPI"], alpha_max, bwd_cfg[0], bwd_cfg[1], split, bwd_cfg[2])
+                                 out, tfin, lastpos, G, N, W, H, bins["TX"], bins["TPI"], alpha_max,
+                                 DP=DP, CH=chunk, TS=TILE, SPLIT=split, LAST=last, num_warps=num_warps)
+        ctx.save_for_backward(params, feats, bins["rect"], bins["ids"], bins["order"], bins["ranges"], bins["ovf"], out, tfin,
+                              lastpos)
+        ctx.meta = (B, N, W, H, bins["TX"], bins["TPI"], alpha_max, bwd_cfg[0], bwd_cfg[1], split, bwd_cfg[2], last,
+                    bwd_cfg[4])
         return out, tfin
 
     @staticmethod
     def backward(ctx, g_out, g_t):
-        params, feats, rect, ids, order, ranges, ovf, out, tfin = ctx.saved_tensors
-        B, N, W, H, TX, TPI, alpha_max, chunk, num_warps, split, one_reduce = ctx.meta
+        params, feats, rect, ids, order, ranges, ovf, out, tfin, lastpos = ctx.saved_tensors
+        B, N, W, H, TX, TPI, alpha_max, chunk, num_warps, split, one_reduce, last, packed = ctx.meta
         G, DP = feats.shape
         g_out = torch.zeros_like(out) if g_out is None else g_out.contiguous().float()
         g_t = torch.zeros_like(tfin) if g_t is None else g_t.contiguous().float()
-        gparams = torch.zeros_like(params)
-        gfeats = torch.zeros_like(feats)
-        _raster_bwd_kernel[(B * TPI,)](params, feats, rect, ids, order, ranges, ovf, out, tfin, g_out, g_t,
-                                       gparams, gfeats, G, N, W, H, TX, TPI, alpha_max,
+        packed = packed and split
+        if packed:
+            # one [G, 16] buffer: mx, my, A, B, C, opacity, 4 features, 6 unused (64-byte rows)
+            gpack = torch.zeros(G, 16, dtype=torch.float32, device=feats.device)
+            gparams = gfeats = gpack  # not written by the kernel in this mode
+        else:
+            gpack = params  # not written by the kernel in this mode
+            gparams = torch.zeros_like(params)
+            gfeats = torch.zeros_like(feats)
+        _raster_bwd_kernel[(B * TPI,)](params, feats, rect, ids, order, ranges, ovf, out, tfin, lastpos, g_out, g_t,
+                                       gparams, gfeats, gpack, G, N, W, H, TX, TPI, alpha_max,
                                        DP=DP, CH=chunk, TS=TILE, SPLIT=split, ONE_REDUCE=split and one_reduce,
-                                       num_warps=num_warps)
+                                       LAST=last, PACK=packed, num_warps=num_warps)
+        if packed:
+            gparams = gpack[:, :6].t().contiguous()
+            gfeats = gpack[:, 6:10].contiguous()
         return gparams, gfeats, None, None, None, None, None, None, None, None, None, None
 
 
@@ -1116,7 +1188,7 @@ def render_triton(means, quats, scales, opacities, colors, viewmats, Ks, width: 
                   sh_degree: int | None = None, backgrounds=None, near: float = NEAR, far: float = FAR,
                   eps2d: float = EPS2D, alpha_max: float = ALPHA_MAX, chunk: int = 8, num_warps: int = 4, chunk_bwd: int = 8,
                   num_warps_bwd: int = 4, fused_projection: bool = True, split_channels: bool = True, one_reduce: bool = False,
-                  **kw) -> RenderOutput:
+                  last_index: bool = False, packed_grads: bool = False, **kw) -> RenderOutput:
     """Render B frames with the Triton tile rasteriser; same arguments as ``render_torch``.
 
     ``chunk`` (Gaussians composited per step of a tile program, a power of two) and
@@ -1126,6 +1198,12 @@ def render_triton(means, quats, scales, opacities, colors, viewmats, Ks, width: 
     ``split_channels``: per-channel accumulators when there are 3 colour channels (speed only);
     ``one_reduce``: the backward's per-Gaussian sums as one multi-operand reduction (with
     split channels; same results; not yet timed on a GPU, hence off by default).
+    ``last_index``: the forward also stores each pixel's stop position (int32 a pixel) and the
+    backward walks each tile's list only up to its pixels' last stop (no per-chunk "all done"
+    test); ``packed_grads``: the backward's per-Gaussian sums cut to ten and added with one atomic
+    block per chunk into a [G, 16] buffer (with split channels).  Both: same results, speed
+    only, not yet timed on a GPU (off by default; ``benchmarks/gaussian_parity.py --sweep``
+    times them).
     """
     unknown = set(kw) - _FOREIGN_OPTIONS
     if unknown:
@@ -1173,7 +1251,7 @@ def render_triton(means, quats, scales, opacities, colors, viewmats, Ks, width: 
         parts.append(cols.new_zeros(B * N, DP - D - 1))
     feats = torch.cat(parts, 1)
     out, tfin = _Raster.apply(params, feats, bins, B, N, width, height, float(alpha_max), int(chunk), int(num_warps),
-                              bool(split_channels and DP == 4), (int(chunk_bwd), int(num_warps_bwd), bool(one_reduce)))
+                              bool(split_channels and DP == 4), (int(chunk_bwd), int(num_warps_bwd), bool(one_reduce), bool(last_index), bool(packed_grads)))
     out = out.view(B, height, width, DP)
     alpha = (1.0 - tfin).view(B, height, width, 1)
     rgb = out[..., :D]
