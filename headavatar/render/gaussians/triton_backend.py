@@ -645,87 +645,63 @@ def _sh_dirs(means_ptr, view_ptr, g, m, N):
 
 
 @triton.jit
+def _sh_setup(coef_ptr, sb, sn, means_ptr, view_ptr, G, N, BLOCK: tl.constexpr):
+    """This program's Gaussians, their unit view directions (and squares) and coefficient rows."""
+    g = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    m = g < G
+    x, y, z, nrm = _sh_dirs(means_ptr, view_ptr, g, m, N)
+    cb = coef_ptr + (g // N).to(tl.int64) * sb + (g % N).to(tl.int64) * sn
+    return g, m, x, y, z, nrm, x * x, y * y, z * z, cb
+
+
+@triton.jit
+def _sh_acc(cb, k: tl.constexpr, sk, sc, m, bk, acc_r, acc_g, acc_b):
+    """acc += basis value bk times coefficient k (RGB)."""
+    acc_r += bk * tl.load(cb + k * sk + 0 * sc, mask=m, other=0.0)
+    acc_g += bk * tl.load(cb + k * sk + 1 * sc, mask=m, other=0.0)
+    acc_b += bk * tl.load(cb + k * sk + 2 * sc, mask=m, other=0.0)
+    return acc_r, acc_g, acc_b
+
+
+@triton.jit
+def _sh_coef_grad(cb, k: tl.constexpr, sk, sc, m, bk, gr, gg, gb, gc):
+    """Coefficient k's gradient (basis value bk times the colour gradient, stored at gc + 3k);
+    returns coefficient k . colour gradient (what the basis value's own gradient is scaled by)."""
+    tl.store(gc + 3 * k + 0, bk * gr, mask=m)
+    tl.store(gc + 3 * k + 1, bk * gg, mask=m)
+    tl.store(gc + 3 * k + 2, bk * gb, mask=m)
+    return (tl.load(cb + k * sk, mask=m, other=0.0) * gr + tl.load(cb + k * sk + sc, mask=m, other=0.0) * gg
+            + tl.load(cb + k * sk + 2 * sc, mask=m, other=0.0) * gb)
+
+
+@triton.jit
 def _sh_fwd_kernel(coef_ptr, sb, sn, sk, sc, means_ptr, view_ptr, out_ptr, G, N,
                    DEG: tl.constexpr, BLOCK: tl.constexpr):
     """colour = max(SH_DEG(dir) . coefficients + 0.5, 0), 3DGS basis (sh.py); coefficients by strides
     (an expanded [B,N,K,3] view is read in place)."""
-    g = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    m = g < G
-    x, y, z, nrm = _sh_dirs(means_ptr, view_ptr, g, m, N)
-    xx = x * x
-    yy = y * y
-    zz = z * z
-    cb = coef_ptr + (g // N).to(tl.int64) * sb + (g % N).to(tl.int64) * sn
+    g, m, x, y, z, nrm, xx, yy, zz, cb = _sh_setup(coef_ptr, sb, sn, means_ptr, view_ptr, G, N, BLOCK)
     acc_r = tl.zeros([BLOCK], dtype=tl.float32)
     acc_g = tl.zeros([BLOCK], dtype=tl.float32)
     acc_b = tl.zeros([BLOCK], dtype=tl.float32)
-    bk = 0.28209479177387814
-    acc_r += bk * tl.load(cb + 0 * sk + 0 * sc, mask=m, other=0.0)
-    acc_g += bk * tl.load(cb + 0 * sk + 1 * sc, mask=m, other=0.0)
-    acc_b += bk * tl.load(cb + 0 * sk + 2 * sc, mask=m, other=0.0)
+    acc_r, acc_g, acc_b = _sh_acc(cb, 0, sk, sc, m, 0.28209479177387814, acc_r, acc_g, acc_b)
     if DEG >= 1:
-        bk = -0.4886025119029199 * y
-        acc_r += bk * tl.load(cb + 1 * sk + 0 * sc, mask=m, other=0.0)
-        acc_g += bk * tl.load(cb + 1 * sk + 1 * sc, mask=m, other=0.0)
-        acc_b += bk * tl.load(cb + 1 * sk + 2 * sc, mask=m, other=0.0)
-        bk = 0.4886025119029199 * z
-        acc_r += bk * tl.load(cb + 2 * sk + 0 * sc, mask=m, other=0.0)
-        acc_g += bk * tl.load(cb + 2 * sk + 1 * sc, mask=m, other=0.0)
-        acc_b += bk * tl.load(cb + 2 * sk + 2 * sc, mask=m, other=0.0)
-        bk = -0.4886025119029199 * x
-        acc_r += bk * tl.load(cb + 3 * sk + 0 * sc, mask=m, other=0.0)
-        acc_g += bk * tl.load(cb + 3 * sk + 1 * sc, mask=m, other=0.0)
-        acc_b += bk * tl.load(cb + 3 * sk + 2 * sc, mask=m, other=0.0)
+        acc_r, acc_g, acc_b = _sh_acc(cb, 1, sk, sc, m, -0.4886025119029199 * y, acc_r, acc_g, acc_b)
+        acc_r, acc_g, acc_b = _sh_acc(cb, 2, sk, sc, m, 0.4886025119029199 * z, acc_r, acc_g, acc_b)
+        acc_r, acc_g, acc_b = _sh_acc(cb, 3, sk, sc, m, -0.4886025119029199 * x, acc_r, acc_g, acc_b)
     if DEG >= 2:
-        bk = 1.0925484305920792 * x * y
-        acc_r += bk * tl.load(cb + 4 * sk + 0 * sc, mask=m, other=0.0)
-        acc_g += bk * tl.load(cb + 4 * sk + 1 * sc, mask=m, other=0.0)
-        acc_b += bk * tl.load(cb + 4 * sk + 2 * sc, mask=m, other=0.0)
-        bk = -1.0925484305920792 * y * z
-        acc_r += bk * tl.load(cb + 5 * sk + 0 * sc, mask=m, other=0.0)
-        acc_g += bk * tl.load(cb + 5 * sk + 1 * sc, mask=m, other=0.0)
-        acc_b += bk * tl.load(cb + 5 * sk + 2 * sc, mask=m, other=0.0)
-        bk = 0.31539156525252005 * (2.0 * zz - xx - yy)
-        acc_r += bk * tl.load(cb + 6 * sk + 0 * sc, mask=m, other=0.0)
-        acc_g += bk * tl.load(cb + 6 * sk + 1 * sc, mask=m, other=0.0)
-        acc_b += bk * tl.load(cb + 6 * sk + 2 * sc, mask=m, other=0.0)
-        bk = -1.0925484305920792 * x * z
-        acc_r += bk * tl.load(cb + 7 * sk + 0 * sc, mask=m, other=0.0)
-        acc_g += bk * tl.load(cb + 7 * sk + 1 * sc, mask=m, other=0.0)
-        acc_b += bk * tl.load(cb + 7 * sk + 2 * sc, mask=m, other=0.0)
-        bk = 0.5462742152960396 * (xx - yy)
-        acc_r += bk * tl.load(cb + 8 * sk + 0 * sc, mask=m, other=0.0)
-        acc_g += bk * tl.load(cb + 8 * sk + 1 * sc, mask=m, other=0.0)
-        acc_b += bk * tl.load(cb + 8 * sk + 2 * sc, mask=m, other=0.0)
+        acc_r, acc_g, acc_b = _sh_acc(cb, 4, sk, sc, m, 1.0925484305920792 * x * y, acc_r, acc_g, acc_b)
+        acc_r, acc_g, acc_b = _sh_acc(cb, 5, sk, sc, m, -1.0925484305920792 * y * z, acc_r, acc_g, acc_b)
+        acc_r, acc_g, acc_b = _sh_acc(cb, 6, sk, sc, m, 0.31539156525252005 * (2.0 * zz - xx - yy), acc_r, acc_g, acc_b)
+        acc_r, acc_g, acc_b = _sh_acc(cb, 7, sk, sc, m, -1.0925484305920792 * x * z, acc_r, acc_g, acc_b)
+        acc_r, acc_g, acc_b = _sh_acc(cb, 8, sk, sc, m, 0.5462742152960396 * (xx - yy), acc_r, acc_g, acc_b)
     if DEG >= 3:
-        bk = -0.5900435899266435 * y * (3.0 * xx - yy)
-        acc_r += bk * tl.load(cb + 9 * sk + 0 * sc, mask=m, other=0.0)
-        acc_g += bk * tl.load(cb + 9 * sk + 1 * sc, mask=m, other=0.0)
-        acc_b += bk * tl.load(cb + 9 * sk + 2 * sc, mask=m, other=0.0)
-        bk = 2.890611442640554 * x * y * z
-        acc_r += bk * tl.load(cb + 10 * sk + 0 * sc, mask=m, other=0.0)
-        acc_g += bk * tl.load(cb + 10 * sk + 1 * sc, mask=m, other=0.0)
-        acc_b += bk * tl.load(cb + 10 * sk + 2 * sc, mask=m, other=0.0)
-        bk = -0.4570457994644658 * y * (4.0 * zz - xx - yy)
-        acc_r += bk * tl.load(cb + 11 * sk + 0 * sc, mask=m, other=0.0)
-        acc_g += bk * tl.load(cb + 11 * sk + 1 * sc, mask=m, other=0.0)
-        acc_b += bk * tl.load(cb + 11 * sk + 2 * sc, mask=m, other=0.0)
-        bk = 0.3731763325901154 * z * (2.0 * zz - 3.0 * xx - 3.0 * yy)
-        acc_r += bk * tl.load(cb + 12 * sk + 0 * sc, mask=m, other=0.0)
-        acc_g += bk * tl.load(cb + 12 * sk + 1 * sc, mask=m, other=0.0)
-        acc_b += bk * tl.load(cb + 12 * sk + 2 * sc, mask=m, other=0.0)
-        bk = -0.4570457994644658 * x * (4.0 * zz - xx - yy)
-        acc_r += bk * tl.load(cb + 13 * sk + 0 * sc, mask=m, other=0.0)
-        acc_g += bk * tl.load(cb + 13 * sk + 1 * sc, mask=m, other=0.0)
-        acc_b += bk * tl.load(cb + 13 * sk + 2 * sc, mask=m, other=0.0)
-        bk = 1.445305721320277 * z * (xx - yy)
-        acc_r += bk * tl.load(cb + 14 * sk + 0 * sc, mask=m, other=0.0)
-        acc_g += bk * tl.load(cb + 14 * sk + 1 * sc, mask=m, other=0.0)
-        acc_b += bk * tl.load(cb + 14 * sk + 2 * sc, mask=m, other=0.0)
-        bk = -0.5900435899266435 * x * (xx - 3.0 * yy)
-        acc_r += bk * tl.load(cb + 15 * sk + 0 * sc, mask=m, other=0.0)
-        acc_g += bk * tl.load(cb + 15 * sk + 1 * sc, mask=m, other=0.0)
-        acc_b += bk * tl.load(cb + 15 * sk + 2 * sc, mask=m, other=0.0)
+        acc_r, acc_g, acc_b = _sh_acc(cb, 9, sk, sc, m, -0.5900435899266435 * y * (3.0 * xx - yy), acc_r, acc_g, acc_b)
+        acc_r, acc_g, acc_b = _sh_acc(cb, 10, sk, sc, m, 2.890611442640554 * x * y * z, acc_r, acc_g, acc_b)
+        acc_r, acc_g, acc_b = _sh_acc(cb, 11, sk, sc, m, -0.4570457994644658 * y * (4.0 * zz - xx - yy), acc_r, acc_g, acc_b)
+        acc_r, acc_g, acc_b = _sh_acc(cb, 12, sk, sc, m, 0.3731763325901154 * z * (2.0 * zz - 3.0 * xx - 3.0 * yy), acc_r, acc_g, acc_b)
+        acc_r, acc_g, acc_b = _sh_acc(cb, 13, sk, sc, m, -0.4570457994644658 * x * (4.0 * zz - xx - yy), acc_r, acc_g, acc_b)
+        acc_r, acc_g, acc_b = _sh_acc(cb, 14, sk, sc, m, 1.445305721320277 * z * (xx - yy), acc_r, acc_g, acc_b)
+        acc_r, acc_g, acc_b = _sh_acc(cb, 15, sk, sc, m, -0.5900435899266435 * x * (xx - 3.0 * yy), acc_r, acc_g, acc_b)
     tl.store(out_ptr + g * 3 + 0, tl.maximum(acc_r + 0.5, 0.0), mask=m)
     tl.store(out_ptr + g * 3 + 1, tl.maximum(acc_g + 0.5, 0.0), mask=m)
     tl.store(out_ptr + g * 3 + 2, tl.maximum(acc_b + 0.5, 0.0), mask=m)
@@ -736,13 +712,7 @@ def _sh_bwd_kernel(coef_ptr, sb, sn, sk, sc, means_ptr, view_ptr, col_ptr, gcol_
                    DEG: tl.constexpr, BLOCK: tl.constexpr):
     """Gradients of _sh_fwd_kernel: to the coefficients ([G,K,3], the first (DEG+1)^2 written)
     and to the means through the view direction."""
-    g = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    m = g < G
-    x, y, z, nrm = _sh_dirs(means_ptr, view_ptr, g, m, N)
-    xx = x * x
-    yy = y * y
-    zz = z * z
-    cb = coef_ptr + (g // N).to(tl.int64) * sb + (g % N).to(tl.int64) * sn
+    g, m, x, y, z, nrm, xx, yy, zz, cb = _sh_setup(coef_ptr, sb, sn, means_ptr, view_ptr, G, N, BLOCK)
     # the clamp at 0 passes the gradient where the colour is > 0 (torch also at exactly 0: measure zero)
     gr = tl.load(gcol_ptr + g * 3 + 0, mask=m, other=0.0)
     gg = tl.load(gcol_ptr + g * 3 + 1, mask=m, other=0.0)
@@ -753,136 +723,57 @@ def _sh_bwd_kernel(coef_ptr, sb, sn, sk, sc, means_ptr, view_ptr, col_ptr, gcol_
     gx = tl.zeros([BLOCK], dtype=tl.float32)
     gy = tl.zeros([BLOCK], dtype=tl.float32)
     gz = tl.zeros([BLOCK], dtype=tl.float32)
-    bk = 0.28209479177387814
-    s = (tl.load(cb + 0 * sk, mask=m, other=0.0) * gr + tl.load(cb + 0 * sk + sc, mask=m, other=0.0) * gg
-         + tl.load(cb + 0 * sk + 2 * sc, mask=m, other=0.0) * gb)
-    tl.store(gcoef_ptr + g * (K * 3) + 0, bk * gr, mask=m)
-    tl.store(gcoef_ptr + g * (K * 3) + 1, bk * gg, mask=m)
-    tl.store(gcoef_ptr + g * (K * 3) + 2, bk * gb, mask=m)
+    gc = gcoef_ptr + g * (K * 3)  # this Gaussian's [K, 3] gradient row
+    s = _sh_coef_grad(cb, 0, sk, sc, m, 0.28209479177387814, gr, gg, gb, gc)
     if DEG >= 1:
-        bk = -0.4886025119029199 * y
-        s = (tl.load(cb + 1 * sk, mask=m, other=0.0) * gr + tl.load(cb + 1 * sk + sc, mask=m, other=0.0) * gg
-             + tl.load(cb + 1 * sk + 2 * sc, mask=m, other=0.0) * gb)
-        tl.store(gcoef_ptr + g * (K * 3) + 3, bk * gr, mask=m)
-        tl.store(gcoef_ptr + g * (K * 3) + 4, bk * gg, mask=m)
-        tl.store(gcoef_ptr + g * (K * 3) + 5, bk * gb, mask=m)
+        s = _sh_coef_grad(cb, 1, sk, sc, m, -0.4886025119029199 * y, gr, gg, gb, gc)
         gy += s * (-0.4886025119029199)
-        bk = 0.4886025119029199 * z
-        s = (tl.load(cb + 2 * sk, mask=m, other=0.0) * gr + tl.load(cb + 2 * sk + sc, mask=m, other=0.0) * gg
-             + tl.load(cb + 2 * sk + 2 * sc, mask=m, other=0.0) * gb)
-        tl.store(gcoef_ptr + g * (K * 3) + 6, bk * gr, mask=m)
-        tl.store(gcoef_ptr + g * (K * 3) + 7, bk * gg, mask=m)
-        tl.store(gcoef_ptr + g * (K * 3) + 8, bk * gb, mask=m)
+        s = _sh_coef_grad(cb, 2, sk, sc, m, 0.4886025119029199 * z, gr, gg, gb, gc)
         gz += s * (0.4886025119029199)
-        bk = -0.4886025119029199 * x
-        s = (tl.load(cb + 3 * sk, mask=m, other=0.0) * gr + tl.load(cb + 3 * sk + sc, mask=m, other=0.0) * gg
-             + tl.load(cb + 3 * sk + 2 * sc, mask=m, other=0.0) * gb)
-        tl.store(gcoef_ptr + g * (K * 3) + 9, bk * gr, mask=m)
-        tl.store(gcoef_ptr + g * (K * 3) + 10, bk * gg, mask=m)
-        tl.store(gcoef_ptr + g * (K * 3) + 11, bk * gb, mask=m)
+        s = _sh_coef_grad(cb, 3, sk, sc, m, -0.4886025119029199 * x, gr, gg, gb, gc)
         gx += s * (-0.4886025119029199)
     if DEG >= 2:
-        bk = 1.0925484305920792 * x * y
-        s = (tl.load(cb + 4 * sk, mask=m, other=0.0) * gr + tl.load(cb + 4 * sk + sc, mask=m, other=0.0) * gg
-             + tl.load(cb + 4 * sk + 2 * sc, mask=m, other=0.0) * gb)
-        tl.store(gcoef_ptr + g * (K * 3) + 12, bk * gr, mask=m)
-        tl.store(gcoef_ptr + g * (K * 3) + 13, bk * gg, mask=m)
-        tl.store(gcoef_ptr + g * (K * 3) + 14, bk * gb, mask=m)
+        s = _sh_coef_grad(cb, 4, sk, sc, m, 1.0925484305920792 * x * y, gr, gg, gb, gc)
         gx += s * (1.0925484305920792 * y)
         gy += s * (1.0925484305920792 * x)
-        bk = -1.0925484305920792 * y * z
-        s = (tl.load(cb + 5 * sk, mask=m, other=0.0) * gr + tl.load(cb + 5 * sk + sc, mask=m, other=0.0) * gg
-             + tl.load(cb + 5 * sk + 2 * sc, mask=m, other=0.0) * gb)
-        tl.store(gcoef_ptr + g * (K * 3) + 15, bk * gr, mask=m)
-        tl.store(gcoef_ptr + g * (K * 3) + 16, bk * gg, mask=m)
-        tl.store(gcoef_ptr + g * (K * 3) + 17, bk * gb, mask=m)
+        s = _sh_coef_grad(cb, 5, sk, sc, m, -1.0925484305920792 * y * z, gr, gg, gb, gc)
         gy += s * (-1.0925484305920792 * z)
         gz += s * (-1.0925484305920792 * y)
-        bk = 0.31539156525252005 * (2.0 * zz - xx - yy)
-        s = (tl.load(cb + 6 * sk, mask=m, other=0.0) * gr + tl.load(cb + 6 * sk + sc, mask=m, other=0.0) * gg
-             + tl.load(cb + 6 * sk + 2 * sc, mask=m, other=0.0) * gb)
-        tl.store(gcoef_ptr + g * (K * 3) + 18, bk * gr, mask=m)
-        tl.store(gcoef_ptr + g * (K * 3) + 19, bk * gg, mask=m)
-        tl.store(gcoef_ptr + g * (K * 3) + 20, bk * gb, mask=m)
+        s = _sh_coef_grad(cb, 6, sk, sc, m, 0.31539156525252005 * (2.0 * zz - xx - yy), gr, gg, gb, gc)
         gx += s * (-2.0 * 0.31539156525252005 * x)
         gy += s * (-2.0 * 0.31539156525252005 * y)
         gz += s * (4.0 * 0.31539156525252005 * z)
-        bk = -1.0925484305920792 * x * z
-        s = (tl.load(cb + 7 * sk, mask=m, other=0.0) * gr + tl.load(cb + 7 * sk + sc, mask=m, other=0.0) * gg
-             + tl.load(cb + 7 * sk + 2 * sc, mask=m, other=0.0) * gb)
-        tl.store(gcoef_ptr + g * (K * 3) + 21, bk * gr, mask=m)
-        tl.store(gcoef_ptr + g * (K * 3) + 22, bk * gg, mask=m)
-        tl.store(gcoef_ptr + g * (K * 3) + 23, bk * gb, mask=m)
+        s = _sh_coef_grad(cb, 7, sk, sc, m, -1.0925484305920792 * x * z, gr, gg, gb, gc)
         gx += s * (-1.0925484305920792 * z)
         gz += s * (-1.0925484305920792 * x)
-        bk = 0.5462742152960396 * (xx - yy)
-        s = (tl.load(cb + 8 * sk, mask=m, other=0.0) * gr + tl.load(cb + 8 * sk + sc, mask=m, other=0.0) * gg
-             + tl.load(cb + 8 * sk + 2 * sc, mask=m, other=0.0) * gb)
-        tl.store(gcoef_ptr + g * (K * 3) + 24, bk * gr, mask=m)
-        tl.store(gcoef_ptr + g * (K * 3) + 25, bk * gg, mask=m)
-        tl.store(gcoef_ptr + g * (K * 3) + 26, bk * gb, mask=m)
+        s = _sh_coef_grad(cb, 8, sk, sc, m, 0.5462742152960396 * (xx - yy), gr, gg, gb, gc)
         gx += s * (2.0 * 0.5462742152960396 * x)
         gy += s * (-2.0 * 0.5462742152960396 * y)
     if DEG >= 3:
-        bk = -0.5900435899266435 * y * (3.0 * xx - yy)
-        s = (tl.load(cb + 9 * sk, mask=m, other=0.0) * gr + tl.load(cb + 9 * sk + sc, mask=m, other=0.0) * gg
-             + tl.load(cb + 9 * sk + 2 * sc, mask=m, other=0.0) * gb)
-        tl.store(gcoef_ptr + g * (K * 3) + 27, bk * gr, mask=m)
-        tl.store(gcoef_ptr + g * (K * 3) + 28, bk * gg, mask=m)
-        tl.store(gcoef_ptr + g * (K * 3) + 29, bk * gb, mask=m)
+        s = _sh_coef_grad(cb, 9, sk, sc, m, -0.5900435899266435 * y * (3.0 * xx - yy), gr, gg, gb, gc)
         gx += s * (6.0 * -0.5900435899266435 * x * y)
         gy += s * (-0.5900435899266435 * (3.0 * xx - 3.0 * yy))
-        bk = 2.890611442640554 * x * y * z
-        s = (tl.load(cb + 10 * sk, mask=m, other=0.0) * gr + tl.load(cb + 10 * sk + sc, mask=m, other=0.0) * gg
-             + tl.load(cb + 10 * sk + 2 * sc, mask=m, other=0.0) * gb)
-        tl.store(gcoef_ptr + g * (K * 3) + 30, bk * gr, mask=m)
-        tl.store(gcoef_ptr + g * (K * 3) + 31, bk * gg, mask=m)
-        tl.store(gcoef_ptr + g * (K * 3) + 32, bk * gb, mask=m)
+        s = _sh_coef_grad(cb, 10, sk, sc, m, 2.890611442640554 * x * y * z, gr, gg, gb, gc)
         gx += s * (2.890611442640554 * y * z)
         gy += s * (2.890611442640554 * x * z)
         gz += s * (2.890611442640554 * x * y)
-        bk = -0.4570457994644658 * y * (4.0 * zz - xx - yy)
-        s = (tl.load(cb + 11 * sk, mask=m, other=0.0) * gr + tl.load(cb + 11 * sk + sc, mask=m, other=0.0) * gg
-             + tl.load(cb + 11 * sk + 2 * sc, mask=m, other=0.0) * gb)
-        tl.store(gcoef_ptr + g * (K * 3) + 33, bk * gr, mask=m)
-        tl.store(gcoef_ptr + g * (K * 3) + 34, bk * gg, mask=m)
-        tl.store(gcoef_ptr + g * (K * 3) + 35, bk * gb, mask=m)
+        s = _sh_coef_grad(cb, 11, sk, sc, m, -0.4570457994644658 * y * (4.0 * zz - xx - yy), gr, gg, gb, gc)
         gx += s * (-2.0 * -0.4570457994644658 * x * y)
         gy += s * (-0.4570457994644658 * (4.0 * zz - xx - 3.0 * yy))
         gz += s * (8.0 * -0.4570457994644658 * y * z)
-        bk = 0.3731763325901154 * z * (2.0 * zz - 3.0 * xx - 3.0 * yy)
-        s = (tl.load(cb + 12 * sk, mask=m, other=0.0) * gr + tl.load(cb + 12 * sk + sc, mask=m, other=0.0) * gg
-             + tl.load(cb + 12 * sk + 2 * sc, mask=m, other=0.0) * gb)
-        tl.store(gcoef_ptr + g * (K * 3) + 36, bk * gr, mask=m)
-        tl.store(gcoef_ptr + g * (K * 3) + 37, bk * gg, mask=m)
-        tl.store(gcoef_ptr + g * (K * 3) + 38, bk * gb, mask=m)
+        s = _sh_coef_grad(cb, 12, sk, sc, m, 0.3731763325901154 * z * (2.0 * zz - 3.0 * xx - 3.0 * yy), gr, gg, gb, gc)
         gx += s * (-6.0 * 0.3731763325901154 * x * z)
         gy += s * (-6.0 * 0.3731763325901154 * y * z)
         gz += s * (0.3731763325901154 * (6.0 * zz - 3.0 * xx - 3.0 * yy))
-        bk = -0.4570457994644658 * x * (4.0 * zz - xx - yy)
-        s = (tl.load(cb + 13 * sk, mask=m, other=0.0) * gr + tl.load(cb + 13 * sk + sc, mask=m, other=0.0) * gg
-             + tl.load(cb + 13 * sk + 2 * sc, mask=m, other=0.0) * gb)
-        tl.store(gcoef_ptr + g * (K * 3) + 39, bk * gr, mask=m)
-        tl.store(gcoef_ptr + g * (K * 3) + 40, bk * gg, mask=m)
-        tl.store(gcoef_ptr + g * (K * 3) + 41, bk * gb, mask=m)
+        s = _sh_coef_grad(cb, 13, sk, sc, m, -0.4570457994644658 * x * (4.0 * zz - xx - yy), gr, gg, gb, gc)
         gx += s * (-0.4570457994644658 * (4.0 * zz - 3.0 * xx - yy))
         gy += s * (-2.0 * -0.4570457994644658 * x * y)
         gz += s * (8.0 * -0.4570457994644658 * x * z)
-        bk = 1.445305721320277 * z * (xx - yy)
-        s = (tl.load(cb + 14 * sk, mask=m, other=0.0) * gr + tl.load(cb + 14 * sk + sc, mask=m, other=0.0) * gg
-             + tl.load(cb + 14 * sk + 2 * sc, mask=m, other=0.0) * gb)
-        tl.store(gcoef_ptr + g * (K * 3) + 42, bk * gr, mask=m)
-        tl.store(gcoef_ptr + g * (K * 3) + 43, bk * gg, mask=m)
-        tl.store(gcoef_ptr + g * (K * 3) + 44, bk * gb, mask=m)
+        s = _sh_coef_grad(cb, 14, sk, sc, m, 1.445305721320277 * z * (xx - yy), gr, gg, gb, gc)
         gx += s * (2.0 * 1.445305721320277 * x * z)
         gy += s * (-2.0 * 1.445305721320277 * y * z)
         gz += s * (1.445305721320277 * (xx - yy))
-        bk = -0.5900435899266435 * x * (xx - 3.0 * yy)
-        s = (tl.load(cb + 15 * sk, mask=m, other=0.0) * gr + tl.load(cb + 15 * sk + sc, mask=m, other=0.0) * gg
-             + tl.load(cb + 15 * sk + 2 * sc, mask=m, other=0.0) * gb)
-        tl.store(gcoef_ptr + g * (K * 3) + 45, bk * gr, mask=m)
-        tl.store(gcoef_ptr + g * (K * 3) + 46, bk * gg, mask=m)
-        tl.store(gcoef_ptr + g * (K * 3) + 47, bk * gb, mask=m)
+        s = _sh_coef_grad(cb, 15, sk, sc, m, -0.5900435899266435 * x * (xx - 3.0 * yy), gr, gg, gb, gc)
         gx += s * (-0.5900435899266435 * (3.0 * xx - 3.0 * yy))
         gy += s * (-6.0 * -0.5900435899266435 * x * y)
     # through the normalisation dir = v / |v|
