@@ -119,6 +119,15 @@ def _emit_pairs_kernel(incl_ptr, order_ptr, rect_ptr, keys_ptr, gids_ptr, cap, G
 
 
 @triton.jit
+def _load_rows6(ptr, G, idx, m5, m6):
+    """Columns idx of a [6, G] array (mx, my, A, B, C, opacity or their gradients); the first five
+    rows under mask m5, the last under m6 (0 where masked)."""
+    return (tl.load(ptr + 0 * G + idx, mask=m5, other=0.0), tl.load(ptr + 1 * G + idx, mask=m5, other=0.0),
+            tl.load(ptr + 2 * G + idx, mask=m5, other=0.0), tl.load(ptr + 3 * G + idx, mask=m5, other=0.0),
+            tl.load(ptr + 4 * G + idx, mask=m5, other=0.0), tl.load(ptr + 5 * G + idx, mask=m6, other=0.0))
+
+
+@triton.jit
 def _chunk_alpha(params_ptr, rect_ptr, ids_sorted_ptr, order_ptr, ovf, i, end, G, tx, ty, pxf, pyf, alpha_max,
                  CH: tl.constexpr):
     """Load a chunk of CH Gaussians of the tile's list (or, after an overflow, of the image's
@@ -137,12 +146,7 @@ def _chunk_alpha(params_ptr, rect_ptr, ids_sorted_ptr, order_ptr, ovf, i, end, G
     ry1 = tl.load(rect_ptr + gid * 4 + 3, mask=m & use_all, other=0)
     inrect = ~use_all | ((rx0 <= tx) & (tx <= rx1) & (ry0 <= ty) & (ty <= ry1))
     m = m & inrect
-    mx = tl.load(params_ptr + 0 * G + gid, mask=m, other=0.0)
-    my = tl.load(params_ptr + 1 * G + gid, mask=m, other=0.0)
-    ca = tl.load(params_ptr + 2 * G + gid, mask=m, other=0.0)
-    cb = tl.load(params_ptr + 3 * G + gid, mask=m, other=0.0)
-    cc = tl.load(params_ptr + 4 * G + gid, mask=m, other=0.0)
-    op = tl.load(params_ptr + 5 * G + gid, mask=m, other=0.0)
+    mx, my, ca, cb, cc, op = _load_rows6(params_ptr, G, gid, m, m)
     dx = mx[:, None] - pxf[None, :]
     dy = my[:, None] - pyf[None, :]
     sigma = 0.5 * (ca[:, None] * dx * dx + cc[:, None] * dy * dy) + cb[:, None] * dx * dy
@@ -388,27 +392,27 @@ def _raster_bwd_kernel(params_ptr, feats_ptr, rect_ptr, ids_sorted_ptr, order_pt
 
 
 @triton.jit
+def _matrix_row(rp, m, o0, o1, o2):
+    """Four entries of a matrix row at rp (o0..o2, 0 where masked off)."""
+    return (tl.load(rp + 0, mask=m, other=o0), tl.load(rp + 1, mask=m, other=o1), tl.load(rp + 2, mask=m, other=o2),
+            tl.load(rp + 3, mask=m, other=0.0))
+
+
+@triton.jit
 def _load_view(view_ptr, b, m):
     """The top three rows of image b's world-to-camera matrix (identity where masked off)."""
     vb = view_ptr + b * 16
-    r00 = tl.load(vb + 0, mask=m, other=1.0)
-    r01 = tl.load(vb + 1, mask=m, other=0.0)
-    r02 = tl.load(vb + 2, mask=m, other=0.0)
-    t0 = tl.load(vb + 3, mask=m, other=0.0)
-    r10 = tl.load(vb + 4, mask=m, other=0.0)
-    r11 = tl.load(vb + 5, mask=m, other=1.0)
-    r12 = tl.load(vb + 6, mask=m, other=0.0)
-    t1 = tl.load(vb + 7, mask=m, other=0.0)
-    r20 = tl.load(vb + 8, mask=m, other=0.0)
-    r21 = tl.load(vb + 9, mask=m, other=0.0)
-    r22 = tl.load(vb + 10, mask=m, other=1.0)
-    t2 = tl.load(vb + 11, mask=m, other=0.0)
+    r00, r01, r02, t0 = _matrix_row(vb, m, 1.0, 0.0, 0.0)
+    r10, r11, r12, t1 = _matrix_row(vb + 4, m, 0.0, 1.0, 0.0)
+    r20, r21, r22, t2 = _matrix_row(vb + 8, m, 0.0, 0.0, 1.0)
     return r00, r01, r02, t0, r10, r11, r12, t1, r20, r21, r22, t2
 
 
 @triton.jit
-def _proj_common(means_ptr, quats_ptr, scales_ptr, view_ptr, K_ptr, g, m, N, W, H, near, far, eps2d):
-    """Per-Gaussian EWA projection (the torch path's arithmetic, in registers)."""
+def _proj_common(means_ptr, quats_ptr, scales_ptr, view_ptr, K_ptr, G, N, W, H, near, far, eps2d, BLOCK: tl.constexpr):
+    """This program's Gaussians g (mask m) and their EWA projection (the torch path's arithmetic, in registers)."""
+    g = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    m = g < G
     b = g // N
     r00, r01, r02, t0, r10, r11, r12, t1, r20, r21, r22, t2 = _load_view(view_ptr, b, m)
     kb = K_ptr + b * 9
@@ -481,7 +485,7 @@ def _proj_common(means_ptr, quats_ptr, scales_ptr, view_ptr, K_ptr, g, m, N, W, 
     det = ca * cc - cb * cb
     mxp = fx * px * rz + cx
     myp = fy * py * rz + cy
-    return (front, z, rz, px, py, xr, yr, xc, yc, tx, ty, lxn, lxp, lyn, lyp, fx, fy,
+    return (g, m, front, z, rz, px, py, xr, yr, xc, yc, tx, ty, lxn, lxp, lyn, lyp, fx, fy,
             r00, r01, r02, r10, r11, r12, r20, r21, r22, T00, T01, T02, T10, T11, T12,
             qn, w, x, y, zq, s0, s1, s2, R00, R01, R02, R10, R11, R12, R20, R21, R22,
             U00, U01, U02, U10, U11, U12, ca, cb, cc, det, mxp, myp)
@@ -491,13 +495,11 @@ def _proj_common(means_ptr, quats_ptr, scales_ptr, view_ptr, K_ptr, g, m, N, W, 
 def _project_fwd_kernel(means_ptr, quats_ptr, scales_ptr, opac_ptr, view_ptr, K_ptr,
                         params_ptr, z_ptr, rect_ptr, count_ptr, radii_ptr,
                         G, N, W, H, TXn, TYn, near, far, eps2d, BLOCK: tl.constexpr, TS: tl.constexpr):
-    g = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    m = g < G
-    (front, z, rz, px, py, xr, yr, xc, yc, tx, ty, lxn, lxp, lyn, lyp, fx, fy,
+    (g, m, front, z, rz, px, py, xr, yr, xc, yc, tx, ty, lxn, lxp, lyn, lyp, fx, fy,
      r00, r01, r02, r10, r11, r12, r20, r21, r22, T00, T01, T02, T10, T11, T12,
      qn, w, x, y, zq, s0, s1, s2, R00, R01, R02, R10, R11, R12, R20, R21, R22,
      U00, U01, U02, U10, U11, U12, ca, cb, cc, det, mxp, myp) = _proj_common(
-        means_ptr, quats_ptr, scales_ptr, view_ptr, K_ptr, g, m, N, W, H, near, far, eps2d)
+        means_ptr, quats_ptr, scales_ptr, view_ptr, K_ptr, G, N, W, H, near, far, eps2d, BLOCK)
     o = tl.load(opac_ptr + g, mask=m, other=0.0)
     thr = 1.0 / 255.0
     ok = front & (det > 0) & (o >= thr)
@@ -534,21 +536,14 @@ def _project_fwd_kernel(means_ptr, quats_ptr, scales_ptr, opac_ptr, view_ptr, K_
 def _project_bwd_kernel(means_ptr, quats_ptr, scales_ptr, view_ptr, K_ptr, count_ptr, gparams_ptr, gz_ptr,
                         gmeans_ptr, gquats_ptr, gscales_ptr, gopac_ptr,
                         G, N, W, H, near, far, eps2d, BLOCK: tl.constexpr):
-    g = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    m = g < G
-    (front, z, rz, px, py, xr, yr, xc, yc, tx, ty, lxn, lxp, lyn, lyp, fx, fy,
+    (g, m, front, z, rz, px, py, xr, yr, xc, yc, tx, ty, lxn, lxp, lyn, lyp, fx, fy,
      r00, r01, r02, r10, r11, r12, r20, r21, r22, T00, T01, T02, T10, T11, T12,
      qn, w, x, y, zq, s0, s1, s2, R00, R01, R02, R10, R11, R12, R20, R21, R22,
      U00, U01, U02, U10, U11, U12, ca, cb, cc, det, mxp, myp) = _proj_common(
-        means_ptr, quats_ptr, scales_ptr, view_ptr, K_ptr, g, m, N, W, H, near, far, eps2d)
+        means_ptr, quats_ptr, scales_ptr, view_ptr, K_ptr, G, N, W, H, near, far, eps2d, BLOCK)
     # only rendered Gaussians (count > 0) receive gradients; the others' are exactly 0 (as in torch)
     ok = m & (tl.load(count_ptr + g, mask=m, other=0) > 0)
-    gmx = tl.load(gparams_ptr + 0 * G + g, mask=ok, other=0.0)
-    gmy = tl.load(gparams_ptr + 1 * G + g, mask=ok, other=0.0)
-    gA = tl.load(gparams_ptr + 2 * G + g, mask=ok, other=0.0)
-    gB = tl.load(gparams_ptr + 3 * G + g, mask=ok, other=0.0)
-    gC = tl.load(gparams_ptr + 4 * G + g, mask=ok, other=0.0)
-    go = tl.load(gparams_ptr + 5 * G + g, mask=m, other=0.0)
+    gmx, gmy, gA, gB, gC, go = _load_rows6(gparams_ptr, G, g, ok, m)
     gzz = tl.load(gz_ptr + g, mask=ok, other=0.0)
     # conic (A, B, C) = (c, -b, a) / det  ->  2D covariance (a, b, c)
     dets = tl.where(ok, det, 1.0)
