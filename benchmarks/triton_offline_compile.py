@@ -31,8 +31,8 @@ from headavatar.render.gaussians import triton_backend as tb
 
 TARGET = GPUTarget("cuda", 90, 32)
 # pointer arguments, all float32 except the int32 index buffers
-_I32_PTRS = {"rect_ptr", "ids_sorted_ptr", "order_ptr", "ranges_ptr", "ovf_ptr", "last_ptr"}
-_I32 = {"G", "N", "W", "H", "TX", "TPI"}
+_I32_PTRS = {"rect_ptr", "ids_sorted_ptr", "order_ptr", "ranges_ptr", "ovf_ptr", "last_ptr", "count_ptr", "radii_ptr"}
+_I32 = {"G", "N", "W", "H", "TX", "TPI", "TXn", "TYn", "sb", "sn", "sk", "sc", "K"}
 # forward: (chunk, warps, split channels, LAST); backward: (chunk, warps, one_reduce, LAST, PACK)
 FWD = [(8, 4, True, False), (8, 4, True, True), (16, 4, True, False), (8, 8, True, False), (8, 4, False, False)]
 BWD = [(8, 4, False, False, False), (8, 4, True, False, False), (8, 4, False, True, False), (8, 4, False, False, True),
@@ -96,6 +96,11 @@ def main(argv=None):
     for ch, nw, one, last, pack in BWD:
         cx = dict(DP=4, CH=ch, TS=tb.TILE, SPLIT=True, ONE_REDUCE=one, LAST=last, PACK=pack)
         rows.append(compile_one(tb._raster_bwd_kernel, cx, nw, tool))
+        print(rows[-1], flush=True)
+    # the per-Gaussian kernels (projection, SH degree 3), forward and backward: that they compile
+    for fn, cx in ((tb._project_fwd_kernel, dict(BLOCK=128, TS=tb.TILE)), (tb._project_bwd_kernel, dict(BLOCK=128)),
+                   (tb._sh_fwd_kernel, dict(DEG=3, BLOCK=128)), (tb._sh_bwd_kernel, dict(DEG=3, BLOCK=128))):
+        rows.append(compile_one(fn, cx, 4, tool))
         print(rows[-1], flush=True)
     if args.out:
         Path(args.out).write_text(json.dumps(rows, indent=1))
