@@ -300,16 +300,17 @@ def sweep(args):
     # graphs at the default forward settings
     fwd_cfgs = [(8, 4, True), (8, 8, True), (16, 8, True), (32, 16, True), (16, 4, True), (8, 4, False)]
     # backward: chunk, warps, and the selectable variants (issue 15: one_reduce, last_index,
-    # packed_grads); the first row is the default, the same settings with each variant follow
-    bwd_cfgs = [(8, 4, False, False, False), (8, 4, True, False, False), (8, 4, False, True, False),
-                (8, 4, False, False, True), (8, 4, True, False, True), (8, 4, False, True, True),
-                (8, 4, True, True, True), (16, 4, False, True, True), (4, 4, False, True, True),
-                (16, 8, False, True, True), (16, 4, False, False, False), (4, 4, False, False, False)]
+    # packed_grads, skip_empty); the first row is the default, the same settings with each variant follow
+    bwd_cfgs = [(8, 4, False, False, False, False), (8, 4, True, False, False, False), (8, 4, False, True, False, False),
+                (8, 4, False, False, True, False), (8, 4, False, False, False, True), (8, 4, True, False, True, False),
+                (8, 4, False, True, True, False), (8, 4, False, True, True, True), (8, 4, True, True, True, False),
+                (16, 4, False, True, True, False), (4, 4, False, True, True, False), (16, 8, False, True, True, False),
+                (16, 4, False, False, False, False), (4, 4, False, False, False, False)]
     for B in sorted(args.time_batches[:2], reverse=True):
         scene, bg = head_scene(B, args.time_n, args.res, args.res, 3, 1.0, 123, args.device)
         jobs = [("forward", {"chunk": c, "num_warps": nw, "split_channels": sp}) for c, nw, sp in fwd_cfgs] \
             + [("forward_backward", {"chunk_bwd": c, "num_warps_bwd": nw, "one_reduce": one, "last_index": last,
-                                     "packed_grads": packed}) for c, nw, one, last, packed in bwd_cfgs]
+                                     "packed_grads": packed, "skip_empty": skip}) for c, nw, one, last, packed, skip in bwd_cfgs]
         ref_grads = None
         for label, kw in jobs:
             if time.time() - _T0 > args.budget:

@@ -1,7 +1,7 @@
 """Compile the Triton rasteriser's tile kernels for sm_90 without a GPU and report registers/spills.
 
 For each forward/backward tile-program setting (chunk, warps, and the backward's selectable
-variants one_reduce / last_index / packed_grads) the kernel is compiled to a cubin with
+variants one_reduce / last_index / packed_grads / skip_empty) the kernel is compiled to a cubin with
 Triton's own ptxas (target GPUTarget("cuda", 90, 32): an H100), and the cubin's resource usage
 is read with ``cuobjdump --dump-resource-usage`` (the one Triton ships, else one on PATH).
 Without cuobjdump, the spill count that ptxas prints is not available and only the
@@ -33,11 +33,13 @@ TARGET = GPUTarget("cuda", 90, 32)
 # pointer arguments, all float32 except the int32 index buffers
 _I32_PTRS = {"rect_ptr", "ids_sorted_ptr", "order_ptr", "ranges_ptr", "ovf_ptr", "last_ptr", "count_ptr", "radii_ptr"}
 _I32 = {"G", "N", "W", "H", "TX", "TPI", "TXn", "TYn", "sb", "sn", "sk", "sc", "K"}
-# forward: (chunk, warps, split channels, LAST); backward: (chunk, warps, one_reduce, LAST, PACK)
+# forward: (chunk, warps, split channels, LAST); backward: (chunk, warps, one_reduce, LAST, PACK, SKIP)
 FWD = [(8, 4, True, False), (8, 4, True, True), (16, 4, True, False), (8, 8, True, False), (8, 4, False, False)]
-BWD = [(8, 4, False, False, False), (8, 4, True, False, False), (8, 4, False, True, False), (8, 4, False, False, True),
-       (8, 4, True, False, True), (8, 4, False, True, True), (8, 4, True, True, True), (4, 4, False, False, False),
-       (4, 4, False, True, True), (16, 4, False, True, True), (4, 8, False, False, False), (8, 8, False, True, True)]
+BWD = [(8, 4, False, False, False, False), (8, 4, True, False, False, False), (8, 4, False, True, False, False),
+       (8, 4, False, False, True, False), (8, 4, False, False, False, True), (8, 4, True, False, True, False),
+       (8, 4, False, True, True, False), (8, 4, False, True, True, True), (8, 4, True, True, True, False),
+       (4, 4, False, False, False, False), (4, 4, False, True, True, False), (16, 4, False, True, True, False),
+       (4, 8, False, False, False, False), (8, 8, False, True, True, False)]
 
 
 def _signature(fn, constexprs):
@@ -93,8 +95,8 @@ def main(argv=None):
         cx = dict(DP=4, CH=ch, TS=tb.TILE, SPLIT=split, LAST=last)
         rows.append(compile_one(tb._raster_fwd_kernel, cx, nw, tool))
         print(rows[-1], flush=True)
-    for ch, nw, one, last, pack in BWD:
-        cx = dict(DP=4, CH=ch, TS=tb.TILE, SPLIT=True, ONE_REDUCE=one, LAST=last, PACK=pack)
+    for ch, nw, one, last, pack, skip in BWD:
+        cx = dict(DP=4, CH=ch, TS=tb.TILE, SPLIT=True, ONE_REDUCE=one, LAST=last, PACK=pack, SKIP=skip)
         rows.append(compile_one(tb._raster_bwd_kernel, cx, nw, tool))
         print(rows[-1], flush=True)
     # the per-Gaussian kernels (projection, SH degree 3), forward and backward: that they compile

@@ -35,10 +35,10 @@ from tests.test_render_gaussians import _scene  # noqa: E402
 PARAMS = ("means", "quats", "scales", "opacities", "colors")
 # options of the triton backend alone (speed only), not passed to the reference
 _TRITON_ONLY = ("chunk", "num_warps", "chunk_bwd", "num_warps_bwd", "fused_projection", "split_channels", "one_reduce",
-                "last_index", "packed_grads")
+                "last_index", "packed_grads", "skip_empty")
 # the backward's selectable variants (benchmarks/gaussian_parity.py --sweep times them)
 BWD_VARIANTS = [dict(last_index=True), dict(packed_grads=True), dict(packed_grads=True, one_reduce=True),
-                dict(last_index=True, packed_grads=True, chunk_bwd=4)]
+                dict(skip_empty=True), dict(last_index=True, packed_grads=True, chunk_bwd=4, skip_empty=True)]
 
 
 @pytest.fixture(scope="module")
@@ -135,6 +135,11 @@ def test_backward_variants(tb, variant):
         assert (g_var[k] - g_def[k]).norm() <= 1e-5 * g_def[k].norm(), k
     # two images, a size that is not a multiple of the tile, SH colours
     _parity(tb, _scene(B=2, N=30, W=20, H=13, sh_degree=3, seed=1), **variant)
+    # six tiles, thin rotated Gaussians: boxes that meet tiles their footprints miss, so
+    # chunks of 2 with no kept pair at any pixel of a tile (what skip_empty skips)
+    sc = _scene(B=1, N=40, W=48, H=32, seed=12, spread=0.35, scale=(0.01, 0.03))
+    sc["scales"][..., 0] *= 5.0
+    _parity(tb, sc, **{"chunk_bwd": 2, **variant})
 
 
 def test_alpha_clamp(tb):
@@ -142,7 +147,7 @@ def test_alpha_clamp(tb):
     _parity(tb, sc, alpha_max=0.95)
 
 
-@pytest.mark.parametrize("kw", [{}, dict(last_index=True, packed_grads=True)], ids=["default", "last_index-packed"])
+@pytest.mark.parametrize("kw", [{}, dict(last_index=True, packed_grads=True, skip_empty=True)], ids=["default", "variants"])
 def test_overflow_falls_back_and_grows(tb, monkeypatch, kw):
     sc = _f32(_scene(B=2, N=25, W=16, H=16, seed=4))
     sc.update(kw)

@@ -248,13 +248,15 @@ def _raster_bwd_kernel(params_ptr, feats_ptr, rect_ptr, ids_sorted_ptr, order_pt
                        out_ptr, tfin_ptr, last_ptr, gout_ptr, gt_ptr, gparams_ptr, gfeats_ptr, gpack_ptr,
                        G, N, W, H, TX, TPI, alpha_max,
                        DP: tl.constexpr, CH: tl.constexpr, TS: tl.constexpr, SPLIT: tl.constexpr,
-                       ONE_REDUCE: tl.constexpr, LAST: tl.constexpr, PACK: tl.constexpr):
+                       ONE_REDUCE: tl.constexpr, LAST: tl.constexpr, PACK: tl.constexpr, SKIP: tl.constexpr):
     # ONE_REDUCE (needs SPLIT): the per-Gaussian sums as one multi-operand reduction.
     # LAST: the forward's per-pixel stop positions bound the walk (the tile's largest) and
     #   select the kept pairs, instead of tracking T <= 1e-4 and testing for "all done" per chunk.
     # PACK (needs SPLIT): ten sums (the conic's coefficients taken out of the pixel sums), no
     #   separate hit count, and one atomic add of a [CH, 16] block into a [G, 16] buffer
     #   (a Gaussian's gradients in one 64-byte row instead of ten arrays).
+    # SKIP: one reduction per chunk tests whether any pair is kept at any pixel; if none, the
+    #   chunk's gradient sums, atomics and running sums are skipped.
     img, tx, ty, px, py, inb, pxf, pyf, ovf, start, end = _tile_setup(ranges_ptr, ovf_ptr, N, W, H, TX, TPI, TS)
     chan = tl.arange(0, DP)
     pix = (img * H + py) * W + px
@@ -295,94 +297,100 @@ def _raster_bwd_kernel(params_ptr, feats_ptr, rect_ptr, ids_sorted_ptr, order_pt
         P = T[None, :] * tl.cumprod(f, axis=0)
         keep = valid & (P > _T_MIN)
         tb = P / f  # transmittance in front of the pair
-        w = tl.where(keep, alpha * tb, 0.0)
-        if SPLIT:
-            f0 = tl.load(feats_ptr + gid * 4 + 0, mask=m, other=0.0)
-            f1 = tl.load(feats_ptr + gid * 4 + 1, mask=m, other=0.0)
-            f2 = tl.load(feats_ptr + gid * 4 + 2, mask=m, other=0.0)
-            f3 = tl.load(feats_ptr + gid * 4 + 3, mask=m, other=0.0)
-            v = f0[:, None] * g0[None, :] + f1[:, None] * g1[None, :] + f2[:, None] * g2[None, :] + f3[:, None] * g3[None, :]
+        if SKIP:
+            # a chunk none of whose pairs is kept at any pixel adds nothing: skip the rest
+            live = tl.max(tl.max(keep.to(tl.int32), axis=1), axis=0)
         else:
-            feat = tl.load(feats_ptr + gid[:, None] * DP + chan[None, :], mask=m[:, None], other=0.0)
-            v = tl.sum(feat[:, None, :] * gpix[None, :, :], axis=2)  # [CH, PIX]
-        wv = w * v
-        cs = tl.cumsum(wv, axis=0) + prefix[None, :]
-        after = total[None, :] - cs  # contributions behind each pair
-        g_a = tb * v - (after + q[None, :]) / (1.0 - alpha)
-        mm = tl.where(keep & (og < alpha_max), og * g_a, 0.0)  # -dL/dsigma; the clamp blocks the gradient
-        if PACK:
-            if ONE_REDUCE:
-                s_x, s_y, s_xx, s_xy, s_yy, s_m, s_f0, s_f1, s_f2, s_f3 = tl.reduce(
-                    (mm * dx, mm * dy, mm * dx * dx, mm * dx * dy, mm * dy * dy, mm,
-                     w * g0[None, :], w * g1[None, :], w * g2[None, :], w * g3[None, :]), axis=1, combine_fn=_add10)
-            else:
-                s_x = tl.sum(mm * dx, axis=1)
-                s_y = tl.sum(mm * dy, axis=1)
-                s_xx = tl.sum(mm * dx * dx, axis=1)
-                s_xy = tl.sum(mm * dx * dy, axis=1)
-                s_yy = tl.sum(mm * dy * dy, axis=1)
-                s_m = tl.sum(mm, axis=1)
-                s_f0 = tl.sum(w * g0[None, :], axis=1)
-                s_f1 = tl.sum(w * g1[None, :], axis=1)
-                s_f2 = tl.sum(w * g2[None, :], axis=1)
-                s_f3 = tl.sum(w * g3[None, :], axis=1)
-            # a Gaussian whose sums are all zero would add zeros: skipping it changes nothing
-            hit = m & ((s_m != 0.0) | (s_f0 != 0.0) | (s_f1 != 0.0) | (s_f2 != 0.0) | (s_f3 != 0.0))
-            k = tl.arange(0, 16)[None, :]
-            row = tl.where(k == 0, -(ca * s_x + cb * s_y)[:, None], 0.0)
-            row = tl.where(k == 1, -(cb * s_x + cc * s_y)[:, None], row)
-            row = tl.where(k == 2, -0.5 * s_xx[:, None], row)
-            row = tl.where(k == 3, -s_xy[:, None], row)
-            row = tl.where(k == 4, -0.5 * s_yy[:, None], row)
-            row = tl.where(k == 5, (s_m / tl.where(m, op, 1.0))[:, None], row)
-            row = tl.where(k == 6, s_f0[:, None], row)
-            row = tl.where(k == 7, s_f1[:, None], row)
-            row = tl.where(k == 8, s_f2[:, None], row)
-            row = tl.where(k == 9, s_f3[:, None], row)
-            tl.atomic_add(gpack_ptr + gid[:, None] * 16 + k, row, mask=hit[:, None] & (k < 10))
-        elif ONE_REDUCE:
-            # all per-Gaussian sums over the tile's pixels in one multi-operand reduction
-            # (one round of shuffles and barriers instead of eleven)
-            r_mx, r_my, r_ca, r_cb, r_cc, r_m, r_f0, r_f1, r_f2, r_f3, r_hit = tl.reduce(
-                (mm * (ca[:, None] * dx + cb[:, None] * dy), mm * (cb[:, None] * dx + cc[:, None] * dy),
-                 mm * dx * dx, mm * dx * dy, mm * dy * dy, mm,
-                 w * g0[None, :], w * g1[None, :], w * g2[None, :], w * g3[None, :], keep.to(tl.float32)),
-                axis=1, combine_fn=_add11)
-            hit = m & (r_hit > 0)
-            tl.atomic_add(gparams_ptr + 0 * G + gid, -r_mx, mask=hit)
-            tl.atomic_add(gparams_ptr + 1 * G + gid, -r_my, mask=hit)
-            tl.atomic_add(gparams_ptr + 2 * G + gid, -0.5 * r_ca, mask=hit)
-            tl.atomic_add(gparams_ptr + 3 * G + gid, -r_cb, mask=hit)
-            tl.atomic_add(gparams_ptr + 4 * G + gid, -0.5 * r_cc, mask=hit)
-            tl.atomic_add(gparams_ptr + 5 * G + gid, r_m / tl.where(m, op, 1.0), mask=hit)
-            tl.atomic_add(gfeats_ptr + gid * 4 + 0, r_f0, mask=hit)
-            tl.atomic_add(gfeats_ptr + gid * 4 + 1, r_f1, mask=hit)
-            tl.atomic_add(gfeats_ptr + gid * 4 + 2, r_f2, mask=hit)
-            tl.atomic_add(gfeats_ptr + gid * 4 + 3, r_f3, mask=hit)
-        else:
-            g_mx = -tl.sum(mm * (ca[:, None] * dx + cb[:, None] * dy), axis=1)
-            g_my = -tl.sum(mm * (cb[:, None] * dx + cc[:, None] * dy), axis=1)
-            g_ca = -0.5 * tl.sum(mm * dx * dx, axis=1)
-            g_cb = -tl.sum(mm * dx * dy, axis=1)
-            g_cc = -0.5 * tl.sum(mm * dy * dy, axis=1)
-            g_op = tl.sum(mm, axis=1) / tl.where(m, op, 1.0)
-            hit = m & (tl.sum(keep.to(tl.int32), axis=1) > 0)
-            tl.atomic_add(gparams_ptr + 0 * G + gid, g_mx, mask=hit)
-            tl.atomic_add(gparams_ptr + 1 * G + gid, g_my, mask=hit)
-            tl.atomic_add(gparams_ptr + 2 * G + gid, g_ca, mask=hit)
-            tl.atomic_add(gparams_ptr + 3 * G + gid, g_cb, mask=hit)
-            tl.atomic_add(gparams_ptr + 4 * G + gid, g_cc, mask=hit)
-            tl.atomic_add(gparams_ptr + 5 * G + gid, g_op, mask=hit)
+            live = 1
+        if live > 0:
+            w = tl.where(keep, alpha * tb, 0.0)
             if SPLIT:
-                tl.atomic_add(gfeats_ptr + gid * 4 + 0, tl.sum(w * g0[None, :], axis=1), mask=hit)
-                tl.atomic_add(gfeats_ptr + gid * 4 + 1, tl.sum(w * g1[None, :], axis=1), mask=hit)
-                tl.atomic_add(gfeats_ptr + gid * 4 + 2, tl.sum(w * g2[None, :], axis=1), mask=hit)
-                tl.atomic_add(gfeats_ptr + gid * 4 + 3, tl.sum(w * g3[None, :], axis=1), mask=hit)
+                f0 = tl.load(feats_ptr + gid * 4 + 0, mask=m, other=0.0)
+                f1 = tl.load(feats_ptr + gid * 4 + 1, mask=m, other=0.0)
+                f2 = tl.load(feats_ptr + gid * 4 + 2, mask=m, other=0.0)
+                f3 = tl.load(feats_ptr + gid * 4 + 3, mask=m, other=0.0)
+                v = f0[:, None] * g0[None, :] + f1[:, None] * g1[None, :] + f2[:, None] * g2[None, :] + f3[:, None] * g3[None, :]
             else:
-                g_feat = tl.sum(w[:, :, None] * gpix[None, :, :], axis=1)  # [CH, DP]
-                tl.atomic_add(gfeats_ptr + gid[:, None] * DP + chan[None, :], g_feat, mask=hit[:, None] & (chan[None, :] < DP))
-        prefix += tl.sum(wv, axis=0)
-        T = tl.minimum(T, tl.min(tl.where(keep, P, 2.0), axis=0))
+                feat = tl.load(feats_ptr + gid[:, None] * DP + chan[None, :], mask=m[:, None], other=0.0)
+                v = tl.sum(feat[:, None, :] * gpix[None, :, :], axis=2)  # [CH, PIX]
+            wv = w * v
+            cs = tl.cumsum(wv, axis=0) + prefix[None, :]
+            after = total[None, :] - cs  # contributions behind each pair
+            g_a = tb * v - (after + q[None, :]) / (1.0 - alpha)
+            mm = tl.where(keep & (og < alpha_max), og * g_a, 0.0)  # -dL/dsigma; the clamp blocks the gradient
+            if PACK:
+                if ONE_REDUCE:
+                    s_x, s_y, s_xx, s_xy, s_yy, s_m, s_f0, s_f1, s_f2, s_f3 = tl.reduce(
+                        (mm * dx, mm * dy, mm * dx * dx, mm * dx * dy, mm * dy * dy, mm,
+                         w * g0[None, :], w * g1[None, :], w * g2[None, :], w * g3[None, :]), axis=1, combine_fn=_add10)
+                else:
+                    s_x = tl.sum(mm * dx, axis=1)
+                    s_y = tl.sum(mm * dy, axis=1)
+                    s_xx = tl.sum(mm * dx * dx, axis=1)
+                    s_xy = tl.sum(mm * dx * dy, axis=1)
+                    s_yy = tl.sum(mm * dy * dy, axis=1)
+                    s_m = tl.sum(mm, axis=1)
+                    s_f0 = tl.sum(w * g0[None, :], axis=1)
+                    s_f1 = tl.sum(w * g1[None, :], axis=1)
+                    s_f2 = tl.sum(w * g2[None, :], axis=1)
+                    s_f3 = tl.sum(w * g3[None, :], axis=1)
+                # a Gaussian whose sums are all zero would add zeros: skipping it changes nothing
+                hit = m & ((s_m != 0.0) | (s_f0 != 0.0) | (s_f1 != 0.0) | (s_f2 != 0.0) | (s_f3 != 0.0))
+                k = tl.arange(0, 16)[None, :]
+                row = tl.where(k == 0, -(ca * s_x + cb * s_y)[:, None], 0.0)
+                row = tl.where(k == 1, -(cb * s_x + cc * s_y)[:, None], row)
+                row = tl.where(k == 2, -0.5 * s_xx[:, None], row)
+                row = tl.where(k == 3, -s_xy[:, None], row)
+                row = tl.where(k == 4, -0.5 * s_yy[:, None], row)
+                row = tl.where(k == 5, (s_m / tl.where(m, op, 1.0))[:, None], row)
+                row = tl.where(k == 6, s_f0[:, None], row)
+                row = tl.where(k == 7, s_f1[:, None], row)
+                row = tl.where(k == 8, s_f2[:, None], row)
+                row = tl.where(k == 9, s_f3[:, None], row)
+                tl.atomic_add(gpack_ptr + gid[:, None] * 16 + k, row, mask=hit[:, None] & (k < 10))
+            elif ONE_REDUCE:
+                # all per-Gaussian sums over the tile's pixels in one multi-operand reduction
+                # (one round of shuffles and barriers instead of eleven)
+                r_mx, r_my, r_ca, r_cb, r_cc, r_m, r_f0, r_f1, r_f2, r_f3, r_hit = tl.reduce(
+                    (mm * (ca[:, None] * dx + cb[:, None] * dy), mm * (cb[:, None] * dx + cc[:, None] * dy),
+                     mm * dx * dx, mm * dx * dy, mm * dy * dy, mm,
+                     w * g0[None, :], w * g1[None, :], w * g2[None, :], w * g3[None, :], keep.to(tl.float32)),
+                    axis=1, combine_fn=_add11)
+                hit = m & (r_hit > 0)
+                tl.atomic_add(gparams_ptr + 0 * G + gid, -r_mx, mask=hit)
+                tl.atomic_add(gparams_ptr + 1 * G + gid, -r_my, mask=hit)
+                tl.atomic_add(gparams_ptr + 2 * G + gid, -0.5 * r_ca, mask=hit)
+                tl.atomic_add(gparams_ptr + 3 * G + gid, -r_cb, mask=hit)
+                tl.atomic_add(gparams_ptr + 4 * G + gid, -0.5 * r_cc, mask=hit)
+                tl.atomic_add(gparams_ptr + 5 * G + gid, r_m / tl.where(m, op, 1.0), mask=hit)
+                tl.atomic_add(gfeats_ptr + gid * 4 + 0, r_f0, mask=hit)
+                tl.atomic_add(gfeats_ptr + gid * 4 + 1, r_f1, mask=hit)
+                tl.atomic_add(gfeats_ptr + gid * 4 + 2, r_f2, mask=hit)
+                tl.atomic_add(gfeats_ptr + gid * 4 + 3, r_f3, mask=hit)
+            else:
+                g_mx = -tl.sum(mm * (ca[:, None] * dx + cb[:, None] * dy), axis=1)
+                g_my = -tl.sum(mm * (cb[:, None] * dx + cc[:, None] * dy), axis=1)
+                g_ca = -0.5 * tl.sum(mm * dx * dx, axis=1)
+                g_cb = -tl.sum(mm * dx * dy, axis=1)
+                g_cc = -0.5 * tl.sum(mm * dy * dy, axis=1)
+                g_op = tl.sum(mm, axis=1) / tl.where(m, op, 1.0)
+                hit = m & (tl.sum(keep.to(tl.int32), axis=1) > 0)
+                tl.atomic_add(gparams_ptr + 0 * G + gid, g_mx, mask=hit)
+                tl.atomic_add(gparams_ptr + 1 * G + gid, g_my, mask=hit)
+                tl.atomic_add(gparams_ptr + 2 * G + gid, g_ca, mask=hit)
+                tl.atomic_add(gparams_ptr + 3 * G + gid, g_cb, mask=hit)
+                tl.atomic_add(gparams_ptr + 4 * G + gid, g_cc, mask=hit)
+                tl.atomic_add(gparams_ptr + 5 * G + gid, g_op, mask=hit)
+                if SPLIT:
+                    tl.atomic_add(gfeats_ptr + gid * 4 + 0, tl.sum(w * g0[None, :], axis=1), mask=hit)
+                    tl.atomic_add(gfeats_ptr + gid * 4 + 1, tl.sum(w * g1[None, :], axis=1), mask=hit)
+                    tl.atomic_add(gfeats_ptr + gid * 4 + 2, tl.sum(w * g2[None, :], axis=1), mask=hit)
+                    tl.atomic_add(gfeats_ptr + gid * 4 + 3, tl.sum(w * g3[None, :], axis=1), mask=hit)
+                else:
+                    g_feat = tl.sum(w[:, :, None] * gpix[None, :, :], axis=1)  # [CH, DP]
+                    tl.atomic_add(gfeats_ptr + gid[:, None] * DP + chan[None, :], g_feat, mask=hit[:, None] & (chan[None, :] < DP))
+            prefix += tl.sum(wv, axis=0)
+            T = tl.minimum(T, tl.min(tl.where(keep, P, 2.0), axis=0))
         if LAST:
             i += CH
         else:
@@ -1028,13 +1036,13 @@ class _Raster(torch.autograd.Function):
         ctx.save_for_backward(params, feats, bins["rect"], bins["ids"], bins["order"], bins["ranges"], bins["ovf"], out, tfin,
                               lastpos)
         ctx.meta = (B, N, W, H, bins["TX"], bins["TPI"], alpha_max, bwd_cfg[0], bwd_cfg[1], split, bwd_cfg[2], last,
-                    bwd_cfg[4])
+                    bwd_cfg[4], bwd_cfg[5])
         return out, tfin
 
     @staticmethod
     def backward(ctx, g_out, g_t):
         params, feats, rect, ids, order, ranges, ovf, out, tfin, lastpos = ctx.saved_tensors
-        B, N, W, H, TX, TPI, alpha_max, chunk, num_warps, split, one_reduce, last, packed = ctx.meta
+        B, N, W, H, TX, TPI, alpha_max, chunk, num_warps, split, one_reduce, last, packed, skip = ctx.meta
         G, DP = feats.shape
         g_out = torch.zeros_like(out) if g_out is None else g_out.contiguous().float()
         g_t = torch.zeros_like(tfin) if g_t is None else g_t.contiguous().float()
@@ -1050,7 +1058,7 @@ class _Raster(torch.autograd.Function):
         _raster_bwd_kernel[(B * TPI,)](params, feats, rect, ids, order, ranges, ovf, out, tfin, lastpos, g_out, g_t,
                                        gparams, gfeats, gpack, G, N, W, H, TX, TPI, alpha_max,
                                        DP=DP, CH=chunk, TS=TILE, SPLIT=split, ONE_REDUCE=split and one_reduce,
-                                       LAST=last, PACK=packed, num_warps=num_warps)
+                                       LAST=last, PACK=packed, SKIP=skip, num_warps=num_warps)
         if packed:
             gparams = gpack[:, :6].t().contiguous()
             gfeats = gpack[:, 6:10].contiguous()
@@ -1074,7 +1082,7 @@ def render_triton(means, quats, scales, opacities, colors, viewmats, Ks, width: 
                   sh_degree: int | None = None, backgrounds=None, near: float = NEAR, far: float = FAR,
                   eps2d: float = EPS2D, alpha_max: float = ALPHA_MAX, chunk: int = 8, num_warps: int = 4, chunk_bwd: int = 8,
                   num_warps_bwd: int = 4, fused_projection: bool = True, split_channels: bool = True, one_reduce: bool = False,
-                  last_index: bool = False, packed_grads: bool = False, **kw) -> RenderOutput:
+                  last_index: bool = False, packed_grads: bool = False, skip_empty: bool = False, **kw) -> RenderOutput:
     """Render B frames with the Triton tile rasteriser; same arguments as ``render_torch``.
 
     ``chunk`` (Gaussians composited per step of a tile program, a power of two) and
@@ -1087,9 +1095,10 @@ def render_triton(means, quats, scales, opacities, colors, viewmats, Ks, width: 
     ``last_index``: the forward also stores each pixel's stop position (int32 a pixel) and the
     backward walks each tile's list only up to its pixels' last stop (no per-chunk "all done"
     test); ``packed_grads``: the backward's per-Gaussian sums cut to ten and added with one atomic
-    block per chunk into a [G, 16] buffer (with split channels).  Both: same results, speed
-    only, not yet timed on a GPU (off by default; ``benchmarks/gaussian_parity.py --sweep``
-    times them).
+    block per chunk into a [G, 16] buffer (with split channels); ``skip_empty``: the backward
+    skips the gradient work of chunks with no kept pair at any pixel of the tile (one extra
+    reduction per chunk).  All three: same results, speed only, not yet timed on a GPU (off by
+    default; ``benchmarks/gaussian_parity.py --sweep`` times them).
     """
     unknown = set(kw) - _FOREIGN_OPTIONS
     if unknown:
@@ -1136,8 +1145,9 @@ def render_triton(means, quats, scales, opacities, colors, viewmats, Ks, width: 
     if DP > D + 1:
         parts.append(cols.new_zeros(B * N, DP - D - 1))
     feats = torch.cat(parts, 1)
+    bwd_cfg = (int(chunk_bwd), int(num_warps_bwd), bool(one_reduce), bool(last_index), bool(packed_grads), bool(skip_empty))
     out, tfin = _Raster.apply(params, feats, bins, B, N, width, height, float(alpha_max), int(chunk), int(num_warps),
-                              bool(split_channels and DP == 4), (int(chunk_bwd), int(num_warps_bwd), bool(one_reduce), bool(last_index), bool(packed_grads)))
+                              bool(split_channels and DP == 4), bwd_cfg)
     out = out.view(B, height, width, DP)
     alpha = (1.0 - tfin).view(B, height, width, 1)
     rgb = out[..., :D]
