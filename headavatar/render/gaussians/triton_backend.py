@@ -24,7 +24,11 @@ whole frame (forward and backward) can be captured in a CUDA graph:
      contributions behind a pair is the pixel's total (known from the forward
      output) minus a running prefix, so no back-to-front pass or per-pixel list
      is needed.  Gradients to the 2D means, conics, opacities and features are
-     reduced over the tile's pixels and added atomically per Gaussian.
+     reduced over the tile's pixels and added atomically per Gaussian.  Variants
+     selectable for timing (same results): the forward's per-pixel stop positions
+     bound the walk (``last_index``), ten sums and one atomic block per chunk into a
+     [G, 16] buffer (``packed_grads``), chunks with no kept pair skipped
+     (``skip_empty``), one multi-operand reduction (``one_reduce``).
 
 Capacity and overflow: the pair buffer's capacity is sized from the scene on
 first use of each (B, N, W, H) (one host read, outside any graph capture) with
