@@ -299,17 +299,35 @@ def sweep(args):
     # forward settings timed with forward-only graphs, backward settings with forward+backward
     # graphs at the default forward settings
     fwd_cfgs = [(8, 4, True), (8, 8, True), (16, 8, True), (32, 16, True), (16, 4, True), (8, 4, False)]
-    bwd_cfgs = [(8, 4, True), (8, 4, False), (16, 4, True), (4, 4, True), (16, 8, True), (4, 8, False)]
+    # backward: chunk, warps, and the selectable variants (issue 15: one_reduce, last_index,
+    # packed_grads, skip_empty); the first row is the default, the same settings with each variant follow
+    bwd_cfgs = [(8, 4, False, False, False, False), (8, 4, True, False, False, False), (8, 4, False, True, False, False),
+                (8, 4, False, False, True, False), (8, 4, False, False, False, True), (8, 4, True, False, True, False),
+                (8, 4, False, True, True, False), (8, 4, False, True, True, True), (8, 4, True, True, True, False),
+                (16, 4, False, True, True, False), (4, 4, False, True, True, False), (16, 8, False, True, True, False),
+                (16, 4, False, False, False, False), (4, 4, False, False, False, False)]
     for B in sorted(args.time_batches[:2], reverse=True):
         scene, bg = head_scene(B, args.time_n, args.res, args.res, 3, 1.0, 123, args.device)
         jobs = [("forward", {"chunk": c, "num_warps": nw, "split_channels": sp}) for c, nw, sp in fwd_cfgs] \
-            + [("forward_backward", {"chunk_bwd": c, "num_warps_bwd": nw, "one_reduce": one}) for c, nw, one in bwd_cfgs]
+            + [("forward_backward", {"chunk_bwd": c, "num_warps_bwd": nw, "one_reduce": one, "last_index": last,
+                                     "packed_grads": packed, "skip_empty": skip}) for c, nw, one, last, packed, skip in bwd_cfgs]
+        ref_grads = None
         for label, kw in jobs:
             if time.time() - _T0 > args.budget:
                 print("[sweep] stopped: --budget reached", flush=True)
                 return out
             fwd, fwd_bwd = _frame_fns(render_triton, scene, bg, args.res, args.res, 3, kw)
             row = {"B": B, "timed": label, **kw}
+            if label == "forward_backward":
+                # every backward variant's gradients against the first row's (the default settings):
+                # largest relative error over the parameters (eager; atomics make it non-zero)
+                try:
+                    grads = [g.detach().clone() for g in fwd_bwd()]
+                    ref_grads = ref_grads if ref_grads is not None else grads
+                    row["grad_rel_vs_default"] = max(float((g - r).norm() / r.norm().clamp_min(1e-30))
+                                                     for g, r in zip(grads, ref_grads))
+                except Exception as e:
+                    row["grad_rel_vs_default"] = f"{type(e).__name__}: {e}"[:200]
             try:
                 row["ms"] = cuda_time(graphed(fwd if label == "forward" else fwd_bwd), 20)["median_ms"]
             except Exception as e:

@@ -33,6 +33,12 @@ from headavatar.render.gaussians.torch_ref import render_torch  # noqa: E402
 from tests.test_render_gaussians import _scene  # noqa: E402
 
 PARAMS = ("means", "quats", "scales", "opacities", "colors")
+# options of the triton backend alone (speed only), not passed to the reference
+_TRITON_ONLY = ("chunk", "num_warps", "chunk_bwd", "num_warps_bwd", "fused_projection", "split_channels", "one_reduce",
+                "last_index", "packed_grads", "skip_empty")
+# the backward's selectable variants (benchmarks/gaussian_parity.py --sweep times them)
+BWD_VARIANTS = [dict(last_index=True), dict(packed_grads=True), dict(packed_grads=True, one_reduce=True),
+                dict(skip_empty=True), dict(last_index=True, packed_grads=True, chunk_bwd=4, skip_empty=True)]
 
 
 @pytest.fixture(scope="module")
@@ -60,8 +66,7 @@ def _parity(tb, sc, **kw):
     g = torch.Generator().manual_seed(5)
     bg = torch.rand(B, 3, generator=g).to(DEV)
     weights = torch.randn(B, H, W, 5, generator=g).to(DEV)
-    ref, gr = _render_with_grads(render_torch, sc, bg, weights, **{k: v for k, v in kw.items() if k not in ("chunk", "num_warps", "fused_projection",
-                                                                                                            "split_channels", "one_reduce")})
+    ref, gr = _render_with_grads(render_torch, sc, bg, weights, **{k: v for k, v in kw.items() if k not in _TRITON_ONLY})
     out, go = _render_with_grads(tb.render_triton, sc, bg, weights, **kw)
     assert (out.rgb - ref.rgb).abs().mean() <= 1e-6 and (out.rgb - ref.rgb).abs().max() <= 1e-4
     assert (out.alpha - ref.alpha).abs().max() <= 1e-4
@@ -74,13 +79,13 @@ def _parity(tb, sc, **kw):
         if y.norm() > 0:
             cos = torch.nn.functional.cosine_similarity(x, y, dim=0).item()
             assert cos >= 0.9999 and (x - y).norm() / y.norm() <= 1e-3, (k, cos)
-    return ref
+    return ref, go
 
 
 @pytest.mark.parametrize("sh_degree", [None, 3])
 def test_matches_reference(tb, sh_degree):
     sc = _scene(B=2, N=30, W=20, H=13, sh_degree=sh_degree, seed=1)  # not a multiple of the tile
-    ref = _parity(tb, sc)
+    ref, _ = _parity(tb, sc)
     assert (ref.radii > 0).sum() >= 20 and ref.alpha.max() > 0.9
 
 
@@ -115,8 +120,26 @@ def test_camera_gradients_use_the_torch_projection(tb):
 def test_early_stop_and_chunk_boundaries(tb):
     # many opaque layers: pixels reach T <= 1e-4 and stop, in the middle of a chunk of 4
     sc = _scene(B=1, N=40, W=16, H=16, seed=2, opacity=(0.85, 0.98), scale=(0.1, 0.2), spread=0.08)
-    ref = _parity(tb, sc, chunk=4)
+    ref, _ = _parity(tb, sc, chunk=4)
     assert ref.alpha.max() > 0.9998
+
+
+@pytest.mark.parametrize("variant", BWD_VARIANTS, ids=lambda v: "-".join(f"{k}={v[k]}" for k in v))
+def test_backward_variants(tb, variant):
+    # pixels stop in the middle of a forward chunk of 4 and some alphas hit the clamp: each
+    # variant matches the reference and, closer, the default backward
+    sc = _scene(B=1, N=40, W=16, H=16, seed=2, opacity=(0.85, 0.98), scale=(0.1, 0.2), spread=0.08)
+    _, g_def = _parity(tb, sc, chunk=4, alpha_max=0.97)
+    _, g_var = _parity(tb, sc, chunk=4, alpha_max=0.97, **variant)
+    for k in PARAMS:  # a different chunking sums in another order: equal up to rounding
+        assert (g_var[k] - g_def[k]).norm() <= 1e-5 * g_def[k].norm(), k
+    # two images, a size that is not a multiple of the tile, SH colours
+    _parity(tb, _scene(B=2, N=30, W=20, H=13, sh_degree=3, seed=1), **variant)
+    # six tiles, thin rotated Gaussians: boxes that meet tiles their footprints miss, so
+    # chunks of 2 with no kept pair at any pixel of a tile (what skip_empty skips)
+    sc = _scene(B=1, N=40, W=48, H=32, seed=12, spread=0.35, scale=(0.01, 0.03))
+    sc["scales"][..., 0] *= 5.0
+    _parity(tb, sc, **{"chunk_bwd": 2, **variant})
 
 
 def test_alpha_clamp(tb):
@@ -124,8 +147,10 @@ def test_alpha_clamp(tb):
     _parity(tb, sc, alpha_max=0.95)
 
 
-def test_overflow_falls_back_and_grows(tb, monkeypatch):
+@pytest.mark.parametrize("kw", [{}, dict(last_index=True, packed_grads=True, skip_empty=True)], ids=["default", "variants"])
+def test_overflow_falls_back_and_grows(tb, monkeypatch, kw):
     sc = _f32(_scene(B=2, N=25, W=16, H=16, seed=4))
+    sc.update(kw)
     key = tb._key(2, 25, 16, 16, torch.device(DEV))
     tb._CAPS.pop(key, None)
     base = tb.render_triton(**sc)

@@ -24,7 +24,11 @@ whole frame (forward and backward) can be captured in a CUDA graph:
      contributions behind a pair is the pixel's total (known from the forward
      output) minus a running prefix, so no back-to-front pass or per-pixel list
      is needed.  Gradients to the 2D means, conics, opacities and features are
-     reduced over the tile's pixels and added atomically per Gaussian.
+     reduced over the tile's pixels and added atomically per Gaussian.  Variants
+     selectable for timing (same results): the forward's per-pixel stop positions
+     bound the walk (``last_index``), ten sums and one atomic block per chunk into a
+     [G, 16] buffer (``packed_grads``), chunks with no kept pair skipped
+     (``skip_empty``), one multi-operand reduction (``one_reduce``).
 
 Capacity and overflow: the pair buffer's capacity is sized from the scene on
 first use of each (B, N, W, H) (one host read, outside any graph capture) with
@@ -119,6 +123,15 @@ def _emit_pairs_kernel(incl_ptr, order_ptr, rect_ptr, keys_ptr, gids_ptr, cap, G
 
 
 @triton.jit
+def _load_rows6(ptr, G, idx, m5, m6):
+    """Columns idx of a [6, G] array (mx, my, A, B, C, opacity or their gradients); the first five
+    rows under mask m5, the last under m6 (0 where masked)."""
+    return (tl.load(ptr + 0 * G + idx, mask=m5, other=0.0), tl.load(ptr + 1 * G + idx, mask=m5, other=0.0),
+            tl.load(ptr + 2 * G + idx, mask=m5, other=0.0), tl.load(ptr + 3 * G + idx, mask=m5, other=0.0),
+            tl.load(ptr + 4 * G + idx, mask=m5, other=0.0), tl.load(ptr + 5 * G + idx, mask=m6, other=0.0))
+
+
+@triton.jit
 def _chunk_alpha(params_ptr, rect_ptr, ids_sorted_ptr, order_ptr, ovf, i, end, G, tx, ty, pxf, pyf, alpha_max,
                  CH: tl.constexpr):
     """Load a chunk of CH Gaussians of the tile's list (or, after an overflow, of the image's
@@ -137,12 +150,7 @@ def _chunk_alpha(params_ptr, rect_ptr, ids_sorted_ptr, order_ptr, ovf, i, end, G
     ry1 = tl.load(rect_ptr + gid * 4 + 3, mask=m & use_all, other=0)
     inrect = ~use_all | ((rx0 <= tx) & (tx <= rx1) & (ry0 <= ty) & (ty <= ry1))
     m = m & inrect
-    mx = tl.load(params_ptr + 0 * G + gid, mask=m, other=0.0)
-    my = tl.load(params_ptr + 1 * G + gid, mask=m, other=0.0)
-    ca = tl.load(params_ptr + 2 * G + gid, mask=m, other=0.0)
-    cb = tl.load(params_ptr + 3 * G + gid, mask=m, other=0.0)
-    cc = tl.load(params_ptr + 4 * G + gid, mask=m, other=0.0)
-    op = tl.load(params_ptr + 5 * G + gid, mask=m, other=0.0)
+    mx, my, ca, cb, cc, op = _load_rows6(params_ptr, G, gid, m, m)
     dx = mx[:, None] - pxf[None, :]
     dy = my[:, None] - pyf[None, :]
     sigma = 0.5 * (ca[:, None] * dx * dx + cc[:, None] * dy * dy) + cb[:, None] * dx * dy
@@ -173,10 +181,13 @@ def _tile_setup(ranges_ptr, ovf_ptr, N, W, H, TX, TPI, TS: tl.constexpr):
 
 @triton.jit
 def _raster_fwd_kernel(params_ptr, feats_ptr, rect_ptr, ids_sorted_ptr, order_ptr, ranges_ptr, ovf_ptr,
-                       out_ptr, tfin_ptr, G, N, W, H, TX, TPI, alpha_max,
-                       DP: tl.constexpr, CH: tl.constexpr, TS: tl.constexpr, SPLIT: tl.constexpr):
+                       out_ptr, tfin_ptr, last_ptr, G, N, W, H, TX, TPI, alpha_max,
+                       DP: tl.constexpr, CH: tl.constexpr, TS: tl.constexpr, SPLIT: tl.constexpr,
+                       LAST: tl.constexpr):
     # SPLIT (DP == 4: RGB + depth): one [PIX] accumulator per channel instead of a
-    # [CH, PIX, DP] product, which keeps fewer values in registers
+    # [CH, PIX, DP] product, which keeps fewer values in registers.
+    # LAST: also store per pixel 1 + the list position of its last kept pair (0: none), for the
+    # backward's LAST mode
     img, tx, ty, px, py, inb, pxf, pyf, ovf, start, end = _tile_setup(ranges_ptr, ovf_ptr, N, W, H, TX, TPI, TS)
     chan = tl.arange(0, DP)
 
@@ -187,6 +198,7 @@ def _raster_fwd_kernel(params_ptr, feats_ptr, rect_ptr, ids_sorted_ptr, order_pt
     acc1 = tl.zeros([TS * TS], dtype=tl.float32)
     acc2 = tl.zeros([TS * TS], dtype=tl.float32)
     acc3 = tl.zeros([TS * TS], dtype=tl.float32)
+    lastp = tl.zeros([TS * TS], dtype=tl.int32)
     i = start
     while i < end:
         gid, m, dx, dy, og, alpha, valid, ca, cb, cc, op = _chunk_alpha(
@@ -195,6 +207,9 @@ def _raster_fwd_kernel(params_ptr, feats_ptr, rect_ptr, ids_sorted_ptr, order_pt
         f = tl.where(valid, 1.0 - alpha, 1.0)
         P = T[None, :] * tl.cumprod(f, axis=0)  # transmittance after each pair
         keep = valid & (P > _T_MIN)
+        if LAST:
+            pos1 = i + 1 + tl.arange(0, CH)
+            lastp = tl.maximum(lastp, tl.max(tl.where(keep, pos1[:, None], 0), axis=0))
         w = tl.where(keep, alpha * (P / f), 0.0)
         if SPLIT:
             acc0 += tl.sum(w * tl.load(feats_ptr + gid * 4 + 0, mask=m, other=0.0)[:, None], axis=0)
@@ -218,6 +233,13 @@ def _raster_fwd_kernel(params_ptr, feats_ptr, rect_ptr, ids_sorted_ptr, order_pt
     else:
         tl.store(out_ptr + pix[:, None] * DP + chan[None, :], acc, mask=inb[:, None])
     tl.store(tfin_ptr + pix, T, mask=inb)
+    if LAST:
+        tl.store(last_ptr + pix, lastp, mask=inb)
+
+
+@triton.jit
+def _add10(a0, a1, a2, a3, a4, a5, a6, a7, a8, a9, b0, b1, b2, b3, b4, b5, b6, b7, b8, b9):
+    return a0 + b0, a1 + b1, a2 + b2, a3 + b3, a4 + b4, a5 + b5, a6 + b6, a7 + b7, a8 + b8, a9 + b9
 
 
 @triton.jit
@@ -227,13 +249,25 @@ def _add11(a0, a1, a2, a3, a4, a5, a6, a7, a8, a9, a10, b0, b1, b2, b3, b4, b5, 
 
 @triton.jit
 def _raster_bwd_kernel(params_ptr, feats_ptr, rect_ptr, ids_sorted_ptr, order_ptr, ranges_ptr, ovf_ptr,
-                       out_ptr, tfin_ptr, gout_ptr, gt_ptr, gparams_ptr, gfeats_ptr, G, N, W, H, TX, TPI, alpha_max,
+                       out_ptr, tfin_ptr, last_ptr, gout_ptr, gt_ptr, gparams_ptr, gfeats_ptr, gpack_ptr,
+                       G, N, W, H, TX, TPI, alpha_max,
                        DP: tl.constexpr, CH: tl.constexpr, TS: tl.constexpr, SPLIT: tl.constexpr,
-                       ONE_REDUCE: tl.constexpr):
-    # ONE_REDUCE (needs SPLIT): see below
+                       ONE_REDUCE: tl.constexpr, LAST: tl.constexpr, PACK: tl.constexpr, SKIP: tl.constexpr):
+    # ONE_REDUCE (needs SPLIT): the per-Gaussian sums as one multi-operand reduction.
+    # LAST: the forward's per-pixel stop positions bound the walk (the tile's largest) and
+    #   select the kept pairs, instead of tracking T <= 1e-4 and testing for "all done" per chunk.
+    # PACK (needs SPLIT): ten sums (the conic's coefficients taken out of the pixel sums), no
+    #   separate hit count, and one atomic add of a [CH, 16] block into a [G, 16] buffer
+    #   (a Gaussian's gradients in one 64-byte row instead of ten arrays).
+    # SKIP: one reduction per chunk tests whether any pair is kept at any pixel; if none, the
+    #   chunk's gradient sums, atomics and running sums are skipped.
     img, tx, ty, px, py, inb, pxf, pyf, ovf, start, end = _tile_setup(ranges_ptr, ovf_ptr, N, W, H, TX, TPI, TS)
     chan = tl.arange(0, DP)
     pix = (img * H + py) * W + px
+    lastp = tl.zeros([TS * TS], dtype=tl.int32)
+    if LAST:
+        lastp = tl.load(last_ptr + pix, mask=inb, other=0)
+        end = tl.minimum(end, tl.max(lastp, axis=0))
 
     gpix = tl.load(gout_ptr + pix[:, None] * DP + chan[None, :], mask=inb[:, None], other=0.0)  # [PIX, DP]
     outp = tl.load(out_ptr + pix[:, None] * DP + chan[None, :], mask=inb[:, None], other=0.0)
@@ -257,91 +291,142 @@ def _raster_bwd_kernel(params_ptr, feats_ptr, rect_ptr, ids_sorted_ptr, order_pt
     while i < end:
         gid, m, dx, dy, og, alpha, valid, ca, cb, cc, op = _chunk_alpha(
             params_ptr, rect_ptr, ids_sorted_ptr, order_ptr, ovf, i, end, G, tx, ty, pxf, pyf, alpha_max, CH)
-        valid = valid & ~done[None, :]
+        if LAST:
+            # the pairs the forward kept: valid and in front of the pixel's stop (the same f and
+            # cumulative product as the forward's up to there, so the same P)
+            valid = valid & ((i + tl.arange(0, CH))[:, None] < lastp[None, :])
+        else:
+            valid = valid & ~done[None, :]
         f = tl.where(valid, 1.0 - alpha, 1.0)
         P = T[None, :] * tl.cumprod(f, axis=0)
         keep = valid & (P > _T_MIN)
         tb = P / f  # transmittance in front of the pair
-        w = tl.where(keep, alpha * tb, 0.0)
-        if SPLIT:
-            f0 = tl.load(feats_ptr + gid * 4 + 0, mask=m, other=0.0)
-            f1 = tl.load(feats_ptr + gid * 4 + 1, mask=m, other=0.0)
-            f2 = tl.load(feats_ptr + gid * 4 + 2, mask=m, other=0.0)
-            f3 = tl.load(feats_ptr + gid * 4 + 3, mask=m, other=0.0)
-            v = f0[:, None] * g0[None, :] + f1[:, None] * g1[None, :] + f2[:, None] * g2[None, :] + f3[:, None] * g3[None, :]
+        if SKIP:
+            # a chunk none of whose pairs is kept at any pixel adds nothing: skip the rest
+            live = tl.max(tl.max(keep.to(tl.int32), axis=1), axis=0)
         else:
-            feat = tl.load(feats_ptr + gid[:, None] * DP + chan[None, :], mask=m[:, None], other=0.0)
-            v = tl.sum(feat[:, None, :] * gpix[None, :, :], axis=2)  # [CH, PIX]
-        wv = w * v
-        cs = tl.cumsum(wv, axis=0) + prefix[None, :]
-        after = total[None, :] - cs  # contributions behind each pair
-        g_a = tb * v - (after + q[None, :]) / (1.0 - alpha)
-        mm = tl.where(keep & (og < alpha_max), og * g_a, 0.0)  # -dL/dsigma; the clamp blocks the gradient
-        if ONE_REDUCE:
-            # all per-Gaussian sums over the tile's pixels in one multi-operand reduction
-            # (one round of shuffles and barriers instead of eleven)
-            r_mx, r_my, r_ca, r_cb, r_cc, r_m, r_f0, r_f1, r_f2, r_f3, r_hit = tl.reduce(
-                (mm * (ca[:, None] * dx + cb[:, None] * dy), mm * (cb[:, None] * dx + cc[:, None] * dy),
-                 mm * dx * dx, mm * dx * dy, mm * dy * dy, mm,
-                 w * g0[None, :], w * g1[None, :], w * g2[None, :], w * g3[None, :], keep.to(tl.float32)),
-                axis=1, combine_fn=_add11)
-            hit = m & (r_hit > 0)
-            tl.atomic_add(gparams_ptr + 0 * G + gid, -r_mx, mask=hit)
-            tl.atomic_add(gparams_ptr + 1 * G + gid, -r_my, mask=hit)
-            tl.atomic_add(gparams_ptr + 2 * G + gid, -0.5 * r_ca, mask=hit)
-            tl.atomic_add(gparams_ptr + 3 * G + gid, -r_cb, mask=hit)
-            tl.atomic_add(gparams_ptr + 4 * G + gid, -0.5 * r_cc, mask=hit)
-            tl.atomic_add(gparams_ptr + 5 * G + gid, r_m / tl.where(m, op, 1.0), mask=hit)
-            tl.atomic_add(gfeats_ptr + gid * 4 + 0, r_f0, mask=hit)
-            tl.atomic_add(gfeats_ptr + gid * 4 + 1, r_f1, mask=hit)
-            tl.atomic_add(gfeats_ptr + gid * 4 + 2, r_f2, mask=hit)
-            tl.atomic_add(gfeats_ptr + gid * 4 + 3, r_f3, mask=hit)
-        else:
-            g_mx = -tl.sum(mm * (ca[:, None] * dx + cb[:, None] * dy), axis=1)
-            g_my = -tl.sum(mm * (cb[:, None] * dx + cc[:, None] * dy), axis=1)
-            g_ca = -0.5 * tl.sum(mm * dx * dx, axis=1)
-            g_cb = -tl.sum(mm * dx * dy, axis=1)
-            g_cc = -0.5 * tl.sum(mm * dy * dy, axis=1)
-            g_op = tl.sum(mm, axis=1) / tl.where(m, op, 1.0)
-            hit = m & (tl.sum(keep.to(tl.int32), axis=1) > 0)
-            tl.atomic_add(gparams_ptr + 0 * G + gid, g_mx, mask=hit)
-            tl.atomic_add(gparams_ptr + 1 * G + gid, g_my, mask=hit)
-            tl.atomic_add(gparams_ptr + 2 * G + gid, g_ca, mask=hit)
-            tl.atomic_add(gparams_ptr + 3 * G + gid, g_cb, mask=hit)
-            tl.atomic_add(gparams_ptr + 4 * G + gid, g_cc, mask=hit)
-            tl.atomic_add(gparams_ptr + 5 * G + gid, g_op, mask=hit)
+            live = 1
+        if live > 0:
+            w = tl.where(keep, alpha * tb, 0.0)
             if SPLIT:
-                tl.atomic_add(gfeats_ptr + gid * 4 + 0, tl.sum(w * g0[None, :], axis=1), mask=hit)
-                tl.atomic_add(gfeats_ptr + gid * 4 + 1, tl.sum(w * g1[None, :], axis=1), mask=hit)
-                tl.atomic_add(gfeats_ptr + gid * 4 + 2, tl.sum(w * g2[None, :], axis=1), mask=hit)
-                tl.atomic_add(gfeats_ptr + gid * 4 + 3, tl.sum(w * g3[None, :], axis=1), mask=hit)
+                f0 = tl.load(feats_ptr + gid * 4 + 0, mask=m, other=0.0)
+                f1 = tl.load(feats_ptr + gid * 4 + 1, mask=m, other=0.0)
+                f2 = tl.load(feats_ptr + gid * 4 + 2, mask=m, other=0.0)
+                f3 = tl.load(feats_ptr + gid * 4 + 3, mask=m, other=0.0)
+                v = f0[:, None] * g0[None, :] + f1[:, None] * g1[None, :] + f2[:, None] * g2[None, :] + f3[:, None] * g3[None, :]
             else:
-                g_feat = tl.sum(w[:, :, None] * gpix[None, :, :], axis=1)  # [CH, DP]
-                tl.atomic_add(gfeats_ptr + gid[:, None] * DP + chan[None, :], g_feat, mask=hit[:, None] & (chan[None, :] < DP))
-        prefix += tl.sum(wv, axis=0)
-        T = tl.minimum(T, tl.min(tl.where(keep, P, 2.0), axis=0))
-        done = done | (tl.sum((valid & (P <= _T_MIN)).to(tl.int32), axis=0) > 0)
-        all_done = tl.sum((~done).to(tl.int32), axis=0) == 0
-        i = tl.where(all_done, end, i + CH)
+                feat = tl.load(feats_ptr + gid[:, None] * DP + chan[None, :], mask=m[:, None], other=0.0)
+                v = tl.sum(feat[:, None, :] * gpix[None, :, :], axis=2)  # [CH, PIX]
+            wv = w * v
+            cs = tl.cumsum(wv, axis=0) + prefix[None, :]
+            after = total[None, :] - cs  # contributions behind each pair
+            g_a = tb * v - (after + q[None, :]) / (1.0 - alpha)
+            mm = tl.where(keep & (og < alpha_max), og * g_a, 0.0)  # -dL/dsigma; the clamp blocks the gradient
+            if PACK:
+                if ONE_REDUCE:
+                    s_x, s_y, s_xx, s_xy, s_yy, s_m, s_f0, s_f1, s_f2, s_f3 = tl.reduce(
+                        (mm * dx, mm * dy, mm * dx * dx, mm * dx * dy, mm * dy * dy, mm,
+                         w * g0[None, :], w * g1[None, :], w * g2[None, :], w * g3[None, :]), axis=1, combine_fn=_add10)
+                else:
+                    s_x = tl.sum(mm * dx, axis=1)
+                    s_y = tl.sum(mm * dy, axis=1)
+                    s_xx = tl.sum(mm * dx * dx, axis=1)
+                    s_xy = tl.sum(mm * dx * dy, axis=1)
+                    s_yy = tl.sum(mm * dy * dy, axis=1)
+                    s_m = tl.sum(mm, axis=1)
+                    s_f0 = tl.sum(w * g0[None, :], axis=1)
+                    s_f1 = tl.sum(w * g1[None, :], axis=1)
+                    s_f2 = tl.sum(w * g2[None, :], axis=1)
+                    s_f3 = tl.sum(w * g3[None, :], axis=1)
+                # a Gaussian whose sums are all zero would add zeros: skipping it changes nothing
+                hit = m & ((s_m != 0.0) | (s_f0 != 0.0) | (s_f1 != 0.0) | (s_f2 != 0.0) | (s_f3 != 0.0))
+                k = tl.arange(0, 16)[None, :]
+                row = tl.where(k == 0, -(ca * s_x + cb * s_y)[:, None], 0.0)
+                row = tl.where(k == 1, -(cb * s_x + cc * s_y)[:, None], row)
+                row = tl.where(k == 2, -0.5 * s_xx[:, None], row)
+                row = tl.where(k == 3, -s_xy[:, None], row)
+                row = tl.where(k == 4, -0.5 * s_yy[:, None], row)
+                row = tl.where(k == 5, (s_m / tl.where(m, op, 1.0))[:, None], row)
+                row = tl.where(k == 6, s_f0[:, None], row)
+                row = tl.where(k == 7, s_f1[:, None], row)
+                row = tl.where(k == 8, s_f2[:, None], row)
+                row = tl.where(k == 9, s_f3[:, None], row)
+                tl.atomic_add(gpack_ptr + gid[:, None] * 16 + k, row, mask=hit[:, None] & (k < 10))
+            elif ONE_REDUCE:
+                # all per-Gaussian sums over the tile's pixels in one multi-operand reduction
+                # (one round of shuffles and barriers instead of eleven)
+                r_mx, r_my, r_ca, r_cb, r_cc, r_m, r_f0, r_f1, r_f2, r_f3, r_hit = tl.reduce(
+                    (mm * (ca[:, None] * dx + cb[:, None] * dy), mm * (cb[:, None] * dx + cc[:, None] * dy),
+                     mm * dx * dx, mm * dx * dy, mm * dy * dy, mm,
+                     w * g0[None, :], w * g1[None, :], w * g2[None, :], w * g3[None, :], keep.to(tl.float32)),
+                    axis=1, combine_fn=_add11)
+                hit = m & (r_hit > 0)
+                tl.atomic_add(gparams_ptr + 0 * G + gid, -r_mx, mask=hit)
+                tl.atomic_add(gparams_ptr + 1 * G + gid, -r_my, mask=hit)
+                tl.atomic_add(gparams_ptr + 2 * G + gid, -0.5 * r_ca, mask=hit)
+                tl.atomic_add(gparams_ptr + 3 * G + gid, -r_cb, mask=hit)
+                tl.atomic_add(gparams_ptr + 4 * G + gid, -0.5 * r_cc, mask=hit)
+                tl.atomic_add(gparams_ptr + 5 * G + gid, r_m / tl.where(m, op, 1.0), mask=hit)
+                tl.atomic_add(gfeats_ptr + gid * 4 + 0, r_f0, mask=hit)
+                tl.atomic_add(gfeats_ptr + gid * 4 + 1, r_f1, mask=hit)
+                tl.atomic_add(gfeats_ptr + gid * 4 + 2, r_f2, mask=hit)
+                tl.atomic_add(gfeats_ptr + gid * 4 + 3, r_f3, mask=hit)
+            else:
+                g_mx = -tl.sum(mm * (ca[:, None] * dx + cb[:, None] * dy), axis=1)
+                g_my = -tl.sum(mm * (cb[:, None] * dx + cc[:, None] * dy), axis=1)
+                g_ca = -0.5 * tl.sum(mm * dx * dx, axis=1)
+                g_cb = -tl.sum(mm * dx * dy, axis=1)
+                g_cc = -0.5 * tl.sum(mm * dy * dy, axis=1)
+                g_op = tl.sum(mm, axis=1) / tl.where(m, op, 1.0)
+                hit = m & (tl.sum(keep.to(tl.int32), axis=1) > 0)
+                tl.atomic_add(gparams_ptr + 0 * G + gid, g_mx, mask=hit)
+                tl.atomic_add(gparams_ptr + 1 * G + gid, g_my, mask=hit)
+                tl.atomic_add(gparams_ptr + 2 * G + gid, g_ca, mask=hit)
+                tl.atomic_add(gparams_ptr + 3 * G + gid, g_cb, mask=hit)
+                tl.atomic_add(gparams_ptr + 4 * G + gid, g_cc, mask=hit)
+                tl.atomic_add(gparams_ptr + 5 * G + gid, g_op, mask=hit)
+                if SPLIT:
+                    tl.atomic_add(gfeats_ptr + gid * 4 + 0, tl.sum(w * g0[None, :], axis=1), mask=hit)
+                    tl.atomic_add(gfeats_ptr + gid * 4 + 1, tl.sum(w * g1[None, :], axis=1), mask=hit)
+                    tl.atomic_add(gfeats_ptr + gid * 4 + 2, tl.sum(w * g2[None, :], axis=1), mask=hit)
+                    tl.atomic_add(gfeats_ptr + gid * 4 + 3, tl.sum(w * g3[None, :], axis=1), mask=hit)
+                else:
+                    g_feat = tl.sum(w[:, :, None] * gpix[None, :, :], axis=1)  # [CH, DP]
+                    tl.atomic_add(gfeats_ptr + gid[:, None] * DP + chan[None, :], g_feat, mask=hit[:, None] & (chan[None, :] < DP))
+            prefix += tl.sum(wv, axis=0)
+            T = tl.minimum(T, tl.min(tl.where(keep, P, 2.0), axis=0))
+        if LAST:
+            i += CH
+        else:
+            done = done | (tl.sum((valid & (P <= _T_MIN)).to(tl.int32), axis=0) > 0)
+            all_done = tl.sum((~done).to(tl.int32), axis=0) == 0
+            i = tl.where(all_done, end, i + CH)
 
 
 @triton.jit
-def _proj_common(means_ptr, quats_ptr, scales_ptr, view_ptr, K_ptr, g, m, N, W, H, near, far, eps2d):
-    """Per-Gaussian EWA projection (the torch path's arithmetic, in registers)."""
-    b = g // N
+def _matrix_row(rp, m, o0, o1, o2):
+    """Four entries of a matrix row at rp (o0..o2, 0 where masked off)."""
+    return (tl.load(rp + 0, mask=m, other=o0), tl.load(rp + 1, mask=m, other=o1), tl.load(rp + 2, mask=m, other=o2),
+            tl.load(rp + 3, mask=m, other=0.0))
+
+
+@triton.jit
+def _load_view(view_ptr, b, m):
+    """The top three rows of image b's world-to-camera matrix (identity where masked off)."""
     vb = view_ptr + b * 16
-    r00 = tl.load(vb + 0, mask=m, other=1.0)
-    r01 = tl.load(vb + 1, mask=m, other=0.0)
-    r02 = tl.load(vb + 2, mask=m, other=0.0)
-    t0 = tl.load(vb + 3, mask=m, other=0.0)
-    r10 = tl.load(vb + 4, mask=m, other=0.0)
-    r11 = tl.load(vb + 5, mask=m, other=1.0)
-    r12 = tl.load(vb + 6, mask=m, other=0.0)
-    t1 = tl.load(vb + 7, mask=m, other=0.0)
-    r20 = tl.load(vb + 8, mask=m, other=0.0)
-    r21 = tl.load(vb + 9, mask=m, other=0.0)
-    r22 = tl.load(vb + 10, mask=m, other=1.0)
-    t2 = tl.load(vb + 11, mask=m, other=0.0)
+    r00, r01, r02, t0 = _matrix_row(vb, m, 1.0, 0.0, 0.0)
+    r10, r11, r12, t1 = _matrix_row(vb + 4, m, 0.0, 1.0, 0.0)
+    r20, r21, r22, t2 = _matrix_row(vb + 8, m, 0.0, 0.0, 1.0)
+    return r00, r01, r02, t0, r10, r11, r12, t1, r20, r21, r22, t2
+
+
+@triton.jit
+def _proj_common(means_ptr, quats_ptr, scales_ptr, view_ptr, K_ptr, G, N, W, H, near, far, eps2d, BLOCK: tl.constexpr):
+    """This program's Gaussians g (mask m) and their EWA projection (the torch path's arithmetic, in registers)."""
+    g = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    m = g < G
+    b = g // N
+    r00, r01, r02, t0, r10, r11, r12, t1, r20, r21, r22, t2 = _load_view(view_ptr, b, m)
     kb = K_ptr + b * 9
     fx = tl.load(kb + 0, mask=m, other=1.0)
     cx = tl.load(kb + 2, mask=m, other=0.0)
@@ -412,7 +497,7 @@ def _proj_common(means_ptr, quats_ptr, scales_ptr, view_ptr, K_ptr, g, m, N, W, 
     det = ca * cc - cb * cb
     mxp = fx * px * rz + cx
     myp = fy * py * rz + cy
-    return (front, z, rz, px, py, xr, yr, xc, yc, tx, ty, lxn, lxp, lyn, lyp, fx, fy,
+    return (g, m, front, z, rz, px, py, xr, yr, xc, yc, tx, ty, lxn, lxp, lyn, lyp, fx, fy,
             r00, r01, r02, r10, r11, r12, r20, r21, r22, T00, T01, T02, T10, T11, T12,
             qn, w, x, y, zq, s0, s1, s2, R00, R01, R02, R10, R11, R12, R20, R21, R22,
             U00, U01, U02, U10, U11, U12, ca, cb, cc, det, mxp, myp)
@@ -422,13 +507,11 @@ def _proj_common(means_ptr, quats_ptr, scales_ptr, view_ptr, K_ptr, g, m, N, W, 
 def _project_fwd_kernel(means_ptr, quats_ptr, scales_ptr, opac_ptr, view_ptr, K_ptr,
                         params_ptr, z_ptr, rect_ptr, count_ptr, radii_ptr,
                         G, N, W, H, TXn, TYn, near, far, eps2d, BLOCK: tl.constexpr, TS: tl.constexpr):
-    g = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    m = g < G
-    (front, z, rz, px, py, xr, yr, xc, yc, tx, ty, lxn, lxp, lyn, lyp, fx, fy,
+    (g, m, front, z, rz, px, py, xr, yr, xc, yc, tx, ty, lxn, lxp, lyn, lyp, fx, fy,
      r00, r01, r02, r10, r11, r12, r20, r21, r22, T00, T01, T02, T10, T11, T12,
      qn, w, x, y, zq, s0, s1, s2, R00, R01, R02, R10, R11, R12, R20, R21, R22,
      U00, U01, U02, U10, U11, U12, ca, cb, cc, det, mxp, myp) = _proj_common(
-        means_ptr, quats_ptr, scales_ptr, view_ptr, K_ptr, g, m, N, W, H, near, far, eps2d)
+        means_ptr, quats_ptr, scales_ptr, view_ptr, K_ptr, G, N, W, H, near, far, eps2d, BLOCK)
     o = tl.load(opac_ptr + g, mask=m, other=0.0)
     thr = 1.0 / 255.0
     ok = front & (det > 0) & (o >= thr)
@@ -465,21 +548,14 @@ def _project_fwd_kernel(means_ptr, quats_ptr, scales_ptr, opac_ptr, view_ptr, K_
 def _project_bwd_kernel(means_ptr, quats_ptr, scales_ptr, view_ptr, K_ptr, count_ptr, gparams_ptr, gz_ptr,
                         gmeans_ptr, gquats_ptr, gscales_ptr, gopac_ptr,
                         G, N, W, H, near, far, eps2d, BLOCK: tl.constexpr):
-    g = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    m = g < G
-    (front, z, rz, px, py, xr, yr, xc, yc, tx, ty, lxn, lxp, lyn, lyp, fx, fy,
+    (g, m, front, z, rz, px, py, xr, yr, xc, yc, tx, ty, lxn, lxp, lyn, lyp, fx, fy,
      r00, r01, r02, r10, r11, r12, r20, r21, r22, T00, T01, T02, T10, T11, T12,
      qn, w, x, y, zq, s0, s1, s2, R00, R01, R02, R10, R11, R12, R20, R21, R22,
      U00, U01, U02, U10, U11, U12, ca, cb, cc, det, mxp, myp) = _proj_common(
-        means_ptr, quats_ptr, scales_ptr, view_ptr, K_ptr, g, m, N, W, H, near, far, eps2d)
+        means_ptr, quats_ptr, scales_ptr, view_ptr, K_ptr, G, N, W, H, near, far, eps2d, BLOCK)
     # only rendered Gaussians (count > 0) receive gradients; the others' are exactly 0 (as in torch)
     ok = m & (tl.load(count_ptr + g, mask=m, other=0) > 0)
-    gmx = tl.load(gparams_ptr + 0 * G + g, mask=ok, other=0.0)
-    gmy = tl.load(gparams_ptr + 1 * G + g, mask=ok, other=0.0)
-    gA = tl.load(gparams_ptr + 2 * G + g, mask=ok, other=0.0)
-    gB = tl.load(gparams_ptr + 3 * G + g, mask=ok, other=0.0)
-    gC = tl.load(gparams_ptr + 4 * G + g, mask=ok, other=0.0)
-    go = tl.load(gparams_ptr + 5 * G + g, mask=m, other=0.0)
+    gmx, gmy, gA, gB, gC, go = _load_rows6(gparams_ptr, G, g, ok, m)
     gzz = tl.load(gz_ptr + g, mask=ok, other=0.0)
     # conic (A, B, C) = (c, -b, a) / det  ->  2D covariance (a, b, c)
     dets = tl.where(ok, det, 1.0)
@@ -566,19 +642,7 @@ def _project_bwd_kernel(means_ptr, quats_ptr, scales_ptr, view_ptr, K_ptr, count
 def _sh_dirs(means_ptr, view_ptr, g, m, N):
     """Unit view directions (mean - camera centre) of Gaussians g, their length before normalising."""
     b = g // N
-    vb = view_ptr + b * 16
-    r00 = tl.load(vb + 0, mask=m, other=1.0)
-    r01 = tl.load(vb + 1, mask=m, other=0.0)
-    r02 = tl.load(vb + 2, mask=m, other=0.0)
-    t0 = tl.load(vb + 3, mask=m, other=0.0)
-    r10 = tl.load(vb + 4, mask=m, other=0.0)
-    r11 = tl.load(vb + 5, mask=m, other=1.0)
-    r12 = tl.load(vb + 6, mask=m, other=0.0)
-    t1 = tl.load(vb + 7, mask=m, other=0.0)
-    r20 = tl.load(vb + 8, mask=m, other=0.0)
-    r21 = tl.load(vb + 9, mask=m, other=0.0)
-    r22 = tl.load(vb + 10, mask=m, other=1.0)
-    t2 = tl.load(vb + 11, mask=m, other=0.0)
+    r00, r01, r02, t0, r10, r11, r12, t1, r20, r21, r22, t2 = _load_view(view_ptr, b, m)
     # camera centre -R^T t
     vx = tl.load(means_ptr + g * 3 + 0, mask=m, other=1.0) + (r00 * t0 + r10 * t1 + r20 * t2)
     vy = tl.load(means_ptr + g * 3 + 1, mask=m, other=0.0) + (r01 * t0 + r11 * t1 + r21 * t2)
@@ -588,87 +652,63 @@ def _sh_dirs(means_ptr, view_ptr, g, m, N):
 
 
 @triton.jit
+def _sh_setup(coef_ptr, sb, sn, means_ptr, view_ptr, G, N, BLOCK: tl.constexpr):
+    """This program's Gaussians, their unit view directions (and squares) and coefficient rows."""
+    g = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    m = g < G
+    x, y, z, nrm = _sh_dirs(means_ptr, view_ptr, g, m, N)
+    cb = coef_ptr + (g // N).to(tl.int64) * sb + (g % N).to(tl.int64) * sn
+    return g, m, x, y, z, nrm, x * x, y * y, z * z, cb
+
+
+@triton.jit
+def _sh_acc(cb, k: tl.constexpr, sk, sc, m, bk, acc_r, acc_g, acc_b):
+    """acc += basis value bk times coefficient k (RGB)."""
+    acc_r += bk * tl.load(cb + k * sk + 0 * sc, mask=m, other=0.0)
+    acc_g += bk * tl.load(cb + k * sk + 1 * sc, mask=m, other=0.0)
+    acc_b += bk * tl.load(cb + k * sk + 2 * sc, mask=m, other=0.0)
+    return acc_r, acc_g, acc_b
+
+
+@triton.jit
+def _sh_coef_grad(cb, k: tl.constexpr, sk, sc, m, bk, gr, gg, gb, gc):
+    """Coefficient k's gradient (basis value bk times the colour gradient, stored at gc + 3k);
+    returns coefficient k . colour gradient (what the basis value's own gradient is scaled by)."""
+    tl.store(gc + 3 * k + 0, bk * gr, mask=m)
+    tl.store(gc + 3 * k + 1, bk * gg, mask=m)
+    tl.store(gc + 3 * k + 2, bk * gb, mask=m)
+    return (tl.load(cb + k * sk, mask=m, other=0.0) * gr + tl.load(cb + k * sk + sc, mask=m, other=0.0) * gg
+            + tl.load(cb + k * sk + 2 * sc, mask=m, other=0.0) * gb)
+
+
+@triton.jit
 def _sh_fwd_kernel(coef_ptr, sb, sn, sk, sc, means_ptr, view_ptr, out_ptr, G, N,
                    DEG: tl.constexpr, BLOCK: tl.constexpr):
     """colour = max(SH_DEG(dir) . coefficients + 0.5, 0), 3DGS basis (sh.py); coefficients by strides
     (an expanded [B,N,K,3] view is read in place)."""
-    g = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    m = g < G
-    x, y, z, nrm = _sh_dirs(means_ptr, view_ptr, g, m, N)
-    xx = x * x
-    yy = y * y
-    zz = z * z
-    cb = coef_ptr + (g // N).to(tl.int64) * sb + (g % N).to(tl.int64) * sn
+    g, m, x, y, z, nrm, xx, yy, zz, cb = _sh_setup(coef_ptr, sb, sn, means_ptr, view_ptr, G, N, BLOCK)
     acc_r = tl.zeros([BLOCK], dtype=tl.float32)
     acc_g = tl.zeros([BLOCK], dtype=tl.float32)
     acc_b = tl.zeros([BLOCK], dtype=tl.float32)
-    bk = 0.28209479177387814
-    acc_r += bk * tl.load(cb + 0 * sk + 0 * sc, mask=m, other=0.0)
-    acc_g += bk * tl.load(cb + 0 * sk + 1 * sc, mask=m, other=0.0)
-    acc_b += bk * tl.load(cb + 0 * sk + 2 * sc, mask=m, other=0.0)
+    acc_r, acc_g, acc_b = _sh_acc(cb, 0, sk, sc, m, 0.28209479177387814, acc_r, acc_g, acc_b)
     if DEG >= 1:
-        bk = -0.4886025119029199 * y
-        acc_r += bk * tl.load(cb + 1 * sk + 0 * sc, mask=m, other=0.0)
-        acc_g += bk * tl.load(cb + 1 * sk + 1 * sc, mask=m, other=0.0)
-        acc_b += bk * tl.load(cb + 1 * sk + 2 * sc, mask=m, other=0.0)
-        bk = 0.4886025119029199 * z
-        acc_r += bk * tl.load(cb + 2 * sk + 0 * sc, mask=m, other=0.0)
-        acc_g += bk * tl.load(cb + 2 * sk + 1 * sc, mask=m, other=0.0)
-        acc_b += bk * tl.load(cb + 2 * sk + 2 * sc, mask=m, other=0.0)
-        bk = -0.4886025119029199 * x
-        acc_r += bk * tl.load(cb + 3 * sk + 0 * sc, mask=m, other=0.0)
-        acc_g += bk * tl.load(cb + 3 * sk + 1 * sc, mask=m, other=0.0)
-        acc_b += bk * tl.load(cb + 3 * sk + 2 * sc, mask=m, other=0.0)
+        acc_r, acc_g, acc_b = _sh_acc(cb, 1, sk, sc, m, -0.4886025119029199 * y, acc_r, acc_g, acc_b)
+        acc_r, acc_g, acc_b = _sh_acc(cb, 2, sk, sc, m, 0.4886025119029199 * z, acc_r, acc_g, acc_b)
+        acc_r, acc_g, acc_b = _sh_acc(cb, 3, sk, sc, m, -0.4886025119029199 * x, acc_r, acc_g, acc_b)
     if DEG >= 2:
-        bk = 1.0925484305920792 * x * y
-        acc_r += bk * tl.load(cb + 4 * sk + 0 * sc, mask=m, other=0.0)
-        acc_g += bk * tl.load(cb + 4 * sk + 1 * sc, mask=m, other=0.0)
-        acc_b += bk * tl.load(cb + 4 * sk + 2 * sc, mask=m, other=0.0)
-        bk = -1.0925484305920792 * y * z
-        acc_r += bk * tl.load(cb + 5 * sk + 0 * sc, mask=m, other=0.0)
-        acc_g += bk * tl.load(cb + 5 * sk + 1 * sc, mask=m, other=0.0)
-        acc_b += bk * tl.load(cb + 5 * sk + 2 * sc, mask=m, other=0.0)
-        bk = 0.31539156525252005 * (2.0 * zz - xx - yy)
-        acc_r += bk * tl.load(cb + 6 * sk + 0 * sc, mask=m, other=0.0)
-        acc_g += bk * tl.load(cb + 6 * sk + 1 * sc, mask=m, other=0.0)
-        acc_b += bk * tl.load(cb + 6 * sk + 2 * sc, mask=m, other=0.0)
-        bk = -1.0925484305920792 * x * z
-        acc_r += bk * tl.load(cb + 7 * sk + 0 * sc, mask=m, other=0.0)
-        acc_g += bk * tl.load(cb + 7 * sk + 1 * sc, mask=m, other=0.0)
-        acc_b += bk * tl.load(cb + 7 * sk + 2 * sc, mask=m, other=0.0)
-        bk = 0.5462742152960396 * (xx - yy)
-        acc_r += bk * tl.load(cb + 8 * sk + 0 * sc, mask=m, other=0.0)
-        acc_g += bk * tl.load(cb + 8 * sk + 1 * sc, mask=m, other=0.0)
-        acc_b += bk * tl.load(cb + 8 * sk + 2 * sc, mask=m, other=0.0)
+        acc_r, acc_g, acc_b = _sh_acc(cb, 4, sk, sc, m, 1.0925484305920792 * x * y, acc_r, acc_g, acc_b)
+        acc_r, acc_g, acc_b = _sh_acc(cb, 5, sk, sc, m, -1.0925484305920792 * y * z, acc_r, acc_g, acc_b)
+        acc_r, acc_g, acc_b = _sh_acc(cb, 6, sk, sc, m, 0.31539156525252005 * (2.0 * zz - xx - yy), acc_r, acc_g, acc_b)
+        acc_r, acc_g, acc_b = _sh_acc(cb, 7, sk, sc, m, -1.0925484305920792 * x * z, acc_r, acc_g, acc_b)
+        acc_r, acc_g, acc_b = _sh_acc(cb, 8, sk, sc, m, 0.5462742152960396 * (xx - yy), acc_r, acc_g, acc_b)
     if DEG >= 3:
-        bk = -0.5900435899266435 * y * (3.0 * xx - yy)
-        acc_r += bk * tl.load(cb + 9 * sk + 0 * sc, mask=m, other=0.0)
-        acc_g += bk * tl.load(cb + 9 * sk + 1 * sc, mask=m, other=0.0)
-        acc_b += bk * tl.load(cb + 9 * sk + 2 * sc, mask=m, other=0.0)
-        bk = 2.890611442640554 * x * y * z
-        acc_r += bk * tl.load(cb + 10 * sk + 0 * sc, mask=m, other=0.0)
-        acc_g += bk * tl.load(cb + 10 * sk + 1 * sc, mask=m, other=0.0)
-        acc_b += bk * tl.load(cb + 10 * sk + 2 * sc, mask=m, other=0.0)
-        bk = -0.4570457994644658 * y * (4.0 * zz - xx - yy)
-        acc_r += bk * tl.load(cb + 11 * sk + 0 * sc, mask=m, other=0.0)
-        acc_g += bk * tl.load(cb + 11 * sk + 1 * sc, mask=m, other=0.0)
-        acc_b += bk * tl.load(cb + 11 * sk + 2 * sc, mask=m, other=0.0)
-        bk = 0.3731763325901154 * z * (2.0 * zz - 3.0 * xx - 3.0 * yy)
-        acc_r += bk * tl.load(cb + 12 * sk + 0 * sc, mask=m, other=0.0)
-        acc_g += bk * tl.load(cb + 12 * sk + 1 * sc, mask=m, other=0.0)
-        acc_b += bk * tl.load(cb + 12 * sk + 2 * sc, mask=m, other=0.0)
-        bk = -0.4570457994644658 * x * (4.0 * zz - xx - yy)
-        acc_r += bk * tl.load(cb + 13 * sk + 0 * sc, mask=m, other=0.0)
-        acc_g += bk * tl.load(cb + 13 * sk + 1 * sc, mask=m, other=0.0)
-        acc_b += bk * tl.load(cb + 13 * sk + 2 * sc, mask=m, other=0.0)
-        bk = 1.445305721320277 * z * (xx - yy)
-        acc_r += bk * tl.load(cb + 14 * sk + 0 * sc, mask=m, other=0.0)
-        acc_g += bk * tl.load(cb + 14 * sk + 1 * sc, mask=m, other=0.0)
-        acc_b += bk * tl.load(cb + 14 * sk + 2 * sc, mask=m, other=0.0)
-        bk = -0.5900435899266435 * x * (xx - 3.0 * yy)
-        acc_r += bk * tl.load(cb + 15 * sk + 0 * sc, mask=m, other=0.0)
-        acc_g += bk * tl.load(cb + 15 * sk + 1 * sc, mask=m, other=0.0)
-        acc_b += bk * tl.load(cb + 15 * sk + 2 * sc, mask=m, other=0.0)
+        acc_r, acc_g, acc_b = _sh_acc(cb, 9, sk, sc, m, -0.5900435899266435 * y * (3.0 * xx - yy), acc_r, acc_g, acc_b)
+        acc_r, acc_g, acc_b = _sh_acc(cb, 10, sk, sc, m, 2.890611442640554 * x * y * z, acc_r, acc_g, acc_b)
+        acc_r, acc_g, acc_b = _sh_acc(cb, 11, sk, sc, m, -0.4570457994644658 * y * (4.0 * zz - xx - yy), acc_r, acc_g, acc_b)
+        acc_r, acc_g, acc_b = _sh_acc(cb, 12, sk, sc, m, 0.3731763325901154 * z * (2.0 * zz - 3.0 * xx - 3.0 * yy), acc_r, acc_g, acc_b)
+        acc_r, acc_g, acc_b = _sh_acc(cb, 13, sk, sc, m, -0.4570457994644658 * x * (4.0 * zz - xx - yy), acc_r, acc_g, acc_b)
+        acc_r, acc_g, acc_b = _sh_acc(cb, 14, sk, sc, m, 1.445305721320277 * z * (xx - yy), acc_r, acc_g, acc_b)
+        acc_r, acc_g, acc_b = _sh_acc(cb, 15, sk, sc, m, -0.5900435899266435 * x * (xx - 3.0 * yy), acc_r, acc_g, acc_b)
     tl.store(out_ptr + g * 3 + 0, tl.maximum(acc_r + 0.5, 0.0), mask=m)
     tl.store(out_ptr + g * 3 + 1, tl.maximum(acc_g + 0.5, 0.0), mask=m)
     tl.store(out_ptr + g * 3 + 2, tl.maximum(acc_b + 0.5, 0.0), mask=m)
@@ -679,13 +719,7 @@ def _sh_bwd_kernel(coef_ptr, sb, sn, sk, sc, means_ptr, view_ptr, col_ptr, gcol_
                    DEG: tl.constexpr, BLOCK: tl.constexpr):
     """Gradients of _sh_fwd_kernel: to the coefficients ([G,K,3], the first (DEG+1)^2 written)
     and to the means through the view direction."""
-    g = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    m = g < G
-    x, y, z, nrm = _sh_dirs(means_ptr, view_ptr, g, m, N)
-    xx = x * x
-    yy = y * y
-    zz = z * z
-    cb = coef_ptr + (g // N).to(tl.int64) * sb + (g % N).to(tl.int64) * sn
+    g, m, x, y, z, nrm, xx, yy, zz, cb = _sh_setup(coef_ptr, sb, sn, means_ptr, view_ptr, G, N, BLOCK)
     # the clamp at 0 passes the gradient where the colour is > 0 (torch also at exactly 0: measure zero)
     gr = tl.load(gcol_ptr + g * 3 + 0, mask=m, other=0.0)
     gg = tl.load(gcol_ptr + g * 3 + 1, mask=m, other=0.0)
@@ -696,136 +730,57 @@ def _sh_bwd_kernel(coef_ptr, sb, sn, sk, sc, means_ptr, view_ptr, col_ptr, gcol_
     gx = tl.zeros([BLOCK], dtype=tl.float32)
     gy = tl.zeros([BLOCK], dtype=tl.float32)
     gz = tl.zeros([BLOCK], dtype=tl.float32)
-    bk = 0.28209479177387814
-    s = (tl.load(cb + 0 * sk, mask=m, other=0.0) * gr + tl.load(cb + 0 * sk + sc, mask=m, other=0.0) * gg
-         + tl.load(cb + 0 * sk + 2 * sc, mask=m, other=0.0) * gb)
-    tl.store(gcoef_ptr + g * (K * 3) + 0, bk * gr, mask=m)
-    tl.store(gcoef_ptr + g * (K * 3) + 1, bk * gg, mask=m)
-    tl.store(gcoef_ptr + g * (K * 3) + 2, bk * gb, mask=m)
+    gc = gcoef_ptr + g * (K * 3)  # this Gaussian's [K, 3] gradient row
+    s = _sh_coef_grad(cb, 0, sk, sc, m, 0.28209479177387814, gr, gg, gb, gc)
     if DEG >= 1:
-        bk = -0.4886025119029199 * y
-        s = (tl.load(cb + 1 * sk, mask=m, other=0.0) * gr + tl.load(cb + 1 * sk + sc, mask=m, other=0.0) * gg
-             + tl.load(cb + 1 * sk + 2 * sc, mask=m, other=0.0) * gb)
-        tl.store(gcoef_ptr + g * (K * 3) + 3, bk * gr, mask=m)
-        tl.store(gcoef_ptr + g * (K * 3) + 4, bk * gg, mask=m)
-        tl.store(gcoef_ptr + g * (K * 3) + 5, bk * gb, mask=m)
+        s = _sh_coef_grad(cb, 1, sk, sc, m, -0.4886025119029199 * y, gr, gg, gb, gc)
         gy += s * (-0.4886025119029199)
-        bk = 0.4886025119029199 * z
-        s = (tl.load(cb + 2 * sk, mask=m, other=0.0) * gr + tl.load(cb + 2 * sk + sc, mask=m, other=0.0) * gg
-             + tl.load(cb + 2 * sk + 2 * sc, mask=m, other=0.0) * gb)
-        tl.store(gcoef_ptr + g * (K * 3) + 6, bk * gr, mask=m)
-        tl.store(gcoef_ptr + g * (K * 3) + 7, bk * gg, mask=m)
-        tl.store(gcoef_ptr + g * (K * 3) + 8, bk * gb, mask=m)
+        s = _sh_coef_grad(cb, 2, sk, sc, m, 0.4886025119029199 * z, gr, gg, gb, gc)
         gz += s * (0.4886025119029199)
-        bk = -0.4886025119029199 * x
-        s = (tl.load(cb + 3 * sk, mask=m, other=0.0) * gr + tl.load(cb + 3 * sk + sc, mask=m, other=0.0) * gg
-             + tl.load(cb + 3 * sk + 2 * sc, mask=m, other=0.0) * gb)
-        tl.store(gcoef_ptr + g * (K * 3) + 9, bk * gr, mask=m)
-        tl.store(gcoef_ptr + g * (K * 3) + 10, bk * gg, mask=m)
-        tl.store(gcoef_ptr + g * (K * 3) + 11, bk * gb, mask=m)
+        s = _sh_coef_grad(cb, 3, sk, sc, m, -0.4886025119029199 * x, gr, gg, gb, gc)
         gx += s * (-0.4886025119029199)
     if DEG >= 2:
-        bk = 1.0925484305920792 * x * y
-        s = (tl.load(cb + 4 * sk, mask=m, other=0.0) * gr + tl.load(cb + 4 * sk + sc, mask=m, other=0.0) * gg
-             + tl.load(cb + 4 * sk + 2 * sc, mask=m, other=0.0) * gb)
-        tl.store(gcoef_ptr + g * (K * 3) + 12, bk * gr, mask=m)
-        tl.store(gcoef_ptr + g * (K * 3) + 13, bk * gg, mask=m)
-        tl.store(gcoef_ptr + g * (K * 3) + 14, bk * gb, mask=m)
+        s = _sh_coef_grad(cb, 4, sk, sc, m, 1.0925484305920792 * x * y, gr, gg, gb, gc)
         gx += s * (1.0925484305920792 * y)
         gy += s * (1.0925484305920792 * x)
-        bk = -1.0925484305920792 * y * z
-        s = (tl.load(cb + 5 * sk, mask=m, other=0.0) * gr + tl.load(cb + 5 * sk + sc, mask=m, other=0.0) * gg
-             + tl.load(cb + 5 * sk + 2 * sc, mask=m, other=0.0) * gb)
-        tl.store(gcoef_ptr + g * (K * 3) + 15, bk * gr, mask=m)
-        tl.store(gcoef_ptr + g * (K * 3) + 16, bk * gg, mask=m)
-        tl.store(gcoef_ptr + g * (K * 3) + 17, bk * gb, mask=m)
+        s = _sh_coef_grad(cb, 5, sk, sc, m, -1.0925484305920792 * y * z, gr, gg, gb, gc)
         gy += s * (-1.0925484305920792 * z)
         gz += s * (-1.0925484305920792 * y)
-        bk = 0.31539156525252005 * (2.0 * zz - xx - yy)
-        s = (tl.load(cb + 6 * sk, mask=m, other=0.0) * gr + tl.load(cb + 6 * sk + sc, mask=m, other=0.0) * gg
-             + tl.load(cb + 6 * sk + 2 * sc, mask=m, other=0.0) * gb)
-        tl.store(gcoef_ptr + g * (K * 3) + 18, bk * gr, mask=m)
-        tl.store(gcoef_ptr + g * (K * 3) + 19, bk * gg, mask=m)
-        tl.store(gcoef_ptr + g * (K * 3) + 20, bk * gb, mask=m)
+        s = _sh_coef_grad(cb, 6, sk, sc, m, 0.31539156525252005 * (2.0 * zz - xx - yy), gr, gg, gb, gc)
         gx += s * (-2.0 * 0.31539156525252005 * x)
         gy += s * (-2.0 * 0.31539156525252005 * y)
         gz += s * (4.0 * 0.31539156525252005 * z)
-        bk = -1.0925484305920792 * x * z
-        s = (tl.load(cb + 7 * sk, mask=m, other=0.0) * gr + tl.load(cb + 7 * sk + sc, mask=m, other=0.0) * gg
-             + tl.load(cb + 7 * sk + 2 * sc, mask=m, other=0.0) * gb)
-        tl.store(gcoef_ptr + g * (K * 3) + 21, bk * gr, mask=m)
-        tl.store(gcoef_ptr + g * (K * 3) + 22, bk * gg, mask=m)
-        tl.store(gcoef_ptr + g * (K * 3) + 23, bk * gb, mask=m)
+        s = _sh_coef_grad(cb, 7, sk, sc, m, -1.0925484305920792 * x * z, gr, gg, gb, gc)
         gx += s * (-1.0925484305920792 * z)
         gz += s * (-1.0925484305920792 * x)
-        bk = 0.5462742152960396 * (xx - yy)
-        s = (tl.load(cb + 8 * sk, mask=m, other=0.0) * gr + tl.load(cb + 8 * sk + sc, mask=m, other=0.0) * gg
-             + tl.load(cb + 8 * sk + 2 * sc, mask=m, other=0.0) * gb)
-        tl.store(gcoef_ptr + g * (K * 3) + 24, bk * gr, mask=m)
-        tl.store(gcoef_ptr + g * (K * 3) + 25, bk * gg, mask=m)
-        tl.store(gcoef_ptr + g * (K * 3) + 26, bk * gb, mask=m)
+        s = _sh_coef_grad(cb, 8, sk, sc, m, 0.5462742152960396 * (xx - yy), gr, gg, gb, gc)
         gx += s * (2.0 * 0.5462742152960396 * x)
         gy += s * (-2.0 * 0.5462742152960396 * y)
     if DEG >= 3:
-        bk = -0.5900435899266435 * y * (3.0 * xx - yy)
-        s = (tl.load(cb + 9 * sk, mask=m, other=0.0) * gr + tl.load(cb + 9 * sk + sc, mask=m, other=0.0) * gg
-             + tl.load(cb + 9 * sk + 2 * sc, mask=m, other=0.0) * gb)
-        tl.store(gcoef_ptr + g * (K * 3) + 27, bk * gr, mask=m)
-        tl.store(gcoef_ptr + g * (K * 3) + 28, bk * gg, mask=m)
-        tl.store(gcoef_ptr + g * (K * 3) + 29, bk * gb, mask=m)
+        s = _sh_coef_grad(cb, 9, sk, sc, m, -0.5900435899266435 * y * (3.0 * xx - yy), gr, gg, gb, gc)
         gx += s * (6.0 * -0.5900435899266435 * x * y)
         gy += s * (-0.5900435899266435 * (3.0 * xx - 3.0 * yy))
-        bk = 2.890611442640554 * x * y * z
-        s = (tl.load(cb + 10 * sk, mask=m, other=0.0) * gr + tl.load(cb + 10 * sk + sc, mask=m, other=0.0) * gg
-             + tl.load(cb + 10 * sk + 2 * sc, mask=m, other=0.0) * gb)
-        tl.store(gcoef_ptr + g * (K * 3) + 30, bk * gr, mask=m)
-        tl.store(gcoef_ptr + g * (K * 3) + 31, bk * gg, mask=m)
-        tl.store(gcoef_ptr + g * (K * 3) + 32, bk * gb, mask=m)
+        s = _sh_coef_grad(cb, 10, sk, sc, m, 2.890611442640554 * x * y * z, gr, gg, gb, gc)
         gx += s * (2.890611442640554 * y * z)
         gy += s * (2.890611442640554 * x * z)
         gz += s * (2.890611442640554 * x * y)
-        bk = -0.4570457994644658 * y * (4.0 * zz - xx - yy)
-        s = (tl.load(cb + 11 * sk, mask=m, other=0.0) * gr + tl.load(cb + 11 * sk + sc, mask=m, other=0.0) * gg
-             + tl.load(cb + 11 * sk + 2 * sc, mask=m, other=0.0) * gb)
-        tl.store(gcoef_ptr + g * (K * 3) + 33, bk * gr, mask=m)
-        tl.store(gcoef_ptr + g * (K * 3) + 34, bk * gg, mask=m)
-        tl.store(gcoef_ptr + g * (K * 3) + 35, bk * gb, mask=m)
+        s = _sh_coef_grad(cb, 11, sk, sc, m, -0.4570457994644658 * y * (4.0 * zz - xx - yy), gr, gg, gb, gc)
         gx += s * (-2.0 * -0.4570457994644658 * x * y)
         gy += s * (-0.4570457994644658 * (4.0 * zz - xx - 3.0 * yy))
         gz += s * (8.0 * -0.4570457994644658 * y * z)
-        bk = 0.3731763325901154 * z * (2.0 * zz - 3.0 * xx - 3.0 * yy)
-        s = (tl.load(cb + 12 * sk, mask=m, other=0.0) * gr + tl.load(cb + 12 * sk + sc, mask=m, other=0.0) * gg
-             + tl.load(cb + 12 * sk + 2 * sc, mask=m, other=0.0) * gb)
-        tl.store(gcoef_ptr + g * (K * 3) + 36, bk * gr, mask=m)
-        tl.store(gcoef_ptr + g * (K * 3) + 37, bk * gg, mask=m)
-        tl.store(gcoef_ptr + g * (K * 3) + 38, bk * gb, mask=m)
+        s = _sh_coef_grad(cb, 12, sk, sc, m, 0.3731763325901154 * z * (2.0 * zz - 3.0 * xx - 3.0 * yy), gr, gg, gb, gc)
         gx += s * (-6.0 * 0.3731763325901154 * x * z)
         gy += s * (-6.0 * 0.3731763325901154 * y * z)
         gz += s * (0.3731763325901154 * (6.0 * zz - 3.0 * xx - 3.0 * yy))
-        bk = -0.4570457994644658 * x * (4.0 * zz - xx - yy)
-        s = (tl.load(cb + 13 * sk, mask=m, other=0.0) * gr + tl.load(cb + 13 * sk + sc, mask=m, other=0.0) * gg
-             + tl.load(cb + 13 * sk + 2 * sc, mask=m, other=0.0) * gb)
-        tl.store(gcoef_ptr + g * (K * 3) + 39, bk * gr, mask=m)
-        tl.store(gcoef_ptr + g * (K * 3) + 40, bk * gg, mask=m)
-        tl.store(gcoef_ptr + g * (K * 3) + 41, bk * gb, mask=m)
+        s = _sh_coef_grad(cb, 13, sk, sc, m, -0.4570457994644658 * x * (4.0 * zz - xx - yy), gr, gg, gb, gc)
         gx += s * (-0.4570457994644658 * (4.0 * zz - 3.0 * xx - yy))
         gy += s * (-2.0 * -0.4570457994644658 * x * y)
         gz += s * (8.0 * -0.4570457994644658 * x * z)
-        bk = 1.445305721320277 * z * (xx - yy)
-        s = (tl.load(cb + 14 * sk, mask=m, other=0.0) * gr + tl.load(cb + 14 * sk + sc, mask=m, other=0.0) * gg
-             + tl.load(cb + 14 * sk + 2 * sc, mask=m, other=0.0) * gb)
-        tl.store(gcoef_ptr + g * (K * 3) + 42, bk * gr, mask=m)
-        tl.store(gcoef_ptr + g * (K * 3) + 43, bk * gg, mask=m)
-        tl.store(gcoef_ptr + g * (K * 3) + 44, bk * gb, mask=m)
+        s = _sh_coef_grad(cb, 14, sk, sc, m, 1.445305721320277 * z * (xx - yy), gr, gg, gb, gc)
         gx += s * (2.0 * 1.445305721320277 * x * z)
         gy += s * (-2.0 * 1.445305721320277 * y * z)
         gz += s * (1.445305721320277 * (xx - yy))
-        bk = -0.5900435899266435 * x * (xx - 3.0 * yy)
-        s = (tl.load(cb + 15 * sk, mask=m, other=0.0) * gr + tl.load(cb + 15 * sk + sc, mask=m, other=0.0) * gg
-             + tl.load(cb + 15 * sk + 2 * sc, mask=m, other=0.0) * gb)
-        tl.store(gcoef_ptr + g * (K * 3) + 45, bk * gr, mask=m)
-        tl.store(gcoef_ptr + g * (K * 3) + 46, bk * gg, mask=m)
-        tl.store(gcoef_ptr + g * (K * 3) + 47, bk * gb, mask=m)
+        s = _sh_coef_grad(cb, 15, sk, sc, m, -0.5900435899266435 * x * (xx - 3.0 * yy), gr, gg, gb, gc)
         gx += s * (-0.5900435899266435 * (3.0 * xx - 3.0 * yy))
         gy += s * (-6.0 * -0.5900435899266435 * x * y)
     # through the normalisation dir = v / |v|
@@ -1074,28 +1029,43 @@ class _Raster(torch.autograd.Function):
         dev = feats.device
         out = torch.empty(B * H * W, DP, dtype=torch.float32, device=dev)
         tfin = torch.empty(B * H * W, dtype=torch.float32, device=dev)
+        # the stop positions are written only when a backward will read them
+        last = bwd_cfg[3] and any(ctx.needs_input_grad[:2])
+        lastpos = torch.empty(B * H * W if last else 1, dtype=torch.int32, device=dev)
         params, feats = params.contiguous(), feats.contiguous()
         grid = (B * bins["TPI"],)
         _raster_fwd_kernel[grid](params, feats, bins["rect"], bins["ids"], bins["order"], bins["ranges"], bins["ovf"],
-                                 out, tfin, G, N, W, H, bins["TX"], bins["TPI"], alpha_max,
-                                 DP=DP, CH=chunk, TS=TILE, SPLIT=split, num_warps=num_warps)
-        ctx.save_for_backward(params, feats, bins["rect"], bins["ids"], bins["order"], bins["ranges"], bins["ovf"], out, tfin)
-        ctx.meta = (B, N, W, H, bins["TX"], bins["TPI"], alpha_max, bwd_cfg[0], bwd_cfg[1], split, bwd_cfg[2])
+                                 out, tfin, lastpos, G, N, W, H, bins["TX"], bins["TPI"], alpha_max,
+                                 DP=DP, CH=chunk, TS=TILE, SPLIT=split, LAST=last, num_warps=num_warps)
+        ctx.save_for_backward(params, feats, bins["rect"], bins["ids"], bins["order"], bins["ranges"], bins["ovf"], out, tfin,
+                              lastpos)
+        ctx.meta = (B, N, W, H, bins["TX"], bins["TPI"], alpha_max, bwd_cfg[0], bwd_cfg[1], split, bwd_cfg[2], last,
+                    bwd_cfg[4], bwd_cfg[5])
         return out, tfin
 
     @staticmethod
     def backward(ctx, g_out, g_t):
-        params, feats, rect, ids, order, ranges, ovf, out, tfin = ctx.saved_tensors
-        B, N, W, H, TX, TPI, alpha_max, chunk, num_warps, split, one_reduce = ctx.meta
+        params, feats, rect, ids, order, ranges, ovf, out, tfin, lastpos = ctx.saved_tensors
+        B, N, W, H, TX, TPI, alpha_max, chunk, num_warps, split, one_reduce, last, packed, skip = ctx.meta
         G, DP = feats.shape
         g_out = torch.zeros_like(out) if g_out is None else g_out.contiguous().float()
         g_t = torch.zeros_like(tfin) if g_t is None else g_t.contiguous().float()
-        gparams = torch.zeros_like(params)
-        gfeats = torch.zeros_like(feats)
-        _raster_bwd_kernel[(B * TPI,)](params, feats, rect, ids, order, ranges, ovf, out, tfin, g_out, g_t,
-                                       gparams, gfeats, G, N, W, H, TX, TPI, alpha_max,
+        packed = packed and split
+        if packed:
+            # one [G, 16] buffer: mx, my, A, B, C, opacity, 4 features, 6 unused (64-byte rows)
+            gpack = torch.zeros(G, 16, dtype=torch.float32, device=feats.device)
+            gparams = gfeats = gpack  # not written by the kernel in this mode
+        else:
+            gpack = params  # not written by the kernel in this mode
+            gparams = torch.zeros_like(params)
+            gfeats = torch.zeros_like(feats)
+        _raster_bwd_kernel[(B * TPI,)](params, feats, rect, ids, order, ranges, ovf, out, tfin, lastpos, g_out, g_t,
+                                       gparams, gfeats, gpack, G, N, W, H, TX, TPI, alpha_max,
                                        DP=DP, CH=chunk, TS=TILE, SPLIT=split, ONE_REDUCE=split and one_reduce,
-                                       num_warps=num_warps)
+                                       LAST=last, PACK=packed, SKIP=skip, num_warps=num_warps)
+        if packed:
+            gparams = gpack[:, :6].t().contiguous()
+            gfeats = gpack[:, 6:10].contiguous()
         return gparams, gfeats, None, None, None, None, None, None, None, None, None, None
 
 
@@ -1116,7 +1086,7 @@ def render_triton(means, quats, scales, opacities, colors, viewmats, Ks, width: 
                   sh_degree: int | None = None, backgrounds=None, near: float = NEAR, far: float = FAR,
                   eps2d: float = EPS2D, alpha_max: float = ALPHA_MAX, chunk: int = 8, num_warps: int = 4, chunk_bwd: int = 8,
                   num_warps_bwd: int = 4, fused_projection: bool = True, split_channels: bool = True, one_reduce: bool = False,
-                  **kw) -> RenderOutput:
+                  last_index: bool = False, packed_grads: bool = False, skip_empty: bool = False, **kw) -> RenderOutput:
     """Render B frames with the Triton tile rasteriser; same arguments as ``render_torch``.
 
     ``chunk`` (Gaussians composited per step of a tile program, a power of two) and
@@ -1126,6 +1096,13 @@ def render_triton(means, quats, scales, opacities, colors, viewmats, Ks, width: 
     ``split_channels``: per-channel accumulators when there are 3 colour channels (speed only);
     ``one_reduce``: the backward's per-Gaussian sums as one multi-operand reduction (with
     split channels; same results; not yet timed on a GPU, hence off by default).
+    ``last_index``: the forward also stores each pixel's stop position (int32 a pixel) and the
+    backward walks each tile's list only up to its pixels' last stop (no per-chunk "all done"
+    test); ``packed_grads``: the backward's per-Gaussian sums cut to ten and added with one atomic
+    block per chunk into a [G, 16] buffer (with split channels); ``skip_empty``: the backward
+    skips the gradient work of chunks with no kept pair at any pixel of the tile (one extra
+    reduction per chunk).  All three: same results, speed only, not yet timed on a GPU (off by
+    default; ``benchmarks/gaussian_parity.py --sweep`` times them).
     """
     unknown = set(kw) - _FOREIGN_OPTIONS
     if unknown:
@@ -1172,8 +1149,9 @@ def render_triton(means, quats, scales, opacities, colors, viewmats, Ks, width: 
     if DP > D + 1:
         parts.append(cols.new_zeros(B * N, DP - D - 1))
     feats = torch.cat(parts, 1)
+    bwd_cfg = (int(chunk_bwd), int(num_warps_bwd), bool(one_reduce), bool(last_index), bool(packed_grads), bool(skip_empty))
     out, tfin = _Raster.apply(params, feats, bins, B, N, width, height, float(alpha_max), int(chunk), int(num_warps),
-                              bool(split_channels and DP == 4), (int(chunk_bwd), int(num_warps_bwd), bool(one_reduce)))
+                              bool(split_channels and DP == 4), bwd_cfg)
     out = out.view(B, height, width, DP)
     alpha = (1.0 - tfin).view(B, height, width, 1)
     rgb = out[..., :D]
