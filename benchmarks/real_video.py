@@ -104,10 +104,7 @@ def run_one(args) -> dict:
     if args.refine_tracking is not None:  # the second, separately labelled protocol; never replaces the fixed one
         from headavatar.methods import get_method
 
-        method = get_method(args.method)
-        if not hasattr(method, "evaluate_refined"):
-            raise UserError(f"--refine-tracking: {args.method} has no test-time refinement")
-        ref = method().evaluate_refined(run_dir, steps=args.refine_tracking, device=dev, split="test", lpips=args.lpips, progress=False)
+        ref = get_method(args.method)().evaluate_refined(run_dir, steps=args.refine_tracking, device=dev, split="test", lpips=args.lpips, progress=False)
         rm = ref["metrics"]["mean"]
         row.update(refined_steps=ref["refine_steps"], refined_psnr=rm["psnr"], refined_ssim=rm["ssim"], refined_lpips_vgg=rm.get("lpips_vgg"))
     row.update(
@@ -202,6 +199,11 @@ def main(argv=None) -> int:
 
     args = parse(argv)
     try:
+        from headavatar.methods import get_method
+
+        method = get_method(args.method)  # an unknown name is a UserError naming the registered ones
+        if args.refine_tracking is not None and not hasattr(method, "evaluate_refined"):  # checked before any training
+            raise UserError(f"--refine-tracking: {args.method} has no test-time refinement (an optional part of the method protocol)")
         if args.one:
             run_one(args)
             return 0

@@ -168,3 +168,27 @@ def test_nan_loss_is_a_clear_error(subject, tmp_path, monkeypatch, capsys):
     # the checkpoints written before the divergence are intact and loadable
     step, state = RunDir(run).load_checkpoint()
     assert step == 4 and all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+
+
+def test_condition_clamp_keeps_the_training_range(subject, tmp_path):
+    """condition_clamp=train_range: the checkpoint stores the training frames' condition range, and a
+    frame outside it (an expression never trained on) reaches the MLP clamped entry by entry."""
+    run = tmp_path / "run"
+    train_method("flashavatar", subject, run, {**TINY, "iterations": 2, "checkpoint_every": 2, "condition_clamp": "train_range"}, progress=False)
+    av = load_avatar(run, "cpu")
+    m, tr, split = av.model, av.subject.tracking, av.subject.split
+    lo, hi = m.cond_range
+    m.cfg.condition_clamp = "off"
+    c_train, _ = m.frame_inputs(tr.params(split["train"]))
+    assert torch.allclose(lo, c_train.min(0).values) and torch.allclose(hi, c_train.max(0).values)
+    p = tr.params([split["test"][0]])
+    far = p.replace(expression=p.expression + 3.0 * (hi - lo).max())  # well outside what training saw
+    c_off, _ = m.frame_inputs(far)
+    m.cfg.condition_clamp = "train_range"
+    c_on, v_on = m.frame_inputs(far)
+    assert (c_off > hi).any() and torch.equal(c_on, torch.maximum(torch.minimum(c_off, hi), lo))
+    assert torch.equal(v_on, m.frame_inputs(far)[1])  # the mesh itself is not clamped: only the MLP's input
+    # a checkpoint from before the range was stored loads with no clamp
+    state = {k: v for k, v in m.state_dict().items() if k != "cond_range"}
+    m.load_state_dict(state)
+    assert torch.isinf(m.cond_range).all()

@@ -43,6 +43,10 @@ class FlashAvatarConfig:
     # root = append the head pose (6D rotation of the root joint) to the condition vector, seen by every
     # Gaussian (with condition_regions=basis, hair/scalp/neck see the pose alone); none = the paper
     condition_pose: Literal["none", "root"] = "none"
+    # keep each entry of the MLP's condition inside the range the training frames spanned (stored in
+    # the checkpoint at the start of training): an expression the avatar never saw (a held-out frame,
+    # another person driving it) then cannot push the MLP where it was never fitted
+    condition_clamp: Literal["off", "train_range"] = "off"
     # --- coverage off the head mesh (hair volume, long hair): shell Gaussians
     # copies of the shell_regions Gaussians stacked outward (0 = none, the paper's layout);
     # 2 measured best on real video (docs/BENCHMARKS.md)

@@ -87,6 +87,10 @@ class FlashAvatarModel(nn.Module):
         # head pose (6D rotation of the root joint) appended to the condition when asked
         self.pose_dim = 6 if cfg.condition_pose == "root" else 0
         self.mlp = DeformMLP(self.pe.shape[1], head.condition_dim + self.pose_dim, cfg.mlp_width, cfg.mlp_layers)
+        # [2, C]: the training frames' lowest and highest condition entries (set by set_condition_range;
+        # infinite = no clamp, e.g. a checkpoint from before this field existed)
+        cdim = head.condition_dim + self.pose_dim
+        self.register_buffer("cond_range", torch.stack([torch.full((cdim,), -math.inf), torch.full((cdim,), math.inf)]))
         # derived from the head model, so not saved in checkpoints (recomputed on load)
         masks = group = None
         if cfg.condition_regions in ("basis", "static"):
@@ -126,7 +130,29 @@ class FlashAvatarModel(nn.Module):
             cond = self.head.condition(params.expression, params.joint_rotations, params.extras or None)
             if self.pose_dim:
                 cond = torch.cat([cond, axis_angle_to_6d(params.joint_rotations[:, 0])], -1)
+            if self.cfg.condition_clamp == "train_range":
+                cond = torch.maximum(torch.minimum(cond, self.cond_range[1]), self.cond_range[0])
         return cond, verts
+
+    @torch.no_grad()
+    def set_condition_range(self, params: FrameParams, chunk: int = 256) -> None:
+        """Store the per-entry range of the condition over these (training) frames."""
+        params = FrameParams.of(params)
+        lo = hi = None
+        for s in range(0, params.batch_size, chunk):
+            p = params[s : s + chunk]
+            c = self.head.condition(p.expression, p.joint_rotations, p.extras or None)
+            if self.pose_dim:
+                c = torch.cat([c, axis_angle_to_6d(p.joint_rotations[:, 0])], -1)
+            lo = c.min(0).values if lo is None else torch.minimum(lo, c.min(0).values)
+            hi = c.max(0).values if hi is None else torch.maximum(hi, c.max(0).values)
+        self.cond_range.copy_(torch.stack([lo, hi]))
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        if "cond_range" not in state_dict:  # a checkpoint from before the range was stored: no clamp
+            inf = torch.full_like(self.cond_range[0], math.inf)
+            state_dict = {**state_dict, "cond_range": torch.stack([-inf, inf])}
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
     def gaussians(self, cond: torch.Tensor, verts: torch.Tensor) -> dict[str, torch.Tensor]:
         """Per-frame Gaussians [B,N,...] from the condition and the posed mesh."""
