@@ -52,6 +52,9 @@ def test_compiled_frame_matches_eager(avatar):
     with torch.no_grad():
         g_ref = avatar._pre_raster(params, cams.viewmats)
     ref = avatar.render(params, cams)
+    from torch._dynamo.utils import counters
+
+    graphs0, breaks0 = counters["stats"]["unique_graphs"], sum(counters["graph_break"].values())
     try:
         avatar.fuse_frame = "compile"
         with torch.no_grad():
@@ -59,6 +62,9 @@ def test_compiled_frame_matches_eager(avatar):
         got = avatar.render(params, cams)
     finally:
         avatar.fuse_frame = "off"
+    # really compiled (not a silent eager fallback), and as one graph: the whole pre-rasterisation part fuses
+    assert counters["stats"]["unique_graphs"] > graphs0
+    assert sum(counters["graph_break"].values()) == breaks0
     assert set(g) == set(g_ref)
     for k in g_ref:
         assert g[k].shape == g_ref[k].shape, k

@@ -33,6 +33,9 @@ class FlashAvatarAvatar:
     method = "flashavatar"
     eval_protocol = "flashavatar"
     capabilities = frozenset({GAUSSIANS})
+    # torch.compile mode of fuse_frame="compile" ("max-autotune-no-cudagraphs" also tunes the MLP's
+    # matmuls: a longer first call); set before fuse_frame
+    fuse_compile_mode = "default"
 
     def __init__(self, run: RunDir, device, subject_dir: Path | None = None, head_overrides: dict | None = None,
                  cuda_graphs: bool = True, fuse_frame: FuseFrame = "off"):
@@ -64,7 +67,7 @@ class FlashAvatarAvatar:
         if mode not in FUSE_FRAME_MODES:
             raise UserError(f"fuse_frame must be one of {FUSE_FRAME_MODES}, got {mode!r}")
         self._fuse_frame = mode
-        self._pre_raster = self._gaussians_rgb if mode == "off" else compile_frame_part(self._gaussians_rgb)
+        self._pre_raster = self._gaussians_rgb if mode == "off" else compile_frame_part(self._gaussians_rgb, self.fuse_compile_mode)
         # graphs captured with the other mode are dropped: a new mode captures again
         self._graphed = CudaGraphed(self._pre_raster)
         # with the triton rasteriser (no host sync) the whole frame, rasterisation included, is one graph
@@ -128,8 +131,8 @@ class FlashAvatarAvatar:
         return {"rgb": out.rgb, "alpha": out.alpha}
 
 
-def compile_frame_part(fn):
+def compile_frame_part(fn, mode: str = "default"):
     """``fn`` through inductor, shapes static (one compile per batch size: no dynamic-shape guards that
     could recompile inside a CUDA-graph capture), without inductor's own CUDA graphs (ours wrap the
     whole frame).  Parts dynamo cannot trace run eagerly between the compiled pieces (fullgraph=False)."""
-    return torch.compile(fn, mode="default", fullgraph=False, dynamic=False)
+    return torch.compile(fn, mode=mode, fullgraph=False, dynamic=False)
