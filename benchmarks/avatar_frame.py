@@ -75,6 +75,22 @@ def run(args) -> dict:
     return report
 
 
+def why_not_captured(fn, *args) -> str:
+    """The error CudaGraphed swallowed when it fell back to eager (warm-up, then capture, as it does)."""
+    try:
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            fn(*args)
+        torch.cuda.current_stream().wait_stream(side)
+        with torch.cuda.graph(torch.cuda.CUDAGraph(), capture_error_mode="thread_local"):
+            fn(*args)
+    except Exception as e:
+        torch.cuda.synchronize()
+        return f"{type(e).__name__}: {e}"[:500]
+    return "captured on a second try"
+
+
 def time_frames(args, av, tr, dev) -> dict:
     rows = {}
     for B in args.batches:
@@ -90,10 +106,14 @@ def time_frames(args, av, tr, dev) -> dict:
             _sync(dev)
             r["first_call_s"] = time.perf_counter() - t  # compile + warm-up + capture
             r["graphed"] = bool(av._graphed_frame._graphs)  # False: capture failed, the frame ran eagerly
+            if dev.type == "cuda" and not r["graphed"]:
+                r["capture_error"] = why_not_captured(av._frame, params, cams.K, cams.R, cams.t, av.background,
+                                                      (cams.height, cams.width))
             r["frame_ms"] = cuda_time(lambda: av.render(params, cams), args.reps(B))["median_ms"]
             r["frames_per_s"] = B / r["frame_ms"] * 1e3
             pre = CudaGraphed(av._pre_raster)
             pre(params, cams.viewmats)
+            r["pre_raster_graphed"] = bool(pre._graphs)
             r["pre_raster_graph_ms"] = cuda_time(lambda: pre(params, cams.viewmats), args.reps(B))["median_ms"]
             if ref is None:
                 ref = out["rgb"]
@@ -138,11 +158,11 @@ def main(argv=None):
         args.device, args.backend = "cuda", "triton"
         args.reps = lambda B: max(20, 400 // B)
     # one compile per batch size and mode switch; dynamo's default limit would quietly fall back to eager
-    import torch._dynamo
+    import torch._dynamo as dynamo  # after the cache check: the import creates inductor's cache dir
 
     for name in ("recompile_limit", "cache_size_limit"):
-        if hasattr(torch._dynamo.config, name):
-            setattr(torch._dynamo.config, name, max(64, getattr(torch._dynamo.config, name)))
+        if hasattr(dynamo.config, name):
+            setattr(dynamo.config, name, max(64, getattr(dynamo.config, name)))
     report = run(args)
     text = json.dumps(report, indent=2)
     print(text)

@@ -15,7 +15,6 @@ from headavatar.methods.run import RunDir
 from headavatar.render.gaussians.sh import sh_to_rgb
 from headavatar.utils.cudagraph import CudaGraphed
 
-
 FuseFrame = Literal["off", "compile"]
 FUSE_FRAME_MODES = ("off", "compile")
 
