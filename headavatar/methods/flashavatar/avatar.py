@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 import torch
 
+from headavatar.errors import UserError
 from headavatar.headmodels.params import FrameParams
 from headavatar.methods.avatar import GAUSSIANS, open_run
 from headavatar.methods.flashavatar.config import FlashAvatarConfig
@@ -13,16 +15,29 @@ from headavatar.methods.run import RunDir
 from headavatar.render.gaussians.sh import sh_to_rgb
 from headavatar.utils.cudagraph import CudaGraphed
 
+FuseFrame = Literal["off", "compile"]
+FUSE_FRAME_MODES = ("off", "compile")
+
 
 class FlashAvatarAvatar:
-    """A trained FlashAvatar, ready to render frames (eval, render, export, viewer)."""
+    """A trained FlashAvatar, ready to render frames (eval, render, export, viewer).
+
+    ``fuse_frame`` (opt-in, default "off"): "compile" runs the frame's part before the rasteriser
+    (head model, MLP, Gaussian assembly, SH colours) through ``torch.compile`` so inductor fuses its
+    few hundred small kernels into a few; the whole frame is still captured as one CUDA graph (the
+    compiled code is built on the graph's warm-up call, outside capture).  One compile per batch
+    size / camera signature: the first frame of each takes seconds.
+    """
 
     method = "flashavatar"
     eval_protocol = "flashavatar"
     capabilities = frozenset({GAUSSIANS})
+    # torch.compile mode of fuse_frame="compile" ("max-autotune-no-cudagraphs" also tunes the MLP's
+    # matmuls: a longer first call); set before fuse_frame
+    fuse_compile_mode = "default"
 
     def __init__(self, run: RunDir, device, subject_dir: Path | None = None, head_overrides: dict | None = None,
-                 cuda_graphs: bool = True):
+                 cuda_graphs: bool = True, fuse_frame: FuseFrame = "off"):
         from headavatar.methods.flashavatar.build import build_model
         from headavatar.methods.flashavatar.refine import REFINED_TRACKING, apply_refined_tracking
 
@@ -40,7 +55,20 @@ class FlashAvatarAvatar:
         # head model + MLP + Gaussian assembly replayed from CUDA graphs (one per batch size):
         # at batch 1 their kernel launches cost more than the work
         self.cuda_graphs = cuda_graphs
-        self._graphed = CudaGraphed(self._gaussians_rgb)
+        self.fuse_frame = fuse_frame  # builds the (graphed) frame functions
+
+    @property
+    def fuse_frame(self) -> FuseFrame:
+        return self._fuse_frame
+
+    @fuse_frame.setter
+    def fuse_frame(self, mode: FuseFrame) -> None:
+        if mode not in FUSE_FRAME_MODES:
+            raise UserError(f"fuse_frame must be one of {FUSE_FRAME_MODES}, got {mode!r}")
+        self._fuse_frame = mode
+        self._pre_raster = self._gaussians_rgb if mode == "off" else compile_frame_part(self._gaussians_rgb, self.fuse_compile_mode)
+        # graphs captured with the other mode are dropped: a new mode captures again
+        self._graphed = CudaGraphed(self._pre_raster)
         # with the triton rasteriser (no host sync) the whole frame, rasterisation included, is one graph
         self._graphed_frame = CudaGraphed(self._frame)
         self._frame_generation = None
@@ -56,7 +84,7 @@ class FlashAvatarAvatar:
         from headavatar.camera import Cameras
 
         cams = Cameras(K, R, t, *hw)
-        g = self._gaussians_rgb(params, cams.viewmats)
+        g = self._pre_raster(params, cams.viewmats)
         out = self.model.render(g, cams, background, backend="triton", render_depth=False)
         return {"rgb": out.rgb, "alpha": out.alpha}
 
@@ -81,7 +109,7 @@ class FlashAvatarAvatar:
             if select_backend(self.backend, self.device) == "triton":
                 bg = self.background if background is None else background
                 return self._render_graphed_frame(params, cameras, bg)
-        g = (self._graphed if self.cuda_graphs else self._gaussians_rgb)(params, cameras.viewmats)
+        g = (self._graphed if self.cuda_graphs else self._pre_raster)(params, cameras.viewmats)
         return self.render_gaussians(g, cameras, background)
 
     # ------------------------------------------------------------ GAUSSIANS
@@ -100,3 +128,10 @@ class FlashAvatarAvatar:
         bg = self.background if background is None else background
         out = self.model.render(gaussians, cameras, bg, self.cfg.sh_degree, backend=self.backend, render_depth=False)
         return {"rgb": out.rgb, "alpha": out.alpha}
+
+
+def compile_frame_part(fn, mode: str = "default"):
+    """``fn`` through inductor, shapes static (one compile per batch size: no dynamic-shape guards that
+    could recompile inside a CUDA-graph capture), without inductor's own CUDA graphs (ours wrap the
+    whole frame).  Parts dynamo cannot trace run eagerly between the compiled pieces (fullgraph=False)."""
+    return torch.compile(fn, mode=mode, fullgraph=False, dynamic=False)
