@@ -1085,8 +1085,8 @@ def triton_device_ok(device) -> tuple[bool, str]:
 def render_triton(means, quats, scales, opacities, colors, viewmats, Ks, width: int, height: int,
                   sh_degree: int | None = None, backgrounds=None, near: float = NEAR, far: float = FAR,
                   eps2d: float = EPS2D, alpha_max: float = ALPHA_MAX, chunk: int = 8, num_warps: int = 4, chunk_bwd: int = 8,
-                  num_warps_bwd: int = 4, fused_projection: bool = True, split_channels: bool = True, one_reduce: bool = False,
-                  last_index: bool = False, packed_grads: bool = False, skip_empty: bool = False, **kw) -> RenderOutput:
+                  num_warps_bwd: int = 4, fused_projection: bool = True, split_channels: bool = True, one_reduce: bool = True,
+                  last_index: bool = True, packed_grads: bool = True, skip_empty: bool = False, **kw) -> RenderOutput:
     """Render B frames with the Triton tile rasteriser; same arguments as ``render_torch``.
 
     ``chunk`` (Gaussians composited per step of a tile program, a power of two) and
@@ -1095,14 +1095,15 @@ def render_triton(means, quats, scales, opacities, colors, viewmats, Ks, width: 
     with plain torch ops instead of the fused kernel (same results; for checks);
     ``split_channels``: per-channel accumulators when there are 3 colour channels (speed only);
     ``one_reduce``: the backward's per-Gaussian sums as one multi-operand reduction (with
-    split channels; same results; not yet timed on a GPU, hence off by default).
+    split channels; same results).
     ``last_index``: the forward also stores each pixel's stop position (int32 a pixel) and the
     backward walks each tile's list only up to its pixels' last stop (no per-chunk "all done"
     test); ``packed_grads``: the backward's per-Gaussian sums cut to ten and added with one atomic
     block per chunk into a [G, 16] buffer (with split channels); ``skip_empty``: the backward
     skips the gradient work of chunks with no kept pair at any pixel of the tile (one extra
-    reduction per chunk).  All three: same results, speed only, not yet timed on a GPU (off by
-    default; ``benchmarks/gaussian_parity.py --sweep`` times them).
+    reduction per chunk).  All of these: same results, speed only.  Defaults: one_reduce +
+    last_index + packed_grads on, skip_empty off — the fastest backward of the H100 sweep of
+    2026-12-06 (batch 16 forward+backward 17.5 -> 11.0 ms; docs/BENCHMARKS.md).
     """
     unknown = set(kw) - _FOREIGN_OPTIONS
     if unknown:
