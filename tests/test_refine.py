@@ -148,6 +148,7 @@ def test_test_time_refinement_is_a_separate_protocol(subjects, runs, capsys):
     fixed = read_json(runs["on"] / "eval" / "metrics.json")
     refined = read_json(runs["on"] / "eval" / "metrics_refined.json")
     assert "TEST-TIME REFINED" in refined["tracking"] and refined["refine_steps"] == 40
+    assert refined["lpips"] == {"computed": False, "reason": "--no-lpips was given"}  # says why, as eval does
     assert refined["metrics"]["mean"]["psnr"] > fixed["metrics"]["mean"]["psnr"] + 0.3
     z = np.load(runs["on"] / "eval" / "refined_tracking_test.npz")
     frames = z["frames"]

@@ -19,6 +19,7 @@ learning rate act in comparable units across radians, metres and coefficients.
 
 from __future__ import annotations
 
+import sys
 import time
 from pathlib import Path
 
@@ -284,6 +285,13 @@ def evaluate_refined(run_dir, steps: int | None = None, device="cpu", batch_size
     model = avatar.model
     bg = avatar.background
     lpips_cache = LPIPSCache()
+    # as `headavatar eval`: without the weights the other metrics are written and the file says why
+    from headavatar.metrics.lpips import missing_reason
+
+    lpips_reason = "--no-lpips was given" if not lpips else missing_reason("vgg", "alex")
+    lpips = lpips_reason is None
+    if lpips_reason is not None and progress:
+        print(f"headavatar: note: LPIPS not computed for the refined protocol ({lpips_reason})", file=sys.stderr, flush=True)
     rows, refined, mags = [], [], []
     t0 = time.perf_counter()
     bar = tqdm(total=len(frames), disable=not progress, desc="eval (test-time refined tracking)", unit="frame")
@@ -318,6 +326,7 @@ def evaluate_refined(run_dir, steps: int | None = None, device="cpu", batch_size
         "frames": [int(f) for f in frames],
         "metrics": {"mean": summary["mean"], "median": summary["median"]},
         "skipped_frames": summary["skipped"],
+        "lpips": {"computed": lpips, **({} if lpips else {"reason": lpips_reason})},
         "per_frame": rows,
     }
     write_json(out_dir / "metrics_refined.json", result)
