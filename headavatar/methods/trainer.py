@@ -160,6 +160,18 @@ class Trainer:
         self.recoveries = 0
 
     def fit(self, resume: bool = False) -> None:
+        # on the CPU, multithreaded scatter-adds (index_add in mesh and hash-grid backwards) sum in
+        # a varying order: deterministic kernels make a CPU run repeat to the bit (FLARE's demo gave
+        # 33.17 and 33.34 dB on the same code without); CUDA keeps its fast kernels
+        previous = torch.are_deterministic_algorithms_enabled()
+        if self.recipe.device.type == "cpu":
+            torch.use_deterministic_algorithms(True)
+        try:
+            self._fit(resume)
+        finally:
+            torch.use_deterministic_algorithms(previous)
+
+    def _fit(self, resume: bool) -> None:
         r, run, loop = self.recipe, self.run, self.loop
         torch.manual_seed(loop.seed)
         np.random.seed(loop.seed)
