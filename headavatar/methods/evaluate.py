@@ -28,16 +28,16 @@ def evaluate_run(run_dir, device="cpu", split: str = "test", batch_size: int = 4
     import sys
 
     from headavatar.methods import load_avatar
-    from headavatar.metrics.lpips import LPIPSCache, missing_reason
+    from headavatar.metrics.lpips import LPIPSCache
     from headavatar.metrics.protocols import METRIC_PROTOCOLS, aggregate
     from headavatar.utils.io import ensure_writable
 
     out_dir = Path(run_dir) / "eval"
     avatar = load_avatar(run_dir, device, head_overrides)
     protocol = protocol or avatar.eval_protocol
-    nets = METRIC_PROTOCOLS.get(protocol).lpips_nets  # an unknown name: a UserError listing the registered ones
+    METRIC_PROTOCOLS.get(protocol)  # an unknown name: a UserError listing the registered ones
     ensure_writable(out_dir)  # before rendering anything
-    lpips_reason = "--no-lpips was given" if not lpips else (missing_reason(*nets) if nets else None)
+    lpips_reason = lpips_unavailable(protocol, lpips)
     lpips = lpips_reason is None
     if lpips_reason is not None and announce:  # the demo says it once at its start instead
         print(f"headavatar: note: LPIPS not computed ({lpips_reason}); the other metrics are written"
@@ -97,6 +97,18 @@ def evaluate_run(run_dir, device="cpu", split: str = "test", batch_size: int = 4
         k = frames.index(r["frame"])
         write_image(out_dir / "worst" / f"{r['frame']:06d}.jpg", side_by_side[k])
     return result
+
+
+def lpips_unavailable(protocol: str, lpips: bool = True) -> str | None:
+    """Why a scoring under ``protocol`` computes no LPIPS (asked not to, or the weights of the networks
+    it reports are missing), or None when it does.  Cheap: checked before any rendering."""
+    from headavatar.metrics.lpips import missing_reason
+    from headavatar.metrics.protocols import METRIC_PROTOCOLS
+
+    if not lpips:
+        return "--no-lpips was given"
+    nets = METRIC_PROTOCOLS.get(protocol).lpips_nets
+    return missing_reason(*nets) if nets else None
 
 
 def score_batch(protocol: str, pred, batch: dict, targets: dict, avatar, lpips_cache, frame_ids: list[int], lpips: bool) -> list[dict]:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Literal, get_args
 
 import torch
 
@@ -16,7 +16,7 @@ from headavatar.render.gaussians.sh import sh_to_rgb
 from headavatar.utils.cudagraph import CudaGraphed
 
 FuseFrame = Literal["off", "compile"]
-FUSE_FRAME_MODES = ("off", "compile")
+FUSE_FRAME_MODES = get_args(FuseFrame)
 
 
 class FlashAvatarAvatar:

@@ -127,9 +127,7 @@ class FlashAvatarModel(nn.Module):
         params = FrameParams.of(params)
         with torch.set_grad_enabled(grad and torch.is_grad_enabled()):
             verts = self.head(params.replace(shape=self.shape.expand(params.batch_size, -1)))
-            cond = self.head.condition(params.expression, params.joint_rotations, params.extras or None)
-            if self.pose_dim:
-                cond = torch.cat([cond, axis_angle_to_6d(params.joint_rotations[:, 0])], -1)
+            cond = self._condition(params)
             if self.cfg.condition_clamp == "train_range":
                 cond = torch.maximum(torch.minimum(cond, self.cond_range[1]), self.cond_range[0])
         return cond, verts
@@ -140,13 +138,17 @@ class FlashAvatarModel(nn.Module):
         params = FrameParams.of(params)
         lo = hi = None
         for s in range(0, params.batch_size, chunk):
-            p = params[s : s + chunk]
-            c = self.head.condition(p.expression, p.joint_rotations, p.extras or None)
-            if self.pose_dim:
-                c = torch.cat([c, axis_angle_to_6d(p.joint_rotations[:, 0])], -1)
+            c = self._condition(params[s : s + chunk])
             lo = c.min(0).values if lo is None else torch.minimum(lo, c.min(0).values)
             hi = c.max(0).values if hi is None else torch.maximum(hi, c.max(0).values)
         self.cond_range.copy_(torch.stack([lo, hi]))
+
+    def _condition(self, params: FrameParams) -> torch.Tensor:
+        """The MLP's condition [B,C] before any clamp: the head model's, plus the head pose when asked."""
+        cond = self.head.condition(params.expression, params.joint_rotations, params.extras or None)
+        if self.pose_dim:
+            cond = torch.cat([cond, axis_angle_to_6d(params.joint_rotations[:, 0])], -1)
+        return cond
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
         if "cond_range" not in state_dict:  # a checkpoint from before the range was stored: no clamp

@@ -260,7 +260,7 @@ def evaluate_refined(run_dir, steps: int | None = None, device="cpu", batch_size
     from tqdm import tqdm
 
     from headavatar.methods import load_avatar
-    from headavatar.methods.evaluate import result_header, score_batch
+    from headavatar.methods.evaluate import lpips_unavailable, result_header, score_batch
     from headavatar.metrics.lpips import LPIPSCache
     from headavatar.metrics.protocols import aggregate
     from headavatar.subjects.dataset import FrameDataset, collate, prepare_targets
@@ -286,9 +286,7 @@ def evaluate_refined(run_dir, steps: int | None = None, device="cpu", batch_size
     bg = avatar.background
     lpips_cache = LPIPSCache()
     # as `headavatar eval`: without the weights the other metrics are written and the file says why
-    from headavatar.metrics.lpips import missing_reason
-
-    lpips_reason = "--no-lpips was given" if not lpips else missing_reason("vgg", "alex")
+    lpips_reason = lpips_unavailable("flashavatar", lpips)
     lpips = lpips_reason is None
     if lpips_reason is not None and progress:
         print(f"headavatar: note: LPIPS not computed for the refined protocol ({lpips_reason})", file=sys.stderr, flush=True)
