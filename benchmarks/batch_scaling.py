@@ -56,14 +56,23 @@ def prepare(subjects: list[str], out: str, max_frames: int | None) -> None:
         if dst.exists():
             shutil.rmtree(dst)
         n = subj.num_frames if not max_frames else min(max_frames, subj.num_frames)
+        if n < subj.num_frames and subj.chunked:  # whole chunks only: the first n frames, n a multiple of the chunk length
+            cf = int(subj.meta["storage"]["chunk_frames"])
+            n = max(cf, n // cf * cf)
         if n == subj.num_frames:
             link_subject(src, dst)
+        elif subj.chunked:
+            (dst / "chunks").mkdir(parents=True, exist_ok=True)
+            for start in range(0, n, cf):
+                for kind in ("rgb", "masks"):
+                    shutil.copy2(src / "chunks" / f"{start:06d}_{kind}.mkv", dst / "chunks" / f"{start:06d}_{kind}.mkv")
         else:
             for i in range(n):
                 for p in (subj.frame_path(i), subj.alpha_path(i), subj.parsing_path(i)):
                     if p.is_file():
                         (dst / p.parent.name).mkdir(parents=True, exist_ok=True)
                         shutil.copy2(p, dst / p.parent.name / p.name)
+        if n < subj.num_frames:
             subj.tracking.subset(list(range(n))).save(dst / "tracking.npz")
             meta = dict(subj.meta, num_frames=n, split=default_split(n, valid=np.asarray(subj.tracking.valid[:n])))
             write_json(dst / "subject.json", meta)  # last: the subject is complete once it is there

@@ -1,14 +1,14 @@
 """Where a FLARE training step spends its time: synchronised phase timings and a torch.profiler table.
 
     python benchmarks/flare_profile.py [--subject DIR] [--resolution 512] [--steps 20] [--device cuda]
-                                       [--set KEY=VALUE ...] [--out profile.json]
+                                       [--set KEY=VALUE ...] [--no-profiler] [--out profile.json]
 
 Profiles three states of the reference recipe: stage 1 on the initial mesh,
 stage 1 after the remesh (the longest part of a run) and stage 2 (hash-grid
 materials).  For each, it prints per-step milliseconds of the phases (data,
 forward render, losses, backward, optimiser) measured with a device sync after
 each phase, then the operators with the most device time (self time) from
-torch.profiler over a few further steps.  The perceptual term needs the VGG16
+torch.profiler over a few further steps; on CUDA also the peak memory of each state.  The perceptual term needs the VGG16
 weights (headavatar.metrics.lpips); pass --set w_perceptual=0 without them.
 """
 
@@ -34,6 +34,7 @@ def main(argv=None) -> int:
     ap.add_argument("--device", default="auto")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     ap.add_argument("--top", type=int, default=25)
+    ap.add_argument("--no-profiler", action="store_true", help="phase timings and peak memory only (no torch.profiler table)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
 
@@ -105,6 +106,8 @@ def main(argv=None) -> int:
         stage = 2 if state == "stage2" else 1
         opts = make_optimizers(model, cfg, stage, 1.0, info["remeshes"])
         reg = MeshRegularizer(model.faces, model.num_vertices)
+        if dev.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(dev)
         for _ in range(3):
             step(opts, reg, stage)
         T: dict = {}
@@ -117,6 +120,14 @@ def main(argv=None) -> int:
             step(opts, reg, stage)
         sync(dev)
         free_ms = (time.perf_counter() - t) / args.steps * 1e3
+        mem = {}
+        if dev.type == "cuda":  # the allocator's high-water mark over this state's steps, and what it holds from the driver
+            mem = {"peak_allocated_gb": torch.cuda.max_memory_allocated(dev) / 2**30, "peak_reserved_gb": torch.cuda.max_memory_reserved(dev) / 2**30}
+        if args.no_profiler:
+            print(f"=== {state}: V={model.num_vertices} F={model.faces.shape[0]}  step {free_ms:.1f} ms unsynced; synced phases (ms): "
+                  + ", ".join(f"{k} {v:.1f}" for k, v in phases.items()) + "".join(f"; {k} {v:.2f}" for k, v in mem.items()), flush=True)
+            results["states"][state] = {"vertices": model.num_vertices, "step_ms": free_ms, "phases_ms": phases, **mem}
+            continue
         acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
         with profile(activities=acts) as prof:
             for _ in range(args.profile_steps):
@@ -127,7 +138,7 @@ def main(argv=None) -> int:
         print(f"=== {state}: V={model.num_vertices} F={model.faces.shape[0]}  step {free_ms:.1f} ms unsynced;"
               f" synced phases (ms): " + ", ".join(f"{k} {v:.1f}" for k, v in phases.items()), flush=True)
         print(table, flush=True)
-        results["states"][state] = {"vertices": model.num_vertices, "step_ms": free_ms, "phases_ms": phases}
+        results["states"][state] = {"vertices": model.num_vertices, "step_ms": free_ms, "phases_ms": phases, **mem}
     if args.out:
         Path(args.out).write_text(json.dumps(results, indent=2))
     return 0

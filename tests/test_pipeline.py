@@ -374,3 +374,39 @@ def test_batch_on_local_ray_matches_the_sequential_run(videos, tmp_path):
         b = json.loads((tmp_path / "seq" / name / "run" / "eval" / "metrics.json").read_text())["metrics"]["mean"]
         assert a["psnr"] == pytest.approx(b["psnr"], abs=0.05), name
         assert json.loads((tmp_path / "ray" / name / "stages" / "track.json").read_text())["device"] == "cpu"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not has_ray, reason="Ray is not installed (pip install 'headavatar[scale]')")
+def test_batch_gpu_shares_run_on_a_pool_of_long_lived_workers(subject, tmp_path):
+    """With GPU shares, the stages after tracking go to long-lived Ray workers: one worker process
+    takes subject after subject (its start is paid once), and the folders and figures equal the
+    sequential run's.  The local cluster declares a GPU; --device cpu trains on the CPU under it."""
+    import shutil
+
+    inputs = []
+    for name in ("ann", "ben", "cal"):
+        shutil.copytree(subject, tmp_path / "in" / name)
+        inputs.append(tmp_path / "in" / name)
+    kw = dict(head_model="procedural", size=64, overrides=dict(TINY), device="cpu", progress=False, say=lambda s: None)
+    res = batch(inputs, tmp_path / "ray", engine="ray", num_cpus=2, num_gpus=1, cpus_per_job=1, gpus_per_job=0.5,
+                ray_options={"object_store_memory": 80 * 1024**2}, **kw)
+    assert res["failed"] == [] and res["info"]["gpu_workers"] == 1  # 2 CPUs: one for tracking, one worker
+    pids = {r["worker_pid"] for r in res["results"]}
+    assert len(pids) == 1 and os.getpid() not in pids
+    seq = batch(inputs, tmp_path / "seq", engine="sequential", **kw)
+    for name in ("ann", "ben", "cal"):
+        a = json.loads((tmp_path / "ray" / name / "run" / "eval" / "metrics.json").read_text())["metrics"]["mean"]
+        b = json.loads((tmp_path / "seq" / name / "run" / "eval" / "metrics.json").read_text())["metrics"]["mean"]
+        assert a["psnr"] == pytest.approx(b["psnr"], abs=0.05), name
+
+
+def test_gpu_worker_pool_size_leaves_cpus_for_tracking():
+    from headavatar.pipeline.batch import _pool_size
+
+    node = {"CPU": 16, "GPU": 1}
+    assert _pool_size([node], 8, 0.25, 2, keep_cpus=2) == 4  # GPU-bound: four quarters
+    assert _pool_size([node], 8, 0.125, 2, keep_cpus=2) == 7  # CPU-bound: two cores stay for tracking
+    assert _pool_size([node], 8, 0.125, 2, keep_cpus=0) == 8
+    assert _pool_size([node, {"CPU": 32}], 3, 0.25, 2, keep_cpus=2) == 3  # never more than the jobs
+    assert _pool_size([{"CPU": 2, "GPU": 1}], 3, 0.5, 2, keep_cpus=2) == 1  # at least one

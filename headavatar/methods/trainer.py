@@ -221,6 +221,8 @@ class Trainer:
                         pbar.refresh()
                         sums = _Sums(r.device)
                         continue
+                    if r.device.type == "cuda":  # what a user sizes the GPU by (the allocator's high-water mark, no sync)
+                        row["gpu_peak_gb"] = round(torch.cuda.max_memory_allocated(r.device) / 2**30, 3)
                     if loop.eval_every > 0 and (it % loop.eval_every == 0 or last):
                         heldout = r.evaluate_heldout()
                         if heldout is not None:
