@@ -395,6 +395,7 @@ def test_batch_gpu_shares_run_on_a_pool_of_long_lived_workers(subject, tmp_path)
     pids = {r["worker_pid"] for r in res["results"]}
     assert len(pids) == 1 and os.getpid() not in pids
     seq = batch(inputs, tmp_path / "seq", engine="sequential", **kw)
+    assert seq["failed"] == []
     for name in ("ann", "ben", "cal"):
         a = json.loads((tmp_path / "ray" / name / "run" / "eval" / "metrics.json").read_text())["metrics"]["mean"]
         b = json.loads((tmp_path / "seq" / name / "run" / "eval" / "metrics.json").read_text())["metrics"]["mean"]
