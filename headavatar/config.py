@@ -60,12 +60,16 @@ def parse_set(items: list[str] | None) -> dict[str, str]:
 
 
 def check_choices(cfg: T, where: str = "config") -> T:
-    """Raise UserError when a ``Literal``-typed field of ``cfg`` holds a value outside its choices."""
+    """Raise UserError when a ``Literal``-typed field of ``cfg`` holds a value outside its choices, or the
+    config's own ``check_values()`` (if it has one) finds a value out of range."""
     for name, t in typing.get_type_hints(type(cfg)).items():
         allowed = _literal_choices(t)
         if allowed is not None and getattr(cfg, name, None) not in allowed:
             shown = ", ".join("None" if a is None else str(a) for a in allowed)
             raise UserError(f"{where}: {name} is {getattr(cfg, name)!r}; allowed values: {shown}")
+    check_values = getattr(cfg, "check_values", None)  # a config's own range checks, after every change
+    if callable(check_values):
+        check_values()
     return cfg
 
 

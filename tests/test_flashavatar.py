@@ -1,6 +1,7 @@
 """FlashAvatar end to end on a tiny synthetic subject: training improves held-out PSNR, resume, eval, render, CLI errors."""
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -11,6 +12,7 @@ import pytest
 import torch
 
 from headavatar.cli.main import main as cli
+from headavatar.errors import UserError
 from headavatar.methods import load_avatar, train_method
 from headavatar.methods.run import RunDir
 
@@ -192,3 +194,20 @@ def test_condition_clamp_keeps_the_training_range(subject, tmp_path):
     state = {k: v for k, v in m.state_dict().items() if k != "cond_range"}
     m.load_state_dict(state)
     assert torch.isinf(m.cond_range).all()
+
+
+def test_condition_noise_scales_with_the_training_range(subject, tmp_path):
+    """condition_noise: each entry gets noise of std = fraction x its training range; none without a range."""
+    run = tmp_path / "run"
+    train_method("flashavatar", subject, run, {**TINY, "iterations": 4, "checkpoint_every": 4, "condition_noise": 0.1}, progress=False)
+    m = load_avatar(run, "cpu").model
+    span = m.cond_range[1] - m.cond_range[0]
+    assert (span > 0).any()
+    torch.manual_seed(0)
+    c = torch.zeros(20000, span.shape[0])
+    std = (m.noisy_condition(c, 0.1) - c).std(0)
+    assert torch.allclose(std, 0.1 * span, rtol=0.05, atol=1e-6)
+    m.cond_range.copy_(torch.stack([torch.full_like(span, -math.inf), torch.full_like(span, math.inf)]))
+    assert torch.equal(m.noisy_condition(c, 0.1), c)
+    with pytest.raises(UserError, match="condition_noise"):
+        train_method("flashavatar", subject, tmp_path / "bad", {**TINY, "condition_noise": 3.0}, progress=False)

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from headavatar.config import check_choices
+from headavatar.errors import UserError
 
 # the head-model region the shell Gaussians cover by default (a model without it gets no shell)
 DEFAULT_SHELL_REGION = "hair"
@@ -48,6 +49,10 @@ class FlashAvatarConfig:
     # another person driving it) then cannot push the MLP where it was never fitted (held-out PSNR
     # +0.003 to +0.065 dB on the four real clips, never lower; docs/BENCHMARKS.md)
     condition_clamp: Literal["off", "train_range"] = "train_range"
+    # training only: Gaussian noise added to each condition entry, its standard deviation this fraction
+    # of the entry's range over the training frames; neighbouring expressions then have to give
+    # neighbouring Gaussians, so the MLP cannot key one frame's hair placement to its exact code (0 = off)
+    condition_noise: float = 0.0
     # --- coverage off the head mesh (hair volume, long hair): shell Gaussians
     # copies of the shell_regions Gaussians stacked outward (0 = none, the paper's layout);
     # 2 measured best on real video (docs/BENCHMARKS.md)
@@ -106,3 +111,7 @@ class FlashAvatarConfig:
 
     def __post_init__(self):
         check_choices(self, "FlashAvatar config")
+
+    def check_values(self) -> None:
+        if not 0.0 <= float(self.condition_noise) <= 1.0:
+            raise UserError(f"condition_noise is {self.condition_noise}; use a fraction of the training range between 0 and 1")

@@ -143,6 +143,12 @@ class FlashAvatarModel(nn.Module):
             hi = c.max(0).values if hi is None else torch.maximum(hi, c.max(0).values)
         self.cond_range.copy_(torch.stack([lo, hi]))
 
+    def noisy_condition(self, cond: torch.Tensor, fraction: float) -> torch.Tensor:
+        """``cond`` plus Gaussian noise whose std per entry is ``fraction`` of the training range of that
+        entry (training-time augmentation, config ``condition_noise``); no range stored: no noise."""
+        span = (self.cond_range[1] - self.cond_range[0]).nan_to_num(0.0, posinf=0.0, neginf=0.0)
+        return cond + torch.randn_like(cond) * (fraction * span)
+
     def _condition(self, params: FrameParams) -> torch.Tensor:
         """The MLP's condition [B,C] before any clamp: the head model's, plus the head pose when asked."""
         cond = self.head.condition(params.expression, params.joint_rotations, params.extras or None)

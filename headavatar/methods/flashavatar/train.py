@@ -161,6 +161,8 @@ class FlashAvatarRecipe:
         else:
             with torch.no_grad():
                 cond, verts = self.frame_inputs(params)
+        if cfg.condition_noise > 0:
+            cond = model.noisy_condition(cond, cfg.condition_noise)
         g = model.gaussians(cond, verts)
         self.sh_deg = min(cfg.sh_degree, (it - 1) // max(1, cfg.sh_increase_every))
         pred = model.render(g, cams, self.bg, self.sh_deg, cfg.backend).rgb
