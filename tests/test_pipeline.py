@@ -411,3 +411,48 @@ def test_gpu_worker_pool_size_leaves_cpus_for_tracking():
     assert _pool_size([node], 8, 0.125, 2, keep_cpus=0) == 8
     assert _pool_size([node, {"CPU": 32}], 3, 0.25, 2, keep_cpus=2) == 3  # never more than the jobs
     assert _pool_size([{"CPU": 2, "GPU": 1}], 3, 0.5, 2, keep_cpus=2) == 1  # at least one
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not has_ray, reason="Ray is not installed (pip install 'headavatar[scale]')")
+def test_batch_worker_killed_fails_its_subject_and_is_replaced(subject, tmp_path):
+    """SIGKILL of the GPU worker in the middle of a subject: that subject is failed (stage 'worker'),
+    a fresh worker takes the rest, and they finish."""
+    import re
+    import shutil
+    import signal
+    import threading
+
+    inputs = []
+    for name in ("ann", "ben", "cal"):
+        shutil.copytree(subject, tmp_path / "in" / name)
+        inputs.append(tmp_path / "in" / name)
+    out = tmp_path / "ray"
+    killed = {}
+
+    def killer():
+        deadline = time.time() + 120
+        while time.time() < deadline and not killed:
+            for log in out.glob("*/make.log"):
+                m = re.search(r"=== train, eval, export, report on .* \(pid (\d+)\)", log.read_text())
+                if m:
+                    os.kill(int(m.group(1)), signal.SIGKILL)
+                    killed[log.parent.name] = int(m.group(1))
+                    return
+            time.sleep(0.02)
+
+    th = threading.Thread(target=killer)
+    th.start()
+    kw = dict(head_model="procedural", size=64, overrides={**TINY, "iterations": 300}, device="cpu", progress=False, say=lambda s: None)
+    res = batch(inputs, out, engine="ray", num_cpus=2, num_gpus=1, cpus_per_job=1, gpus_per_job=0.5,
+                ray_options={"object_store_memory": 80 * 1024**2}, **kw)
+    th.join()
+    assert len(killed) == 1
+    (victim,) = killed
+    by = {r["name"]: r for r in res["results"]}
+    assert by[victim]["status"] == "failed" and by[victim]["stage"] == "worker"
+    row = {r["subject"]: r for r in res["rows"]}[victim]
+    assert row["status"] == "failed" and row["failed_stage"] == "worker" and "worker process died" in row["error"]
+    assert sorted(n for n, r in by.items() if r["status"] == "done") == sorted(set(by) - {victim})
+    assert res["info"]["gpu_workers"] == 2  # the first and its replacement
+    assert {r["worker_pid"] for r in res["results"] if r["status"] == "done"} != {killed[victim]}

@@ -241,7 +241,7 @@ def run_ray(jobs: list[Job], address: str | None = None, gpus_per_job: float | N
             for job in jobs:
                 d = asdict(job)
                 t = track.remote(d) if _needs_tracking(job) else None
-                refs[gpu.remote(d, t, device)] = job.name
+                refs[gpu.remote(d, t, device)] = job
             results, workers = _gather(ray, refs, say), None
         used = {"engine": "ray", "address": address or "local", "gpus_per_job": gpj, "cpus_per_job": cpj,
                 "cluster": {k: v for k, v in ray.cluster_resources().items() if k in ("CPU", "GPU")}}
@@ -252,9 +252,20 @@ def run_ray(jobs: list[Job], address: str | None = None, gpus_per_job: float | N
         ray.shutdown()
 
 
-def _failed(name: str, e: Exception) -> dict:
-    """The worker itself died (killed, out of memory): the subject fails, the batch goes on."""
-    return {"name": name, "status": "failed", "stage": "worker", "error": f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"}
+def _failed(job: Job, e: Exception) -> dict:
+    """The worker itself died (killed, out of memory): the subject fails (its error.json says so, as
+    for a failure inside a stage), the batch goes on."""
+    from headavatar.utils.io import write_json
+
+    msg = f"the worker process died: {type(e).__name__}: {(str(e).splitlines() or [''])[0][:300]}"
+    layout = Layout(job.out)
+    try:
+        layout.root.mkdir(parents=True, exist_ok=True)
+        write_json(layout.error, {"stage": "worker", "error": msg, "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
+        _FileLog(layout.log)(f"FAILED: {msg}")
+    except OSError:
+        pass
+    return {"name": job.name, "status": "failed", "stage": "worker", "error": msg}
 
 
 def _gather(ray, refs: dict, say) -> list[dict]:
@@ -300,7 +311,7 @@ def _run_pool(ray, jobs: list[Job], track, nodes: list[dict], gpj: float, cpj: i
             try:
                 r = ray.get(ref)
             except Exception as e:
-                r = _failed(job.name, e)
+                r = _failed(job, e)
             if r["status"] == "failed":
                 finish(r)
             else:
@@ -311,7 +322,7 @@ def _run_pool(ray, jobs: list[Job], track, nodes: list[dict], gpj: float, cpj: i
             finish(ray.get(ref))
             idle.append(w)
         except Exception as e:  # the worker is gone with its subject: a fresh one takes its place
-            finish(_failed(job.name, e))
+            finish(_failed(job, e))
             idle.append(worker_cls.remote())
             started += 1
     return results, started
