@@ -123,10 +123,10 @@ def main(argv=None) -> int:
         mem = {}
         if dev.type == "cuda":  # the allocator's high-water mark over this state's steps, and what it holds from the driver
             mem = {"peak_allocated_gb": torch.cuda.max_memory_allocated(dev) / 2**30, "peak_reserved_gb": torch.cuda.max_memory_reserved(dev) / 2**30}
+        results["states"][state] = {"vertices": model.num_vertices, "step_ms": free_ms, "phases_ms": phases, **mem}
+        print(f"=== {state}: V={model.num_vertices} F={model.faces.shape[0]}  step {free_ms:.1f} ms unsynced; synced phases (ms): "
+              + ", ".join(f"{k} {v:.1f}" for k, v in phases.items()) + "".join(f"; {k} {v:.2f}" for k, v in mem.items()), flush=True)
         if args.no_profiler:
-            print(f"=== {state}: V={model.num_vertices} F={model.faces.shape[0]}  step {free_ms:.1f} ms unsynced; synced phases (ms): "
-                  + ", ".join(f"{k} {v:.1f}" for k, v in phases.items()) + "".join(f"; {k} {v:.2f}" for k, v in mem.items()), flush=True)
-            results["states"][state] = {"vertices": model.num_vertices, "step_ms": free_ms, "phases_ms": phases, **mem}
             continue
         acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
         with profile(activities=acts) as prof:
@@ -135,10 +135,7 @@ def main(argv=None) -> int:
             sync(dev)
         key = "self_cuda_time_total" if dev.type == "cuda" else "self_cpu_time_total"
         table = prof.key_averages().table(sort_by=key, row_limit=args.top)
-        print(f"=== {state}: V={model.num_vertices} F={model.faces.shape[0]}  step {free_ms:.1f} ms unsynced;"
-              f" synced phases (ms): " + ", ".join(f"{k} {v:.1f}" for k, v in phases.items()), flush=True)
         print(table, flush=True)
-        results["states"][state] = {"vertices": model.num_vertices, "step_ms": free_ms, "phases_ms": phases, **mem}
     if args.out:
         Path(args.out).write_text(json.dumps(results, indent=2))
     return 0

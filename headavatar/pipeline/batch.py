@@ -170,16 +170,13 @@ class _GpuWorker:
     def run(self, job: dict, device: str) -> dict:
         import gc
 
+        import torch
+
         r = run_job(job, GPU_STAGES, device=device)
         r["worker_pid"] = os.getpid()
         gc.collect()  # the run's model and frames go before the next subject's arrive
-        try:
-            import torch
-
-            if torch.cuda.is_initialized():
-                torch.cuda.empty_cache()
-        except Exception:
-            pass
+        if torch.cuda.is_initialized():
+            torch.cuda.empty_cache()
         return r
 
 
