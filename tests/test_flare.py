@@ -459,3 +459,31 @@ def test_nan_loss_recovers_from_the_last_checkpoint(trained, tmp_path, monkeypat
     assert [r["step"] for r in rows] == [1, 2, 3, 4] and all(math.isfinite(r["loss"]) for r in rows)
     state = torch.load(tmp_path / "nan" / "checkpoints" / "ckpt_0000004.pt", weights_only=True)
     assert state["recoveries"] == 1 and state["lr_scale"] == 0.5
+
+
+def test_head_matte_protocol_composites_a_whole_person_avatar(trained):
+    # FLARE renders the whole matte (torso, clothes); under the flashavatar protocol the target keeps only
+    # the head matte, so the prediction is composited with the same matte before scoring
+    from headavatar.methods import load_avatar
+    from headavatar.methods.evaluate import PERSON_NOTE, evaluate_run
+    from headavatar.metrics.protocols import evaluate_frames
+    from headavatar.subjects.dataset import FrameDataset, collate, prepare_targets
+
+    _, run = trained
+    res = evaluate_run(run, protocol="flashavatar", video=False, progress=False, lpips=False, announce=False)
+    assert res["protocol"].endswith(PERSON_NOTE)
+    av = load_avatar(run)
+    assert av.covers == "person"
+    subj, frames = av.subject, av.subject.split["test"]
+    b = collate([FrameDataset(subj, frames, av.size)[k] for k in range(len(frames))])
+    tgt = prepare_targets(b, av.background, av.device)
+    pred = av.render(subj.tracking.params(frames), subj.tracking.cameras(frames, subj.height, subj.width).resized(*av.size))["rgb"]
+    pred = pred.permute(0, 3, 1, 2).clamp(0, 1)
+    m = tgt["alpha"][..., 0]
+    gt = b["image"].permute(0, 3, 1, 2).float() / 255
+    comp = pred * m[:, None] + av.background.view(1, 3, 1, 1) * (1 - m[:, None])
+    want = evaluate_frames(comp, gt, m, "flashavatar", background=av.background, lpips=False)
+    raw = evaluate_frames(pred, gt, m, "flashavatar", background=av.background, lpips=False)
+    got = [r["psnr"] for r in res["per_frame"]]
+    assert got == pytest.approx([r["psnr"] for r in want], abs=1e-4)
+    assert min(got) > 0 and all(g >= r["psnr"] - 1e-6 for g, r in zip(got, raw))

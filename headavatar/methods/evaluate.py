@@ -125,8 +125,24 @@ def score_batch(protocol: str, pred, batch: dict, targets: dict, avatar, lpips_c
         return evaluate_frames(pred, gt_img, mask, "imavatar", exclude=(batch["parsing"].to(device) == LABEL_IDS["clothing"]).float(),
                                lpips_cache=lpips_cache, frame_ids=frame_ids, lpips=lpips)
     # gt = img·(alpha·head) + bg·(1 − alpha·head): the training targets' compositing
-    return evaluate_frames(pred, gt_img, targets["alpha"][..., 0], protocol, background=avatar.background,
+    m = targets["alpha"][..., 0]
+    person = getattr(avatar, "covers", "head") == "person"
+    if person:
+        # an avatar of the whole person (FLARE) renders torso and clothes the head-matte target paints
+        # over with the background; scored as rendered it loses 10-15 dB to pixels it was never meant to
+        # leave out, so its prediction gets the same matte (and the protocol line says so)
+        bg = avatar.background.to(device).view(1, 3, 1, 1)
+        pred = pred * m[:, None] + bg * (1.0 - m[:, None])
+    rows = evaluate_frames(pred, gt_img, m, protocol, background=avatar.background,
                            lpips_cache=lpips_cache, frame_ids=frame_ids, lpips=lpips)
+    if person:
+        for r in rows:
+            r["protocol"] += PERSON_NOTE
+    return rows
+
+
+# appended to the protocol line of a whole-person avatar scored under a head-matte protocol
+PERSON_NOTE = "; prediction composited with the head matte too (the method renders the whole person)"
 
 
 def result_header(avatar, split: str, rows: list) -> dict:

@@ -18,6 +18,7 @@ class FlareAvatar:
 
     method = "flare"
     eval_protocol = "imavatar"
+    covers = "person"  # trained on the whole matte (mask loss against the person's alpha)
     capabilities = frozenset({MESH, RELIGHT})
 
     def __init__(self, run: RunDir, device, subject_dir: Path | None = None, head_overrides: dict | None = None):

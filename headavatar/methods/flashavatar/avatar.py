@@ -31,6 +31,7 @@ class FlashAvatarAvatar:
 
     method = "flashavatar"
     eval_protocol = "flashavatar"
+    covers = "head"  # trained on targets composited with the head matte
     capabilities = frozenset({GAUSSIANS})
     # torch.compile mode of fuse_frame="compile" ("max-autotune-no-cudagraphs" also tunes the MLP's
     # matmuls: a longer first call); set before fuse_frame
