@@ -59,10 +59,10 @@ class Avatar(Protocol):
 
     method: str  # the registered method name
     eval_protocol: str  # the metric protocol its paper reports (headavatar.metrics.protocols.PROTOCOLS)
-    # what its training targets cover: "head" (composited with the head matte, as FlashAvatar) or "person"
-    # (the whole matte, torso and clothes included, as FLARE); scoring under a head-matte protocol
-    # composites a "person" avatar's prediction with that matte (evaluate.score_batch); absent = "head"
-    covers: str
+    # optional, so not declared here (a runtime_checkable Protocol would require it): ``covers``, what
+    # its training targets cover: "head" (composited with the head matte, as FlashAvatar; the default
+    # when absent) or "person" (the whole matte, torso and clothes, as FLARE); scoring under a
+    # head-matte protocol composites a "person" avatar's prediction with that matte (evaluate.score_batch)
     capabilities: frozenset[str]
     run: "RunDir"
     subject: "Subject"
