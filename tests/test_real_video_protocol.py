@@ -42,7 +42,7 @@ def test_protocol_on_tiny_synthetic_subjects(tmp_path):
     mtime = (work / "runs" / "tiny" / "clip_a.json").stat().st_mtime
     assert rv.main(args) == 0 and (work / "runs" / "tiny" / "clip_a.json").stat().st_mtime == mtime
     (tmp_path / "empty").mkdir()
-    assert rv.main([str(tmp_path / "empty"), "-o", str(work)]) == 2
+    assert rv.main([str(tmp_path / "empty"), "-o", str(work), "--no-lpips"]) == 2
     # no video folder at all (a GPU machine given only the tracked subjects): one job per subject
     # (and the second, separately labelled protocol: test-time refinement of the held-out tracking)
     args2 = [str(tmp_path / "no_videos"), *args[1:3], "--subjects", str(subjects), *args[5:-6], "--label", "subj", *args[-4:], "--refine-tracking", "2"]
@@ -53,3 +53,16 @@ def test_protocol_on_tiny_synthetic_subjects(tmp_path):
         assert r["refined_steps"] == 2 and 0 < r["refined_psnr"] < 60 and r["psnr"] != r["refined_psnr"]
     md = (work / "results_subj.md").read_text()
     assert md.index("| **mean** |") < md.index("Test-time refinement protocol (2 steps")  # fixed tracking first
+
+
+def test_missing_lpips_weights_stop_the_protocol_before_any_work(tmp_path, monkeypatch, capsys):
+    # the protocol reports LPIPS-VGG: without the weights it says so at once instead of after training
+    (tmp_path / "videos").mkdir()
+    (tmp_path / "videos" / "clip.mp4").write_bytes(b"")
+    (tmp_path / "no_weights").mkdir()
+    monkeypatch.setenv("HEADAVATAR_LPIPS_WEIGHTS", str(tmp_path / "no_weights"))
+    work = tmp_path / "work"
+    assert _module().main([str(tmp_path / "videos"), "-o", str(work)]) == 2
+    err = capsys.readouterr().err
+    assert "LPIPS cannot be scored" in err and "--no-lpips" in err and len(err.strip().splitlines()) == 1
+    assert not work.exists()
