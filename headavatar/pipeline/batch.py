@@ -260,7 +260,7 @@ def _failed(job: Job, e: Exception) -> dict:
         layout.root.mkdir(parents=True, exist_ok=True)
         write_json(layout.error, {"stage": "worker", "error": msg, "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
         _FileLog(layout.log)(f"FAILED: {msg}")
-    except OSError:
+    except OSError:  # best effort: the returned row still reports the failure in the summary
         pass
     return {"name": job.name, "status": "failed", "stage": "worker", "error": msg}
 
