@@ -166,7 +166,9 @@ class Trainer:
         previous = torch.are_deterministic_algorithms_enabled()
         if self.recipe.device.type == "cpu":
             torch.use_deterministic_algorithms(True)
-        elif self.recipe.device.type == "cuda":  # gpu_peak_gb is this run's, also in a process that trains several (batch's workers)
+        elif self.recipe.device.type == "cuda" and torch.cuda.is_initialized():
+            # gpu_peak_gb is this run's, also in a process that trains several (batch's workers); in a
+            # fresh process there is nothing to reset, and for "cuda:N" the call would fail before CUDA's init
             torch.cuda.reset_peak_memory_stats(self.recipe.device)
         try:
             self._fit(resume)
