@@ -18,6 +18,10 @@ Sub-commands:
       process); ray = `headavatar batch` on a local Ray (fractional GPUs per job); pool = the same
       jobs on a local process pool of --workers processes (jobs spread over the visible GPUs) for
       when Ray cannot be carried.
+      --mps: the modes run under CUDA MPS (a private nvidia-cuda-mps-control daemon started before
+      anything touches CUDA, stopped at the end), so the workers' kernels run side by side instead
+      of time-sliced; the baseline belongs in a run without it: --baseline SEQ.json takes the
+      sequential figures of such a run (same machine) for the time ratio and the PSNR comparison.
   table FILE.json...
       the Markdown table of one or more result files (e.g. modes measured in separate calls).
 """
@@ -184,6 +188,36 @@ class GpuSampler:
                          "max_mem_mib": max(m for _, m in s), "samples": len(s)} for i, s in sorted(self.samples.items()) if s}
 
 
+class Mps:
+    """A private CUDA MPS control daemon for this run (pipe and log folders under ``work``).
+
+    Started before this process or its workers create a CUDA context: every context made while it
+    runs, here and in spawned workers or Ray's (they inherit the environment), is an MPS client."""
+
+    def __init__(self, work: Path):
+        self.env = {"CUDA_MPS_PIPE_DIRECTORY": str(work / "mps_pipe"), "CUDA_MPS_LOG_DIRECTORY": str(work / "mps_log")}
+        self.started = False
+
+    def __enter__(self):
+        exe = shutil.which("nvidia-cuda-mps-control")
+        if exe is None:
+            raise SystemExit("--mps: nvidia-cuda-mps-control is not on PATH (it comes with the NVIDIA driver)")
+        for d in self.env.values():
+            Path(d).mkdir(parents=True, exist_ok=True)
+        os.environ.update(self.env)
+        subprocess.run([exe, "-d"], check=True, env=os.environ)
+        self.started = True
+        print(f"MPS control daemon started (pipe {self.env['CUDA_MPS_PIPE_DIRECTORY']})", flush=True)
+        return self
+
+    def __exit__(self, *exc):
+        if self.started:
+            subprocess.run(["nvidia-cuda-mps-control"], input="quit\n", text=True, env=os.environ, check=False)
+            time.sleep(1)  # the daemon ends asynchronously; its server goes with it
+            for k in self.env:
+                os.environ.pop(k, None)
+
+
 def make_inputs(subject_dir: Path, jobs: int, work: Path) -> list[Path]:
     from headavatar.pipeline.stages import link_subject
 
@@ -228,6 +262,15 @@ def run_pool(inputs, out: Path, workers: int, common: dict) -> dict:
 
 
 def run(args) -> None:
+    import contextlib
+
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    with Mps(work) if args.mps else contextlib.nullcontext():  # before anything below touches CUDA
+        _run(args, work)
+
+
+def _run(args, work: Path) -> None:
     import importlib.util
 
     from headavatar.config import parse_set
@@ -237,15 +280,13 @@ def run(args) -> None:
                if importlib.util.find_spec(m) is None]
     if missing:  # a bare GPU image: the report (matplotlib) or the eval video (imageio_ffmpeg) would be missing
         print(f"note: not installed here: {', '.join(missing)}", flush=True)
-    work = Path(args.work)
-    work.mkdir(parents=True, exist_ok=True)
     inputs = make_inputs(Path(args.subjects), args.jobs, work)
     overrides = parse_set(args.set) or None
     common = dict(method=args.method, budget=args.budget, overrides=overrides)
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     result = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "command": " ".join(sys.argv), "jobs": args.jobs,
               "subjects": sorted({p.name.split("__")[0] for p in inputs}), "budget": args.budget, "overrides": overrides,
-              "commit": _git_commit(), "device": _gpu_names(), "cpus": os.cpu_count(), "modes": {}}
+              "commit": _git_commit(), "device": _gpu_names(), "cpus": os.cpu_count(), "mps": bool(args.mps), "modes": {}}
     if "ray" in modes and not ensure_ray(Path(args.ray_pack)):
         print("Ray is not installed and no pack-ray pack was carried: skipping the ray mode")
         modes.remove("ray")
@@ -276,9 +317,24 @@ def run(args) -> None:
         }
         print(f"{mode}: {wall:.1f} s, {len(done)}/{args.jobs} done", flush=True)
         _write(args.out, result)
-    _compare(result)
+    _compare(result, _baseline(args.baseline, result))
     _write(args.out, result)
     print(table([result]))
+
+
+def _baseline(path: str | None, result: dict) -> dict | None:
+    """The sequential mode of another result file (--baseline), checked to be the same job set."""
+    if not path:
+        return None
+    base = json.loads(Path(path).read_text())
+    seq = base.get("modes", {}).get("sequential")
+    if seq is None:
+        raise SystemExit(f"--baseline {path}: no sequential mode in it")
+    if (base["jobs"], base["subjects"], base.get("overrides"), base["budget"]) != (result["jobs"], result["subjects"], result["overrides"], result["budget"]):
+        raise SystemExit(f"--baseline {path}: not the same jobs (count, subjects, budget, --set) as this run")
+    if base.get("device") != result["device"]:
+        print(f"warning: the baseline ran on {base.get('device')}, this run on {result['device']}", flush=True)
+    return dict(seq, source=str(path))
 
 
 def _free_gpu() -> None:
@@ -291,11 +347,13 @@ def _free_gpu() -> None:
         torch.cuda.empty_cache()
 
 
-def _compare(result: dict) -> None:
+def _compare(result: dict, baseline: dict | None = None) -> None:
     modes = result["modes"]
-    if "sequential" not in modes:
+    seq = modes.get("sequential") or baseline
+    if seq is None:
         return
-    seq = modes["sequential"]
+    if "sequential" not in modes:
+        result["baseline"] = {"source": baseline["source"], "wall_s": baseline["wall_s"]}
     base = {r["subject"]: r["psnr"] for r in seq["per_subject"]}
     for name, m in modes.items():
         if name == "sequential":
@@ -381,6 +439,8 @@ def main() -> None:
     r.add_argument("--workers", type=int, default=4, help="pool mode: processes")
     r.add_argument("--ray-pack", default=".whl", help="folder with pack-ray's output, used when Ray is not installed")
     r.add_argument("--keep", action="store_true", help="keep earlier mode folders (resume instead of re-measure)")
+    r.add_argument("--mps", action="store_true", help="run the modes under CUDA MPS (a private daemon for this run)")
+    r.add_argument("--baseline", help="result JSON of a run with the sequential mode, for the time ratio of this one")
     t = sub.add_parser("table")
     t.add_argument("files", nargs="+")
     a = ap.parse_args()
