@@ -202,6 +202,26 @@ def test_make_killed_for_real_during_training_resumes(subject, tmp_path):
     assert res["train"]["step"] == 60
 
 
+@pytest.mark.skipif(not can_track, reason="tracking needs mediapipe and PyAV (pip install 'headavatar[track]')")
+def test_make_tracks_into_compact_storage_and_keeps_that_choice(videos, tmp_path):
+    """--storage compact: the tracked subject holds video chunks and no per-frame files, training and
+    evaluation read it, and a continued make (no --storage) keeps the choice recorded in make.json."""
+    from headavatar.subjects.format import Subject
+
+    out = tmp_path / "m"
+    make(videos[0], out, head_model="procedural", size=64, storage="compact", overrides=dict(TINY), until="track", device="cpu",
+         progress=False, log=lambda line: None)
+    subj = Subject.open(out / "subject")
+    assert subj.chunked and list((out / "subject" / "chunks").glob("*_rgb.mkv"))
+    assert not (out / "subject" / "frames").exists()
+    assert json.loads((out / "make.json").read_text())["storage"] == "compact"
+    make(None, out, until="eval", device="cpu", progress=False, log=lambda line: None)
+    assert json.loads((out / "make.json").read_text())["storage"] == "compact"
+    assert json.loads((out / "run" / "eval" / "metrics.json").read_text())["metrics"]["mean"]["psnr"] > 10
+    with pytest.raises(UserError, match="storage must be one of frames, compact"):
+        make(videos[0], tmp_path / "m2", storage="zip", device="cpu", progress=False)
+
+
 def test_make_refuses_bad_input_before_any_work(subject, tmp_path):
     t0 = time.perf_counter()
     with pytest.raises(UserError, match="does not exist"):

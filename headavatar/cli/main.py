@@ -192,6 +192,10 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+STORAGE_HELP = ("how a video's tracked frames are stored: frames (a file per frame, default) or compact (video chunks, "
+                "~6x smaller: for moving subjects to a cluster; docs/SUBJECT_FORMAT.md); a continued make keeps its first choice")
+
+
 def _add_pipeline_parsers(sub) -> None:
     """`make` and `batch` (headavatar/pipeline/)."""
     budget = "fast (default), best, or a number of seconds (FlashAvatar); settings follow the device (docs/SCALING.md)"
@@ -203,6 +207,7 @@ def _add_pipeline_parsers(sub) -> None:
     mk.add_argument("--budget", help=budget)
     mk.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:N")
     mk.add_argument("--size", type=int, help="tracked frame size for a video (default 512)")
+    mk.add_argument("--storage", choices=["frames", "compact"], help=STORAGE_HELP)
     mk.add_argument("--until", choices=["track", "train", "eval", "export", "report"], help="stop after this stage (e.g. track here, train elsewhere)")
     mk.add_argument("--set", action="append", default=None, metavar="KEY=VALUE", help="override a training option (repeatable)")
     mk.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -215,6 +220,7 @@ def _add_pipeline_parsers(sub) -> None:
     b.add_argument("--head-model", default="ict", help="for tracking videos: ict (default), flame or procedural")
     b.add_argument("--budget", default="fast", help=budget)
     b.add_argument("--size", type=int, default=512, help="tracked frame size for videos (default 512)")
+    b.add_argument("--storage", choices=["frames", "compact"], help=STORAGE_HELP)
     b.add_argument("--set", action="append", default=None, metavar="KEY=VALUE", help="override a training option (repeatable)")
     b.add_argument("--address", help="join this Ray cluster (HOST:PORT, ray://HOST:PORT or auto) instead of starting a local Ray")
     b.add_argument("--gpus-per-job", type=float, help="GPU share of one training (default 0.25 where there are GPUs: 4 share a GPU; 0 = train on CPUs)")
@@ -439,7 +445,7 @@ def cmd_make(args) -> int:
     from headavatar.pipeline.make import make
 
     make(args.input, args.output, method=args.method, head_model=args.head_model, budget=args.budget, device=args.device,
-         size=args.size, overrides=args.set, until=args.until, head_overrides=_head_overrides(args), progress=not args.quiet)
+         size=args.size, storage=args.storage, overrides=args.set, until=args.until, head_overrides=_head_overrides(args), progress=not args.quiet)
     return 0
 
 
@@ -447,7 +453,7 @@ def cmd_batch(args) -> int:
     from headavatar.pipeline.batch import batch
 
     res = batch(args.inputs, args.output, method=args.method, head_model=args.head_model, budget=args.budget, size=args.size,
-                overrides=args.set, device=args.device, address=args.address, gpus_per_job=args.gpus_per_job,
+                storage=args.storage, overrides=args.set, device=args.device, address=args.address, gpus_per_job=args.gpus_per_job,
                 cpus_per_job=args.cpus_per_job, engine="sequential" if args.sequential else "auto", num_cpus=args.num_cpus,
                 num_gpus=args.num_gpus, progress=not args.quiet)
     return 1 if res["failed"] else 0

@@ -37,7 +37,7 @@ from pathlib import Path
 
 from headavatar.errors import UserError
 from headavatar.pipeline.layout import STAGES, Layout
-from headavatar.pipeline.make import classify_input, make
+from headavatar.pipeline.make import STORAGES, classify_input, make
 from headavatar.pipeline.progress import ProgressDisplay
 
 INSTALL_RAY = "pip install 'headavatar[scale]'"
@@ -63,6 +63,7 @@ class Job:
     overrides: dict = field(default_factory=dict)
     device: str = "auto"
     threads: int | None = None
+    storage: str | None = None  # None: what the subject's make.json says, else frames
 
 
 def resolve_inputs(inputs) -> list[tuple[Path, str, str]]:
@@ -89,7 +90,7 @@ def resolve_inputs(inputs) -> list[tuple[Path, str, str]]:
 
 
 def make_jobs(inputs, out, method="flashavatar", head_model="ict", budget="fast", size=512, overrides=None, device="auto",
-              threads=None) -> list[Job]:
+              threads=None, storage=None) -> list[Job]:
     from headavatar.methods import get_method
     from headavatar.pipeline.make import typed_overrides
     from headavatar.pipeline.recipe import choose_recipe, parse_budget
@@ -101,7 +102,9 @@ def make_jobs(inputs, out, method="flashavatar", head_model="ict", budget="fast"
     out = Path(out).resolve()
     if out.exists() and not out.is_dir():
         raise UserError(f"{out} exists and is not a folder")
-    return [Job(name, str(p.resolve()), kind, str(out / name), method, head_model, budget, size, typed, device, threads)
+    if storage is not None and storage not in STORAGES:
+        raise UserError(f"storage must be one of {', '.join(STORAGES)}, got '{storage}'")
+    return [Job(name, str(p.resolve()), kind, str(out / name), method, head_model, budget, size, typed, device, threads, storage)
             for p, kind, name in resolve_inputs(inputs)]
 
 
@@ -122,7 +125,7 @@ def run_job(job: Job | dict, stages: tuple = STAGES, device: str | None = None) 
     t0 = time.perf_counter()
     try:
         res = make(job.input, job.out, method=job.method, head_model=job.head_model, budget=job.budget, device=device or job.device,
-                   size=job.size, overrides=job.overrides or None, until=until, stages=stages, progress=False, log=log)
+                   size=job.size, storage=job.storage, overrides=job.overrides or None, until=until, stages=stages, progress=False, log=log)
     except Exception as e:  # the subject's failure is reported; the batch goes on
         stage = getattr(e, "headavatar_stage", None) or "setup"
         msg = str(e) if isinstance(e, UserError) else f"{type(e).__name__}: {e}"
@@ -497,7 +500,7 @@ def _result_line(r: dict) -> str:
 
 # ---------------------------------------------------------------------------------- entry
 def batch(inputs, out, method="flashavatar", head_model="ict", budget="fast", size=512, overrides=None, device="auto",
-          address: str | None = None, gpus_per_job: float | None = None, cpus_per_job: int | None = None, engine: str = "auto",
+          storage: str | None = None, address: str | None = None, gpus_per_job: float | None = None, cpus_per_job: int | None = None, engine: str = "auto",
           num_cpus: int | None = None, num_gpus: int | None = None, connect_timeout: float = 30.0, ray_options: dict | None = None,
           progress: bool = True, say=print) -> dict:
     """Run the make pipeline for every input into OUT/NAME; write OUT/summary.csv and summary.html.
@@ -505,7 +508,7 @@ def batch(inputs, out, method="flashavatar", head_model="ict", budget="fast", si
     ``engine``: auto (Ray when installed, else one after another), ray, or sequential.
     Returns {"rows", "failed", "seconds", "info", "summary": (csv, html)}.
     """
-    jobs = make_jobs(inputs, out, method, head_model, budget, size, overrides, device)
+    jobs = make_jobs(inputs, out, method, head_model, budget, size, overrides, device, storage=storage)
     out = Path(out)
     if engine not in ("auto", "ray", "sequential"):
         raise UserError(f"unknown engine '{engine}'; use auto, ray or sequential")

@@ -20,6 +20,7 @@ from headavatar.pipeline.progress import ProgressDisplay
 from headavatar.pipeline.recipe import choose_recipe, parse_budget
 from headavatar.pipeline.stages import STAGE_TABLE, StageContext
 
+STORAGES = ("frames", "compact")
 VIDEO_SUFFIXES = (".mp4", ".mov", ".mkv", ".avi", ".webm", ".m4v")
 PLAN_VERSION = 1
 # options whose change makes an existing OUT a different job (device is not one: stages may run on different machines)
@@ -99,14 +100,16 @@ def read_plan(out) -> dict | None:
 
 
 def make(input=None, out=None, method: str | None = None, head_model: str | None = None, budget=None, device: str = "auto",
-         size: int | None = None, overrides: dict | list | None = None, until: str | None = None, stages: tuple | None = None,
+         size: int | None = None, storage: str | None = None, overrides: dict | list | None = None, until: str | None = None, stages: tuple | None = None,
          head_overrides: dict | None = None, progress: bool = True, log: Callable[[str], None] | None = None,
          hooks: Callable[[str, str], None] | None = None) -> dict:
     """Run the pipeline into ``out``; returns a summary dict (stages, times, held-out metrics, files).
 
     ``input``: a video or a tracked subject folder; may be None when ``out`` already has make.json.
     ``method``/``head_model``/``budget``/``size``/``overrides``: None = what make.json says, else
-    flashavatar / ict / fast / 512 / none.  ``until``: stop after this stage.  ``stages``: the
+    flashavatar / ict / fast / 512 / none.  ``storage``: how a tracked video's frames are stored,
+    frames or compact (None = what make.json says, else frames); not part of what makes OUT a
+    different job (the same frames either way).  ``until``: stop after this stage.  ``stages``: the
     stages this call may run (an earlier one that is not complete is an error; batch uses it to run
     tracking and training on different workers).  ``hooks(event, stage)`` with event "start" /
     "done" is called around each stage that runs (tests use it to interrupt the pipeline).
@@ -124,6 +127,9 @@ def make(input=None, out=None, method: str | None = None, head_model: str | None
     head_model = head_model or (old or {}).get("head_model") or "ict"
     budget = str(parse_budget(budget if budget is not None else (old or {}).get("budget", "fast")))
     size = int(size or (old or {}).get("size") or 512)
+    storage = storage or (old or {}).get("storage") or "frames"
+    if storage not in STORAGES:
+        raise UserError(f"storage must be one of {', '.join(STORAGES)}, got '{storage}'")
     get_method(method)  # an unknown method fails here, before any work
     overrides = typed_overrides(method, overrides) if overrides else ((old or {}).get("overrides") or {}) if overrides is None else {}
     dev = str(resolve_device(device))
@@ -147,13 +153,14 @@ def make(input=None, out=None, method: str | None = None, head_model: str | None
         rec = dict(old["input"])
         kind = rec["kind"]
         input = Path(rec["name"])  # only its name is known: fine while the track stage is complete
-    plan = {"input": rec, "method": method, "head_model": head_model, "budget": budget, "size": size, "overrides": overrides}
+    plan = {"input": rec, "method": method, "head_model": head_model, "budget": budget, "size": size, "overrides": overrides,
+            "storage": storage}
     layout.root.mkdir(parents=True, exist_ok=True)
     _check_plan(layout, plan)
 
     display = ProgressDisplay(len(todo), desc=f"make {layout.root.name}", enabled=progress)
     say = log or display.write
-    ctx = StageContext(layout, method, head_model, budget, size, input, kind, dev, overrides, head_overrides, say)
+    ctx = StageContext(layout, method, head_model, budget, size, input, kind, dev, overrides, head_overrides, say, storage=storage)
     result = {"name": layout.root.name, "out": str(layout.root), "status": "running", "device": dev, "stages": {}}
     t_all = time.perf_counter()
     try:

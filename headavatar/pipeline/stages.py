@@ -38,6 +38,7 @@ class StageContext:
     upstream: str | None = None  # id of the marker of the stage before the running one
     markers: dict = field(default_factory=dict)  # stage -> its (valid) marker, filled as the pipeline goes
     expected_frames: int | None = None
+    storage: str = "frames"  # a tracked video's frames: frames or compact (video chunks)
 
     def recipe(self) -> Recipe:
         return choose_recipe(self.method, self.device, self.budget, self.overrides)
@@ -58,7 +59,7 @@ def run_track(ctx: StageContext) -> dict:
 
             head = ctx.head_model
             flame_dir = (ctx.head_overrides or {}).get("dir") if head == "flame" else None
-            subj = track_video(ctx.input_path, dst, head_model=head, size=ctx.size, flame_dir=flame_dir, progress=False)
+            subj = track_video(ctx.input_path, dst, head_model=head, size=ctx.size, flame_dir=flame_dir, progress=False, storage=ctx.storage)
         else:
             subj = link_subject(ctx.input_path, dst)
     return {"num_frames": subj.num_frames, "train_frames": len(subj.split.get("train", [])),
