@@ -196,23 +196,22 @@ class Mps:
 
     def __init__(self, work: Path):
         self.env = {"CUDA_MPS_PIPE_DIRECTORY": str(work / "mps_pipe"), "CUDA_MPS_LOG_DIRECTORY": str(work / "mps_log")}
-        self.started = False
+        self.exe = None
 
     def __enter__(self):
-        exe = shutil.which("nvidia-cuda-mps-control")
-        if exe is None:
+        self.exe = shutil.which("nvidia-cuda-mps-control")
+        if self.exe is None:
             raise SystemExit("--mps: nvidia-cuda-mps-control is not on PATH (it comes with the NVIDIA driver)")
         for d in self.env.values():
             Path(d).mkdir(parents=True, exist_ok=True)
         os.environ.update(self.env)
-        subprocess.run([exe, "-d"], check=True, env=os.environ)
-        self.started = True
+        subprocess.run([self.exe, "-d"], check=True, env=os.environ)
         print(f"MPS control daemon started (pipe {self.env['CUDA_MPS_PIPE_DIRECTORY']})", flush=True)
         return self
 
     def __exit__(self, *exc):
-        if self.started:
-            subprocess.run(["nvidia-cuda-mps-control"], input="quit\n", text=True, env=os.environ, check=False)
+        if self.exe is not None:
+            subprocess.run([self.exe], input="quit\n", text=True, env=os.environ, check=False)
             time.sleep(1)  # the daemon ends asynchronously; its server goes with it
             for k in self.env:
                 os.environ.pop(k, None)

@@ -37,7 +37,7 @@ from pathlib import Path
 
 from headavatar.errors import UserError
 from headavatar.pipeline.layout import STAGES, Layout
-from headavatar.pipeline.make import STORAGES, classify_input, make
+from headavatar.pipeline.make import check_storage, classify_input, make
 from headavatar.pipeline.progress import ProgressDisplay
 
 INSTALL_RAY = "pip install 'headavatar[scale]'"
@@ -102,8 +102,7 @@ def make_jobs(inputs, out, method="flashavatar", head_model="ict", budget="fast"
     out = Path(out).resolve()
     if out.exists() and not out.is_dir():
         raise UserError(f"{out} exists and is not a folder")
-    if storage is not None and storage not in STORAGES:
-        raise UserError(f"storage must be one of {', '.join(STORAGES)}, got '{storage}'")
+    check_storage(storage)  # before any subject starts
     return [Job(name, str(p.resolve()), kind, str(out / name), method, head_model, budget, size, typed, device, threads, storage)
             for p, kind, name in resolve_inputs(inputs)]
 

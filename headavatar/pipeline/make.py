@@ -27,6 +27,13 @@ PLAN_VERSION = 1
 _PLAN_KEYS = ("input", "method", "head_model", "budget", "size", "overrides")
 
 
+def check_storage(storage: str | None) -> str | None:
+    """``storage`` itself (None passes: make.json or the default decides), or a UserError."""
+    if storage is not None and storage not in STORAGES:
+        raise UserError(f"storage must be one of {', '.join(STORAGES)}, got '{storage}'")
+    return storage
+
+
 def classify_input(path) -> str:
     """'video' or 'subject'; a UserError saying what is wrong otherwise (checked before any work)."""
     p = Path(path)
@@ -127,9 +134,7 @@ def make(input=None, out=None, method: str | None = None, head_model: str | None
     head_model = head_model or (old or {}).get("head_model") or "ict"
     budget = str(parse_budget(budget if budget is not None else (old or {}).get("budget", "fast")))
     size = int(size or (old or {}).get("size") or 512)
-    storage = storage or (old or {}).get("storage") or "frames"
-    if storage not in STORAGES:
-        raise UserError(f"storage must be one of {', '.join(STORAGES)}, got '{storage}'")
+    storage = check_storage(storage or (old or {}).get("storage") or "frames")
     get_method(method)  # an unknown method fails here, before any work
     overrides = typed_overrides(method, overrides) if overrides else ((old or {}).get("overrides") or {}) if overrides is None else {}
     dev = str(resolve_device(device))
