@@ -482,6 +482,20 @@ def test_parsing_collar_is_clothing_and_memory_steadies_labels():
     assert changed(with_mem) < changed(without)
 
 
+
+def test_parsing_shadow_enclosed_by_the_neck_is_neck_not_clothing():
+    """A dark patch under the chin that the skin model does not explain, enclosed by neck skin, is neck
+    (it was clothing: a hole in the head mask); the collar, which runs on into the shirt, stays clothing."""
+    from headavatar.subjects.format import LABEL_IDS
+    from headavatar.tracking.parsing import parse_frame
+
+    p, alpha, img, c = _dressed_frame()
+    cx, cy = int(c[0]), int(c[1])
+    img[cy + 78 : cy + 94, cx - 8 : cx + 8] = (40, 35, 60)  # as dark as the top, but inside the neck
+    lab = parse_frame(p, alpha, img)
+    assert lab[cy + 86, cx] == LABEL_IDS["neck"]
+    assert lab[cy + 125, cx] == LABEL_IDS["clothing"]
+
 @av_missing
 @mediapipe_missing
 @pytest.mark.parametrize("head", ["procedural", "ict"])

@@ -72,7 +72,8 @@ def face_mask(landmarks: np.ndarray, size: tuple[int, int]) -> np.ndarray:
 
 
 def parse_frame(landmarks: np.ndarray | None, alpha: np.ndarray, image: np.ndarray | None = None,
-                neck_length: float = 0.6, neck_width: float = 0.85, fg_threshold: float = 0.5, state: "ParsingState | None" = None) -> np.ndarray:
+                neck_length: float = 0.6, neck_width: float = 0.85, skin_width: float = 1.15, fg_threshold: float = 0.5,
+                state: "ParsingState | None" = None) -> np.ndarray:
     """Label map (uint8 HxW) for one frame.
 
     landmarks: [478, >=2] MediaPipe points in pixels, or None when the face
@@ -80,7 +81,9 @@ def parse_frame(landmarks: np.ndarray | None, alpha: np.ndarray, image: np.ndarr
     hair and clothing; such frames are marked invalid anyway).
     alpha: HxW matte, float in [0, 1] or uint8.  image: the RGB frame; when
     given, colour decides the ambiguous pixels below the chin line (see
-    ``_colour_split``).  neck_width scales the lower jaw's width for the neck band.
+    ``_colour_split``).  neck_width scales the lower jaw's width for the neck band; skin_width
+    for the wider zone where skin-coloured pixels below the chin still count as neck (the sides
+    of the neck, which the band leaves out when the face is frontal).
     state: a ``ParsingState`` carried from frame to frame of one clip (``FrameParser``): colour
     models averaged over time and the labels below the chin smoothed, against flicker.
     """
@@ -105,13 +108,17 @@ def parse_frame(landmarks: np.ndarray | None, alpha: np.ndarray, image: np.ndarr
     # Pixels under the chin line (perpendicular to the face's own vertical axis through the chin).
     under = _half_plane(chin, down, (H, W))
 
-    neck = np.zeros((H, W), np.uint8)
-    jaw = p[list(_JAW)]
-    centre = jaw.mean(0)
-    jaw = centre + (jaw - centre) * neck_width  # the neck is narrower than the jaw
-    hang = jaw + down * (neck_length * face_h)
-    cv2.fillPoly(neck, [np.round(np.concatenate([jaw, hang[::-1]]) * 16).astype(np.int32)], 1, shift=4)
-    neck = neck.astype(bool)
+    jaw0 = p[list(_JAW)]
+    centre = jaw0.mean(0)
+
+    def band(width: float) -> np.ndarray:
+        jaw = centre + (jaw0 - centre) * width  # the neck is narrower than the jaw
+        hang = jaw + down * (neck_length * face_h)
+        m = np.zeros((H, W), np.uint8)
+        cv2.fillPoly(m, [np.round(np.concatenate([jaw, hang[::-1]]) * 16).astype(np.int32)], 1, shift=4)
+        return m.astype(bool)
+
+    neck = band(neck_width)
 
     face = face_mask(p, (H, W)).astype(bool)
     lab[fg & ~under] = HAIR
@@ -121,7 +128,8 @@ def parse_frame(landmarks: np.ndarray | None, alpha: np.ndarray, image: np.ndarr
         # beside the lower jaw, above the chin line: a high collar is there as often as hair
         beside = ~under & _half_plane(chin - down * (0.3 * face_h), down, (H, W))
         _colour_split(lab, image, fg & ~face, face, neck, under, _half_plane(chin - down * 6.0, down, (H, W)), top, face_h, down,
-                      half_jaw=0.5 * neck_width * float(np.linalg.norm(p[_JAW[0]] - p[_JAW[-1]])), chin=chin, state=state, beside=beside)
+                      half_jaw=0.5 * neck_width * float(np.linalg.norm(p[_JAW[0]] - p[_JAW[-1]])), chin=chin, state=state, beside=beside,
+                      skin_zone=band(skin_width) | neck)
 
     def fill(idx, value):
         cv2.fillPoly(lab, [_poly(p, idx)], int(value), shift=4)
@@ -160,23 +168,26 @@ class FrameParser:
 
 
 def _colour_split(lab, image, fg_out, face, neck, under, under_loose, top, face_h, down, half_jaw: float, step: int = 4, min_samples: int = 40,
-                  chin=None, state: ParsingState | None = None, skin_d2: float = 30.0, beside=None, collar_margin: float = 2.0) -> None:
+                  chin=None, state: ParsingState | None = None, skin_d2: float = 30.0, beside=None, collar_margin: float = 2.0,
+                  edge_pixels: bool = True, skin_zone: np.ndarray | None = None) -> None:
     """Relabel, in place, the foreground below the chin line by colour.
 
     Three Gaussian colour models (Lab space, on a 1/``step`` grid): skin from
-    the face polygon, hair from the foreground above the forehead, clothing
+    the face polygon, hair from the foreground above the forehead and beside the
+    upper face (the lengths of long hair), clothing
     from the lowest third of the foreground under the chin outside the neck
     band; with a ``state`` they are running averages over the clip, so one
     frame's odd samples do not flip its labels.  Below the chin:
 
-    * neck: inside the neck band, where the skin model explains the pixel
-      best *and* well (squared Mahalanobis distance < ``skin_d2``): a white
-      collar or a tie inside the band is clothing, not neck;
+    * neck: inside the neck band (or the wider ``skin_zone``), where the skin
+      model explains the pixel best *and* well (squared Mahalanobis distance <
+      ``skin_d2``): a white collar or a tie inside the band is clothing, not neck;
     * hair: where the hair model beats clothing, never within the neck band's
       width (hair hangs beside the neck, not in front of it), and only in
       regions connected to the hair above the chin line (a collar beside the
       neck that happens to match the hair's colour is not connected to it);
-    * clothing: the rest.
+    * clothing: the rest, except clothing inside the neck band that does not connect to clothing
+      outside it (a shadow under the chin), which is neck.
 
     ``beside`` (the foreground beside the lower jaw, above the chin line) turns
     to clothing where the clothing model beats both hair and skin (a high
@@ -184,7 +195,10 @@ def _colour_split(lab, image, fg_out, face, neck, under, under_loose, top, face_
     it, roots the hair below the chin.
 
     With a ``state`` the labels are then averaged with the previous frame's
-    (moved with the chin), and a 3x3 majority vote removes specks.  A model
+    (moved with the chin), and a 3x3 majority vote removes specks.  With
+    ``edge_pixels`` the neck/clothing border is then decided pixel by pixel
+    (``_refine_neck_edge``): on the grid it is ``step`` pixels coarse, and a
+    white collar's edge inside a neck cell is a bright error the avatar pays for.  A model
     with too few samples (bald head) is left out; without a clothing model
     the geometric labels stay.
     """
@@ -204,7 +218,12 @@ def _colour_split(lab, image, fg_out, face, neck, under, under_loose, top, face_
     low = f_out & f_under & ~f_neck
     cloth = low & (along >= np.quantile(along[low], 0.67)) & (along > 1.1 * face_h) if low.sum() >= min_samples else low & False
     stats = {}
-    for name, sel in (("skin", f_face), ("hair", f_out & (along < -0.05 * face_h)), ("cloth", cloth)):
+    # hair samples: above the forehead, and beside the face well away from the jaw down to 0.7 face
+    # heights (the lengths of long hair, often lighter than the roots; ears of short hair stay few)
+    side = np.array([down[1], -down[0]])
+    lateral_all = np.abs((xs.reshape(-1) * step - top[0]) * side[0] + (ys.reshape(-1) * step - top[1]) * side[1])
+    hair_samples = f_out & ((along < -0.05 * face_h) | ((along < 0.7 * face_h) & (lateral_all > 1.6 * half_jaw)))
+    for name, sel in (("skin", f_face), ("hair", hair_samples), ("cloth", cloth)):
         x = lab_img[sel]
         if name == "cloth" and "hair" in stats and len(x) >= min_samples:
             # long hair over the shoulders falls into the clothing samples: drop the samples the
@@ -257,7 +276,8 @@ def _colour_split(lab, image, fg_out, face, neck, under, under_loose, top, face_
         side = np.array([down[1], -down[0]])
         lateral = np.abs((xs.reshape(-1)[amb] * step - top[0]) * side[0] + (ys.reshape(-1)[amb] * step - top[1]) * side[1])
         cost[lateral < half_jaw, names.index("hair")] = np.inf
-    in_neck = f_neck[amb]
+    skin_zone = neck if skin_zone is None else skin_zone
+    in_neck = ds(skin_zone)[amb]
     if "skin" in models:
         # skin colour counts as neck only inside the band, and only if it is really skin-like;
         # elsewhere (a low neckline) it is clothing
@@ -268,6 +288,7 @@ def _colour_split(lab, image, fg_out, face, neck, under, under_loose, top, face_
     grid = grid.reshape(h, w)
     if "hair" in names:
         grid = _connected_hair(grid, lab, step, amb.reshape(h, w))  # beside-band hair (relabelled above) roots it too
+    grid = _rooted_clothing(grid, lab, step, amb.reshape(h, w), f_neck.reshape(h, w))
     classes = np.array([HAIR, NECK, CLOTHING], np.uint8)
     votes = np.stack([(grid == c).astype(np.float32) for c in classes], -1)
     if state is not None and chin is not None:
@@ -281,6 +302,8 @@ def _colour_split(lab, image, fg_out, face, neck, under, under_loose, top, face_
     votes = np.stack([cv2.blur(np.ascontiguousarray(votes[..., k]), (3, 3)) for k in range(3)])
     grid = np.where(grid > 0, classes[np.argmax(votes, 0)], 0).astype(np.uint8)
     full = cv2.resize(grid, (lab.shape[1], lab.shape[0]), interpolation=cv2.INTER_NEAREST)
+    if "skin" in models and edge_pixels:
+        _refine_neck_edge(full, grid, image, skin_zone, models, skin_d2)
     region = fg_out & under & (full > 0)
     lab[region] = full[region]
 
@@ -304,3 +327,54 @@ def _connected_hair(grid: np.ndarray, lab: np.ndarray, step: int, amb: np.ndarra
     rooted[0] = False
     orphan = (grid == HAIR) & ~rooted[comp]
     return np.where(orphan, CLOTHING, grid).astype(np.uint8)
+
+
+def _rooted_clothing(grid: np.ndarray, lab: np.ndarray, step: int, amb: np.ndarray, band: np.ndarray) -> np.ndarray:
+    """Clothing cells inside the neck band keep their label only where they connect to clothing outside it.
+
+    A collar or a tie runs on into the shirt below or beside the neck; a dark patch the neck encloses
+    (the shadow under the chin, which the skin model does not explain) is neck, not a hole in the head."""
+    import cv2
+
+    outside = (lab[::step, ::step][: grid.shape[0], : grid.shape[1]] == CLOTHING) & ~amb  # high collars beside the jaw
+    cloth = (grid == CLOTHING) | outside
+    n, comp = cv2.connectedComponents(cloth.astype(np.uint8), connectivity=8)
+    if n <= 1:
+        return grid
+    rooted = np.zeros(n, bool)
+    rooted[np.unique(comp[cloth & ~band])] = True
+    rooted[0] = False
+    enclosed = (grid == CLOTHING) & band & ~rooted[comp]
+    return np.where(enclosed, NECK, grid).astype(np.uint8)
+
+
+def _refine_neck_edge(full: np.ndarray, grid: np.ndarray, image: np.ndarray, neck: np.ndarray, models: dict, skin_d2: float) -> None:
+    """Relabel, in place, the full-size pixels of grid cells on the neck/clothing border by colour.
+
+    Only cells that have both labels in their 3x3 neighbourhood are touched, and only between those two
+    labels, with the same rule as on the grid (neck: inside the band, skin-like, and explained by skin
+    better than by clothing), so the temporal smoothing of the grid still decides everywhere else."""
+    import cv2
+
+    k = np.ones((3, 3), np.uint8)
+    near_neck = cv2.dilate((grid == NECK).astype(np.uint8), k)
+    near_cloth = cv2.dilate((grid == CLOTHING).astype(np.uint8), k)
+    edge = (near_neck & near_cloth).astype(bool) & ((grid == NECK) | (grid == CLOTHING))
+    if not edge.any():
+        return
+    edge_full = cv2.resize(edge.astype(np.uint8), (full.shape[1], full.shape[0]), interpolation=cv2.INTER_NEAREST).astype(bool)
+    ys, xs = np.nonzero(edge_full & ((full == NECK) | (full == CLOTHING)))
+    if not len(ys):
+        return
+    px = cv2.cvtColor(np.ascontiguousarray(image[ys, xs][None]), cv2.COLOR_RGB2LAB)[0].astype(np.float32)
+
+    def cost(m):
+        mu, icov, logdet = m
+        d = px - mu
+        d2 = ((d @ icov) * d).sum(1)
+        return 0.5 * d2 + 0.5 * logdet, d2
+
+    c_skin, d2_skin = cost(models["skin"])
+    c_cloth, _ = cost(models["cloth"])
+    is_neck = neck[ys, xs] & (d2_skin <= skin_d2) & (c_skin < c_cloth)
+    full[ys, xs] = np.where(is_neck, NECK, CLOTHING)
