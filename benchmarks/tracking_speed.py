@@ -44,9 +44,10 @@ def main(argv=None) -> int:
 
     from headavatar.tracking import track_video
 
-    videos = sorted(v for v in Path(args.videos).glob("*.mp4") if not args.only or any(o in v.name for o in args.only))
+    only = [o for arg in args.only for o in arg.split(",") if o]  # --only a --only b, or --only a,b
+    videos = sorted(v for v in Path(args.videos).glob("*.mp4") if not only or any(o in v.name for o in only))
     if not videos:
-        print(f"no .mp4 in {args.videos}", file=sys.stderr)
+        print(f"no .mp4 in {args.videos}" + (f" whose name contains {' or '.join(only)}" if only else ""), file=sys.stderr)
         return 2
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
