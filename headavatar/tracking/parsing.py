@@ -221,8 +221,8 @@ def _colour_split(lab, image, fg_out, face, neck, under, under_loose, top, face_
     # hair samples: above the forehead, and beside the face well away from the jaw down to 0.7 face
     # heights (the lengths of long hair, often lighter than the roots; ears of short hair stay few)
     side = np.array([down[1], -down[0]])
-    lateral_all = np.abs((xs.reshape(-1) * step - top[0]) * side[0] + (ys.reshape(-1) * step - top[1]) * side[1])
-    hair_samples = f_out & ((along < -0.05 * face_h) | ((along < 0.7 * face_h) & (lateral_all > 1.6 * half_jaw)))
+    lateral = np.abs((xs * step - top[0]) * side[0] + (ys * step - top[1]) * side[1]).reshape(-1)  # distance from the face's axis
+    hair_samples = f_out & ((along < -0.05 * face_h) | ((along < 0.7 * face_h) & (lateral > 1.6 * half_jaw)))
     for name, sel in (("skin", f_face), ("hair", hair_samples), ("cloth", cloth)):
         x = lab_img[sel]
         if name == "cloth" and "hair" in stats and len(x) >= min_samples:
@@ -273,9 +273,7 @@ def _colour_split(lab, image, fg_out, face, neck, under, under_loose, top, face_
     if "hair" in names:
         cost[:, names.index("hair")] += 0.25  # ties (one colour everywhere) keep the geometric answer: clothing
         # long hair hangs beside the neck, not in front of it: no hair within the jaw's width under the chin
-        side = np.array([down[1], -down[0]])
-        lateral = np.abs((xs.reshape(-1)[amb] * step - top[0]) * side[0] + (ys.reshape(-1)[amb] * step - top[1]) * side[1])
-        cost[lateral < half_jaw, names.index("hair")] = np.inf
+        cost[lateral[amb] < half_jaw, names.index("hair")] = np.inf
     skin_zone = neck if skin_zone is None else skin_zone
     in_neck = ds(skin_zone)[amb]
     if "skin" in models:
