@@ -496,6 +496,38 @@ def test_parsing_shadow_enclosed_by_the_neck_is_neck_not_clothing():
     assert lab[cy + 86, cx] == LABEL_IDS["neck"]
     assert lab[cy + 125, cx] == LABEL_IDS["clothing"]
 
+
+def test_parsing_neck_collar_border_is_pixel_accurate():
+    """The neck/clothing border follows the image, not the 4-pixel colour grid: a collar that starts
+    inside a grid cell leaves no collar row labelled neck (it became a bright row in the ground truth)."""
+    from headavatar.subjects.format import LABEL_IDS
+    from headavatar.tracking.parsing import parse_frame
+
+    p, alpha, img, c = _dressed_frame()
+    cx, cy = int(c[0]), int(c[1])
+    edge = cy + 113  # not a multiple of the grid step (4)
+    assert edge % 4
+    img[cy + 70 : edge, cx - 25 : cx + 25] = (200, 150, 120)  # neck skin
+    img[edge:, cx - 25 : cx + 25] = (240, 240, 240)  # white collar
+    lab = parse_frame(p, alpha, img)
+    cols = slice(cx - 20, cx + 20)
+    assert (lab[edge - 1, cols] == LABEL_IDS["neck"]).all()
+    assert (lab[edge, cols] == LABEL_IDS["clothing"]).all()
+
+
+def test_parsing_sides_of_a_wide_neck_are_neck():
+    """Skin below the chin beside the neck band (the sides of the neck on a frontal face) is neck
+    within skin_width of the jaw; with the band's own width it was not."""
+    from headavatar.subjects.format import LABEL_IDS
+    from headavatar.tracking.parsing import parse_frame
+
+    p, alpha, img, c = _dressed_frame()
+    cx, cy = int(c[0]), int(c[1])
+    img[cy + 70 : cy + 110, cx - 60 : cx + 60] = (200, 150, 120)  # a neck wider than the band
+    sides = lambda lab: lab[cy + 90, [cx - 55, cx + 54]]  # noqa: E731
+    assert (sides(parse_frame(p, alpha, img)) == LABEL_IDS["neck"]).all()
+    assert (sides(parse_frame(p, alpha, img, skin_width=0.85)) != LABEL_IDS["neck"]).all()
+
 @av_missing
 @mediapipe_missing
 @pytest.mark.parametrize("head", ["procedural", "ict"])
