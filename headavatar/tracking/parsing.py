@@ -169,7 +169,7 @@ class FrameParser:
 
 def _colour_split(lab, image, fg_out, face, neck, under, under_loose, top, face_h, down, half_jaw: float, step: int = 4, min_samples: int = 40,
                   chin=None, state: ParsingState | None = None, skin_d2: float = 30.0, beside=None, collar_margin: float = 2.0,
-                  edge_pixels: bool = True, skin_zone: np.ndarray | None = None) -> None:
+                  skin_zone: np.ndarray | None = None) -> None:
     """Relabel, in place, the foreground below the chin line by colour.
 
     Three Gaussian colour models (Lab space, on a 1/``step`` grid): skin from
@@ -195,8 +195,8 @@ def _colour_split(lab, image, fg_out, face, neck, under, under_loose, top, face_
     it, roots the hair below the chin.
 
     With a ``state`` the labels are then averaged with the previous frame's
-    (moved with the chin), and a 3x3 majority vote removes specks.  With
-    ``edge_pixels`` the neck/clothing border is then decided pixel by pixel
+    (moved with the chin), and a 3x3 majority vote removes specks.  The
+    neck/clothing border is then decided pixel by pixel
     (``_refine_neck_edge``): on the grid it is ``step`` pixels coarse, and a
     white collar's edge inside a neck cell is a bright error the avatar pays for.  A model
     with too few samples (bald head) is left out; without a clothing model
@@ -249,7 +249,7 @@ def _colour_split(lab, image, fg_out, face, neck, under, under_loose, top, face_
     f_beside = ds(beside) & f_out if beside is not None else np.zeros_like(f_out)
     if f_beside.any() and "hair" in models:
         xb = lab_img[f_beside]
-        cb = {k: 0.5 * (((xb - models[k][0]) @ models[k][1]) * (xb - models[k][0])).sum(1) + 0.5 * models[k][2] for k in models}
+        cb = {k: _nll(xb, m)[0] for k, m in models.items()}
         # only a clear win: hair and clothes of similar colours (dark hair on a dark top) keep the hair
         collar = cb["cloth"] + collar_margin < np.minimum(cb["hair"], cb.get("skin", np.inf))
         bgrid = np.zeros(h * w, np.uint8)
@@ -262,14 +262,10 @@ def _colour_split(lab, image, fg_out, face, neck, under, under_loose, top, face_
     if not len(x):
         return
 
-    def maha(m):
-        mu, icov, _ = m
-        d = x - mu
-        return ((d @ icov) * d).sum(1)
-
     names = list(models)
-    d2 = {k: maha(models[k]) for k in names}
-    cost = np.stack([0.5 * d2[k] + 0.5 * models[k][2] for k in names], 1)
+    nll = {k: _nll(x, models[k]) for k in names}
+    d2 = {k: v[1] for k, v in nll.items()}
+    cost = np.stack([nll[k][0] for k in names], 1)
     if "hair" in names:
         cost[:, names.index("hair")] += 0.25  # ties (one colour everywhere) keep the geometric answer: clothing
         # long hair hangs beside the neck, not in front of it: no hair within the jaw's width under the chin
@@ -277,7 +273,7 @@ def _colour_split(lab, image, fg_out, face, neck, under, under_loose, top, face_
     skin_zone = neck if skin_zone is None else skin_zone
     in_neck = ds(skin_zone)[amb]
     if "skin" in models:
-        # skin colour counts as neck only inside the band, and only if it is really skin-like;
+        # skin colour counts as neck only inside the skin zone, and only if it is really skin-like;
         # elsewhere (a low neckline) it is clothing
         cost[~in_neck | (d2["skin"] > skin_d2), names.index("skin")] = np.inf
     value = np.array([{"hair": HAIR, "skin": NECK}.get(k, CLOTHING) for k in names], np.uint8)[np.argmin(cost, 1)]
@@ -300,10 +296,19 @@ def _colour_split(lab, image, fg_out, face, neck, under, under_loose, top, face_
     votes = np.stack([cv2.blur(np.ascontiguousarray(votes[..., k]), (3, 3)) for k in range(3)])
     grid = np.where(grid > 0, classes[np.argmax(votes, 0)], 0).astype(np.uint8)
     full = cv2.resize(grid, (lab.shape[1], lab.shape[0]), interpolation=cv2.INTER_NEAREST)
-    if "skin" in models and edge_pixels:
+    if "skin" in models:
         _refine_neck_edge(full, grid, image, skin_zone, models, skin_d2)
     region = fg_out & under & (full > 0)
     lab[region] = full[region]
+
+
+def _nll(x: np.ndarray, model: tuple) -> tuple[np.ndarray, np.ndarray]:
+    """Negative log-likelihood (up to a constant) of Lab colours [N,3] under a fitted (mean, inverse
+    covariance, log-determinant) model, and their squared Mahalanobis distance."""
+    mu, icov, logdet = model
+    d = x - mu
+    d2 = ((d @ icov) * d).sum(1)
+    return 0.5 * d2 + 0.5 * logdet, d2
 
 
 def _maha(x: np.ndarray, mu: np.ndarray, cov: np.ndarray) -> np.ndarray:
@@ -346,11 +351,11 @@ def _rooted_clothing(grid: np.ndarray, lab: np.ndarray, step: int, amb: np.ndarr
     return np.where(enclosed, NECK, grid).astype(np.uint8)
 
 
-def _refine_neck_edge(full: np.ndarray, grid: np.ndarray, image: np.ndarray, neck: np.ndarray, models: dict, skin_d2: float) -> None:
+def _refine_neck_edge(full: np.ndarray, grid: np.ndarray, image: np.ndarray, zone: np.ndarray, models: dict, skin_d2: float) -> None:
     """Relabel, in place, the full-size pixels of grid cells on the neck/clothing border by colour.
 
     Only cells that have both labels in their 3x3 neighbourhood are touched, and only between those two
-    labels, with the same rule as on the grid (neck: inside the band, skin-like, and explained by skin
+    labels, with the same rule as on the grid (neck: inside the skin zone, skin-like, and explained by skin
     better than by clothing), so the temporal smoothing of the grid still decides everywhere else."""
     import cv2
 
@@ -366,13 +371,7 @@ def _refine_neck_edge(full: np.ndarray, grid: np.ndarray, image: np.ndarray, nec
         return
     px = cv2.cvtColor(np.ascontiguousarray(image[ys, xs][None]), cv2.COLOR_RGB2LAB)[0].astype(np.float32)
 
-    def cost(m):
-        mu, icov, logdet = m
-        d = px - mu
-        d2 = ((d @ icov) * d).sum(1)
-        return 0.5 * d2 + 0.5 * logdet, d2
-
-    c_skin, d2_skin = cost(models["skin"])
-    c_cloth, _ = cost(models["cloth"])
-    is_neck = neck[ys, xs] & (d2_skin <= skin_d2) & (c_skin < c_cloth)
+    c_skin, d2_skin = _nll(px, models["skin"])
+    c_cloth, _ = _nll(px, models["cloth"])
+    is_neck = zone[ys, xs] & (d2_skin <= skin_d2) & (c_skin < c_cloth)
     full[ys, xs] = np.where(is_neck, NECK, CLOTHING)
