@@ -165,6 +165,23 @@ def test_subject_compact_cli(tmp_path, capsys):
     assert main(["subject", "compact", str(tmp_path / "p"), "-o", str(tmp_path / "c2"), "--crf", "99"]) != 0
 
 
+@av_missing
+def test_compact_of_a_compact_subject_copies_its_chunks(tmp_path):
+    from headavatar.subjects.convert import convert_subject
+
+    s, _ = _write(tmp_path / "c", "chunks")
+    same = convert_subject(s.root, tmp_path / "lean", extras=False, progress=False)  # its own crf and chunk length
+    names = sorted(f.name for f in (s.root / "chunks").iterdir())
+    assert names == sorted(f.name for f in (same.root / "chunks").iterdir())
+    for n in names:  # copied byte for byte: no second generation of H.264 loss
+        assert (s.root / "chunks" / n).read_bytes() == (same.root / "chunks" / n).read_bytes()
+    assert same.meta["storage"] == s.meta["storage"] and same.split == s.split and same.num_frames == s.num_frames
+    assert np.array_equal(same.load_frame(20)["image"], s.load_frame(20)["image"])
+    other = convert_subject(s.root, tmp_path / "q", crf=30, progress=False)  # another quality is encoded again
+    assert other.meta["storage"]["crf"] == 30
+    assert (other.root / "chunks" / "000000_rgb.mkv").read_bytes() != (s.root / "chunks" / "000000_rgb.mkv").read_bytes()
+
+
 def _ict_or_skip():
     from headavatar.headmodels import load_head_model
 
