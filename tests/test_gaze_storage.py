@@ -166,6 +166,35 @@ def test_subject_compact_cli(tmp_path, capsys):
 
 
 @av_missing
+def test_compact_subjects_load_in_spawned_workers(tmp_path, monkeypatch):
+    """Loader workers of a compact subject are spawned, not forked (a forked worker inherits the
+    parent's FFmpeg state and hung in its first decode on a GPU machine), and give the same batches."""
+    import torch
+
+    from headavatar.subjects import dataset as D
+
+    s, _ = _write(tmp_path / "c", "chunks")
+    contexts = []
+    real = torch.utils.data.DataLoader
+
+    def recording(*a, **k):
+        contexts.append(k.get("multiprocessing_context"))
+        return real(*a, **k)
+
+    monkeypatch.setattr(torch.utils.data, "DataLoader", recording)
+    batches = {}
+    for workers in (0, 2):
+        _, it = D.training_stream(s, list(range(21)), (32, 32), 4, 0, 21, workers, 64, 0, torch.device("cpu"))
+        batches[workers] = [next(it) for _ in range(3)]
+    assert contexts == [None, "spawn"]
+    for a, b in zip(batches[0], batches[2]):
+        assert all(torch.equal(a[k], b[k]) for k in ("index", "image", "alpha", "parsing"))
+    p, _ = _write(tmp_path / "p", "frames")  # per-file subjects keep the default (fork on Linux: fast to start)
+    D.training_stream(p, list(range(21)), (32, 32), 4, 0, 21, 2, 64, 0, torch.device("cpu"))
+    assert contexts[-1] is None
+
+
+@av_missing
 def test_compact_of_a_compact_subject_copies_its_chunks(tmp_path):
     from headavatar.subjects.convert import convert_subject
 

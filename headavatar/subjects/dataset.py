@@ -53,6 +53,9 @@ class FrameDataset(torch.utils.data.Dataset):
                 self._cached += nbytes
         return item
 
+    def __getstate__(self):  # sent to spawned loader workers: without the parent's decoded frames
+        return {**self.__dict__, "_cache": OrderedDict(), "_cached": 0}
+
     def clear_cache(self) -> None:
         """Drop the decoded host copies (e.g. once they live on the accelerator)."""
         self._cache.clear()
@@ -156,8 +159,18 @@ def training_stream(subject: Subject, indices, size: tuple[int, int], batch_size
     loader = torch.utils.data.DataLoader(
         data, batch_size=batch_size, sampler=sampler, collate_fn=collate, num_workers=num_workers,
         pin_memory=device.type == "cuda", persistent_workers=num_workers > 0, prefetch_factor=4 if num_workers > 0 else None,
+        multiprocessing_context=worker_context(data.subject, num_workers),
     )
     return data, iter(loader)
+
+
+def worker_context(subject: Subject, num_workers: int) -> str | None:
+    """How loader workers start: spawned for compact subjects, else the platform's default.
+
+    A forked worker inherits the parent's FFmpeg state, and the parent has decoded chunks by then
+    (initialisation, held-out frames): with PyAV 19 on a 16-core GPU machine a forked worker hung
+    in its first decode, every time, and training never began."""
+    return "spawn" if num_workers > 0 and subject.chunked else None
 
 
 def heldout_sample(subject: Subject, test_indices, count: int, size: tuple[int, int]) -> FrameDataset | None:
@@ -176,7 +189,8 @@ def _resident_batches(data: FrameDataset, sampler: InfiniteSampler, batch_size: 
     alpha = torch.empty((n, H, W), dtype=torch.uint8, device=device)
     parsing = torch.empty((n, H, W), dtype=torch.uint8, device=device)
     index = torch.tensor(data.indices, dtype=torch.long)
-    loader = torch.utils.data.DataLoader(data, batch_size=16, shuffle=False, collate_fn=collate, num_workers=num_workers)
+    loader = torch.utils.data.DataLoader(data, batch_size=16, shuffle=False, collate_fn=collate, num_workers=num_workers,
+                                         multiprocessing_context=worker_context(data.subject, num_workers))
     k = 0
     for b in loader:
         m = len(b["index"])
