@@ -196,6 +196,43 @@ def test_condition_clamp_keeps_the_training_range(subject, tmp_path):
     assert torch.isinf(m.cond_range).all()
 
 
+def test_neck_anchor_keeps_the_neck_base_with_the_torso(subject, tmp_path):
+    """neck_anchor=train_mean: the neck's lower rim takes the training frames' mean head rotation, the
+    face the frame's own, the neck in between; a checkpoint without the anchor loads with it off."""
+    run = tmp_path / "run"
+    train_method("flashavatar", subject, run, {**TINY, "iterations": 2, "checkpoint_every": 2, "neck_anchor": "train_mean"}, progress=False)
+    m, subj = load_avatar(run, "cpu").model, None
+    from headavatar.subjects.format import Subject
+
+    subj = Subject.open(subject)
+    tr, train = subj.tracking, subj.split["train"]
+    assert torch.allclose(m.neck_anchor, tr.params(train).joint_rotations[:, 0].mean(0), atol=1e-6)
+    p = tr.params([subj.split["test"][0]])
+    rot = p.joint_rotations.clone()
+    rot[:, 0] = m.neck_anchor + torch.tensor([0.3, 0.2, 0.0])  # the head turned well away from the anchor
+    turned = p.replace(joint_rotations=rot)
+    _, v = m.frame_inputs(turned)
+    shaped = turned.replace(shape=m.shape)
+    v_head = m.head(shaped)
+    rot_a = rot.clone()
+    rot_a[:, 0] = m.neck_anchor
+    v_torso = m.head(shaped.replace(joint_rotations=rot_a))
+    w, regions = m.torso_w, m.head.regions
+    rim, neck = torch.as_tensor(regions["boundary"]), torch.as_tensor(regions["neck"])
+    off_neck = torch.ones(len(w), dtype=torch.bool)
+    off_neck[neck] = False
+    off_neck[rim] = False
+    assert torch.allclose(v[0, rim], v_torso[0, rim], atol=1e-6) and torch.allclose(v[0, off_neck], v_head[0, off_neck], atol=1e-6)
+    mid = neck[(w[neck] > 0.3) & (w[neck] < 0.7)]
+    assert len(mid) > 0
+    between = ((v[0, mid] - v_head[0, mid]).norm(dim=-1) > 1e-4) & ((v[0, mid] - v_torso[0, mid]).norm(dim=-1) > 1e-4)
+    assert between.all()
+    assert float(w.min()) >= 0.0 and float(w.max()) <= 1.0
+    # trained before the option existed (no anchor in the checkpoint): the whole mesh turns with the head
+    m.load_state_dict({k: t for k, t in m.state_dict().items() if k != "neck_anchor"})
+    assert m.torso_w is None and torch.allclose(m.frame_inputs(turned)[1], v_head, atol=1e-6)
+
+
 def test_condition_noise_scales_with_the_training_range(subject, tmp_path):
     """condition_noise: each entry gets noise of std = fraction x its training range; none without a range."""
     run = tmp_path / "run"

@@ -53,6 +53,11 @@ class FlashAvatarConfig:
     # of the entry's range over the training frames; neighbouring expressions then have to give
     # neighbouring Gaussians, so the MLP cannot key one frame's hair placement to its exact code (0 = off)
     condition_noise: float = 0.0
+    # the neck's base belongs to the torso, not to the head: train_mean = neck vertices blend, from
+    # the chin down to the mesh's lower rim, from the frame's head rotation to the training frames'
+    # mean one (the clothing line the neck is cut at then stays put when the head turns or tilts);
+    # off = the whole mesh turns with the head, as the paper. Needs 'neck' and 'boundary' regions
+    neck_anchor: Literal["off", "train_mean"] = "off"
     # --- coverage off the head mesh (hair volume, long hair): shell Gaussians
     # copies of the shell_regions Gaussians stacked outward (0 = none, the paper's layout);
     # 2 measured best on real video (docs/BENCHMARKS.md)

@@ -91,6 +91,16 @@ class FlashAvatarModel(nn.Module):
         # infinite = no clamp, e.g. a checkpoint from before this field existed)
         cdim = head.condition_dim + self.pose_dim
         self.register_buffer("cond_range", torch.stack([torch.full((cdim,), -math.inf), torch.full((cdim,), math.inf)]))
+        # neck anchoring: per-vertex weight of the torso's pose (derived, not saved) and the anchor
+        # rotation of the root joint (saved; set by set_pose_anchor when training starts)
+        self.register_buffer("torso_w", None, persistent=False)
+        if cfg.neck_anchor != "off":
+            w = torso_weights(head, canonical[0])
+            if w is None:
+                _log.info("head model '%s' has no 'neck' and 'boundary' regions: no neck anchoring", head.name)
+            else:
+                self.register_buffer("torso_w", w, persistent=False)
+                self.register_buffer("neck_anchor", torch.zeros(3))
         # derived from the head model, so not saved in checkpoints (recomputed on load)
         masks = group = None
         if cfg.condition_regions in ("basis", "static"):
@@ -126,7 +136,13 @@ class FlashAvatarModel(nn.Module):
         the tracking only with ``grad`` (tracking refinement, refine.py).  The identity is the model's own."""
         params = FrameParams.of(params)
         with torch.set_grad_enabled(grad and torch.is_grad_enabled()):
-            verts = self.head(params.replace(shape=self.shape.expand(params.batch_size, -1)))
+            params = params.replace(shape=self.shape.expand(params.batch_size, -1))
+            verts = self.head(params)
+            if self.torso_w is not None:
+                rot = params.joint_rotations.clone()
+                rot[:, 0] = self.neck_anchor
+                anchored = self.head(params.replace(joint_rotations=rot))
+                verts = verts + self.torso_w[None, :, None] * (anchored - verts)
             cond = self._condition(params)
             if self.cfg.condition_clamp == "train_range":
                 cond = torch.maximum(torch.minimum(cond, self.cond_range[1]), self.cond_range[0])
@@ -142,6 +158,12 @@ class FlashAvatarModel(nn.Module):
             lo = c.min(0).values if lo is None else torch.minimum(lo, c.min(0).values)
             hi = c.max(0).values if hi is None else torch.maximum(hi, c.max(0).values)
         self.cond_range.copy_(torch.stack([lo, hi]))
+
+    @torch.no_grad()
+    def set_pose_anchor(self, params: FrameParams) -> None:
+        """The neck's anchor: the mean head rotation (root joint, axis-angle) of these (training) frames."""
+        if self.torso_w is not None:
+            self.neck_anchor.copy_(FrameParams.of(params).joint_rotations[:, 0].mean(0))
 
     def noisy_condition(self, cond: torch.Tensor, fraction: float) -> torch.Tensor:
         """``cond`` plus Gaussian noise whose std per entry is ``fraction`` of the training range of that
@@ -160,6 +182,10 @@ class FlashAvatarModel(nn.Module):
         if "cond_range" not in state_dict:  # a checkpoint from before the range was stored: no clamp
             inf = torch.full_like(self.cond_range[0], math.inf)
             state_dict = {**state_dict, "cond_range": torch.stack([-inf, inf])}
+        if self.torso_w is not None and "neck_anchor" not in state_dict:  # trained without it: keep it off
+            _log.info("checkpoint has no neck anchor (trained with neck_anchor=off): the neck turns with the head")
+            self.torso_w = None
+            del self.neck_anchor
         return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
     def gaussians(self, cond: torch.Tensor, verts: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -209,6 +235,27 @@ class FlashAvatarModel(nn.Module):
         d2 = mean_sq_knn_distance(pts.detach().cpu().double().numpy(), k=3)
         scale = np.sqrt(np.clip(d2, 1e-7, None))
         self.log_scale.copy_(torch.from_numpy(np.log(scale)).float()[:, None].expand(-1, 3))
+
+
+def torso_weights(head: HeadModel, canonical: torch.Tensor) -> torch.Tensor | None:
+    """Per-vertex weight [V] of the torso's pose: 0 off the neck, rising smoothly across the 'neck'
+    region from its top edge (next to the face) to 1 at the mesh's lower rim ('boundary').  None when
+    the head model lacks either region."""
+    if "neck" not in head.regions or "boundary" not in head.regions:
+        return None
+    V = canonical.shape[0]
+    neck = torch.zeros(V, dtype=torch.bool)
+    neck[torch.as_tensor(head.regions["neck"])] = True
+    rim = torch.as_tensor(head.regions["boundary"])
+    p = canonical.detach().cpu().double()
+    nv = torch.nonzero(neck).squeeze(1)
+    d_top = torch.cdist(p[nv], p[~neck]).min(1).values  # to the nearest vertex above the neck
+    d_rim = torch.cdist(p[nv], p[rim]).min(1).values
+    t = d_top / (d_top + d_rim).clamp_min(1e-12)
+    w = torch.zeros(V, dtype=torch.float64)
+    w[nv] = t * t * (3 - 2 * t)  # smoothstep: no kink where the neck meets the face or the rim
+    w[rim] = 1.0
+    return w.float().to(canonical.device)
 
 
 def face_normals(verts: torch.Tensor, faces: torch.Tensor, face_idx: torch.Tensor, sign: torch.Tensor) -> torch.Tensor:
