@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 
 import pytest
 import torch
@@ -228,6 +229,10 @@ def test_neck_anchor_keeps_the_neck_base_with_the_torso(subject, tmp_path):
     between = ((v[0, mid] - v_head[0, mid]).norm(dim=-1) > 1e-4) & ((v[0, mid] - v_torso[0, mid]).norm(dim=-1) > 1e-4)
     assert between.all()
     assert float(w.min()) >= 0.0 and float(w.max()) <= 1.0
+    from headavatar.methods.flashavatar.build import build_model
+
+    half = build_model(subj, replace(m.cfg, neck_anchor_follow=0.5), torch.device("cpu"))  # the base follows half the turn
+    assert torch.allclose(half.torso_w, 0.5 * w)
     # trained before the option existed (no anchor in the checkpoint): the whole mesh turns with the head
     m.load_state_dict({k: t for k, t in m.state_dict().items() if k != "neck_anchor"})
     assert m.torso_w is None and torch.allclose(m.frame_inputs(turned)[1], v_head, atol=1e-6)

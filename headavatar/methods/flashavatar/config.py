@@ -58,6 +58,9 @@ class FlashAvatarConfig:
     # mean one (the clothing line the neck is cut at then stays put when the head turns or tilts);
     # off = the whole mesh turns with the head, as the paper. Needs 'neck' and 'boundary' regions
     neck_anchor: Literal["off", "train_mean"] = "off"
+    # share of the head's turn away from the anchor that the neck's base still follows (0 = none:
+    # a torso that never turns; a person who turns the shoulders with large head turns wants more)
+    neck_anchor_follow: float = 0.0
     # --- coverage off the head mesh (hair volume, long hair): shell Gaussians
     # copies of the shell_regions Gaussians stacked outward (0 = none, the paper's layout);
     # 2 measured best on real video (docs/BENCHMARKS.md)
@@ -120,3 +123,5 @@ class FlashAvatarConfig:
     def check_values(self) -> None:
         if not 0.0 <= float(self.condition_noise) <= 1.0:
             raise UserError(f"condition_noise is {self.condition_noise}; use a fraction of the training range between 0 and 1")
+        if not 0.0 <= float(self.neck_anchor_follow) <= 1.0:
+            raise UserError(f"neck_anchor_follow is {self.neck_anchor_follow}; use a share between 0 (the neck's base keeps the anchor) and 1 (it turns too)")

@@ -99,7 +99,7 @@ class FlashAvatarModel(nn.Module):
             if w is None:
                 _log.info("head model '%s' has no 'neck' and 'boundary' regions: no neck anchoring", head.name)
             else:
-                self.register_buffer("torso_w", w, persistent=False)
+                self.register_buffer("torso_w", w * (1.0 - cfg.neck_anchor_follow), persistent=False)
                 self.register_buffer("neck_anchor", torch.zeros(3))
         # derived from the head model, so not saved in checkpoints (recomputed on load)
         masks = group = None
