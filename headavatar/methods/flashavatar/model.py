@@ -15,7 +15,7 @@ from headavatar.log import get_logger
 from headavatar.methods.flashavatar.config import DEFAULT_SHELL_REGION, FlashAvatarConfig
 from headavatar.methods.flashavatar.embedding import barycentric_points, positional_encoding, sample_uv_texels
 from headavatar.render.gaussians import RenderOutput, render_gaussians
-from headavatar.utils.rotations import axis_angle_to_6d, quaternion_multiply
+from headavatar.utils.rotations import axis_angle_to_6d, axis_angle_to_matrix, quaternion_multiply
 
 _log = get_logger(__name__)
 
@@ -137,11 +137,16 @@ class FlashAvatarModel(nn.Module):
         params = FrameParams.of(params)
         with torch.set_grad_enabled(grad and torch.is_grad_enabled()):
             params = params.replace(shape=self.shape.expand(params.batch_size, -1))
-            verts = self.head(params)
-            if self.torso_w is not None:
-                rot = params.joint_rotations.clone()
-                rot[:, 0] = self.neck_anchor
-                anchored = self.head(params.replace(joint_rotations=rot))
+            if self.torso_w is None:
+                verts = self.head(params)
+            else:
+                verts, joints = self.head(params, return_joints=True)
+                # the root's rotation left-multiplies every joint's transform (pose correctives leave
+                # it out), so the same frame posed with the anchor rotation is one rigid turn about
+                # the posed root joint away: no second head-model evaluation
+                root = joints[:, :1]
+                turn = axis_angle_to_matrix(self.neck_anchor)[None] @ axis_angle_to_matrix(params.joint_rotations[:, 0]).transpose(1, 2)
+                anchored = (verts - root) @ turn.transpose(1, 2) + root
                 verts = verts + self.torso_w[None, :, None] * (anchored - verts)
             cond = self._condition(params)
             if self.cfg.condition_clamp == "train_range":
