@@ -18,7 +18,8 @@ For each video in VIDEO_DIR (default ../shared/videos; *.mp4, *.mov, *.mkv, *.av
 Results: WORK_DIR/results_LABEL.json and .md (per video, and the mean).  Videos run as
 subprocesses, ``--concurrent`` of them at once (they share one GPU), each writing
 WORK_DIR/runs/LABEL/STEM/ and its own result JSON, so an interrupted protocol resumes: a
-video whose result exists is not run again (``--redo`` forces it).
+video whose result exists is not run again (``--redo`` forces it).  Every minute the main
+process prints each running video's last logged training step (or that none has come yet).
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_VIDEOS = REPO.parent / "shared" / "videos"
 VIDEO_EXT = (".mp4", ".mov", ".mkv", ".avi", ".webm", ".m4v")
+PROGRESS_EVERY = 60.0  # seconds between the progress lines of running videos (their own logs stay quiet)
 
 
 def find_videos(folder: Path) -> list[Path]:
@@ -115,6 +117,24 @@ def run_one(args) -> dict:
     row["gap_db"] = row["train_psnr"] - row["psnr"]
     write_json(work / "runs" / args.label / f"{stem}.json", row)
     return row
+
+
+def progress_line(stem: str, run_dir: Path, seconds: float, iterations: int | None) -> str:
+    """One line on a running video: its last logged training step, or that none has come yet
+    (a run still loading its frames, or stuck before its first step, says so instead of looking busy)."""
+    last = None
+    curves = run_dir / "curves.jsonl"
+    if curves.is_file():
+        lines = curves.read_text().strip().splitlines()
+        if lines:
+            try:
+                last = json.loads(lines[-1])
+            except ValueError:  # a line being written
+                last = json.loads(lines[-2]) if len(lines) > 1 else None
+    if last is None:
+        return f"{stem}: {seconds:.0f} s, no training step logged yet"
+    total = f"/{iterations}" if iterations else ""
+    return f"{stem}: {seconds:.0f} s, step {last['step']}{total}, train PSNR {last.get('train_psnr', float('nan')):.2f} dB"
 
 
 def _cuda() -> bool:
@@ -236,9 +256,16 @@ def protocol(args, argv: list[str]) -> int:
     base = [a for a in argv if a != str(args.videos)]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
     running: list[tuple[Path, subprocess.Popen]] = []
+    started: dict[str, float] = {}
     failed = []
+    next_report = time.perf_counter() + PROGRESS_EVERY
     for v in todo + [None] * args.concurrent:
         while running and (v is None or len(running) >= args.concurrent):
+            if time.perf_counter() >= next_report:
+                for item in running:
+                    stem = item[0].stem
+                    print(progress_line(stem, work / "runs" / args.label / stem, time.perf_counter() - started[stem], args.iterations), flush=True)
+                next_report = time.perf_counter() + PROGRESS_EVERY
             for item in list(running):
                 if item[1].poll() is not None:
                     running.remove(item)
@@ -252,6 +279,7 @@ def protocol(args, argv: list[str]) -> int:
             continue
         log = work / "runs" / args.label / f"{v.stem}.log"
         print(f"{v.name}: started (log {log})", flush=True)
+        started[v.stem] = time.perf_counter()
         with open(log, "w") as fh:
             running.append((v, subprocess.Popen([sys.executable, str(Path(__file__).resolve()), *base, "--one", str(v)], stdout=fh,
                                                 stderr=subprocess.STDOUT, env=env)))

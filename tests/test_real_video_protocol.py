@@ -55,6 +55,15 @@ def test_protocol_on_tiny_synthetic_subjects(tmp_path):
     assert md.index("| **mean** |") < md.index("Test-time refinement protocol (2 steps")  # fixed tracking first
 
 
+def test_progress_line_says_when_no_step_has_come(tmp_path):
+    mod = _module()
+    run = tmp_path / "run"
+    assert mod.progress_line("clip", run, 125.4, 7000) == "clip: 125 s, no training step logged yet"  # no run folder yet
+    run.mkdir()
+    (run / "curves.jsonl").write_text(json.dumps({"step": 600, "train_psnr": 24.5}) + "\n" + '{"step": 7')  # the last line half written
+    assert mod.progress_line("clip", run, 60.0, 7000) == "clip: 60 s, step 600/7000, train PSNR 24.50 dB"
+
+
 def test_missing_lpips_weights_stop_the_protocol_before_any_work(tmp_path, monkeypatch, capsys):
     # the protocol reports LPIPS-VGG: without the weights it says so at once instead of after training
     (tmp_path / "videos").mkdir()
