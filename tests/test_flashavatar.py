@@ -233,6 +233,11 @@ def test_neck_anchor_keeps_the_neck_base_with_the_torso(subject, tmp_path):
 
     half = build_model(subj, replace(m.cfg, neck_anchor_follow=0.5), torch.device("cpu"))  # the base follows half the turn
     assert torch.allclose(half.torso_w, 0.5 * w)
+    # the default, auto: off for a synthetic subject (its generator turns head and neck as one), on for one from video
+    auto = replace(m.cfg, neck_anchor="auto")
+    assert build_model(subj, auto, torch.device("cpu")).torso_w is None
+    subj.meta.pop("synthetic")
+    assert torch.allclose(build_model(subj, auto, torch.device("cpu")).torso_w, w)
     # trained before the option existed (no anchor in the checkpoint): the whole mesh turns with the head
     m.load_state_dict({k: t for k, t in m.state_dict().items() if k != "neck_anchor"})
     assert m.torso_w is None and torch.allclose(m.frame_inputs(turned)[1], v_head, atol=1e-6)

@@ -1,4 +1,6 @@
-"""FlashAvatar configuration. Defaults reproduce the paper / reference code, except ``shell_layers`` (see docs/FLASHAVATAR.md)."""
+"""FlashAvatar configuration.
+
+Defaults reproduce the paper / reference code, except ``shell_layers``, ``condition_clamp`` and ``neck_anchor`` (docs/FLASHAVATAR.md)."""
 
 from __future__ import annotations
 
@@ -56,8 +58,10 @@ class FlashAvatarConfig:
     # the neck's base belongs to the torso, not to the head: train_mean = neck vertices blend, from
     # the chin down to the mesh's lower rim, from the frame's head rotation to the training frames'
     # mean one (the clothing line the neck is cut at then stays put when the head turns or tilts);
-    # off = the whole mesh turns with the head, as the paper. Needs 'neck' and 'boundary' regions
-    neck_anchor: Literal["off", "train_mean"] = "off"
+    # off = the whole mesh turns with the head, as the paper; auto = train_mean for subjects from
+    # video, off for synthetic ones (their generator turns head and neck as one). Needs 'neck' and
+    # 'boundary' regions (docs/BENCHMARKS.md: +0.14 to +0.61 dB held-out where the neck is in view)
+    neck_anchor: Literal["off", "train_mean", "auto"] = "auto"
     # share of the head's turn away from the anchor that the neck's base still follows (0 = none:
     # a torso that never turns; a person who turns the shoulders with large head turns wants more)
     neck_anchor_follow: float = 0.0

@@ -94,7 +94,7 @@ class FlashAvatarModel(nn.Module):
         # neck anchoring: per-vertex weight of the torso's pose (derived, not saved) and the anchor
         # rotation of the root joint (saved; set by set_pose_anchor when training starts)
         self.register_buffer("torso_w", None, persistent=False)
-        if cfg.neck_anchor != "off":
+        if cfg.neck_anchor == "train_mean":  # "auto" is resolved per subject by build.resolved_config
             w = torso_weights(head, canonical[0])
             if w is None:
                 _log.info("head model '%s' has no 'neck' and 'boundary' regions: no neck anchoring", head.name)
