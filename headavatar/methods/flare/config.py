@@ -108,7 +108,9 @@ class FlareConfig:
     device: str = "auto"  # auto (CUDA when available, else CPU), cpu, cuda or cuda:N
     mesh_backend: Literal["auto", "torch", "nvdiffrast"] = "auto"  # mesh rasteriser: auto = nvdiffrast on CUDA when installed, else torch
     backend: Literal["auto", "torch", "nvdiffrast"] = "auto"  # accepted for CLI symmetry with FlashAvatar; FLARE uses mesh_backend
-    num_workers: int = 0  # data-loading worker processes (0 = in the training process)
+    # data-loading worker processes (0 = in the training process); for compact subjects they are spawned
+    # (subjects/dataset.py), so a script that starts training needs an `if __name__ == "__main__":` guard
+    num_workers: int = 0
     cache_mb: int = 512  # decoded uint8 frames kept in host memory
     device_cache_mb: int = 1024  # on CUDA, keep every training frame on the GPU (uint8) when they fit in this much; else stream them
 

@@ -115,7 +115,9 @@ class FlashAvatarConfig:
     # --- execution
     device: str = "auto"  # auto (CUDA when available, else CPU), cpu, cuda or cuda:N
     backend: str = "auto"  # Gaussian rasterizer: auto | torch | triton | gsplat (a name of the backend registry, which checks it)
-    num_workers: int = 0  # data-loading worker processes (0 = in the training process)
+    # data-loading worker processes (0 = in the training process); for compact subjects they are spawned
+    # (subjects/dataset.py), so a script that starts training needs an `if __name__ == "__main__":` guard
+    num_workers: int = 0
     cache_mb: int = 512  # decoded uint8 frames kept in host memory
     # training frames kept on the accelerator as uint8 when they all fit in this budget (no loader in
     # the loop); larger subjects stream through the loader, so memory never grows past it

@@ -248,19 +248,19 @@ def torso_weights(head: HeadModel, canonical: torch.Tensor) -> torch.Tensor | No
     the head model lacks either region."""
     if "neck" not in head.regions or "boundary" not in head.regions:
         return None
-    V = canonical.shape[0]
-    neck = torch.zeros(V, dtype=torch.bool)
-    neck[torch.as_tensor(head.regions["neck"])] = True
-    rim = torch.as_tensor(head.regions["boundary"])
-    p = canonical.detach().cpu().double()
-    nv = torch.nonzero(neck).squeeze(1)
-    d_top = torch.cdist(p[nv], p[~neck]).min(1).values  # to the nearest vertex above the neck
-    d_rim = torch.cdist(p[nv], p[rim]).min(1).values
-    t = d_top / (d_top + d_rim).clamp_min(1e-12)
-    w = torch.zeros(V, dtype=torch.float64)
-    w[nv] = t * t * (3 - 2 * t)  # smoothstep: no kink where the neck meets the face or the rim
+    from scipy.spatial import cKDTree
+
+    p = canonical.detach().cpu().double().numpy()
+    neck = np.zeros(len(p), bool)
+    neck[np.asarray(head.regions["neck"])] = True
+    rim = np.asarray(head.regions["boundary"])
+    d_top, _ = cKDTree(p[~neck]).query(p[neck])  # to the nearest vertex above the neck
+    d_rim, _ = cKDTree(p[rim]).query(p[neck])
+    t = d_top / np.maximum(d_top + d_rim, 1e-12)
+    w = np.zeros(len(p))
+    w[neck] = t * t * (3 - 2 * t)  # smoothstep: no kink where the neck meets the face or the rim
     w[rim] = 1.0
-    return w.float().to(canonical.device)
+    return torch.from_numpy(w).float().to(canonical.device)
 
 
 def face_normals(verts: torch.Tensor, faces: torch.Tensor, face_idx: torch.Tensor, sign: torch.Tensor) -> torch.Tensor:

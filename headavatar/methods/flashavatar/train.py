@@ -135,8 +135,9 @@ class FlashAvatarRecipe:
         sampler = InfiniteSampler(len(self.data), seed=self.cfg.seed)
         first = next(iter(torch.utils.data.DataLoader(self.data, batch_size=1, sampler=sampler, collate_fn=collate)))
         self.model.initialize_from_frame(self.tr.params(first["index"].numpy(), self.device))
-        self.model.set_condition_range(self.tr.params(self.train_idx, self.device))
-        self.model.set_pose_anchor(self.tr.params(self.train_idx, self.device))
+        train = self.tr.params(self.train_idx, self.device)
+        self.model.set_condition_range(train)
+        self.model.set_pose_anchor(train)
 
     def _graph_frame_inputs(self) -> None:
         # the head model's forward (no gradient) replayed from a CUDA graph: hundreds of small launches
