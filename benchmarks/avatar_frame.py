@@ -67,7 +67,8 @@ def run(args) -> dict:
     report["setup_seconds"] = time.perf_counter() - t0
     report["num_gaussians"] = av.model.num_gaussians
     report["config"] = {"uv_resolution": av.cfg.uv_resolution, "mlp_width": av.cfg.mlp_width,
-                        "shell_layers": av.cfg.shell_layers, "resolution": list(av.size)}
+                        "shell_layers": av.cfg.shell_layers, "resolution": list(av.size),
+                        "neck_anchor": getattr(av.model, "torso_w", None) is not None, "set": args.set}
     tr = av.subject.tracking.on_device(dev)
     with torch.no_grad():  # the graphs and the compiled code are for inference
         report["frames"] = time_frames(args, av, tr, dev)
@@ -135,6 +136,8 @@ def main(argv=None):
     p.add_argument("--res", type=int, default=512)
     p.add_argument("--shell-layers", type=int, default=None,
                    help="FlashAvatarConfig.shell_layers (default: the config's, as gaussian_parity.py --avatar)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="another FlashAvatarConfig field of the avatar (repeatable), e.g. neck_anchor=train_mean")
     p.add_argument("--smoke", action="store_true", help="end to end on the CPU at tiny sizes (not a measurement)")
     args = p.parse_args(argv)
     import getpass
@@ -145,6 +148,11 @@ def main(argv=None):
     args.batches = [int(b) for b in args.batches.split(",")]
     args.modes = args.modes.split(",")
     args.avatar_cfg = {} if args.shell_layers is None else {"shell_layers": args.shell_layers}
+    for kv in args.set:
+        key, sep, value = kv.partition("=")
+        if not sep:
+            p.error(f"--set wants KEY=VALUE, got {kv!r}")
+        args.avatar_cfg[key] = value  # train_method parses the text as the CLI's --set does
     if args.smoke:
         args.device, args.backend, args.res = "cpu", "torch", 32
         args.batches = args.batches[:2]
