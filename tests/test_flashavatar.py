@@ -230,6 +230,13 @@ def test_neck_anchor_keeps_the_neck_base_with_the_torso(subject, tmp_path):
     assert between.all()
     assert float(w.min()) >= 0.0 and float(w.max()) <= 1.0
     from headavatar.methods.flashavatar.build import build_model
+    from headavatar.utils.rotations import axis_angle_to_matrix
+
+    # the anchor's cached matrix follows the loaded anchor, also when a parent module loads the state
+    fresh = torch.nn.ModuleDict({"m": build_model(subj, m.cfg, torch.device("cpu"))})
+    fresh.load_state_dict({f"m.{k}": t for k, t in m.state_dict().items()})
+    assert torch.allclose(fresh["m"].neck_anchor_mt, axis_angle_to_matrix(m.neck_anchor).T, atol=1e-7)
+    assert torch.allclose(fresh["m"].frame_inputs(turned)[1], v, atol=1e-7)
 
     half = build_model(subj, replace(m.cfg, neck_anchor_follow=0.5), torch.device("cpu"))  # the base follows half the turn
     assert torch.allclose(half.torso_w, 0.5 * w)

@@ -142,8 +142,10 @@ class HeadModel:
         translation: torch.Tensor | None = None,
         extras: dict[str, torch.Tensor] | None = None,
         return_joints: bool = False,
+        return_root_rotation: bool = False,
     ):
-        """Posed vertices [B,V,3] (and posed joint positions [B,J,3] if asked).
+        """Posed vertices [B,V,3], then, if asked, posed joint positions [B,J,3] and the root joint's
+        rotation matrix [B,3,3] (computed here anyway; callers save the conversion from axis-angle).
 
         Takes a ``FrameParams`` (``head(params)``), or its parts (a part left out: the mean identity,
         zero expression, the rest pose, no translation).  A dict with the FrameParams keys is accepted
@@ -176,7 +178,8 @@ class HeadModel:
         if translation is not None:
             v = v + translation[:, None]
             joints = joints + translation[:, None]
-        return (v, joints) if return_joints else v
+        out = (v,) + ((joints,) if return_joints else ()) + ((rots[:, 0],) if return_root_rotation else ())
+        return out if len(out) > 1 else v
 
     __call__ = forward
 

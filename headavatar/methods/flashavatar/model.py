@@ -101,6 +101,10 @@ class FlashAvatarModel(nn.Module):
             else:
                 self.register_buffer("torso_w", w * (1.0 - cfg.neck_anchor_follow), persistent=False)
                 self.register_buffer("neck_anchor", torch.zeros(3))
+                # A^T of the anchor (derived from neck_anchor by _update_anchor_matrix, not saved)
+                self.register_buffer("neck_anchor_mt", torch.eye(3), persistent=False)
+                # kept in step with neck_anchor however the state is loaded (this module or a parent)
+                self.register_load_state_dict_post_hook(_refresh_anchor_matrix)
         # derived from the head model, so not saved in checkpoints (recomputed on load)
         masks = group = None
         if cfg.condition_regions in ("basis", "static"):
@@ -140,14 +144,16 @@ class FlashAvatarModel(nn.Module):
             if self.torso_w is None:
                 verts = self.head(params)
             else:
-                verts, joints = self.head(params, return_joints=True)
+                verts, joints, rot = self.head(params, return_joints=True, return_root_rotation=True)
                 # the root's rotation left-multiplies every joint's transform (pose correctives leave
-                # it out), so the same frame posed with the anchor rotation is one rigid turn about
-                # the posed root joint away: no second head-model evaluation
+                # it out), so the same frame posed with the anchor rotation A is one rigid turn
+                # T = A R^T about the posed root joint away: no second head-model evaluation.  As row
+                # vectors, anchored - v = (v - root)(T^T - I) = (v - root)(R A^T - I); five kernels, as
+                # this runs in every frame (the CUDA graph of an unfused frame replays each one)
                 root = joints[:, :1]
-                turn = axis_angle_to_matrix(self.neck_anchor)[None] @ axis_angle_to_matrix(params.joint_rotations[:, 0]).transpose(1, 2)
-                anchored = (verts - root) @ turn.transpose(1, 2) + root
-                verts = verts + self.torso_w[None, :, None] * (anchored - verts)
+                step = rot @ self.neck_anchor_mt
+                step.diagonal(dim1=-2, dim2=-1).sub_(1.0)
+                verts = torch.addcmul(verts, self.torso_w[None, :, None], torch.bmm(verts - root, step))
             cond = self._condition(params)
             if self.cfg.condition_clamp == "train_range":
                 cond = torch.maximum(torch.minimum(cond, self.cond_range[1]), self.cond_range[0])
@@ -169,6 +175,11 @@ class FlashAvatarModel(nn.Module):
         """The neck's anchor: the mean head rotation (root joint, axis-angle) of these (training) frames."""
         if self.torso_w is not None:
             self.neck_anchor.copy_(FrameParams.of(params).joint_rotations[:, 0].mean(0))
+            self._update_anchor_matrix()
+
+    @torch.no_grad()
+    def _update_anchor_matrix(self) -> None:
+        self.neck_anchor_mt.copy_(axis_angle_to_matrix(self.neck_anchor).T)
 
     def noisy_condition(self, cond: torch.Tensor, fraction: float) -> torch.Tensor:
         """``cond`` plus Gaussian noise whose std per entry is ``fraction`` of the training range of that
@@ -189,7 +200,7 @@ class FlashAvatarModel(nn.Module):
             state_dict = {**state_dict, "cond_range": torch.stack([-inf, inf])}
         if self.torso_w is not None and "neck_anchor" not in state_dict:  # trained without it: keep it off
             _log.info("checkpoint has no neck anchor (trained with neck_anchor=off): the neck turns with the head")
-            self.torso_w = None
+            self.torso_w = self.neck_anchor_mt = None
             del self.neck_anchor
         return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
@@ -240,6 +251,11 @@ class FlashAvatarModel(nn.Module):
         d2 = mean_sq_knn_distance(pts.detach().cpu().double().numpy(), k=3)
         scale = np.sqrt(np.clip(d2, 1e-7, None))
         self.log_scale.copy_(torch.from_numpy(np.log(scale)).float()[:, None].expand(-1, 3))
+
+
+def _refresh_anchor_matrix(module: "FlashAvatarModel", incompatible_keys) -> None:
+    if module.torso_w is not None:
+        module._update_anchor_matrix()
 
 
 def torso_weights(head: HeadModel, canonical: torch.Tensor) -> torch.Tensor | None:
