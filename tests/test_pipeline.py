@@ -463,7 +463,7 @@ def test_batch_worker_killed_fails_its_subject_and_is_replaced(subject, tmp_path
 
     th = threading.Thread(target=killer)
     th.start()
-    kw = dict(head_model="procedural", size=64, overrides={**TINY, "iterations": 300}, device="cpu", progress=False, say=lambda s: None)
+    kw = dict(head_model="procedural", size=64, overrides={**TINY, "iterations": 100, "checkpoint_every": 50}, device="cpu", progress=False, say=lambda s: None)
     res = batch(inputs, out, engine="ray", num_cpus=2, num_gpus=1, cpus_per_job=1, gpus_per_job=0.5,
                 ray_options={"object_store_memory": 80 * 1024**2}, **kw)
     th.join()
