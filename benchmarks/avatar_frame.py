@@ -33,6 +33,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from gaussian_parity import cuda_time  # noqa: E402  (CUDA-event median on the GPU, wall clock on the CPU)
 
+from headavatar.config import parse_set  # noqa: E402
+from headavatar.errors import UserError  # noqa: E402
 from headavatar.render.gaussians import triton_available  # noqa: E402
 from headavatar.utils.cudagraph import CudaGraphed  # noqa: E402
 
@@ -148,11 +150,10 @@ def main(argv=None):
     args.batches = [int(b) for b in args.batches.split(",")]
     args.modes = args.modes.split(",")
     args.avatar_cfg = {} if args.shell_layers is None else {"shell_layers": args.shell_layers}
-    for kv in args.set:
-        key, sep, value = kv.partition("=")
-        if not sep:
-            p.error(f"--set wants KEY=VALUE, got {kv!r}")
-        args.avatar_cfg[key] = value  # train_method parses the text as the CLI's --set does
+    try:  # the CLI's own --set parsing; train_method types the values
+        args.avatar_cfg.update(parse_set(args.set))
+    except UserError as e:
+        p.error(str(e))
     if args.smoke:
         args.device, args.backend, args.res = "cpu", "torch", 32
         args.batches = args.batches[:2]
