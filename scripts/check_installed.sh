@@ -31,6 +31,10 @@ say "installing it into a fresh virtual environment (torch 2.13.0 CPU first, pin
 "$PY" -m venv "$WORK/venv"
 VPY="$WORK/venv/bin/python"
 export PIP_DISABLE_PIP_VERSION_CHECK=1
+# PYTHONDONTWRITEBYTECODE (set on some CI machines) with the --no-compile install below would make
+# every command re-compile torch's modules at import (16 s instead of 6 s a call): a user's venv
+# writes its byte code on first import, and so does this one
+unset PYTHONDONTWRITEBYTECODE
 # one resolver run, torch pinned (the constraints pin it too: nothing may pull a CUDA build);
 # --no-compile: byte-compiling torch's thousands of files is most of an install's time here
 "$VPY" -m pip install -q --no-compile -c "$REPO/constraints.txt" torch==2.13.0 "$WHEEL[track]"

