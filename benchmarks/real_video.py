@@ -2,7 +2,7 @@
 
     python benchmarks/real_video.py [VIDEO_DIR] -o WORK_DIR [--subjects DIR] [--iterations 2500]
         [--batch-size 8] [--resolution 512] [--device auto] [--set KEY=VALUE ...] [--label NAME]
-        [--concurrent N] [--storage compact|frames] [--no-lpips]
+        [--concurrent N] [--seeds N] [--storage compact|frames] [--no-lpips]
 
 For each video in VIDEO_DIR (default ../shared/videos; *.mp4, *.mov, *.mkv, *.avi, *.webm):
 
@@ -20,6 +20,11 @@ subprocesses, ``--concurrent`` of them at once (they share one GPU), each writin
 WORK_DIR/runs/LABEL/STEM/ and its own result JSON, so an interrupted protocol resumes: a
 video whose result exists is not run again (``--redo`` forces it).  Every minute the main
 process prints each running video's last logged training step (or that none has come yet).
+
+``--seeds N`` trains each video N times (training seeds 0..N-1; runs/LABEL/STEM.seedK/): GPU
+training is not bit-reproducible, and one run per cell cannot tell apart differences of a few
+tenths of a dB (docs/BENCHMARKS.md).  Each video's row is then the mean over its seeds, with the
+standard deviation beside it and every seed's row kept in the JSON (``runs``).
 """
 
 from __future__ import annotations
@@ -67,7 +72,10 @@ def run_one(args) -> dict:
     video = Path(args.one)
     work = Path(args.output)
     stem = video.stem
+    key = job_key(stem, args.seed, args.seeds)
     row = {"video": video.name, "label": args.label}  # a video file, or a subject folder when there are no videos
+    if args.seeds > 1:
+        row["seed"] = args.seed
     subject_dir = find_subject(stem, work, Path(args.subjects) if args.subjects else None)
     t = time.perf_counter()
     if subject_dir is None:
@@ -79,13 +87,15 @@ def run_one(args) -> dict:
         row["track_s"] = round(time.perf_counter() - t, 1)
     subj = Subject.open(subject_dir)
     row.update(subject=str(subject_dir), frames=subj.num_frames, train_frames=len(subj.split["train"]), test_frames=len(subj.split["test"]))
-    run_dir = work / "runs" / args.label / stem
+    run_dir = work / "runs" / args.label / key
     overrides = {"resolution": args.resolution, "device": args.device, "preview_every": 0}
     if args.method == "flashavatar":  # FLARE keeps its own two-stage recipe unless a budget is given
         overrides.update(iterations=args.iterations or 2500, batch_size=args.batch_size or 8, eval_every=0)
     else:
         overrides.update({k: v for k, v in (("iterations", args.iterations), ("batch_size", args.batch_size)) if v})
     overrides.update(parse_set(args.set))
+    if args.seeds > 1:
+        overrides["seed"] = args.seed
     t = time.perf_counter()
     resume = (run_dir / "checkpoints").is_dir() and not args.redo
     if not resume and run_dir.exists():
@@ -115,8 +125,13 @@ def run_one(args) -> dict:
         train_psnr=train["metrics"]["mean"]["psnr"], device=dev, gpu=_gpu_name(),
     )
     row["gap_db"] = row["train_psnr"] - row["psnr"]
-    write_json(work / "runs" / args.label / f"{stem}.json", row)
+    write_json(work / "runs" / args.label / f"{key}.json", row)
     return row
+
+
+def job_key(stem: str, seed: int, seeds: int) -> str:
+    """A job's name in runs/LABEL/: the video's stem, with the seed when there are several."""
+    return stem if seeds <= 1 else f"{stem}.seed{seed}"
 
 
 def progress_line(stem: str, run_dir: Path, seconds: float, iterations: int | None) -> str:
@@ -149,34 +164,76 @@ def _gpu_name() -> str | None:
     return torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
 
 
+METRIC_KEYS = ("psnr", "ssim", "lpips_vgg", "train_psnr", "gap_db", "train_s", "refined_psnr", "refined_ssim", "refined_lpips_vgg")
+SPREAD_KEYS = ("psnr", "ssim", "lpips_vgg", "gap_db", "refined_psnr")  # reported as mean ± sd over seeds
+
+
+def per_video(rows: list[dict]) -> list[dict]:
+    """One row per video: its seeds' rows averaged (metrics, psnr_median, iterations), ``KEY_sd`` the
+    standard deviation over seeds (ddof 1) of the SPREAD_KEYS, ``seeds`` their number."""
+    import numpy as np
+
+    out: dict[str, list[dict]] = {}
+    for r in rows:
+        out.setdefault(r["video"], []).append(r)
+    agg = []
+    for group in out.values():
+        if len(group) == 1 and "seed" not in group[0]:
+            agg.append(group[0])
+            continue
+        row = {k: v for k, v in group[0].items() if k not in ("seed", "subject")}
+        row["seeds"] = len(group)
+        for k in (*METRIC_KEYS, "psnr_median", "iterations"):
+            vals = [g[k] for g in group if g.get(k) is not None]
+            if len(vals) == len(group):
+                row[k] = float(np.mean(vals)) if k != "iterations" else int(round(np.mean(vals)))
+                if k in SPREAD_KEYS:
+                    row[f"{k}_sd"] = float(np.std(vals, ddof=1)) if len(vals) > 1 else 0.0
+        if all("own_metrics" in g for g in group):  # the method's own protocol, averaged the same way
+            row["own_metrics"] = {k: float(np.mean([g["own_metrics"][k] for g in group])) for k in group[0]["own_metrics"]}
+        agg.append(row)
+    return agg
+
+
 def summarise(rows: list[dict], args) -> dict:
     import numpy as np
 
-    keys = ("psnr", "ssim", "lpips_vgg", "train_psnr", "gap_db", "train_s", "refined_psnr", "refined_ssim", "refined_lpips_vgg")
-    mean = {k: float(np.mean([r[k] for r in rows])) for k in keys if rows and all(r.get(k) is not None for r in rows)}
-    return {"label": args.label, "method": args.method, "protocol": {"iterations": rows[0].get("iterations") if rows else args.iterations,
-            "batch_size": rows[0].get("batch_size") if rows else args.batch_size, "resolution": args.resolution, "refine_tracking": args.refine_tracking,
-            "set": args.set, "held_out": "last 15 % of each clip, contiguous", "metrics": "flashavatar protocol (docs/METRICS.md)"},
-            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "videos": rows, "mean": mean}
+    videos = per_video(rows)
+    mean = {k: float(np.mean([r[k] for r in videos])) for k in METRIC_KEYS if videos and all(r.get(k) is not None for r in videos)}
+    res = {"label": args.label, "method": args.method, "protocol": {"iterations": rows[0].get("iterations") if rows else args.iterations,
+           "batch_size": rows[0].get("batch_size") if rows else args.batch_size, "resolution": args.resolution, "refine_tracking": args.refine_tracking,
+           "set": args.set, "seeds": args.seeds, "held_out": "last 15 % of each clip, contiguous", "metrics": "flashavatar protocol (docs/METRICS.md)"},
+           "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "videos": videos, "mean": mean}
+    if args.seeds > 1:
+        res["runs"] = rows  # every seed's own row
+    return res
 
 
 def markdown(res: dict) -> str:
-    f = lambda v, d=2: "–" if v is None else f"{v:.{d}f}"  # noqa: E731
+    def f(v, d=2):
+        return "–" if v is None else f"{v:.{d}f}"
+
+    def fs(r, k, d=2):  # mean ± sd when the row averages several seeds
+        sd = r.get(f"{k}_sd")
+        return f(r.get(k), d) if sd is None else f"{f(r.get(k), d)} ± {f(sd, d)}"
+
     p = res["protocol"]
     it = "–" if p["iterations"] is None else f"{p['iterations']:,}"
+    seeds = p.get("seeds", 1) or 1
     lines = [f"Real-video protocol, label `{res['label']}`: {res.get('method', 'flashavatar')} {it} iterations at batch {p['batch_size']}, "
-             f"{p['resolution']}², overrides {', '.join(p['set']) or 'none'}; {res['date']}.", "",
+             f"{p['resolution']}², overrides {', '.join(p['set']) or 'none'}; {res['date']}."
+             + (f" Each cell: mean ± standard deviation over {seeds} training seeds (0–{seeds - 1})." if seeds > 1 else ""), "",
              "| video | frames (train / held-out) | held-out PSNR | SSIM | LPIPS-VGG | train PSNR | gap | train s |", "|---|---|---|---|---|---|---|---|"]
     for r in res["videos"]:
-        lines.append(f"| {r['video']} | {r['train_frames']} / {r['test_frames']} | {f(r['psnr'])} | {f(r['ssim'], 3)} | {f(r.get('lpips_vgg'), 3)} | "
-                     f"{f(r['train_psnr'])} | {f(r['gap_db'])} | {f(r['train_s'], 0)} |")
+        lines.append(f"| {r['video']} | {r['train_frames']} / {r['test_frames']} | {fs(r, 'psnr')} | {fs(r, 'ssim', 3)} | {fs(r, 'lpips_vgg', 3)} | "
+                     f"{f(r['train_psnr'])} | {fs(r, 'gap_db')} | {f(r['train_s'], 0)} |")
     m = res["mean"]
     lines.append(f"| **mean** | | **{f(m.get('psnr'))}** | {f(m.get('ssim'), 3)} | {f(m.get('lpips_vgg'), 3)} | {f(m.get('train_psnr'))} | "
                  f"{f(m.get('gap_db'))} | {f(m.get('train_s'), 0)} |")
     if p.get("refine_tracking") is not None:  # the second protocol, labelled, after the fixed-tracking table
         lines += ["", f"Test-time refinement protocol ({p['refine_tracking']} steps; the avatar frozen, held-out tracking optimised):", "",
                   "| video | held-out PSNR | SSIM | LPIPS-VGG |", "|---|---|---|---|"]
-        lines += [f"| {r['video']} | {f(r.get('refined_psnr'))} | {f(r.get('refined_ssim'), 3)} | {f(r.get('refined_lpips_vgg'), 3)} |" for r in res["videos"]]
+        lines += [f"| {r['video']} | {fs(r, 'refined_psnr')} | {f(r.get('refined_ssim'), 3)} | {f(r.get('refined_lpips_vgg'), 3)} |" for r in res["videos"]]
     own = [r for r in res["videos"] if r.get("own_protocol")]
     if own:
         lines += ["", f"The method's own protocol ({own[0]['own_protocol']}):", "",
@@ -200,17 +257,23 @@ def parse(argv=None):
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="extra training override (repeatable)")
     ap.add_argument("--label", default="default", help="name of this configuration (an ablation row)")
     ap.add_argument("--concurrent", type=int, default=1, help="videos trained at once (subprocesses sharing the GPU)")
+    ap.add_argument("--seeds", type=int, default=1, help="train each video this many times (seeds 0..N-1): mean ± sd per cell")
     ap.add_argument("--storage", default="compact", choices=["compact", "frames"], help="how newly tracked subjects store frames")
     ap.add_argument("--max-frames", type=int, help="track only the first N frames of each video (quick checks)")
     ap.add_argument("--no-lpips", dest="lpips", action="store_false")
     ap.add_argument("--redo", action="store_true", help="run videos again even if their result exists")
     ap.add_argument("--one", help=argparse.SUPPRESS)  # internal: the subprocess for one video
+    ap.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)  # internal: that subprocess's training seed
     args = ap.parse_args(argv)
     for item in args.set:
         if "=" not in item:
             ap.error(f"--set expects KEY=VALUE, got '{item}'")
     if not all(c.isalnum() or c in "-_." for c in args.label):
         ap.error("--label may hold letters, digits, '-', '_' and '.' only")
+    if args.seeds < 1:
+        ap.error("--seeds must be at least 1")
+    if args.seeds > 1 and any(item.split("=", 1)[0].strip() == "seed" for item in args.set):
+        ap.error("--seeds sets each run's seed: drop --set seed=...")
     return args
 
 
@@ -251,39 +314,61 @@ def protocol(args, argv: list[str]) -> int:
     else:
         videos = find_videos(Path(args.videos))
     work = Path(args.output)
-    (work / "runs" / args.label).mkdir(parents=True, exist_ok=True)
-    todo = [v for v in videos if args.redo or not (work / "runs" / args.label / f"{v.stem}.json").is_file()]
+    runs = work / "runs" / args.label
+    runs.mkdir(parents=True, exist_ok=True)
+    # jobs: (video, seed), seed 0 of every video first; seeds 1.. of a video that still has to be
+    # tracked wait for its seed-0 job, which tracks it (two jobs never track one video at once)
+    jobs = [(v, k) for k in range(args.seeds) for v in videos]
+    todo = [(v, k) for v, k in jobs if args.redo or not (runs / f"{job_key(v.stem, k, args.seeds)}.json").is_file()]
+    reuse = Path(args.subjects) if args.subjects else None
+    untracked = {v.stem for v, _ in todo if find_subject(v.stem, work, reuse) is None}
     base = [a for a in argv if a != str(args.videos)]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
-    running: list[tuple[Path, subprocess.Popen]] = []
+    running: list[tuple[Path, int, subprocess.Popen]] = []
     started: dict[str, float] = {}
+    # stems whose seed-0 job has ended (well or not), or was done before this call
+    finished: set[str] = {v.stem for v in videos if (v, 0) not in todo}
     failed = []
     next_report = time.perf_counter() + PROGRESS_EVERY
-    for v in todo + [None] * args.concurrent:
-        while running and (v is None or len(running) >= args.concurrent):
-            if time.perf_counter() >= next_report:
-                for item in running:
-                    stem = item[0].stem
-                    print(progress_line(stem, work / "runs" / args.label / stem, time.perf_counter() - started[stem], args.iterations), flush=True)
-                next_report = time.perf_counter() + PROGRESS_EVERY
-            for item in list(running):
-                if item[1].poll() is not None:
-                    running.remove(item)
-                    if item[1].returncode:
-                        failed.append(item[0].name)
-                    print(f"{item[0].name}: {'done' if not item[1].returncode else f'failed (exit {item[1].returncode}), see its log'}", flush=True)
-            if v is None and not running:
-                break
+
+    def ready(job) -> bool:
+        v, k = job
+        return k == 0 or v.stem not in untracked or v.stem in finished
+
+    while todo or running:
+        if time.perf_counter() >= next_report:
+            for v, k, _ in running:
+                key = job_key(v.stem, k, args.seeds)
+                print(progress_line(key, runs / key, time.perf_counter() - started[key], args.iterations), flush=True)
+            next_report = time.perf_counter() + PROGRESS_EVERY
+        for item in list(running):
+            v, k, proc = item
+            if proc.poll() is not None:
+                running.remove(item)
+                key = job_key(v.stem, k, args.seeds)
+                if k == 0:
+                    finished.add(v.stem)
+                if proc.returncode:
+                    failed.append(key)
+                print(f"{key}: {'done' if not proc.returncode else f'failed (exit {proc.returncode}), see its log'}", flush=True)
+        job = next((j for j in todo if ready(j)), None)
+        if job is None or len(running) >= args.concurrent:
             time.sleep(0.5)
-        if v is None:
             continue
-        log = work / "runs" / args.label / f"{v.stem}.log"
-        print(f"{v.name}: started (log {log})", flush=True)
-        started[v.stem] = time.perf_counter()
+        todo.remove(job)
+        v, k = job
+        if k > 0 and v.stem in untracked and job_key(v.stem, 0, args.seeds) in failed:
+            failed.append(job_key(v.stem, k, args.seeds))  # its tracking failed in the seed-0 job: not tried again
+            print(f"{job_key(v.stem, k, args.seeds)}: skipped (the seed-0 job of {v.name} failed)", flush=True)
+            continue
+        key = job_key(v.stem, k, args.seeds)
+        log = runs / f"{key}.log"
+        print(f"{key}: started (log {log})", flush=True)
+        started[key] = time.perf_counter()
         with open(log, "w") as fh:
-            running.append((v, subprocess.Popen([sys.executable, str(Path(__file__).resolve()), *base, "--one", str(v)], stdout=fh,
-                                                stderr=subprocess.STDOUT, env=env)))
-    done = [work / "runs" / args.label / f"{v.stem}.json" for v in videos]
+            running.append((v, k, subprocess.Popen([sys.executable, str(Path(__file__).resolve()), *base, "--one", str(v), "--seed", str(k)],
+                                                   stdout=fh, stderr=subprocess.STDOUT, env=env)))
+    done = [runs / f"{job_key(v.stem, k, args.seeds)}.json" for v, k in sorted(jobs, key=lambda j: (videos.index(j[0]), j[1]))]
     rows = [json.loads(p.read_text()) for p in done if p.is_file()]
     res = summarise(rows, args)
     write_json(work / f"results_{args.label}.json", res)

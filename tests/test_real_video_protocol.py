@@ -6,6 +6,8 @@ import importlib.util
 import json
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -45,14 +47,25 @@ def test_protocol_on_tiny_synthetic_subjects(tmp_path):
     assert rv.main([str(tmp_path / "empty"), "-o", str(work), "--no-lpips"]) == 2
     # no video folder at all (a GPU machine given only the tracked subjects): one job per subject
     # (and the second, separately labelled protocol: test-time refinement of the held-out tracking)
-    args2 = [str(tmp_path / "no_videos"), *args[1:3], "--subjects", str(subjects), *args[5:-6], "--label", "subj", *args[-4:], "--refine-tracking", "2"]
+    # and two training seeds per video: each cell the mean over them, with their spread
+    args2 = [str(tmp_path / "no_videos"), *args[1:3], "--subjects", str(subjects), *args[5:-6], "--label", "subj", *args[-4:], "--refine-tracking", "2",
+             "--seeds", "2"]
     assert rv.main(args2) == 0
     res2 = json.loads((work / "results_subj.json").read_text())
     assert [r["video"] for r in res2["videos"]] == ["clip_a", "clip_b"]
+    assert [(r["video"], r["seed"]) for r in res2["runs"]] == [("clip_a", 0), ("clip_a", 1), ("clip_b", 0), ("clip_b", 1)]
     for r in res2["videos"]:
         assert r["refined_steps"] == 2 and 0 < r["refined_psnr"] < 60 and r["psnr"] != r["refined_psnr"]
+        own = [x for x in res2["runs"] if x["video"] == r["video"]]
+        assert own[0]["psnr"] != own[1]["psnr"]  # the seeds differ
+        assert r["seeds"] == 2 and abs(r["psnr"] - (own[0]["psnr"] + own[1]["psnr"]) / 2) < 1e-9
+        assert abs(r["psnr_sd"] - abs(own[0]["psnr"] - own[1]["psnr"]) / 2 ** 0.5) < 1e-9
+    assert (work / "runs" / "subj" / "clip_b.seed1" / "checkpoints").is_dir()
     md = (work / "results_subj.md").read_text()
+    assert "over 2 training seeds" in md and f"{res2['videos'][0]['psnr']:.2f} ± {res2['videos'][0]['psnr_sd']:.2f}" in md
     assert md.index("| **mean** |") < md.index("Test-time refinement protocol (2 steps")  # fixed tracking first
+    with pytest.raises(SystemExit):  # the seeds are the protocol's to set
+        rv.parse([*args2, "--set", "seed=3"])
 
 
 def test_progress_line_says_when_no_step_has_come(tmp_path):
