@@ -114,8 +114,9 @@ class HeadModel:
     def condition(self, expression: torch.Tensor, joint_rotations: torch.Tensor, extras: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
         """[B,E], [B,J,3] (axis-angle), extras -> [B, condition_dim]."""
         parts = [expression]
-        for j in self.condition_joints:
-            parts.append(axis_angle_to_6d(joint_rotations[:, self.joint_index(j)]))
+        if self.condition_joints:  # one conversion for all of them: a few kernels per frame, not a few per joint
+            rots = torch.stack([joint_rotations[:, self.joint_index(j)] for j in self.condition_joints], 1)  # [B,n,3]
+            parts.append(axis_angle_to_6d(rots).reshape(rots.shape[0], -1))
         extras = extras or {}
         for k, n in self.extras_sizes().items():
             parts.append(extras[k] if k in extras else expression.new_zeros(expression.shape[0], n))
