@@ -87,7 +87,7 @@ def quaternion_to_matrix(q: torch.Tensor) -> torch.Tensor:
 def quaternion_multiply(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Hamilton product a*b, (w,x,y,z): w = aw bw - av.bv, v = aw bv + bw av + av x bv.
 
-    In vector form (ten kernels, not the 28 of the scalar formula): it runs per Gaussian in every frame."""
+    In vector form (7 operations, not the 29 of the scalar formula): it runs per Gaussian in every frame."""
     a, b = torch.broadcast_tensors(a, b)
     aw, av = a[..., :1], a[..., 1:]
     bw, bv = b[..., :1], b[..., 1:]

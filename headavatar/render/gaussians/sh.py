@@ -34,37 +34,63 @@ def num_sh_bases(degree: int) -> int:
     return (degree + 1) ** 2
 
 
+# Each basis function as a polynomial in (x, y, z): {(power of x, of y, of z): coefficient}; the
+# functions of 3D Gaussian Splatting, in its order and with its signs.
+_POLYNOMIALS = (
+    {(0, 0, 0): C0},
+    {(0, 1, 0): -C1}, {(0, 0, 1): C1}, {(1, 0, 0): -C1},
+    {(1, 1, 0): C2[0]}, {(0, 1, 1): C2[1]}, {(0, 0, 2): 2.0 * C2[2], (2, 0, 0): -C2[2], (0, 2, 0): -C2[2]},
+    {(1, 0, 1): C2[3]}, {(2, 0, 0): C2[4], (0, 2, 0): -C2[4]},
+    {(2, 1, 0): 3.0 * C3[0], (0, 3, 0): -C3[0]},
+    {(1, 1, 1): C3[1]},
+    {(0, 1, 2): 4.0 * C3[2], (2, 1, 0): -C3[2], (0, 3, 0): -C3[2]},
+    {(0, 0, 3): 2.0 * C3[3], (2, 0, 1): -3.0 * C3[3], (0, 2, 1): -3.0 * C3[3]},
+    {(1, 0, 2): 4.0 * C3[4], (3, 0, 0): -C3[4], (1, 2, 0): -C3[4]},
+    {(2, 0, 1): C3[5], (0, 2, 1): -C3[5]},
+    {(3, 0, 0): C3[6], (1, 2, 0): -3.0 * C3[6]},
+)
+_TABLES: dict = {}  # (degree, dtype, device) -> [4**degree, (degree+1)**2]
+
+
+def _table(degree: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """The basis as a matrix on the products of ``degree`` factors from (1, x, y, z): factor index
+    tuple (i1..id) -> column entry at the first tuple of each monomial.  Built once per device (before
+    any CUDA-graph capture: a frame is run eagerly first), so a frame reads it instead of copying it."""
+    key = (degree, dtype, device)
+    t = _TABLES.get(key)
+    if t is None:
+        import itertools
+
+        k = num_sh_bases(degree)
+        table = torch.zeros(4 ** degree, k, dtype=torch.float64)
+        seen = set()
+        for row, idx in enumerate(itertools.product(range(4), repeat=degree)):
+            power = tuple(idx.count(axis) for axis in (1, 2, 3))
+            if power in seen:
+                continue
+            seen.add(power)
+            for col, poly in enumerate(_POLYNOMIALS[:k]):
+                table[row, col] = poly.get(power, 0.0)
+        t = _TABLES[key] = table.to(device=device, dtype=dtype)
+    return t
+
+
 def sh_basis(degree: int, dirs: torch.Tensor) -> torch.Tensor:
-    """Basis values [..., (degree+1)^2] at directions ``dirs`` [..., 3] (normalised here)."""
+    """Basis values [..., (degree+1)^2] at directions ``dirs`` [..., 3] (normalised here).
+
+    Computed as (products of ``degree`` factors from (1, x, y, z)) @ a constant table: about six
+    kernels for degree 3 instead of one per term, which is what a replayed frame pays for."""
     if not 0 <= degree <= MAX_DEGREE:
         raise ValueError(f"SH degree must be in 0..{MAX_DEGREE}, got {degree}")
+    if degree == 0:
+        return torch.full_like(dirs[..., :1], C0)
     # normalise like gsplat does, so callers may pass unnormalised view vectors
     d = dirs / dirs.norm(dim=-1, keepdim=True).clamp_min(1e-12)
-    x, y, z = d.unbind(-1)
-    out = [torch.full_like(x, C0)]
-    if degree >= 1:
-        out += [-C1 * y, C1 * z, -C1 * x]
-    if degree >= 2:
-        xx, yy, zz = x * x, y * y, z * z
-        xy, yz, xz = x * y, y * z, x * z
-        out += [
-            C2[0] * xy,
-            C2[1] * yz,
-            C2[2] * (2.0 * zz - xx - yy),
-            C2[3] * xz,
-            C2[4] * (xx - yy),
-        ]
-    if degree >= 3:
-        out += [
-            C3[0] * y * (3.0 * xx - yy),
-            C3[1] * xy * z,
-            C3[2] * y * (4.0 * zz - xx - yy),
-            C3[3] * z * (2.0 * zz - 3.0 * xx - 3.0 * yy),
-            C3[4] * x * (4.0 * zz - xx - yy),
-            C3[5] * z * (xx - yy),
-            C3[6] * x * (xx - 3.0 * yy),
-        ]
-    return torch.stack(out, -1)
+    m1 = torch.cat([torch.ones_like(d[..., :1]), d], -1)  # [..., 4]
+    m = m1
+    for _ in range(degree - 1):  # [..., 4**n]: every product of n factors
+        m = (m[..., :, None] * m1[..., None, :]).flatten(-2)
+    return m @ _table(degree, dirs.dtype, dirs.device)
 
 
 def eval_sh(degree: int, coeffs: torch.Tensor, dirs: torch.Tensor) -> torch.Tensor:
