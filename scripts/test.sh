@@ -18,10 +18,16 @@ python -m ruff check headavatar tests benchmarks
 inst=""
 if [ $# -eq 0 ] && [ "${HEADAVATAR_SKIP_INSTALLED:-0}" != 1 ]; then
   inst_log="$(mktemp "${TMPDIR:-/tmp}/headavatar-installed-log.XXXXXX")"
-  # its own process group, so that stopping this script (Ctrl-C, a failed pytest) stops all of it
-  setsid bash scripts/check_installed.sh > "$inst_log" 2>&1 &
-  inst=$!
-  trap '[ -n "$inst" ] && kill -- "-$inst" 2>/dev/null; true' EXIT
+  # its own process group where setsid exists (util-linux), so that stopping this script (Ctrl-C,
+  # a failed pytest) stops all of it; elsewhere (macOS) the check's own shell is stopped
+  if command -v setsid >/dev/null; then
+    setsid bash scripts/check_installed.sh > "$inst_log" 2>&1 &
+    inst=$!; target="-$inst"
+  else
+    bash scripts/check_installed.sh > "$inst_log" 2>&1 &
+    inst=$!; target="$inst"
+  fi
+  trap '[ -n "$inst" ] && kill -- "$target" 2>/dev/null; true' EXIT
   echo "[test] installed-path check started beside pytest (log: $inst_log)"
 fi
 set +e
