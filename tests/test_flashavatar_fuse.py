@@ -100,3 +100,20 @@ def test_compiled_frame_inside_the_cuda_graph(avatar):
     for k in ("rgb", "alpha"):
         torch.testing.assert_close(got[k], ref[k], rtol=1e-4, atol=1e-4)
         torch.testing.assert_close(again[k], got[k])
+
+
+def test_unfused_frame_stays_few_operations(avatar):
+    """The shipped GPU frame replays every operation as a CUDA-graph node: their number is its cost at
+    batch 1.  benchmarks/frame_ops.py counts them (views excluded); 298 before 2026-12-07's rewrites of
+    the SH basis, the rotations and the condition joints.  A change that needs more must say so here."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("frame_ops", Path(__file__).resolve().parents[1] / "benchmarks" / "frame_ops.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    res = mod.frame_ops(avatar)
+    assert res["total"] == sum(res["by_function"].values()) == sum(res["by_op"].values())
+    assert "(outside headavatar)" not in res["by_function"]
+    assert res["by_function"]["render/gaussians/sh.py:sh_basis"] <= 10
+    assert res["total"] <= 170, res["by_function"]
