@@ -265,14 +265,18 @@ def parse(argv=None):
     ap.add_argument("--one", help=argparse.SUPPRESS)  # internal: the subprocess for one video
     ap.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)  # internal: that subprocess's training seed
     args = ap.parse_args(argv)
-    for item in args.set:
-        if "=" not in item:
-            ap.error(f"--set expects KEY=VALUE, got '{item}'")
+    from headavatar.config import parse_set
+    from headavatar.errors import UserError
+
+    try:
+        overrides = parse_set(args.set)
+    except UserError as e:
+        ap.error(str(e))
     if not all(c.isalnum() or c in "-_." for c in args.label):
         ap.error("--label may hold letters, digits, '-', '_' and '.' only")
     if args.seeds < 1:
         ap.error("--seeds must be at least 1")
-    if args.seeds > 1 and any(item.split("=", 1)[0].strip() == "seed" for item in args.set):
+    if args.seeds > 1 and "seed" in overrides:
         ap.error("--seeds sets each run's seed: drop --set seed=...")
     return args
 

@@ -26,8 +26,9 @@ def axis_angle_to_matrix(aa: torch.Tensor) -> torch.Tensor:
     a = torch.sinc(theta * (1 / math.pi))
     b = torch.sinc(theta * (0.5 / math.pi)).square() * 0.5
     eye = torch.eye(3, dtype=aa.dtype, device=aa.device)
+    mat = aa.shape[:-1] + (3, 3)
     # row i of cross(v, e_i) is v x e_i = column i of K: the transpose of K
-    K = torch.linalg.cross(aa[..., None, :].expand(aa.shape[:-1] + (3, 3)), eye.expand(aa.shape[:-1] + (3, 3)), dim=-1).transpose(-1, -2)
+    K = torch.linalg.cross(aa[..., None, :].expand(mat), eye.expand(mat), dim=-1).transpose(-1, -2)
     return torch.addcmul(torch.addcmul((1 - b * theta2) * eye, a, K), b, aa[..., :, None] * aa[..., None, :])
 
 

@@ -11,6 +11,8 @@ The basis is orthonormal on the unit sphere.  The rendered colour of 3DGS is
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 
 C0 = 0.28209479177387814
@@ -59,8 +61,6 @@ def _table(degree: int, dtype: torch.dtype, device: torch.device) -> torch.Tenso
     key = (degree, dtype, device)
     t = _TABLES.get(key)
     if t is None:
-        import itertools
-
         k = num_sh_bases(degree)
         table = torch.zeros(4 ** degree, k, dtype=torch.float64)
         seen = set()
@@ -78,8 +78,8 @@ def _table(degree: int, dtype: torch.dtype, device: torch.device) -> torch.Tenso
 def sh_basis(degree: int, dirs: torch.Tensor) -> torch.Tensor:
     """Basis values [..., (degree+1)^2] at directions ``dirs`` [..., 3] (normalised here).
 
-    Computed as (products of ``degree`` factors from (1, x, y, z)) @ a constant table: about six
-    kernels for degree 3 instead of one per term, which is what a replayed frame pays for."""
+    Computed as (products of ``degree`` factors from (1, x, y, z)) @ a constant table: 9 operations
+    for degree 3 instead of one or more per term, which is what a replayed frame pays for."""
     if not 0 <= degree <= MAX_DEGREE:
         raise ValueError(f"SH degree must be in 0..{MAX_DEGREE}, got {degree}")
     if degree == 0:
