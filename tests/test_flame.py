@@ -172,6 +172,12 @@ def test_condition_vector_layout(model):
     assert c.shape == (2, 120)
     assert torch.allclose(c[:, :100], expr) and torch.allclose(c[:, 118:], lids)
     assert torch.allclose(c[:, 100:106], axis_angle_to_6d(aa[:, 2]))
+    # the matrices the forward computes anyway give the same vector (FlashAvatar passes them)
+    aa = torch.randn(2, 5, 3) * 0.3
+    v, rots = model(expression=expr, joint_rotations=aa, return_rotations=True)
+    assert rots.shape == (2, 5, 3, 3)
+    torch.testing.assert_close(model.condition(expr, aa, {"eyelids": lids}, rotations=rots),
+                               model.condition(expr, aa, {"eyelids": lids}), rtol=0, atol=1e-6)
 
 
 # ------------------------------------------------------------- mouth faces

@@ -30,7 +30,7 @@ import torch
 
 from headavatar.headmodels.params import FrameParams
 from headavatar.headmodels.skinning import blend_shapes, global_transforms, pose_correctives, skin, transform_points
-from headavatar.utils.rotations import axis_angle_to_6d, axis_angle_to_matrix
+from headavatar.utils.rotations import axis_angle_to_6d, axis_angle_to_matrix, matrix_to_6d
 
 # Region names every head model provides (vertex index arrays).  "boundary" is
 # the rim to exclude (e.g. the bottom of the neck) when sampling Gaussians.
@@ -111,12 +111,19 @@ class HeadModel:
     def joint_index(self, name: str) -> int:
         return self.joint_names.index(name)
 
-    def condition(self, expression: torch.Tensor, joint_rotations: torch.Tensor, extras: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
-        """[B,E], [B,J,3] (axis-angle), extras -> [B, condition_dim]."""
+    def condition(self, expression: torch.Tensor, joint_rotations: torch.Tensor, extras: dict[str, torch.Tensor] | None = None,
+                  rotations: torch.Tensor | None = None) -> torch.Tensor:
+        """[B,E], [B,J,3] (axis-angle), extras -> [B, condition_dim].  ``rotations``: the same joints'
+        matrices [B,J,3,3] where the caller has them (``forward(..., return_rotations=True)``), which
+        saves converting them again."""
         parts = [expression]
         if self.condition_joints:  # one conversion for all of them: a few kernels per frame, not a few per joint
-            rots = torch.stack([joint_rotations[:, self.joint_index(j)] for j in self.condition_joints], 1)  # [B,n,3]
-            parts.append(axis_angle_to_6d(rots).reshape(rots.shape[0], -1))
+            idx = [self.joint_index(j) for j in self.condition_joints]
+            if rotations is not None:
+                parts.append(matrix_to_6d(torch.stack([rotations[:, i] for i in idx], 1)).reshape(rotations.shape[0], -1))
+            else:
+                rots = torch.stack([joint_rotations[:, i] for i in idx], 1)  # [B,n,3]
+                parts.append(axis_angle_to_6d(rots).reshape(rots.shape[0], -1))
         extras = extras or {}
         for k, n in self.extras_sizes().items():
             parts.append(extras[k] if k in extras else expression.new_zeros(expression.shape[0], n))
@@ -143,10 +150,10 @@ class HeadModel:
         translation: torch.Tensor | None = None,
         extras: dict[str, torch.Tensor] | None = None,
         return_joints: bool = False,
-        return_root_rotation: bool = False,
+        return_rotations: bool = False,
     ):
-        """Posed vertices [B,V,3], then, if asked, posed joint positions [B,J,3] and the root joint's
-        rotation matrix [B,3,3] (computed here anyway; callers save the conversion from axis-angle).
+        """Posed vertices [B,V,3], then, if asked, posed joint positions [B,J,3] and the joints' local
+        rotation matrices [B,J,3,3] (computed here anyway; callers save the conversion from axis-angle).
 
         Takes a ``FrameParams`` (``head(params)``), or its parts (a part left out: the mean identity,
         zero expression, the rest pose, no translation).  A dict with the FrameParams keys is accepted
@@ -179,7 +186,7 @@ class HeadModel:
         if translation is not None:
             v = v + translation[:, None]
             joints = joints + translation[:, None]
-        out = (v,) + ((joints,) if return_joints else ()) + ((rots[:, 0],) if return_root_rotation else ())
+        out = (v,) + ((joints,) if return_joints else ()) + ((rots,) if return_rotations else ())
         return out if len(out) > 1 else v
 
     __call__ = forward

@@ -95,3 +95,71 @@ class CudaGraphed:
             torch.cuda.synchronize()
             return None
         return graph, static_in, static_out
+
+
+class GraphedStep:
+    """A whole training step (forward, loss, backward, optimiser update) replayed from a CUDA graph.
+
+    ``fn(*args)`` does the entire step on its arguments and returns tensors; it must set the
+    gradients to None itself before the backward (so the graph owns them) and use a capturable
+    optimiser.  Per signature (tensor shapes plus plain values, e.g. the active SH degree or the
+    learning rates, which the fused Adam bakes in), the first ``warmup`` calls run eagerly on a side
+    stream and the next one is captured and replayed: every call is a real step.  A signature whose
+    capture fails runs eagerly from then on.  At most ``max_graphs`` graphs are kept (each holds a
+    step's activations): the least recently used one is dropped.  Outputs are overwritten by the
+    next replay of their graph.  Anything that replaces the optimiser's state or the parameters'
+    storage (loading a checkpoint) makes the graphs stale: call ``clear()``.
+    """
+
+    def __init__(self, fn: Callable, warmup: int = 2, max_graphs: int = 2):
+        self.fn, self.warmup, self.max_graphs = fn, warmup, max_graphs
+        self._graphs: dict[Any, tuple] = {}
+        self._seen: dict[Any, int] = {}
+        self._eager: set = set()
+        self.captures = 0  # how many graphs were recorded (reported by the trainer)
+
+    def clear(self) -> None:
+        self._graphs.clear()
+        self._seen.clear()
+
+    def __call__(self, *args):
+        flat: list[torch.Tensor] = []
+        spec = _flatten(args, flat)
+        if not flat or any(t.device.type != "cuda" for t in flat) or spec in self._eager:
+            return self.fn(*args)
+        entry = self._graphs.pop(spec, None)
+        if entry is None:
+            n = self._seen[spec] = self._seen.get(spec, 0) + 1
+            if n <= self.warmup:
+                side = torch.cuda.Stream()
+                side.wait_stream(torch.cuda.current_stream())
+                with torch.cuda.stream(side):
+                    out = self.fn(*args)
+                torch.cuda.current_stream().wait_stream(side)
+                return out
+            while len(self._graphs) >= self.max_graphs:
+                self._graphs.pop(next(iter(self._graphs)))
+            entry = self._capture(flat, spec)
+            if entry is None:
+                self._eager.add(spec)
+                return self.fn(*args)
+        self._graphs[spec] = entry  # (re-)inserted last: the dict's order is the recency order
+        graph, static_in, static_out = entry
+        for dst, src in zip(static_in, flat):
+            dst.copy_(src, non_blocking=True)
+        graph.replay()
+        return static_out
+
+    def _capture(self, flat: list[torch.Tensor], spec):
+        static_in = [t.detach().clone() for t in flat]
+        static_args = _rebuild(spec, iter(static_in))
+        torch.cuda.synchronize()
+        try:
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+                static_out = self.fn(*static_args)
+        except Exception:  # a host synchronisation inside the step: this signature stays eager
+            torch.cuda.synchronize()
+            return None
+        self.captures += 1
+        return graph, static_in, static_out

@@ -15,7 +15,7 @@ from headavatar.log import get_logger
 from headavatar.methods.flashavatar.config import DEFAULT_SHELL_REGION, FlashAvatarConfig
 from headavatar.methods.flashavatar.embedding import barycentric_points, positional_encoding, sample_uv_texels
 from headavatar.render.gaussians import RenderOutput, render_gaussians
-from headavatar.utils.rotations import axis_angle_to_6d, axis_angle_to_matrix, quaternion_multiply
+from headavatar.utils.rotations import axis_angle_to_6d, axis_angle_to_matrix, matrix_to_6d, quaternion_multiply
 
 _log = get_logger(__name__)
 
@@ -142,9 +142,10 @@ class FlashAvatarModel(nn.Module):
         with torch.set_grad_enabled(grad and torch.is_grad_enabled()):
             params = params.replace(shape=self.shape.expand(params.batch_size, -1))
             if self.torso_w is None:
-                verts = self.head(params)
+                verts, rots = self.head(params, return_rotations=True)
             else:
-                verts, joints, rot = self.head(params, return_joints=True, return_root_rotation=True)
+                verts, joints, rots = self.head(params, return_joints=True, return_rotations=True)
+                rot = rots[:, 0]
                 # the root's rotation left-multiplies every joint's transform (pose correctives leave
                 # it out), so the same frame posed with the anchor rotation A is one rigid turn
                 # T = A R^T about the posed root joint away: no second head-model evaluation.  As row
@@ -154,7 +155,7 @@ class FlashAvatarModel(nn.Module):
                 step = rot @ self.neck_anchor_mt
                 step.diagonal(dim1=-2, dim2=-1).sub_(1.0)
                 verts = torch.addcmul(verts, self.torso_w[None, :, None], torch.bmm(verts - root, step))
-            cond = self._condition(params)
+            cond = self._condition(params, rots)
             if self.cfg.condition_clamp == "train_range":
                 cond = torch.maximum(torch.minimum(cond, self.cond_range[1]), self.cond_range[0])
         return cond, verts
@@ -187,11 +188,13 @@ class FlashAvatarModel(nn.Module):
         span = (self.cond_range[1] - self.cond_range[0]).nan_to_num(0.0, posinf=0.0, neginf=0.0)
         return cond + torch.randn_like(cond) * (fraction * span)
 
-    def _condition(self, params: FrameParams) -> torch.Tensor:
-        """The MLP's condition [B,C] before any clamp: the head model's, plus the head pose when asked."""
-        cond = self.head.condition(params.expression, params.joint_rotations, params.extras or None)
+    def _condition(self, params: FrameParams, rots: torch.Tensor | None = None) -> torch.Tensor:
+        """The MLP's condition [B,C] before any clamp: the head model's, plus the head pose when asked.
+        ``rots``: the joints' rotation matrices where the head model's forward gave them."""
+        cond = self.head.condition(params.expression, params.joint_rotations, params.extras or None, rotations=rots)
         if self.pose_dim:
-            cond = torch.cat([cond, axis_angle_to_6d(params.joint_rotations[:, 0])], -1)
+            root6d = axis_angle_to_6d(params.joint_rotations[:, 0]) if rots is None else matrix_to_6d(rots[:, 0])
+            cond = torch.cat([cond, root6d], -1)
         return cond
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):

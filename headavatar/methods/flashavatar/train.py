@@ -17,7 +17,7 @@ from headavatar.methods.run import RunDir
 from headavatar.methods.trainer import StepOutput, Trainer
 from headavatar.subjects.dataset import FrameDataset, InfiniteSampler, collate, heldout_sample, prepare_targets, training_size, training_stream
 from headavatar.subjects.format import Subject
-from headavatar.utils.cudagraph import CudaGraphed
+from headavatar.utils.cudagraph import CudaGraphed, GraphedStep
 from headavatar.utils.device import resolve_device
 
 
@@ -25,7 +25,8 @@ def huber(pred: torch.Tensor, gt: torch.Tensor, delta: float) -> torch.Tensor:
     return F.huber_loss(pred, gt, delta=delta, reduction="mean")
 
 
-def make_optimizer(model: FlashAvatarModel, cfg: FlashAvatarConfig) -> torch.optim.Optimizer:
+def make_optimizer(model: FlashAvatarModel, cfg: FlashAvatarConfig, capturable: bool = False) -> torch.optim.Optimizer:
+    """Adam over the model's groups; ``capturable``: its step may be recorded in a CUDA graph."""
     groups = [
         {"params": list(model.mlp.parameters()), "lr": cfg.lr_mlp, "name": "mlp"},
         {"params": [model.sh_dc], "lr": cfg.lr_sh_dc, "eps": 1e-15, "name": "sh_dc"},
@@ -37,7 +38,17 @@ def make_optimizer(model: FlashAvatarModel, cfg: FlashAvatarConfig) -> torch.opt
     if model.normal_offset is not None:
         groups.append({"params": [model.normal_offset], "lr": cfg.lr_normal_offset, "eps": 1e-15, "name": "normal_offset"})
     # fused: one kernel for all parameters on CUDA instead of a few per tensor
-    return torch.optim.Adam(groups, fused=model.sh_dc.device.type == "cuda")
+    cuda = model.sh_dc.device.type == "cuda"
+    return torch.optim.Adam(groups, fused=cuda, capturable=capturable and cuda)
+
+
+def use_graph_step(cfg: FlashAvatarConfig, device: torch.device) -> bool:
+    """Whether training steps are replayed from CUDA graphs (config cuda_graph_step)."""
+    if cfg.cuda_graph_step == "off" or device.type != "cuda":
+        return False
+    from headavatar.render.gaussians import select_backend
+
+    return select_backend(cfg.backend, device) == "triton"
 
 
 def psnr(pred: torch.Tensor, gt: torch.Tensor) -> torch.Tensor:
@@ -69,7 +80,10 @@ class FlashAvatarRecipe:
     def build(self) -> None:
         cfg, device, subject = self.cfg, self.device, self.subject
         self.model = build_model(subject, cfg, device, self.run.head_overrides)
-        self.opt = make_optimizer(self.model, cfg)
+        self.graph_step = use_graph_step(cfg, device)
+        self.opt = make_optimizer(self.model, cfg, capturable=self.graph_step)
+        # the whole step replayed from a CUDA graph (cuda_graph_step; frames with refinement stay eager)
+        self._graphed = GraphedStep(self._plain_step) if self.graph_step else None
         self.bg = torch.tensor(cfg.background, dtype=torch.float32, device=device)
         self.tr = subject.tracking
         self.dtr = self.tr.on_device(device)
@@ -102,6 +116,9 @@ class FlashAvatarRecipe:
             self.refiner.load_state_dict(state["refine"])
         for group in self.opt.param_groups:  # a run may resume on another device than it was saved on
             group["fused"] = self.device.type == "cuda"
+            group["capturable"] = self.graph_step
+        if self._graphed is not None:  # graphs recorded before refer to the replaced optimiser state
+            self._graphed.clear()
         ratio = lr_scale / float(state.get("lr_scale", 1.0))  # loaded groups carry the saved rates
         if ratio != 1.0:
             _scale_lr(self.opt, ratio)
@@ -158,37 +175,68 @@ class FlashAvatarRecipe:
         params = self.dtr.params(idx)
         cams = self.dtr.cameras(idx, subject.height, subject.width).resized(H, W)
         refining = refiner is not None and refiner.active(it)
-        if refining:  # gradients flow to the corrections (no CUDA graph on this path)
-            cond, verts = model.frame_inputs(refiner.params(params, idx), grad=True)
-        else:
-            with torch.no_grad():
-                cond, verts = self.frame_inputs(params)
-        if cfg.condition_noise > 0:
-            cond = model.noisy_condition(cond, cfg.condition_noise)
-        g = model.gaussians(cond, verts)
         self.sh_deg = min(cfg.sh_degree, (it - 1) // max(1, cfg.sh_increase_every))
-        pred = model.render(g, cams, self.bg, self.sh_deg, cfg.backend).rgb
-        gt = tgt["gt"]
-        m = tgt["mouth_mask"]
-        loss = huber(pred, gt, cfg.huber_delta) + cfg.mouth_weight * huber(pred * m, gt * m, cfg.huber_delta)
-        if self.lpips_net is not None and it >= cfg.lpips_start:
-            hm = tgt["head_mask"]
-            loss = loss + cfg.lpips_weight * self.lpips_net((pred * hm).permute(0, 3, 1, 2), (gt * hm).permute(0, 3, 1, 2)).mean()
-        if refining:
-            loss = loss + refiner.prior(idx)
-            refiner.zero_grad()
+        use_lpips = self.lpips_net is not None and it >= cfg.lpips_start
+        if not refining:
+            step = self._graphed or self._plain_step
+            # plain values in the signature: a new one gets its own graph (the fused Adam bakes the rates in)
+            key = (self.sh_deg, use_lpips, tuple(g["lr"] for g in self.opt.param_groups), self._buffer_generation())
+            loss, ps, pred = step(tgt["gt"], tgt["mouth_mask"], tgt["head_mask"], params, cams, key)
+            self._last = (tgt["gt"], pred)
+            return StepOutput(loss, ps)
+        # gradients flow to the tracking corrections (no CUDA graph on this path)
+        cond, verts = model.frame_inputs(refiner.params(params, idx), grad=True)
+        pred, loss = self._loss(cond, verts, tgt["gt"], tgt["mouth_mask"], tgt["head_mask"], cams, self.sh_deg, use_lpips)
+        loss = loss + refiner.prior(idx)
+        refiner.zero_grad()
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         self.opt.step()
-        if refining:
-            refiner.step()
-        self._last = (gt, pred.detach())
+        refiner.step()
+        self._last = (tgt["gt"], pred.detach())
         with torch.no_grad():
-            return StepOutput(loss.detach(), psnr(pred.detach(), gt))
+            return StepOutput(loss.detach(), psnr(pred.detach(), tgt["gt"]))
+
+    def _loss(self, cond, verts, gt, m, hm, cams, sh_deg: int, use_lpips: bool):
+        """The reference's losses of one batch: (prediction, loss)."""
+        cfg, model = self.cfg, self.model
+        if cfg.condition_noise > 0:
+            cond = model.noisy_condition(cond, cfg.condition_noise)
+        pred = model.render(model.gaussians(cond, verts), cams, self.bg, sh_deg, cfg.backend).rgb
+        loss = huber(pred, gt, cfg.huber_delta) + cfg.mouth_weight * huber(pred * m, gt * m, cfg.huber_delta)
+        if use_lpips:
+            loss = loss + cfg.lpips_weight * self.lpips_net((pred * hm).permute(0, 3, 1, 2), (gt * hm).permute(0, 3, 1, 2)).mean()
+        return pred, loss
+
+    def _plain_step(self, gt, m, hm, params, cams, key):
+        """One step without tracking refinement: forward, loss, backward, Adam (what GraphedStep records)."""
+        sh_deg, use_lpips = key[0], key[1]
+        with torch.no_grad():
+            # inside a capture the head model is recorded with the rest (no graph inside the graph)
+            fi = self.model.frame_inputs if self._graphed is not None else self.frame_inputs
+            cond, verts = fi(params)
+        pred, loss = self._loss(cond, verts, gt, m, hm, cams, sh_deg, use_lpips)
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self.opt.step()
+        with torch.no_grad():
+            pred = pred.detach()
+            return loss.detach(), psnr(pred, gt), pred
+
+    def _buffer_generation(self) -> int:
+        """Changes when the Triton rasteriser grew a pair buffer (its graphs are then stale); 0 otherwise."""
+        if self._graphed is None:
+            return 0
+        from headavatar.render.gaussians import triton_backend as tb
+
+        return tb.watch_overflow()
 
     # ------------------------------------------------------------------ reporting
     def curve_row(self, it: int, means: dict, elapsed: float) -> dict:
-        return {"step": it, "loss": means["loss"], "train_psnr": means["train_psnr"], "time": elapsed, "sh_degree": self.sh_deg}
+        row = {"step": it, "loss": means["loss"], "train_psnr": means["train_psnr"], "time": elapsed, "sh_degree": self.sh_deg}
+        if self._graphed is not None:
+            row["cuda_graphs"] = self._graphed.captures  # recorded so far (0: every step ran eagerly)
+        return row
 
     def health(self, row: dict) -> str | None:
         return None
