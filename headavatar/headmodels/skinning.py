@@ -12,6 +12,7 @@ first three rows of a joint's (or a vertex's blended) 4x4 transform.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 
 def blend_shapes(basis: torch.Tensor, coeffs: torch.Tensor) -> torch.Tensor:
@@ -38,12 +39,12 @@ def global_transforms(parents: list[int], rots: torch.Tensor, joints: torch.Tens
     """
     B, J = rots.shape[:2]
     joints = joints.expand(B, -1, -1)
-    rel = joints.clone()
-    for j in range(1, J):
-        rel[:, j] = joints[:, j] - joints[:, parents[j]]
-    local = torch.zeros(B, J, 4, 4, dtype=rots.dtype, device=rots.device)
-    local[..., :3, :3] = rots
-    local[..., :3, 3] = rel
+    # written as a few whole-tensor operations (no per-joint writes): in a CUDA graph each one is a node
+    rel = joints
+    if J > 1:
+        parent_pos = torch.stack([joints[:, parents[j]] for j in range(1, J)], 1)
+        rel = torch.cat([joints[:, :1], joints[:, 1:] - parent_pos], 1)
+    local = F.pad(torch.cat([rots, rel[..., None]], -1), (0, 0, 0, 1))  # [B,J,4,4], last row zero
     local[..., 3, 3] = 1
     chain = [local[:, 0]]
     for j in range(1, J):
