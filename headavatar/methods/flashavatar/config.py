@@ -116,9 +116,10 @@ class FlashAvatarConfig:
     device: str = "auto"  # auto (CUDA when available, else CPU), cpu, cuda or cuda:N
     backend: str = "auto"  # Gaussian rasterizer: auto | torch | triton | gsplat (a name of the backend registry, which checks it)
     # replay each training step (head model, MLP, rasteriser, losses, backward, Adam) from one CUDA
-    # graph: on = where the rasteriser is Triton's on CUDA (the others synchronise with the host),
-    # off = eager; steps that refine the tracking stay eager either way
-    cuda_graph_step: Literal["off", "on"] = "off"
+    # graph: on = where the rasteriser is Triton's on CUDA (gsplat and the torch reference synchronise
+    # with the host, so they stay eager), off = always eager; steps that refine the tracking stay eager
+    # (H100: batch-1 step 9.0 -> 2.5 ms, batch 8 83 -> 100-112 it/s, same fit; docs/BENCHMARKS.md)
+    cuda_graph_step: Literal["off", "on"] = "on"
     # data-loading worker processes (0 = in the training process); for compact subjects they are spawned
     # (subjects/dataset.py), so a script that starts training needs an `if __name__ == "__main__":` guard
     num_workers: int = 0
