@@ -184,7 +184,10 @@ class FlashAvatarRecipe:
             loss, ps, pred = step(tgt["gt"], tgt["mouth_mask"], tgt["head_mask"], params, cams, key)
             self._last = (tgt["gt"], pred)
             return StepOutput(loss, ps)
-        # gradients flow to the tracking corrections (no CUDA graph on this path)
+        # gradients flow to the tracking corrections (no CUDA graph on this path; refinement, once on,
+        # stays on, so the graphs of the warm-up iterations give their memory back)
+        if self._graphed is not None:
+            self._graphed.clear()
         cond, verts = model.frame_inputs(refiner.params(params, idx), grad=True)
         pred, loss = self._loss(cond, verts, tgt["gt"], tgt["mouth_mask"], tgt["head_mask"], cams, self.sh_deg, use_lpips)
         loss = loss + refiner.prior(idx)
