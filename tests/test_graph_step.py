@@ -61,6 +61,31 @@ def test_graphed_steps_equal_eager_steps():
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
 
 
+def test_graphs_on_a_second_gpu():
+    """Tensors on cuda:1 while cuda:0 is the current device: capture and replay happen on cuda:1's stream
+    (else the capture records nothing and the replays skip the steps)."""
+    _cuda()
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs two CUDA devices")
+    from headavatar.utils.cudagraph import CudaGraphed
+
+    net, step = _problem("cuda:1", capturable=True)
+    ref_net, ref_step = _problem("cuda:1", capturable=True)
+    wrapped = GraphedStep(step, warmup=1)
+    assert torch.cuda.current_device() == 0
+    for x, y in _data("cuda:1", 6):
+        torch.testing.assert_close(wrapped(x, y, 1.0).clone(), ref_step(x, y, 1.0), rtol=1e-5, atol=1e-6)
+    assert wrapped.captures == 1
+    for p, q in zip(net.parameters(), ref_net.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+    with torch.no_grad():
+        f = CudaGraphed(lambda a: net(a) * 2)
+        x = _data("cuda:1", 1)[0][0]
+        f(x)
+        assert f._graphs
+        torch.testing.assert_close(f(x + 1).clone(), net(x + 1) * 2)
+
+
 def test_least_recently_used_graph_is_dropped():
     _cuda()
     _, step = _problem("cuda", capturable=True)

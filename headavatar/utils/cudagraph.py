@@ -32,6 +32,11 @@ def _flatten(obj: Any, out: list) -> Any:
     return ("V", obj)
 
 
+def _one_cuda_device(flat: list[torch.Tensor]) -> bool:
+    """All tensors on one CUDA device (a graph records one device's stream)."""
+    return bool(flat) and flat[0].device.type == "cuda" and all(t.device == flat[0].device for t in flat)
+
+
 def _rebuild(spec: Any, it) -> Any:
     kind = spec[0]
     if kind == "T":
@@ -61,9 +66,13 @@ class CudaGraphed:
     def __call__(self, *args):
         flat: list[torch.Tensor] = []
         spec = _flatten(args, flat)
-        if (not flat or any(t.device.type != "cuda" for t in flat) or torch.is_grad_enabled()
+        if (not _one_cuda_device(flat) or torch.is_grad_enabled()
                 or spec in self._eager or (spec not in self._graphs and len(self._graphs) >= self.max_graphs)):
             return self.fn(*args)
+        with torch.cuda.device(flat[0].device):  # capture and replay on the tensors' device (cuda:1 ...)
+            return self._graphed(spec, flat, args)
+
+    def _graphed(self, spec, flat: list[torch.Tensor], args):
         entry = self._graphs.get(spec)
         if entry is None:
             entry = self._capture(spec, flat)
@@ -125,8 +134,12 @@ class GraphedStep:
     def __call__(self, *args):
         flat: list[torch.Tensor] = []
         spec = _flatten(args, flat)
-        if not flat or any(t.device.type != "cuda" for t in flat) or spec in self._eager:
+        if not _one_cuda_device(flat) or spec in self._eager:
             return self.fn(*args)
+        with torch.cuda.device(flat[0].device):  # streams, capture and replay on the tensors' device
+            return self._step(spec, flat, args)
+
+    def _step(self, spec, flat: list[torch.Tensor], args):
         entry = self._graphs.pop(spec, None)
         if entry is None:
             n = self._seen[spec] = self._seen.get(spec, 0) + 1
