@@ -17,6 +17,10 @@ from typing import Any, Callable
 
 import torch
 
+from headavatar.log import get_logger
+
+_log = get_logger(__name__)
+
 
 def _flatten(obj: Any, out: list) -> Any:
     """Nested dicts/tuples/lists/dataclasses (e.g. FrameParams) of tensors -> structure spec, appending tensors to ``out``."""
@@ -171,8 +175,12 @@ class GraphedStep:
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, capture_error_mode="thread_local"):
                 static_out = self.fn(*static_args)
-        except Exception:  # a host synchronisation inside the step: this signature stays eager
+        except Exception as e:  # a host synchronisation inside the step: this signature stays eager
             torch.cuda.synchronize()
+            _log.info(f"a training step could not be recorded as a CUDA graph, it runs eagerly "
+                      f"({type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]})")
             return None
+        if not self.captures:
+            _log.info("training steps replay from CUDA graphs (cuda_graph_step)")
         self.captures += 1
         return graph, static_in, static_out
