@@ -141,3 +141,26 @@ def test_flashavatar_training_with_graphed_steps(tmp_path):
         if mode == "on":  # SH degrees 0, 1, 2 each got a graph (at most two kept at a time)
             assert rows[-1]["cuda_graphs"] >= 3, rows[-1]
     assert abs(psnr["on"] - psnr["off"]) < 0.5, psnr
+
+
+def test_a_cpu_run_resumes_on_the_gpu_with_graphed_steps(tmp_path):
+    """A checkpoint written on the CPU (Adam's step counts on the CPU) continues on CUDA, where the fused,
+    capturable Adam keeps them on the device."""
+    _cuda()
+    from headavatar.render.gaussians import triton_available
+
+    ok, why = triton_available()
+    if not ok:
+        pytest.skip(why)
+    import json
+
+    from headavatar.methods import train_method
+    from headavatar.subjects.synthetic import make_synthetic_subject
+
+    make_synthetic_subject(tmp_path / "s", num_frames=6, resolution=32, seed=0, progress=False)
+    cfg = {"resolution": 32, "uv_resolution": 16, "mlp_width": 32, "lpips_weight": 0.0, "preview_every": 0, "num_workers": 0,
+           "eval_every": 0, "log_every": 5, "checkpoint_every": 10, "backend": "triton"}
+    train_method("flashavatar", tmp_path / "s", tmp_path / "r", {**cfg, "iterations": 10, "device": "cpu", "backend": "torch"}, progress=False)
+    train_method("flashavatar", tmp_path / "s", tmp_path / "r", {**cfg, "iterations": 30, "device": "cuda"}, resume=True, progress=False)
+    rows = [json.loads(x) for x in (tmp_path / "r" / "curves.jsonl").read_text().splitlines()]
+    assert rows[-1]["step"] == 30 and rows[-1]["cuda_graphs"] >= 1, rows[-1]

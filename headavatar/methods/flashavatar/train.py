@@ -117,6 +117,11 @@ class FlashAvatarRecipe:
         for group in self.opt.param_groups:  # a run may resume on another device than it was saved on
             group["fused"] = self.device.type == "cuda"
             group["capturable"] = self.graph_step
+            if group["fused"]:  # the fused (and capturable) Adam keeps its step counts on the parameters' device
+                for p in group["params"]:
+                    st = self.opt.state.get(p)
+                    if st and torch.is_tensor(st.get("step")):
+                        st["step"] = st["step"].to(p.device, torch.float32)
         if self._graphed is not None:  # graphs recorded before refer to the replaced optimiser state
             self._graphed.clear()
         ratio = lr_scale / float(state.get("lr_scale", 1.0))  # loaded groups carry the saved rates
