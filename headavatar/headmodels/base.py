@@ -30,7 +30,7 @@ import torch
 
 from headavatar.headmodels.params import FrameParams
 from headavatar.headmodels.skinning import blend_shapes, global_transforms, pose_correctives, skin, transform_points
-from headavatar.utils.rotations import axis_angle_to_6d, axis_angle_to_matrix, matrix_to_6d
+from headavatar.utils.rotations import axis_angle_to_matrix, matrix_to_6d
 
 # Region names every head model provides (vertex index arrays).  "boundary" is
 # the rim to exclude (e.g. the bottom of the neck) when sampling Gaussians.
@@ -119,11 +119,11 @@ class HeadModel:
         parts = [expression]
         if self.condition_joints:  # one conversion for all of them: a few kernels per frame, not a few per joint
             idx = [self.joint_index(j) for j in self.condition_joints]
-            if rotations is not None:
-                parts.append(matrix_to_6d(torch.stack([rotations[:, i] for i in idx], 1)).reshape(rotations.shape[0], -1))
+            if rotations is None:
+                m = axis_angle_to_matrix(torch.stack([joint_rotations[:, i] for i in idx], 1))  # [B,n,3,3]
             else:
-                rots = torch.stack([joint_rotations[:, i] for i in idx], 1)  # [B,n,3]
-                parts.append(axis_angle_to_6d(rots).reshape(rots.shape[0], -1))
+                m = torch.stack([rotations[:, i] for i in idx], 1)
+            parts.append(matrix_to_6d(m).reshape(m.shape[0], -1))
         extras = extras or {}
         for k, n in self.extras_sizes().items():
             parts.append(extras[k] if k in extras else expression.new_zeros(expression.shape[0], n))

@@ -54,6 +54,40 @@ def _rebuild(spec: Any, it) -> Any:
     return spec[1]
 
 
+def _on_side_stream(fn: Callable, args, times: int = 1):
+    """``fn(*args)`` ``times`` times on a side stream (what must precede a capture), ordered with the current one."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(times):
+            out = fn(*args)
+    torch.cuda.current_stream().wait_stream(side)
+    return out
+
+
+def _record(fn: Callable, spec, flat: list[torch.Tensor], warmup: int):
+    """(graph, static inputs, static outputs) of ``fn`` on copies of ``flat``, after ``warmup`` eager
+    calls on them; raises what the capture raised (a host synchronisation, an uncapturable op)."""
+    static_in = [t.detach().clone() for t in flat]
+    static_args = _rebuild(spec, iter(static_in))
+    if warmup:
+        _on_side_stream(fn, static_args, warmup)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    # thread_local: a loader's pin-memory thread may allocate while this thread captures
+    with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+        static_out = fn(*static_args)
+    return graph, static_in, static_out
+
+
+def _replay(entry: tuple, flat: list[torch.Tensor]):
+    graph, static_in, static_out = entry
+    for dst, src in zip(static_in, flat):
+        dst.copy_(src, non_blocking=True)
+    graph.replay()
+    return static_out
+
+
 class CudaGraphed:
     """``CudaGraphed(fn)(*args)`` == ``fn(*args)`` for CUDA tensor arguments, replayed from a graph.
 
@@ -79,35 +113,13 @@ class CudaGraphed:
     def _graphed(self, spec, flat: list[torch.Tensor], args):
         entry = self._graphs.get(spec)
         if entry is None:
-            entry = self._capture(spec, flat)
-            if entry is None:
+            try:
+                entry = self._graphs[spec] = _record(self.fn, spec, flat, self.warmup)
+            except Exception:  # a host sync or an uncapturable op inside fn: run it eagerly
+                torch.cuda.synchronize()
                 self._eager.add(spec)
                 return self.fn(*args)
-            self._graphs[spec] = entry
-        graph, static_in, static_out = entry
-        for dst, src in zip(static_in, flat):
-            dst.copy_(src, non_blocking=True)
-        graph.replay()
-        return static_out
-
-    def _capture(self, spec, flat: list[torch.Tensor]):
-        static_in = [t.detach().clone() for t in flat]
-        static_args = _rebuild(spec, iter(static_in))
-        try:
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
-                for _ in range(self.warmup):
-                    self.fn(*static_args)
-            torch.cuda.current_stream().wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            # thread_local: a loader's pin-memory thread may allocate while this thread captures
-            with torch.cuda.graph(graph, capture_error_mode="thread_local"):
-                static_out = self.fn(*static_args)
-        except Exception:  # a host sync or an uncapturable op inside fn: run it eagerly
-            torch.cuda.synchronize()
-            return None
-        return graph, static_in, static_out
+        return _replay(entry, flat)
 
 
 class GraphedStep:
@@ -147,40 +159,20 @@ class GraphedStep:
         entry = self._graphs.pop(spec, None)
         if entry is None:
             n = self._seen[spec] = self._seen.get(spec, 0) + 1
-            if n <= self.warmup:
-                side = torch.cuda.Stream()
-                side.wait_stream(torch.cuda.current_stream())
-                with torch.cuda.stream(side):
-                    out = self.fn(*args)
-                torch.cuda.current_stream().wait_stream(side)
-                return out
+            if n <= self.warmup:  # warm-up calls are real steps, on the real arguments
+                return _on_side_stream(self.fn, args)
             while len(self._graphs) >= self.max_graphs:
                 self._graphs.pop(next(iter(self._graphs)))
-            entry = self._capture(flat, spec)
-            if entry is None:
+            try:
+                entry = _record(self.fn, spec, flat, warmup=0)
+            except Exception as e:  # a host synchronisation inside the step: this signature stays eager
+                torch.cuda.synchronize()
+                _log.info(f"a training step could not be recorded as a CUDA graph, it runs eagerly "
+                          f"({type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]})")
                 self._eager.add(spec)
                 return self.fn(*args)
+            if not self.captures:
+                _log.info("training steps replay from CUDA graphs (cuda_graph_step)")
+            self.captures += 1
         self._graphs[spec] = entry  # (re-)inserted last: the dict's order is the recency order
-        graph, static_in, static_out = entry
-        for dst, src in zip(static_in, flat):
-            dst.copy_(src, non_blocking=True)
-        graph.replay()
-        return static_out
-
-    def _capture(self, flat: list[torch.Tensor], spec):
-        static_in = [t.detach().clone() for t in flat]
-        static_args = _rebuild(spec, iter(static_in))
-        torch.cuda.synchronize()
-        try:
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, capture_error_mode="thread_local"):
-                static_out = self.fn(*static_args)
-        except Exception as e:  # a host synchronisation inside the step: this signature stays eager
-            torch.cuda.synchronize()
-            _log.info(f"a training step could not be recorded as a CUDA graph, it runs eagerly "
-                      f"({type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]})")
-            return None
-        if not self.captures:
-            _log.info("training steps replay from CUDA graphs (cuda_graph_step)")
-        self.captures += 1
-        return graph, static_in, static_out
+        return _replay(entry, flat)
