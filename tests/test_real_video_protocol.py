@@ -88,3 +88,39 @@ def test_missing_lpips_weights_stop_the_protocol_before_any_work(tmp_path, monke
     err = capsys.readouterr().err
     assert "LPIPS cannot be scored" in err and "--no-lpips" in err and len(err.strip().splitlines()) == 1
     assert not work.exists()
+
+
+def test_split_views_hold_out_as_many_frames_elsewhere(tmp_path):
+    """benchmarks/split_views.py: the diagnostic views keep the tail's count, spread it, and open as subjects."""
+    import numpy as np
+
+    from headavatar.subjects.format import Subject
+    from headavatar.subjects.synthetic import make_synthetic_subject
+
+    spec = importlib.util.spec_from_file_location("split_views", REPO / "benchmarks" / "split_views.py")
+    sv = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(sv)
+
+    valid = np.ones(100, bool)
+    valid[3] = False
+    blocks = sv.split_for(100, 15, "blocks:4", valid)
+    assert len(blocks["test"]) == 15 and 3 not in blocks["train"] + blocks["test"]
+    assert not set(blocks["train"]) & set(blocks["test"])
+    t = np.array(blocks["test"])
+    runs = np.split(t, np.where(np.diff(t) > 1)[0] + 1)
+    assert [len(r) for r in runs] == [4, 4, 4, 3] and runs[0][0] > 0 and runs[-1][-1] < 99  # evenly spread, none at the ends
+    assert sv.split_for(100, 15, "tail", valid)["test"] == list(range(85, 100))
+    assert sv.split_for(100, 15, "every:7", valid)["test"] == list(range(3 + 7, 100, 7))  # frame 3 is invalid
+    with pytest.raises(SystemExit):
+        sv.split_for(100, 15, "random", valid)
+
+    src = tmp_path / "subj"
+    make_synthetic_subject(src, num_frames=20, resolution=32, seed=0, progress=False)
+    before = (src / "subject.json").read_text()
+    info = sv.make_view(src, tmp_path / "views" / "subj", "blocks:2")
+    view = Subject.open(tmp_path / "views" / "subj")
+    orig = Subject.open(src)
+    assert info["test"] == len(orig.split["test"]) == len(view.split["test"])
+    assert view.split["test"] != orig.split["test"] and view.num_frames == orig.num_frames
+    assert (src / "subject.json").read_text() == before  # the subject itself is untouched
+    assert np.array_equal(view.tracking.valid, orig.tracking.valid)
