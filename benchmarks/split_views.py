@@ -19,7 +19,6 @@ Each view is DIR/STEM: symbolic links to the subject's files, and its own subjec
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from pathlib import Path
@@ -53,9 +52,10 @@ def split_for(n: int, n_test: int, kind: str, valid: np.ndarray) -> dict[str, li
 
 def make_view(src: Path, dst: Path, kind: str) -> dict:
     from headavatar.subjects.format import Subject
+    from headavatar.utils.io import write_json
 
     subj = Subject.open(src)
-    meta = json.loads((src / "subject.json").read_text())
+    meta = dict(subj.meta)
     n = subj.num_frames
     n_test = len(subj.split.get("test", []))
     valid = np.asarray(subj.tracking.valid, bool)
@@ -68,10 +68,8 @@ def make_view(src: Path, dst: Path, kind: str) -> dict:
         if not link.exists():
             os.symlink(p.resolve(), link)
     meta["split"] = split
-    meta.setdefault("notes", {})["split_view"] = {"source": str(src.resolve()), "split": kind}
-    tmp = dst / ".subject.json.tmp"
-    tmp.write_text(json.dumps(meta, indent=1))
-    os.replace(tmp, dst / "subject.json")
+    meta["notes"] = {**meta.get("notes", {}), "split_view": {"source": str(src.resolve()), "split": kind}}
+    write_json(dst / "subject.json", meta)
     Subject.open(dst)
     return {"subject": src.name, "frames": n, "train": len(split["train"]), "test": len(split["test"])}
 

@@ -76,6 +76,8 @@ def main() -> None:
             m["extras"] = {k: torch.zeros_like(v) for k, v in m["extras"].items()}
         return m
 
+    lpips_cache = LPIPSCache()  # unused (LPIPS off); score_batch takes one
+
     def score(frames, const: dict | None = None, per_frame: dict | None = None) -> float:
         rows, off = [], 0
         for b, tgt, idx, cams in batches(frames):
@@ -89,7 +91,7 @@ def main() -> None:
             off += len(idx)
             with torch.no_grad():
                 pred = av.render(p, cams)["rgb"].permute(0, 3, 1, 2)
-            rows.extend(score_batch("flashavatar", pred, b, tgt, av, LPIPSCache(), idx, False))
+            rows.extend(score_batch("flashavatar", pred, b, tgt, av, lpips_cache, idx, False))
         return aggregate(rows)["mean"]["psnr"]
 
     def pose_text(m: dict) -> str:
