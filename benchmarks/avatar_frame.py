@@ -31,7 +31,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from gaussian_parity import cuda_time  # noqa: E402  (CUDA-event median on the GPU, wall clock on the CPU)
+from gaussian_parity import _opt_value, cuda_time, use_triton_options  # noqa: E402  (CUDA-event median on the GPU, wall clock on the CPU)
 
 from headavatar.config import parse_set  # noqa: E402
 from headavatar.errors import UserError  # noqa: E402
@@ -140,8 +140,14 @@ def main(argv=None):
                    help="FlashAvatarConfig.shell_layers (default: the config's, as gaussian_parity.py --avatar)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="another FlashAvatarConfig field of the avatar (repeatable), e.g. neck_anchor=train_mean")
+    p.add_argument("--triton-opt", action="append", default=[], metavar="KEY=VALUE",
+                   help="a render_triton option for every triton render of the run (repeatable), e.g. seq_chunk=16")
     p.add_argument("--smoke", action="store_true", help="end to end on the CPU at tiny sizes (not a measurement)")
     args = p.parse_args(argv)
+    try:
+        use_triton_options({k: _opt_value(v) for k, v in (o.split("=", 1) for o in args.triton_opt)})
+    except ValueError:
+        p.error("--triton-opt takes KEY=VALUE")
     import getpass
 
     # inductor's cache dir (its default path), checked before torch._inductor is imported: the import creates it

@@ -44,9 +44,32 @@ def _fast_backend(name):
         from headavatar.render.gaussians.gsplat_backend import render_gsplat
 
         return render_gsplat
+    from headavatar.render.gaussians import GAUSSIAN_BACKENDS
+
+    return GAUSSIAN_BACKENDS.get("triton")
+
+
+def _opt_value(v: str):
+    """--triton-opt values: true/false, integers, else the string."""
+    if v.lower() in ("true", "false"):
+        return v.lower() == "true"
+    try:
+        return int(v)
+    except ValueError:
+        return v
+
+
+def use_triton_options(opts: dict) -> None:
+    """Register "triton" again with ``opts`` as its defaults, so that every render of this run
+    (parity cases, timings, the avatar frame, the training step) uses them."""
+    if not opts:
+        return
+    import functools
+
+    from headavatar.render.gaussians import register_backend
     from headavatar.render.gaussians.triton_backend import render_triton
 
-    return render_triton
+    register_backend("triton")(functools.partial(render_triton, **opts))
 
 PARAMS = ("means", "quats", "scales", "opacities", "colors")
 _T0 = time.time()
@@ -337,6 +360,54 @@ def sweep(args):
     return out
 
 
+# forward variants of the triton backend (issue 15, third pass): {} is the default of the code
+# timed; each row is timed forward-only and forward+backward (graph replays) and compared with it
+FWD_VARIANTS = [
+    {}, {"tile_cull": True}, {"key16": True}, {"prefetch": True},
+    {"seq_chunk": 8}, {"seq_chunk": 16}, {"seq_chunk": 32}, {"seq_chunk": 16, "num_warps": 8}, {"seq_chunk": 32, "num_warps": 8},
+    {"seq_chunk": 16, "tile_cull": True, "key16": True}, {"seq_chunk": 32, "num_warps": 8, "tile_cull": True, "key16": True},
+]
+
+
+def fwd_variants(args):
+    """Forward variants: graph-replay ms of forward and forward+backward per batch, pairs listed
+    after binning, and the image / gradient difference from the first row."""
+    from headavatar.render.gaussians import triton_backend as tb
+
+    out = []
+    for B in args.time_batches:
+        scene, bg = head_scene(B, args.time_n, args.res, args.res, 3, 1.0, 123, args.device)
+        ref = None
+        for kw in FWD_VARIANTS:
+            if time.time() - _T0 > args.budget:
+                print("[variants] stopped: --budget reached", flush=True)
+                return out
+            fwd, fwd_bwd = _frame_fns(tb.render_triton, scene, bg, args.res, args.res, 3, kw)
+            row = {"B": B, **kw}
+            try:
+                img = fwd().detach().clone()
+                grads = [g.detach().clone() for g in fwd_bwd()]
+                if ref is None:
+                    ref = (img, grads)
+                row["img_max_abs_vs_first"] = (img - ref[0]).abs().max().item()
+                row["grad_rel_vs_first"] = max(float((g - r).norm() / r.norm().clamp_min(1e-30)) for g, r in zip(grads, ref[1]))
+                sc = scene
+                with torch.no_grad():
+                    proj = tb._project_fused(sc["means"], sc["quats"], sc["scales"], sc["opacities"], sc["viewmats"], sc["Ks"],
+                                             args.res, args.res, 0.01, 1e10, 0.3)
+                    bins = tb._bin(proj, B, args.time_n, args.res, args.res, None, proj["params"].device, params=proj["params"],
+                                   cull=bool(kw.get("tile_cull")), key16=bool(kw.get("key16")))
+                    row["pairs_listed"] = int(bins["ranges"][-1] - bins["ranges"][0])
+                rep = graphed if torch.cuda.is_available() else (lambda f: f)  # --smoke: plain calls
+                row["fwd_ms"] = cuda_time(rep(fwd), max(20, 200 // B))["median_ms"]
+                row["fwd_bwd_ms"] = cuda_time(rep(fwd_bwd), max(20, 200 // B))["median_ms"]
+            except Exception as e:
+                row["error"] = f"{type(e).__name__}: {e}"[:300]
+            out.append(row)
+            print(f"[variants] {row}", flush=True)
+    return out
+
+
 def avatar_frame(args):
     """A whole FlashAvatar frame at the paper's size (random weights on a synthetic subject's
     head model): head model, MLP, assembly, SH colours and the triton rasteriser, eager and
@@ -507,6 +578,9 @@ def main(argv=None):
     p.add_argument("--batches", default=None, help="timing batch sizes, e.g. 1,16,64")
     p.add_argument("--sweep", action="store_true", help="also time the triton kernel's chunk/num_warps settings")
     p.add_argument("--avatar", action="store_true", help="also time a whole FlashAvatar frame (triton, one CUDA graph)")
+    p.add_argument("--fwd-variants", action="store_true", help="also time the triton forward variants (FWD_VARIANTS)")
+    p.add_argument("--triton-opt", action="append", default=[], metavar="KEY=VALUE",
+                   help="a render_triton option used by every triton render of the run (repeatable), e.g. seq_chunk=16")
     p.add_argument("--res", type=int, default=512, help="timing resolution (square)")
     p.add_argument("--budget", type=float, default=1e9, help="seconds after which the --sweep stops early")
     p.add_argument("--smoke", action="store_true",
@@ -516,6 +590,10 @@ def main(argv=None):
     args = p.parse_args(argv)
     args.time_batches = [int(b) for b in args.batches.split(",")] if args.batches else [1] if args.quick else [1, 16]
     args.avatar_cfg = {}
+    try:
+        args.topts = {k: _opt_value(v) for k, v in (o.split("=", 1) for o in args.triton_opt)}
+    except ValueError:
+        p.error("--triton-opt takes KEY=VALUE")
     if args.smoke:  # before triton is imported: the interpreter is chosen at import
         import os
 
@@ -547,7 +625,10 @@ def main(argv=None):
         args.device, args.other = "cuda", _fast_backend(args.backend)
         device = torch.cuda.get_device_name()
 
-    report = {"backend": args.backend, "version": version, "torch": torch.__version__, "device": device,
+    use_triton_options(args.topts)
+    if args.backend == "triton":
+        args.other = _fast_backend("triton")
+    report = {"backend": args.backend, "triton_options": args.topts, "version": version, "torch": torch.__version__, "device": device,
               "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
               "tolerances": {"exact": TOL_EXACT, "contract_clamp": TOL_CONTRACT}, "cases": []}
     t0 = time.time()
@@ -581,6 +662,8 @@ def main(argv=None):
         steps.append(("avatar", avatar_frame))
     if args.sweep:
         steps.append(("sweep", sweep))
+    if args.fwd_variants:
+        steps.append(("fwd_variants", fwd_variants))
     for key, fn in steps:
         try:
             report[key] = fn(args)

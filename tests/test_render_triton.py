@@ -35,7 +35,7 @@ from tests.test_render_gaussians import _scene  # noqa: E402
 PARAMS = ("means", "quats", "scales", "opacities", "colors")
 # options of the triton backend alone (speed only), not passed to the reference
 _TRITON_ONLY = ("chunk", "num_warps", "chunk_bwd", "num_warps_bwd", "fused_projection", "split_channels", "one_reduce",
-                "last_index", "packed_grads", "skip_empty")
+                "last_index", "packed_grads", "skip_empty", "tile_cull", "key16", "prefetch", "seq_chunk")
 # the backward's selectable variants (benchmarks/gaussian_parity.py --sweep times them)
 # the default backward is one_reduce + last_index + packed_grads; each other combination, the
 # plain one (all three off) included, must give the same gradients
@@ -145,12 +145,46 @@ def test_backward_variants(tb, variant):
     _parity(tb, sc, **{"chunk_bwd": 2, **variant})
 
 
+FWD_VARIANTS = [dict(tile_cull=True), dict(key16=True), dict(prefetch=True), dict(tile_cull=True, key16=True, prefetch=True),
+                dict(seq_chunk=4), dict(seq_chunk=8, tile_cull=True, num_warps=8),
+                dict(tile_cull=False, key16=False, prefetch=False, seq_chunk=0)]
+
+
+@pytest.mark.parametrize("variant", FWD_VARIANTS, ids=lambda v: "-".join(f"{k}={v[k]}" for k in v))
+def test_forward_variants(tb, variant):
+    # thin rotated Gaussians over six tiles: boxes meet tiles their ellipses miss (what tile_cull
+    # drops); pixels stop mid-chunk; each variant matches the reference and the others' output
+    sc = _scene(B=1, N=40, W=48, H=32, seed=12, spread=0.35, scale=(0.01, 0.03))
+    sc["scales"][..., 0] *= 5.0
+    ref, _ = _parity(tb, sc, chunk=2, **variant)
+    _parity(tb, _scene(B=1, N=40, W=16, H=16, seed=2, opacity=(0.85, 0.98), scale=(0.1, 0.2), spread=0.08), chunk=4,
+            alpha_max=0.97, **variant)
+    _parity(tb, _scene(B=2, N=30, W=20, H=13, sh_degree=3, seed=1), **variant)
+
+
+def test_tile_cull_drops_pairs_and_no_pixel(tb):
+    # the culled pairs are real (fewer listed per tile) and none of them held a kept pixel: the
+    # images with and without culling agree to rounding
+    sc = _f32(_scene(B=1, N=60, W=64, H=48, seed=12, spread=0.35, scale=(0.01, 0.03)))
+    sc["scales"][..., 0] *= 6.0
+    outs, listed = [], []
+    for cull in (False, True):
+        proj = tb._project_fused(sc["means"], sc["quats"], sc["scales"], sc["opacities"], sc["viewmats"], sc["Ks"], 64, 48,
+                                 0.01, 1e10, 0.3)
+        bins = tb._bin(proj, 1, 60, 64, 48, None, sc["means"].device, params=proj["params"], cull=cull)
+        listed.append(int(bins["ranges"][-1] - bins["ranges"][0]))
+        outs.append(tb.render_triton(**sc, tile_cull=cull))
+    assert listed[1] < 0.9 * listed[0], listed
+    assert (outs[0].rgb - outs[1].rgb).abs().max() <= 1e-6 and (outs[0].alpha - outs[1].alpha).abs().max() <= 1e-6
+
+
 def test_alpha_clamp(tb):
     sc = _scene(B=1, N=16, W=16, H=16, seed=3, opacity=(0.97, 1.0), scale=(0.08, 0.2), spread=0.1)
     _parity(tb, sc, alpha_max=0.95)
 
 
-@pytest.mark.parametrize("kw", [{}, dict(one_reduce=False, last_index=False, packed_grads=False, skip_empty=True)], ids=["default", "plain"])
+@pytest.mark.parametrize("kw", [{}, dict(one_reduce=False, last_index=False, packed_grads=False, skip_empty=True),
+                                dict(seq_chunk=8, tile_cull=True, key16=True)], ids=["default", "plain", "seq"])
 def test_overflow_falls_back_and_grows(tb, monkeypatch, kw):
     sc = _f32(_scene(B=2, N=25, W=16, H=16, seed=4))
     sc.update(kw)

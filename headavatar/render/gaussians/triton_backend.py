@@ -87,9 +87,49 @@ def interpreting() -> bool:
 
 
 @triton.jit
-def _emit_pairs_kernel(incl_ptr, order_ptr, rect_ptr, keys_ptr, gids_ptr, cap, G, N, TX, TPI,
-                       LOG_G: tl.constexpr, BLOCK: tl.constexpr):
-    """Pair p -> (tile key, Gaussian id); p >= total gets key INT32_MAX (sorts last)."""
+def _tile_reached(params_ptr, g, G, tx, ty, live, TS: tl.constexpr):
+    """Whether Gaussian g can reach alpha >= 1/255 at any pixel centre of tile (tx, ty): the
+    smallest sigma over the rectangle of the tile's pixel centres (a convex quadratic: 0 when the
+    mean's projection is inside, else its minimum over the four edges) against ln(255 o).  Exact
+    enough to be conservative: a continuous rectangle holds every pixel centre, and a margin
+    covers rounding, so dropping the pair changes no pixel."""
+    mx = tl.load(params_ptr + 0 * G + g, mask=live, other=0.0)
+    my = tl.load(params_ptr + 1 * G + g, mask=live, other=0.0)
+    ca = tl.load(params_ptr + 2 * G + g, mask=live, other=1.0)
+    cb = tl.load(params_ptr + 3 * G + g, mask=live, other=0.0)
+    cc = tl.load(params_ptr + 4 * G + g, mask=live, other=1.0)
+    op = tl.load(params_ptr + 5 * G + g, mask=live, other=1.0)
+    # offsets d = mean - pixel over the tile: [lo, hi] per axis
+    xlo = mx - ((tx * TS).to(tl.float32) + (TS - 0.5))
+    xhi = mx - ((tx * TS).to(tl.float32) + 0.5)
+    ylo = my - ((ty * TS).to(tl.float32) + (TS - 0.5))
+    yhi = my - ((ty * TS).to(tl.float32) + 0.5)
+    ca = tl.maximum(ca, 1e-12)
+    cc = tl.maximum(cc, 1e-12)
+    # edges x = xlo, xhi: the best y is -cb x / cc (clamped); edges y = ylo, yhi likewise
+    y1 = tl.minimum(tl.maximum(-cb * xlo / cc, ylo), yhi)
+    y2 = tl.minimum(tl.maximum(-cb * xhi / cc, ylo), yhi)
+    x3 = tl.minimum(tl.maximum(-cb * ylo / ca, xlo), xhi)
+    x4 = tl.minimum(tl.maximum(-cb * yhi / ca, xlo), xhi)
+    s1 = 0.5 * (ca * xlo * xlo + cc * y1 * y1) + cb * xlo * y1
+    s2 = 0.5 * (ca * xhi * xhi + cc * y2 * y2) + cb * xhi * y2
+    s3 = 0.5 * (ca * x3 * x3 + cc * ylo * ylo) + cb * x3 * ylo
+    s4 = 0.5 * (ca * x4 * x4 + cc * yhi * yhi) + cb * x4 * yhi
+    smin = tl.minimum(tl.minimum(s1, s2), tl.minimum(s3, s4))
+    inside = (xlo <= 0.0) & (xhi >= 0.0) & (ylo <= 0.0) & (yhi >= 0.0)
+    smin = tl.where(inside, 0.0, smin)
+    # alpha >= 1/255  <=>  sigma <= ln(255 o); the margin (relative and absolute) absorbs rounding
+    lim = tl.log(tl.maximum(op, 1e-30) * 255.0)
+    return smin <= lim + 1e-3 * tl.abs(lim) + 1e-3
+
+
+@triton.jit
+def _emit_pairs_kernel(incl_ptr, order_ptr, rect_ptr, params_ptr, keys_ptr, gids_ptr, cap, G, N, TX, TPI,
+                       LOG_G: tl.constexpr, BLOCK: tl.constexpr, CULL: tl.constexpr, KEY_MAX: tl.constexpr,
+                       TS: tl.constexpr):
+    """Pair p -> (tile key, Gaussian id); p >= total gets key KEY_MAX (sorts last, outside every
+    tile's range).  CULL: so does a pair whose Gaussian reaches no pixel of its tile with alpha >=
+    1/255 (a tile of the box that its ellipse misses): the tile programs then never visit it."""
     p = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     inb = p < cap
     total = tl.load(incl_ptr + G - 1)
@@ -117,7 +157,9 @@ def _emit_pairs_kernel(incl_ptr, order_ptr, rect_ptr, keys_ptr, gids_ptr, cap, G
     tx = tx0 + local % w
     ty = ty0 + local // w
     key = (g // N) * TPI + ty * TX + tx
-    key = tl.where(live, key, _INT32_MAX)
+    if CULL:
+        live = live & _tile_reached(params_ptr, g, G, tx, ty, live, TS)
+    key = tl.where(live, key, KEY_MAX)
     tl.store(keys_ptr + p, key, mask=inb)
     tl.store(gids_ptr + p, tl.where(live, g, 0), mask=inb)
 
@@ -132,10 +174,10 @@ def _load_rows6(ptr, G, idx, m5, m6):
 
 
 @triton.jit
-def _chunk_alpha(params_ptr, rect_ptr, ids_sorted_ptr, order_ptr, ovf, i, end, G, tx, ty, pxf, pyf, alpha_max,
-                 CH: tl.constexpr):
-    """Load a chunk of CH Gaussians of the tile's list (or, after an overflow, of the image's
-    depth order) and evaluate their alphas at the tile's pixels ([CH, PIX])."""
+def _chunk_load(params_ptr, feats_ptr, rect_ptr, ids_sorted_ptr, order_ptr, ovf, i, end, G, tx, ty,
+                CH: tl.constexpr, FEATS: tl.constexpr):
+    """Load a chunk of CH Gaussians of the tile's list (or, after an overflow, of the image's depth
+    order): ids, mask, the six projected parameters and (FEATS) the four features."""
     offs = i + tl.arange(0, CH)
     m = offs < end
     # the flag broadcast to the chunk explicitly (the interpreter rejects block & scalar masks)
@@ -151,12 +193,38 @@ def _chunk_alpha(params_ptr, rect_ptr, ids_sorted_ptr, order_ptr, ovf, i, end, G
     inrect = ~use_all | ((rx0 <= tx) & (tx <= rx1) & (ry0 <= ty) & (ty <= ry1))
     m = m & inrect
     mx, my, ca, cb, cc, op = _load_rows6(params_ptr, G, gid, m, m)
+    f0 = tl.zeros([CH], dtype=tl.float32)
+    f1 = tl.zeros([CH], dtype=tl.float32)
+    f2 = tl.zeros([CH], dtype=tl.float32)
+    f3 = tl.zeros([CH], dtype=tl.float32)
+    if FEATS:
+        f0 = tl.load(feats_ptr + gid * 4 + 0, mask=m, other=0.0)
+        f1 = tl.load(feats_ptr + gid * 4 + 1, mask=m, other=0.0)
+        f2 = tl.load(feats_ptr + gid * 4 + 2, mask=m, other=0.0)
+        f3 = tl.load(feats_ptr + gid * 4 + 3, mask=m, other=0.0)
+    return gid, m, mx, my, ca, cb, cc, op, f0, f1, f2, f3
+
+
+@triton.jit
+def _chunk_eval(m, mx, my, ca, cb, cc, op, pxf, pyf, alpha_max):
+    """A loaded chunk's alphas at the tile's pixels ([CH, PIX])."""
     dx = mx[:, None] - pxf[None, :]
     dy = my[:, None] - pyf[None, :]
     sigma = 0.5 * (ca[:, None] * dx * dx + cc[:, None] * dy * dy) + cb[:, None] * dx * dy
     og = op[:, None] * tl.exp(-sigma)
     alpha = tl.minimum(og, alpha_max)
     valid = m[:, None] & (alpha >= 1.0 / 255.0)
+    return dx, dy, og, alpha, valid
+
+
+@triton.jit
+def _chunk_alpha(params_ptr, rect_ptr, ids_sorted_ptr, order_ptr, ovf, i, end, G, tx, ty, pxf, pyf, alpha_max,
+                 CH: tl.constexpr):
+    """Load a chunk of CH Gaussians of the tile's list (or, after an overflow, of the image's
+    depth order) and evaluate their alphas at the tile's pixels ([CH, PIX])."""
+    gid, m, mx, my, ca, cb, cc, op, f0, f1, f2, f3 = _chunk_load(params_ptr, params_ptr, rect_ptr, ids_sorted_ptr, order_ptr,
+                                                                  ovf, i, end, G, tx, ty, CH, False)
+    dx, dy, og, alpha, valid = _chunk_eval(m, mx, my, ca, cb, cc, op, pxf, pyf, alpha_max)
     return gid, m, dx, dy, og, alpha, valid, ca, cb, cc, op
 
 
@@ -183,11 +251,13 @@ def _tile_setup(ranges_ptr, ovf_ptr, N, W, H, TX, TPI, TS: tl.constexpr):
 def _raster_fwd_kernel(params_ptr, feats_ptr, rect_ptr, ids_sorted_ptr, order_ptr, ranges_ptr, ovf_ptr,
                        out_ptr, tfin_ptr, last_ptr, G, N, W, H, TX, TPI, alpha_max,
                        DP: tl.constexpr, CH: tl.constexpr, TS: tl.constexpr, SPLIT: tl.constexpr,
-                       LAST: tl.constexpr):
+                       LAST: tl.constexpr, PREFETCH: tl.constexpr):
     # SPLIT (DP == 4: RGB + depth): one [PIX] accumulator per channel instead of a
     # [CH, PIX, DP] product, which keeps fewer values in registers.
     # LAST: also store per pixel 1 + the list position of its last kept pair (0: none), for the
     # backward's LAST mode
+    # PREFETCH (needs SPLIT): the next chunk's ids, parameters and features are loaded before this
+    # chunk is composited, so that their latency overlaps the arithmetic
     img, tx, ty, px, py, inb, pxf, pyf, ovf, start, end = _tile_setup(ranges_ptr, ovf_ptr, N, W, H, TX, TPI, TS)
     chan = tl.arange(0, DP)
 
@@ -200,9 +270,18 @@ def _raster_fwd_kernel(params_ptr, feats_ptr, rect_ptr, ids_sorted_ptr, order_pt
     acc3 = tl.zeros([TS * TS], dtype=tl.float32)
     lastp = tl.zeros([TS * TS], dtype=tl.int32)
     i = start
+    if PREFETCH:
+        n_gid, n_m, n_mx, n_my, n_ca, n_cb, n_cc, n_op, n_f0, n_f1, n_f2, n_f3 = _chunk_load(
+            params_ptr, feats_ptr, rect_ptr, ids_sorted_ptr, order_ptr, ovf, i, end, G, tx, ty, CH, True)
     while i < end:
-        gid, m, dx, dy, og, alpha, valid, ca, cb, cc, op = _chunk_alpha(
-            params_ptr, rect_ptr, ids_sorted_ptr, order_ptr, ovf, i, end, G, tx, ty, pxf, pyf, alpha_max, CH)
+        if PREFETCH:
+            gid, m, mx, my, ca, cb, cc, op, c0, c1, c2, c3 = n_gid, n_m, n_mx, n_my, n_ca, n_cb, n_cc, n_op, n_f0, n_f1, n_f2, n_f3
+            n_gid, n_m, n_mx, n_my, n_ca, n_cb, n_cc, n_op, n_f0, n_f1, n_f2, n_f3 = _chunk_load(
+                params_ptr, feats_ptr, rect_ptr, ids_sorted_ptr, order_ptr, ovf, i + CH, end, G, tx, ty, CH, True)
+            dx, dy, og, alpha, valid = _chunk_eval(m, mx, my, ca, cb, cc, op, pxf, pyf, alpha_max)
+        else:
+            gid, m, dx, dy, og, alpha, valid, ca, cb, cc, op = _chunk_alpha(
+                params_ptr, rect_ptr, ids_sorted_ptr, order_ptr, ovf, i, end, G, tx, ty, pxf, pyf, alpha_max, CH)
         valid = valid & ~done[None, :]
         f = tl.where(valid, 1.0 - alpha, 1.0)
         P = T[None, :] * tl.cumprod(f, axis=0)  # transmittance after each pair
@@ -211,7 +290,12 @@ def _raster_fwd_kernel(params_ptr, feats_ptr, rect_ptr, ids_sorted_ptr, order_pt
             pos1 = i + 1 + tl.arange(0, CH)
             lastp = tl.maximum(lastp, tl.max(tl.where(keep, pos1[:, None], 0), axis=0))
         w = tl.where(keep, alpha * (P / f), 0.0)
-        if SPLIT:
+        if PREFETCH:
+            acc0 += tl.sum(w * c0[:, None], axis=0)
+            acc1 += tl.sum(w * c1[:, None], axis=0)
+            acc2 += tl.sum(w * c2[:, None], axis=0)
+            acc3 += tl.sum(w * c3[:, None], axis=0)
+        elif SPLIT:
             acc0 += tl.sum(w * tl.load(feats_ptr + gid * 4 + 0, mask=m, other=0.0)[:, None], axis=0)
             acc1 += tl.sum(w * tl.load(feats_ptr + gid * 4 + 1, mask=m, other=0.0)[:, None], axis=0)
             acc2 += tl.sum(w * tl.load(feats_ptr + gid * 4 + 2, mask=m, other=0.0)[:, None], axis=0)
@@ -232,6 +316,77 @@ def _raster_fwd_kernel(params_ptr, feats_ptr, rect_ptr, ids_sorted_ptr, order_pt
         tl.store(out_ptr + pix * 4 + 3, acc3, mask=inb)
     else:
         tl.store(out_ptr + pix[:, None] * DP + chan[None, :], acc, mask=inb[:, None])
+    tl.store(tfin_ptr + pix, T, mask=inb)
+    if LAST:
+        tl.store(last_ptr + pix, lastp, mask=inb)
+
+
+@triton.jit
+def _raster_fwd_seq_kernel(params_ptr, feats_ptr, rect_ptr, ids_sorted_ptr, order_ptr, ranges_ptr, ovf_ptr,
+                           out_ptr, tfin_ptr, last_ptr, G, N, W, H, TX, TPI, alpha_max,
+                           CH: tl.constexpr, TS: tl.constexpr, LAST: tl.constexpr):
+    """The forward with the pairs taken one at a time (four channels: RGB + depth).
+
+    Every value is per pixel ([PIX] vectors): each Gaussian's parameters are scalar loads that all
+    threads share, the transmittance is updated pair by pair as the reference does, and no value
+    crosses threads except the tile's "all done" test once per CH pairs.  The [CH, PIX] kernel
+    above needs a scan and five reductions across the chunk axis per chunk instead."""
+    img, tx, ty, px, py, inb, pxf, pyf, ovf, start, end = _tile_setup(ranges_ptr, ovf_ptr, N, W, H, TX, TPI, TS)
+    T = tl.full([TS * TS], 1.0, tl.float32)
+    done = ~inb
+    acc0 = tl.zeros([TS * TS], dtype=tl.float32)
+    acc1 = tl.zeros([TS * TS], dtype=tl.float32)
+    acc2 = tl.zeros([TS * TS], dtype=tl.float32)
+    acc3 = tl.zeros([TS * TS], dtype=tl.float32)
+    lastp = tl.zeros([TS * TS], dtype=tl.int32)
+    use_all = ovf != 0
+    i = start
+    while i < end:
+        for k in tl.static_range(CH):
+            j = i + k
+            mj = j < end
+            gid = tl.where(use_all, tl.load(order_ptr + j, mask=mj & use_all, other=0),
+                           tl.load(ids_sorted_ptr + j, mask=mj & ~use_all, other=0))
+            if use_all:  # after an overflow: every Gaussian of the image, those whose box meets this tile
+                rx0 = tl.load(rect_ptr + gid * 4 + 0, mask=mj, other=1)
+                ry0 = tl.load(rect_ptr + gid * 4 + 1, mask=mj, other=1)
+                rx1 = tl.load(rect_ptr + gid * 4 + 2, mask=mj, other=0)
+                ry1 = tl.load(rect_ptr + gid * 4 + 3, mask=mj, other=0)
+                mj = mj & (rx0 <= tx) & (tx <= rx1) & (ry0 <= ty) & (ty <= ry1)
+            mx = tl.load(params_ptr + 0 * G + gid, mask=mj, other=0.0)
+            my = tl.load(params_ptr + 1 * G + gid, mask=mj, other=0.0)
+            ca = tl.load(params_ptr + 2 * G + gid, mask=mj, other=0.0)
+            cb = tl.load(params_ptr + 3 * G + gid, mask=mj, other=0.0)
+            cc = tl.load(params_ptr + 4 * G + gid, mask=mj, other=0.0)
+            op = tl.load(params_ptr + 5 * G + gid, mask=mj, other=0.0)  # 0: alpha 0, never valid
+            f0 = tl.load(feats_ptr + gid * 4 + 0, mask=mj, other=0.0)
+            f1 = tl.load(feats_ptr + gid * 4 + 1, mask=mj, other=0.0)
+            f2 = tl.load(feats_ptr + gid * 4 + 2, mask=mj, other=0.0)
+            f3 = tl.load(feats_ptr + gid * 4 + 3, mask=mj, other=0.0)
+            dx = mx - pxf
+            dy = my - pyf
+            sigma = 0.5 * (ca * dx * dx + cc * dy * dy) + cb * dx * dy
+            alpha = tl.minimum(op * tl.exp(-sigma), alpha_max)
+            valid = (alpha >= 1.0 / 255.0) & ~done
+            tn = T * (1.0 - alpha)
+            keep = valid & (tn > _T_MIN)
+            w = tl.where(keep, alpha * T, 0.0)
+            acc0 += w * f0
+            acc1 += w * f1
+            acc2 += w * f2
+            acc3 += w * f3
+            T = tl.where(keep, tn, T)
+            done = done | (valid & (tn <= _T_MIN))
+            if LAST:
+                lastp = tl.where(keep, j + 1, lastp)
+        all_done = tl.sum((~done).to(tl.int32), axis=0) == 0
+        i = tl.where(all_done, end, i + CH)
+
+    pix = (img * H + py) * W + px
+    tl.store(out_ptr + pix * 4 + 0, acc0, mask=inb)
+    tl.store(out_ptr + pix * 4 + 1, acc1, mask=inb)
+    tl.store(out_ptr + pix * 4 + 2, acc2, mask=inb)
+    tl.store(out_ptr + pix * 4 + 3, acc3, mask=inb)
     tl.store(tfin_ptr + pix, T, mask=inb)
     if LAST:
         tl.store(last_ptr + pix, lastp, mask=inb)
@@ -981,8 +1136,12 @@ class _SH(torch.autograd.Function):
 # ----------------------------------------------------------------------------- binning
 
 
-def _bin(proj, B, N, W, H, state: _Capacity | None, device):
-    """Depth order per image, the pair buffer sorted by tile, tile ranges and the overflow flag."""
+def _bin(proj, B, N, W, H, state: _Capacity | None, device, params=None, cull: bool = False, key16: bool = False):
+    """Depth order per image, the pair buffer sorted by tile, tile ranges and the overflow flag.
+
+    ``cull`` (needs ``params``, [6, G]): pairs whose Gaussian reaches no pixel of the tile are sent
+    past the last tile's range.  ``key16``: tile keys sorted as int16 where they fit (half the radix
+    passes of int32)."""
     G = B * N
     TXn, TYn = (W + TILE - 1) // TILE, (H + TILE - 1) // TILE
     TPI = TXn * TYn
@@ -1002,14 +1161,18 @@ def _bin(proj, B, N, W, H, state: _Capacity | None, device):
         cap = state.cap
         torch.maximum(state.need, total, out=state.need)
         ovf = (total > cap).to(torch.int32).reshape(1)
-        keys = torch.empty(cap, dtype=torch.int32, device=device)
+        short = key16 and B * TPI < 2**15 - 1
+        kdt, kmax = (torch.int16, 2**15 - 1) if short else (torch.int32, 2**31 - 1)
+        keys = torch.empty(cap, dtype=kdt, device=device)
         gids = torch.empty(cap, dtype=torch.int32, device=device)
+        cull = cull and params is not None
         BLOCK = 256
-        _emit_pairs_kernel[(triton.cdiv(cap, BLOCK),)](incl, order, proj["rect"], keys, gids, cap, G, N, TXn, TPI,
-                                                        LOG_G=max(1, math.ceil(math.log2(G + 1))), BLOCK=BLOCK)
+        _emit_pairs_kernel[(triton.cdiv(cap, BLOCK),)](incl, order, proj["rect"], params if cull else incl, keys, gids, cap, G, N,
+                                                        TXn, TPI, LOG_G=max(1, math.ceil(math.log2(G + 1))), BLOCK=BLOCK,
+                                                        CULL=cull, KEY_MAX=kmax, TS=TILE)
         skeys, perm = torch.sort(keys, stable=True)
         ids_sorted = gids.index_select(0, perm)
-        ranges = torch.searchsorted(skeys, torch.arange(B * TPI + 1, dtype=torch.int32, device=device)).to(torch.int32)
+        ranges = torch.searchsorted(skeys, torch.arange(B * TPI + 1, dtype=kdt, device=device)).to(torch.int32)
     return dict(order=order, ids=ids_sorted, ranges=ranges, ovf=ovf, rect=proj["rect"], TX=TXn, TPI=TPI, state=state)
 
 
@@ -1024,7 +1187,7 @@ class _Raster(torch.autograd.Function):
     """params [6,G] (mx, my, A, B, C, opacity), feats [G,DP] -> out [B*H*W, DP], T_final [B*H*W]."""
 
     @staticmethod
-    def forward(ctx, params, feats, bins, B, N, W, H, alpha_max, chunk, num_warps, split, bwd_cfg):
+    def forward(ctx, params, feats, bins, B, N, W, H, alpha_max, chunk, num_warps, split, prefetch, seq_chunk, bwd_cfg):
         G, DP = feats.shape
         dev = feats.device
         out = torch.empty(B * H * W, DP, dtype=torch.float32, device=dev)
@@ -1034,9 +1197,15 @@ class _Raster(torch.autograd.Function):
         lastpos = torch.empty(B * H * W if last else 1, dtype=torch.int32, device=dev)
         params, feats = params.contiguous(), feats.contiguous()
         grid = (B * bins["TPI"],)
-        _raster_fwd_kernel[grid](params, feats, bins["rect"], bins["ids"], bins["order"], bins["ranges"], bins["ovf"],
-                                 out, tfin, lastpos, G, N, W, H, bins["TX"], bins["TPI"], alpha_max,
-                                 DP=DP, CH=chunk, TS=TILE, SPLIT=split, LAST=last, num_warps=num_warps)
+        if seq_chunk and DP == 4:
+            _raster_fwd_seq_kernel[grid](params, feats, bins["rect"], bins["ids"], bins["order"], bins["ranges"], bins["ovf"],
+                                         out, tfin, lastpos, G, N, W, H, bins["TX"], bins["TPI"], alpha_max,
+                                         CH=seq_chunk, TS=TILE, LAST=last, num_warps=num_warps)
+        else:
+            _raster_fwd_kernel[grid](params, feats, bins["rect"], bins["ids"], bins["order"], bins["ranges"], bins["ovf"],
+                                     out, tfin, lastpos, G, N, W, H, bins["TX"], bins["TPI"], alpha_max,
+                                     DP=DP, CH=chunk, TS=TILE, SPLIT=split, LAST=last, PREFETCH=split and prefetch,
+                                     num_warps=num_warps)
         ctx.save_for_backward(params, feats, bins["rect"], bins["ids"], bins["order"], bins["ranges"], bins["ovf"], out, tfin,
                               lastpos)
         ctx.meta = (B, N, W, H, bins["TX"], bins["TPI"], alpha_max, bwd_cfg[0], bwd_cfg[1], split, bwd_cfg[2], last,
@@ -1066,7 +1235,7 @@ class _Raster(torch.autograd.Function):
         if packed:
             gparams = gpack[:, :6].t().contiguous()
             gfeats = gpack[:, 6:10].contiguous()
-        return gparams, gfeats, None, None, None, None, None, None, None, None, None, None
+        return gparams, gfeats, None, None, None, None, None, None, None, None, None, None, None, None
 
 
 # ----------------------------------------------------------------------------- entry point
@@ -1086,7 +1255,8 @@ def render_triton(means, quats, scales, opacities, colors, viewmats, Ks, width: 
                   sh_degree: int | None = None, backgrounds=None, near: float = NEAR, far: float = FAR,
                   eps2d: float = EPS2D, alpha_max: float = ALPHA_MAX, chunk: int = 8, num_warps: int = 4, chunk_bwd: int = 8,
                   num_warps_bwd: int = 4, fused_projection: bool = True, split_channels: bool = True, one_reduce: bool = True,
-                  last_index: bool = True, packed_grads: bool = True, skip_empty: bool = False, **kw) -> RenderOutput:
+                  last_index: bool = True, packed_grads: bool = True, skip_empty: bool = False, tile_cull: bool = False,
+                  key16: bool = False, prefetch: bool = False, seq_chunk: int = 0, **kw) -> RenderOutput:
     """Render B frames with the Triton tile rasteriser; same arguments as ``render_torch``.
 
     ``chunk`` (Gaussians composited per step of a tile program, a power of two) and
@@ -1104,6 +1274,14 @@ def render_triton(means, quats, scales, opacities, colors, viewmats, Ks, width: 
     reduction per chunk).  All of these: same results, speed only.  Defaults: one_reduce +
     last_index + packed_grads on, skip_empty off — the fastest backward of the H100 sweep of
     2026-12-06 (batch 16 forward+backward 17.5 -> 11.0 ms; docs/BENCHMARKS.md).
+    Forward and binning variants (same images and gradients up to float rounding, speed only):
+    ``tile_cull`` drops the (Gaussian, tile) pairs of a box whose tile the Gaussian's ellipse
+    misses (no pixel of the tile reaches alpha 1/255; 17-19 % of the pairs of a head), so both
+    passes walk shorter lists; ``key16`` sorts the tile keys as int16 where they fit (B * tiles <
+    32767); ``prefetch`` loads the forward's next chunk before compositing this one;
+    ``seq_chunk`` > 0 (with RGB colours) composites the pairs one at a time with per-pixel values
+    only, CH = seq_chunk pairs between the tile's "all done" tests, instead of the [chunk, pixels]
+    blocks of the default forward.
     """
     unknown = set(kw) - _FOREIGN_OPTIONS
     if unknown:
@@ -1136,7 +1314,7 @@ def render_triton(means, quats, scales, opacities, colors, viewmats, Ks, width: 
     eager = not _capturing(dev)
     if state is not None and eager:
         state.poll()
-    bins = _bin(proj, B, N, width, height, state, dev)
+    bins = _bin(proj, B, N, width, height, state, dev, params=params, cull=tile_cull, key16=key16)
     if eager:
         bins["state"].post()
 
@@ -1152,7 +1330,7 @@ def render_triton(means, quats, scales, opacities, colors, viewmats, Ks, width: 
     feats = torch.cat(parts, 1)
     bwd_cfg = (int(chunk_bwd), int(num_warps_bwd), bool(one_reduce), bool(last_index), bool(packed_grads), bool(skip_empty))
     out, tfin = _Raster.apply(params, feats, bins, B, N, width, height, float(alpha_max), int(chunk), int(num_warps),
-                              bool(split_channels and DP == 4), bwd_cfg)
+                              bool(split_channels and DP == 4), bool(prefetch), int(seq_chunk), bwd_cfg)
     out = out.view(B, height, width, DP)
     alpha = (1.0 - tfin).view(B, height, width, 1)
     rgb = out[..., :D]
