@@ -347,12 +347,14 @@ def _raster_fwd_seq_kernel(params_ptr, feats_ptr, rect_ptr, ids_sorted_ptr, orde
             mj = j < end
             gid = tl.where(use_all, tl.load(order_ptr + j, mask=mj & use_all, other=0),
                            tl.load(ids_sorted_ptr + j, mask=mj & ~use_all, other=0))
-            if use_all:  # after an overflow: every Gaussian of the image, those whose box meets this tile
-                rx0 = tl.load(rect_ptr + gid * 4 + 0, mask=mj, other=1)
-                ry0 = tl.load(rect_ptr + gid * 4 + 1, mask=mj, other=1)
-                rx1 = tl.load(rect_ptr + gid * 4 + 2, mask=mj, other=0)
-                ry1 = tl.load(rect_ptr + gid * 4 + 3, mask=mj, other=0)
-                mj = mj & (rx0 <= tx) & (tx <= rx1) & (ry0 <= ty) & (ty <= ry1)
+            # after an overflow: every Gaussian of the image, those whose box meets this tile (masks,
+            # not a branch: a branch per pair keeps the compiler from issuing the chunk's loads early)
+            ma = mj & use_all
+            rx0 = tl.load(rect_ptr + gid * 4 + 0, mask=ma, other=0)
+            ry0 = tl.load(rect_ptr + gid * 4 + 1, mask=ma, other=0)
+            rx1 = tl.load(rect_ptr + gid * 4 + 2, mask=ma, other=0)
+            ry1 = tl.load(rect_ptr + gid * 4 + 3, mask=ma, other=0)
+            mj = mj & (~use_all | ((rx0 <= tx) & (tx <= rx1) & (ry0 <= ty) & (ty <= ry1)))
             mx = tl.load(params_ptr + 0 * G + gid, mask=mj, other=0.0)
             my = tl.load(params_ptr + 1 * G + gid, mask=mj, other=0.0)
             ca = tl.load(params_ptr + 2 * G + gid, mask=mj, other=0.0)
