@@ -366,6 +366,7 @@ FWD_VARIANTS = [
     {}, {"tile_cull": True}, {"key16": True}, {"prefetch": True},
     {"seq_chunk": 8}, {"seq_chunk": 16}, {"seq_chunk": 32}, {"seq_chunk": 16, "num_warps": 8}, {"seq_chunk": 32, "num_warps": 8},
     {"seq_chunk": 16, "tile_cull": True, "key16": True}, {"seq_chunk": 32, "num_warps": 8, "tile_cull": True, "key16": True},
+    {"seq_chunk": 8, "tile_cull": True, "key16": True},
 ]
 
 
