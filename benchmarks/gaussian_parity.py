@@ -360,13 +360,15 @@ def sweep(args):
     return out
 
 
-# forward variants of the triton backend (issue 15, third pass): {} is the default of the code
-# timed; each row is timed forward-only and forward+backward (graph replays) and compared with it
+# forward variants of the triton backend (issue 15, third pass), every flag explicit so that a row
+# means the same whatever the defaults: the first row is the forward before the pass (the baseline
+# each row is compared with), the last the default since (tile_cull + key16 + prefetch)
+_OFF = {"tile_cull": False, "key16": False, "prefetch": False, "seq_chunk": 0}
 FWD_VARIANTS = [
-    {}, {"tile_cull": True}, {"key16": True}, {"prefetch": True},
-    {"seq_chunk": 8}, {"seq_chunk": 16}, {"seq_chunk": 32}, {"seq_chunk": 16, "num_warps": 8}, {"seq_chunk": 32, "num_warps": 8},
-    {"seq_chunk": 16, "tile_cull": True, "key16": True}, {"seq_chunk": 32, "num_warps": 8, "tile_cull": True, "key16": True},
-    {"seq_chunk": 8, "tile_cull": True, "key16": True},
+    _OFF, {**_OFF, "tile_cull": True}, {**_OFF, "key16": True}, {**_OFF, "prefetch": True},
+    {**_OFF, "seq_chunk": 8}, {**_OFF, "seq_chunk": 16}, {**_OFF, "seq_chunk": 32}, {**_OFF, "seq_chunk": 16, "num_warps": 8},
+    {**_OFF, "seq_chunk": 32, "num_warps": 8}, {**_OFF, "seq_chunk": 16, "tile_cull": True, "key16": True},
+    {**_OFF, "seq_chunk": 8, "tile_cull": True, "key16": True}, {**_OFF, "prefetch": True, "tile_cull": True, "key16": True},
 ]
 
 

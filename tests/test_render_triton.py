@@ -145,9 +145,9 @@ def test_backward_variants(tb, variant):
     _parity(tb, sc, **{"chunk_bwd": 2, **variant})
 
 
-FWD_VARIANTS = [dict(tile_cull=True), dict(key16=True), dict(prefetch=True), dict(tile_cull=True, key16=True, prefetch=True),
-                dict(seq_chunk=4), dict(seq_chunk=8, tile_cull=True, num_warps=8),
-                dict(tile_cull=False, key16=False, prefetch=False, seq_chunk=0)]
+# the default forward is tile_cull + key16 + prefetch; each alone, none, and the one-pair-at-a-time forward
+FWD_VARIANTS = [dict(tile_cull=False), dict(key16=False), dict(prefetch=False), dict(tile_cull=False, key16=False, prefetch=False),
+                dict(seq_chunk=4), dict(seq_chunk=8, tile_cull=True, num_warps=8), dict(seq_chunk=8, tile_cull=False, key16=False)]
 
 
 @pytest.mark.parametrize("variant", FWD_VARIANTS, ids=lambda v: "-".join(f"{k}={v[k]}" for k in v))
@@ -184,7 +184,7 @@ def test_alpha_clamp(tb):
 
 
 @pytest.mark.parametrize("kw", [{}, dict(one_reduce=False, last_index=False, packed_grads=False, skip_empty=True),
-                                dict(seq_chunk=8, tile_cull=True, key16=True)], ids=["default", "plain", "seq"])
+                                dict(seq_chunk=8, tile_cull=False, key16=False, prefetch=False)], ids=["default", "plain", "seq"])
 def test_overflow_falls_back_and_grows(tb, monkeypatch, kw):
     sc = _f32(_scene(B=2, N=25, W=16, H=16, seed=4))
     sc.update(kw)
@@ -194,13 +194,21 @@ def test_overflow_falls_back_and_grows(tb, monkeypatch, kw):
     state = tb._CAPS[key]
     need = int(state.need)
     assert need > 8 and state.cap >= need
+    # on CUDA the call above posted an asynchronous copy of its need: let it land and be read now,
+    # so that the next call's poll does not grow the buffer back before it overflows
+    if state.need.device.type == "cuda":
+        torch.cuda.synchronize()
+    state.poll()
     state.cap = 8  # far too small: the binning overflows, tiles walk all Gaussians instead
+    gen = tb.generation()
     small = tb.render_triton(**sc)
     assert torch.allclose(small.rgb, base.rgb, atol=1e-6) and torch.allclose(small.alpha, base.alpha, atol=1e-6)
     sc_g = {k: (v.clone().requires_grad_(k == "means") if torch.is_tensor(v) else v) for k, v in sc.items()}
     tb.render_triton(**sc_g).rgb.sum().backward()
     g_small = sc_g["means"].grad
-    assert tb.check_overflow() and state.cap >= need  # grown off the hot path
+    # grown off the hot path: by this check, or on CUDA already by a later call's asynchronous poll
+    grew = tb.check_overflow()
+    assert state.cap >= need and tb.generation() > gen and (grew or state.need.device.type == "cuda")
     sc_g["means"].grad = None
     tb.render_triton(**sc_g).rgb.sum().backward()
     assert torch.allclose(g_small, sc_g["means"].grad, rtol=1e-4, atol=1e-6)
