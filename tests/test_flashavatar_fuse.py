@@ -50,7 +50,7 @@ def test_compiled_frame_matches_eager(avatar):
     params = tr.params(idx)
     cams = tr.cameras(idx, avatar.subject.height, avatar.subject.width).resized(*avatar.size)
     with torch.no_grad():
-        g_ref = avatar._pre_raster(params, cams.viewmats)
+        g_ref = avatar._gaussians_rgb(params, cams.viewmats)  # what the compiled part computes, eagerly
     ref = avatar.render(params, cams)
     from torch._dynamo.utils import counters
 
@@ -107,7 +107,8 @@ def test_unfused_frame_stays_few_operations(avatar):
     batch 1.  benchmarks/frame_ops.py counts them (views excluded); 298 before 2026-12-07's rewrites of
     the SH basis, the rotations and the condition joints, 156 after, 131 since the condition reuses the
 joints' matrices of the head model's forward and the kinematic chain is built from whole tensors (this
-small avatar: 125).  A change that needs more must say so here."""
+small avatar: 125), 114 since the SH colours are left to the rasteriser (Triton's fused kernel) instead
+of 17 torch operations (this avatar: 108).  A change that needs more must say so here."""
     import importlib.util
     from pathlib import Path
 
@@ -117,5 +118,5 @@ small avatar: 125).  A change that needs more must say so here."""
     res = mod.frame_ops(avatar)
     assert res["total"] == sum(res["by_function"].values()) == sum(res["by_op"].values())
     assert "(outside headavatar)" not in res["by_function"]
-    assert res["by_function"]["render/gaussians/sh.py:sh_basis"] <= 10
-    assert res["total"] <= 140, res["by_function"]
+    assert not any(k.startswith("render/gaussians/sh.py") for k in res["by_function"])  # the rasteriser's job
+    assert res["total"] <= 120, res["by_function"]

@@ -67,12 +67,19 @@ class FlashAvatarAvatar:
         if mode not in FUSE_FRAME_MODES:
             raise UserError(f"fuse_frame must be one of {FUSE_FRAME_MODES}, got {mode!r}")
         self._fuse_frame = mode
-        self._pre_raster = self._gaussians_rgb if mode == "off" else compile_frame_part(self._gaussians_rgb, self.fuse_compile_mode)
+        # unfused, the SH colours are left to the rasteriser (Triton's is one fused kernel, where torch ops
+        # would be 17 graph nodes); inductor fuses them with the rest when compiling
+        self._pre_raster = self._gaussians_sh if mode == "off" else compile_frame_part(self._gaussians_rgb, self.fuse_compile_mode)
         # graphs captured with the other mode are dropped: a new mode captures again
         self._graphed = CudaGraphed(self._pre_raster)
         # with the triton rasteriser (no host sync) the whole frame, rasterisation included, is one graph
         self._graphed_frame = CudaGraphed(self._frame)
         self._frame_generation = None
+
+    def _gaussians_sh(self, params: FrameParams, viewmats: torch.Tensor) -> dict:
+        """The frame's Gaussians with their SH coefficients up to the rendered degree (``viewmats``
+        unused: the same signature as ``_gaussians_rgb``)."""
+        return self.gaussians(params)
 
     def _gaussians_rgb(self, params: FrameParams, viewmats: torch.Tensor) -> dict:
         cond, verts = self.model.frame_inputs(params)
