@@ -362,13 +362,15 @@ def sweep(args):
 
 # forward variants of the triton backend (issue 15, third pass), every flag explicit so that a row
 # means the same whatever the defaults: the first row is the forward before the pass (the baseline
-# each row is compared with), the last the default since (tile_cull + key16 + prefetch)
+# each row is compared with), the second last the default since (tile_cull + key16 + prefetch)
 _OFF = {"tile_cull": False, "key16": False, "prefetch": False, "seq_chunk": 0}
 FWD_VARIANTS = [
     _OFF, {**_OFF, "tile_cull": True}, {**_OFF, "key16": True}, {**_OFF, "prefetch": True},
     {**_OFF, "seq_chunk": 8}, {**_OFF, "seq_chunk": 16}, {**_OFF, "seq_chunk": 32}, {**_OFF, "seq_chunk": 16, "num_warps": 8},
     {**_OFF, "seq_chunk": 32, "num_warps": 8}, {**_OFF, "seq_chunk": 16, "tile_cull": True, "key16": True},
     {**_OFF, "seq_chunk": 8, "tile_cull": True, "key16": True}, {**_OFF, "prefetch": True, "tile_cull": True, "key16": True},
+    # the backward's prefetch on top of the default forward (timed by the forward + backward column)
+    {**_OFF, "prefetch": True, "tile_cull": True, "key16": True, "prefetch_bwd": True},
 ]
 
 

@@ -35,13 +35,14 @@ from tests.test_render_gaussians import _scene  # noqa: E402
 PARAMS = ("means", "quats", "scales", "opacities", "colors")
 # options of the triton backend alone (speed only), not passed to the reference
 _TRITON_ONLY = ("chunk", "num_warps", "chunk_bwd", "num_warps_bwd", "fused_projection", "split_channels", "one_reduce",
-                "last_index", "packed_grads", "skip_empty", "tile_cull", "key16", "prefetch", "seq_chunk")
+                "last_index", "packed_grads", "skip_empty", "tile_cull", "key16", "prefetch", "seq_chunk", "prefetch_bwd")
 # the backward's selectable variants (benchmarks/gaussian_parity.py --sweep times them)
 # the default backward is one_reduce + last_index + packed_grads; each other combination, the
 # plain one (all three off) included, must give the same gradients
 BWD_VARIANTS = [dict(one_reduce=False, last_index=False, packed_grads=False), dict(last_index=False), dict(packed_grads=False, one_reduce=False),
                 dict(one_reduce=False),
-                dict(skip_empty=True), dict(last_index=True, packed_grads=True, chunk_bwd=4, skip_empty=True)]
+                dict(skip_empty=True), dict(last_index=True, packed_grads=True, chunk_bwd=4, skip_empty=True),
+                dict(prefetch_bwd=True), dict(prefetch_bwd=True, last_index=False, packed_grads=False, skip_empty=True)]
 
 
 @pytest.fixture(scope="module")
@@ -184,7 +185,8 @@ def test_alpha_clamp(tb):
 
 
 @pytest.mark.parametrize("kw", [{}, dict(one_reduce=False, last_index=False, packed_grads=False, skip_empty=True),
-                                dict(seq_chunk=8, tile_cull=False, key16=False, prefetch=False)], ids=["default", "plain", "seq"])
+                                dict(seq_chunk=8, tile_cull=False, key16=False, prefetch=False, prefetch_bwd=True)],
+                         ids=["default", "plain", "seq"])
 def test_overflow_falls_back_and_grows(tb, monkeypatch, kw):
     sc = _f32(_scene(B=2, N=25, W=16, H=16, seed=4))
     sc.update(kw)

@@ -409,7 +409,10 @@ def _raster_bwd_kernel(params_ptr, feats_ptr, rect_ptr, ids_sorted_ptr, order_pt
                        out_ptr, tfin_ptr, last_ptr, gout_ptr, gt_ptr, gparams_ptr, gfeats_ptr, gpack_ptr,
                        G, N, W, H, TX, TPI, alpha_max,
                        DP: tl.constexpr, CH: tl.constexpr, TS: tl.constexpr, SPLIT: tl.constexpr,
-                       ONE_REDUCE: tl.constexpr, LAST: tl.constexpr, PACK: tl.constexpr, SKIP: tl.constexpr):
+                       ONE_REDUCE: tl.constexpr, LAST: tl.constexpr, PACK: tl.constexpr, SKIP: tl.constexpr,
+                       PREFETCH: tl.constexpr):
+    # PREFETCH (needs SPLIT): the next chunk's ids, parameters and features are loaded before this
+    #   chunk's gradients are computed (as the forward's PREFETCH).
     # ONE_REDUCE (needs SPLIT): the per-Gaussian sums as one multi-operand reduction.
     # LAST: the forward's per-pixel stop positions bound the walk (the tile's largest) and
     #   select the kept pairs, instead of tracking T <= 1e-4 and testing for "all done" per chunk.
@@ -445,9 +448,18 @@ def _raster_bwd_kernel(params_ptr, feats_ptr, rect_ptr, ids_sorted_ptr, order_pt
     done = ~inb
     prefix = tl.zeros([TS * TS], dtype=tl.float32)
     i = start
+    if PREFETCH:
+        n_gid, n_m, n_mx, n_my, n_ca, n_cb, n_cc, n_op, n_f0, n_f1, n_f2, n_f3 = _chunk_load(
+            params_ptr, feats_ptr, rect_ptr, ids_sorted_ptr, order_ptr, ovf, i, end, G, tx, ty, CH, True)
     while i < end:
-        gid, m, dx, dy, og, alpha, valid, ca, cb, cc, op = _chunk_alpha(
-            params_ptr, rect_ptr, ids_sorted_ptr, order_ptr, ovf, i, end, G, tx, ty, pxf, pyf, alpha_max, CH)
+        if PREFETCH:
+            gid, m, mx, my, ca, cb, cc, op, f0, f1, f2, f3 = n_gid, n_m, n_mx, n_my, n_ca, n_cb, n_cc, n_op, n_f0, n_f1, n_f2, n_f3
+            n_gid, n_m, n_mx, n_my, n_ca, n_cb, n_cc, n_op, n_f0, n_f1, n_f2, n_f3 = _chunk_load(
+                params_ptr, feats_ptr, rect_ptr, ids_sorted_ptr, order_ptr, ovf, i + CH, end, G, tx, ty, CH, True)
+            dx, dy, og, alpha, valid = _chunk_eval(m, mx, my, ca, cb, cc, op, pxf, pyf, alpha_max)
+        else:
+            gid, m, dx, dy, og, alpha, valid, ca, cb, cc, op = _chunk_alpha(
+                params_ptr, rect_ptr, ids_sorted_ptr, order_ptr, ovf, i, end, G, tx, ty, pxf, pyf, alpha_max, CH)
         if LAST:
             # the pairs the forward kept: valid and in front of the pixel's stop (the same f and
             # cumulative product as the forward's up to there, so the same P)
@@ -465,7 +477,9 @@ def _raster_bwd_kernel(params_ptr, feats_ptr, rect_ptr, ids_sorted_ptr, order_pt
             live = 1
         if live > 0:
             w = tl.where(keep, alpha * tb, 0.0)
-            if SPLIT:
+            if PREFETCH:
+                v = f0[:, None] * g0[None, :] + f1[:, None] * g1[None, :] + f2[:, None] * g2[None, :] + f3[:, None] * g3[None, :]
+            elif SPLIT:
                 f0 = tl.load(feats_ptr + gid * 4 + 0, mask=m, other=0.0)
                 f1 = tl.load(feats_ptr + gid * 4 + 1, mask=m, other=0.0)
                 f2 = tl.load(feats_ptr + gid * 4 + 2, mask=m, other=0.0)
@@ -1211,13 +1225,13 @@ class _Raster(torch.autograd.Function):
         ctx.save_for_backward(params, feats, bins["rect"], bins["ids"], bins["order"], bins["ranges"], bins["ovf"], out, tfin,
                               lastpos)
         ctx.meta = (B, N, W, H, bins["TX"], bins["TPI"], alpha_max, bwd_cfg[0], bwd_cfg[1], split, bwd_cfg[2], last,
-                    bwd_cfg[4], bwd_cfg[5])
+                    bwd_cfg[4], bwd_cfg[5], bwd_cfg[6])
         return out, tfin
 
     @staticmethod
     def backward(ctx, g_out, g_t):
         params, feats, rect, ids, order, ranges, ovf, out, tfin, lastpos = ctx.saved_tensors
-        B, N, W, H, TX, TPI, alpha_max, chunk, num_warps, split, one_reduce, last, packed, skip = ctx.meta
+        B, N, W, H, TX, TPI, alpha_max, chunk, num_warps, split, one_reduce, last, packed, skip, prefetch_bwd = ctx.meta
         G, DP = feats.shape
         g_out = torch.zeros_like(out) if g_out is None else g_out.contiguous().float()
         g_t = torch.zeros_like(tfin) if g_t is None else g_t.contiguous().float()
@@ -1233,7 +1247,7 @@ class _Raster(torch.autograd.Function):
         _raster_bwd_kernel[(B * TPI,)](params, feats, rect, ids, order, ranges, ovf, out, tfin, lastpos, g_out, g_t,
                                        gparams, gfeats, gpack, G, N, W, H, TX, TPI, alpha_max,
                                        DP=DP, CH=chunk, TS=TILE, SPLIT=split, ONE_REDUCE=split and one_reduce,
-                                       LAST=last, PACK=packed, SKIP=skip, num_warps=num_warps)
+                                       LAST=last, PACK=packed, SKIP=skip, PREFETCH=split and prefetch_bwd, num_warps=num_warps)
         if packed:
             gparams = gpack[:, :6].t().contiguous()
             gfeats = gpack[:, 6:10].contiguous()
@@ -1258,7 +1272,8 @@ def render_triton(means, quats, scales, opacities, colors, viewmats, Ks, width: 
                   eps2d: float = EPS2D, alpha_max: float = ALPHA_MAX, chunk: int = 8, num_warps: int = 4, chunk_bwd: int = 8,
                   num_warps_bwd: int = 4, fused_projection: bool = True, split_channels: bool = True, one_reduce: bool = True,
                   last_index: bool = True, packed_grads: bool = True, skip_empty: bool = False, tile_cull: bool = True,
-                  key16: bool = True, prefetch: bool = True, seq_chunk: int = 0, **kw) -> RenderOutput:
+                  key16: bool = True, prefetch: bool = True, seq_chunk: int = 0, prefetch_bwd: bool = False,
+                  **kw) -> RenderOutput:
     """Render B frames with the Triton tile rasteriser; same arguments as ``render_torch``.
 
     ``chunk`` (Gaussians composited per step of a tile program, a power of two) and
@@ -1283,7 +1298,8 @@ def render_triton(means, quats, scales, opacities, colors, viewmats, Ks, width: 
     32767); ``prefetch`` loads the forward's next chunk before compositing this one;
     ``seq_chunk`` > 0 (with RGB colours) composites the pairs one at a time with per-pixel values
     only, CH = seq_chunk pairs between the tile's "all done" tests, instead of the [chunk, pixels]
-    blocks of the default forward.  Defaults: tile_cull + key16 + prefetch on, seq_chunk 0 — the
+    blocks of the default forward; ``prefetch_bwd`` does in the backward what ``prefetch`` does in
+    the forward (not yet timed on a GPU, so off).  Defaults: tile_cull + key16 + prefetch on, seq_chunk 0 — the
     fastest of the H100 sweep of 2026-12-08 (forward at batch 1 / 16 / 64: 0.48 / 3.41 / 12.3 ms ->
     0.28 / 1.65 / 6.30 ms; docs/BENCHMARKS.md).
     """
@@ -1332,7 +1348,8 @@ def render_triton(means, quats, scales, opacities, colors, viewmats, Ks, width: 
     if DP > D + 1:
         parts.append(cols.new_zeros(B * N, DP - D - 1))
     feats = torch.cat(parts, 1)
-    bwd_cfg = (int(chunk_bwd), int(num_warps_bwd), bool(one_reduce), bool(last_index), bool(packed_grads), bool(skip_empty))
+    bwd_cfg = (int(chunk_bwd), int(num_warps_bwd), bool(one_reduce), bool(last_index), bool(packed_grads), bool(skip_empty),
+               bool(prefetch_bwd))
     out, tfin = _Raster.apply(params, feats, bins, B, N, width, height, float(alpha_max), int(chunk), int(num_warps),
                               bool(split_channels and DP == 4), bool(prefetch), int(seq_chunk), bwd_cfg)
     out = out.view(B, height, width, DP)
