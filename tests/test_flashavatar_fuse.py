@@ -108,7 +108,8 @@ def test_unfused_frame_stays_few_operations(avatar):
     the SH basis, the rotations and the condition joints, 156 after, 131 since the condition reuses the
 joints' matrices of the head model's forward and the kinematic chain is built from whole tensors (this
 small avatar: 125), 114 since the SH colours are left to the rasteriser (Triton's fused kernel) instead
-of 17 torch operations (this avatar: 108).  A change that needs more must say so here."""
+of 17 torch operations (this avatar: 108), 109 since a rendering frame's hidden MLP layers add bias and
+ReLU in the matmul's epilogue (this avatar: 103).  A change that needs more must say so here."""
     import importlib.util
     from pathlib import Path
 
@@ -119,4 +120,4 @@ of 17 torch operations (this avatar: 108).  A change that needs more must say so
     assert res["total"] == sum(res["by_function"].values()) == sum(res["by_op"].values())
     assert "(outside headavatar)" not in res["by_function"]
     assert not any(k.startswith("render/gaussians/sh.py") for k in res["by_function"])  # the rasteriser's job
-    assert res["total"] <= 120, res["by_function"]
+    assert res["total"] <= 115, res["by_function"]

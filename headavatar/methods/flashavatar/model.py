@@ -41,12 +41,14 @@ class DeformMLP(nn.Module):
             nn.init.uniform_(lin.weight, -bound, bound)
         nn.init.uniform_(self.pe_in.bias, -bound, bound)
 
-    def forward(self, pe: torch.Tensor, cond: torch.Tensor, masks: torch.Tensor | None = None, group: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, pe: torch.Tensor, cond: torch.Tensor, masks: torch.Tensor | None = None, group: torch.Tensor | None = None,
+                dtype: torch.dtype | None = None) -> torch.Tensor:
         """pe [N,P], cond [B,C] -> [B,N,10] in (-1,1).
 
         Regional conditioning: ``masks`` [U,C] (the distinct condition masks) and ``group`` [N]
         (each Gaussian's mask): Gaussian n sees cond * masks[group[n]].  The per-frame Linear runs
-        once per distinct mask ([B,U,W]) and is gathered per Gaussian.
+        once per distinct mask ([B,U,W]) and is gathered per Gaussian.  ``dtype``: the autocast dtype
+        the caller runs this under (None: none), for the fused hidden layers of a no-grad call.
         """
         if masks is None:
             c = self.cond_in(cond)[:, None]
@@ -54,8 +56,21 @@ class DeformMLP(nn.Module):
             c = self.cond_in(cond[:, None, :] * masks[None])[:, group]
         h = torch.relu(self.pe_in(pe)[None] + c)
         for lin in self.hidden:
-            h = torch.relu(lin(h))
+            h = _linear_relu(lin, h, dtype)
         return torch.tanh(self.out(h))
+
+
+def _linear_relu(lin: nn.Linear, h: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+    """relu(lin(h)).  Where nothing needs a gradient (rendering), one matmul whose epilogue adds the
+    bias and applies the ReLU (cuBLASLt on CUDA): a frame skips one pass over the [B, N, W]
+    activations per layer and one CUDA-graph node.  Same values (ReLU commutes with the rounding).
+    ``dtype`` comes from the caller, not from autocast's state: torch.compile traces this too."""
+    if torch.is_grad_enabled() and (h.requires_grad or lin.weight.requires_grad):
+        return torch.relu(lin(h))
+    dt = h.dtype if dtype is None else dtype
+    x = h.to(dt).reshape(-1, h.shape[-1])
+    out = torch._addmm_activation(lin.bias.to(dt), x, lin.weight.to(dt).t())
+    return out.view(*h.shape[:-1], out.shape[-1])
 
 
 class FlashAvatarModel(nn.Module):
@@ -213,8 +228,9 @@ class FlashAvatarModel(nn.Module):
         mu_m = barycentric_points(verts, self.head.faces, self.face_idx, self.bary)
         if self.normal_offset is not None:
             mu_m = mu_m + self.normal_offset[None, :, None] * face_normals(verts, self.head.faces, self.face_idx, self.normal_sign)
-        with torch.autocast(cond.device.type, dtype=torch.bfloat16, enabled=self._mlp_bf16(cond.device)):
-            o = self.mlp(self.pe, cond, self.cond_masks, self.cond_group)
+        bf16 = self._mlp_bf16(cond.device)
+        with torch.autocast(cond.device.type, dtype=torch.bfloat16, enabled=bf16):
+            o = self.mlp(self.pe, cond, self.cond_masks, self.cond_group, dtype=torch.bfloat16 if bf16 else None)
         o = o.float()
         means = mu_m + self.cfg.offset_scale * o[..., 0:3]
         dq = torch.cat([torch.exp(o[..., 3:4]), o[..., 4:7]], -1)  # not normalised, as the reference
