@@ -400,7 +400,10 @@ def fwd_variants(args):
                 with torch.no_grad():
                     proj = tb._project_fused(sc["means"], sc["quats"], sc["scales"], sc["opacities"], sc["viewmats"], sc["Ks"],
                                              args.res, args.res, 0.01, 1e10, 0.3)
-                    bins = tb._bin(proj, B, args.time_n, args.res, args.res, None, proj["params"].device, params=proj["params"],
+                    # the renders' own capacity state (None would register a fresh one in its place)
+                    dev = proj["params"].device
+                    state = tb._CAPS.get(tb._key(B, args.time_n, args.res, args.res, dev))
+                    bins = tb._bin(proj, B, args.time_n, args.res, args.res, state, dev, params=proj["params"],
                                    cull=bool(kw.get("tile_cull")), key16=bool(kw.get("key16")))
                     row["pairs_listed"] = int(bins["ranges"][-1] - bins["ranges"][0])
                 rep = graphed if torch.cuda.is_available() else (lambda f: f)  # --smoke: plain calls
