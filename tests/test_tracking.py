@@ -9,6 +9,7 @@ test runs on ~2.5 s of a shared development video and is skipped where
 from __future__ import annotations
 
 import json
+import random
 from pathlib import Path
 
 import numpy as np
@@ -311,6 +312,11 @@ def test_bad_video_files(tmp_path):
     fake.write_text("this is not a video\n" * 50)
     with pytest.raises(UserError, match="not a readable video"):
         probe_video(fake)
+    # noise that FFmpeg opens as a stream-less format (these bytes: "lrc" lyrics) gets the same message
+    noise = tmp_path / "noise.mp4"
+    noise.write_bytes(random.Random(131).randbytes(4000))
+    with pytest.raises(UserError, match="not a readable video"):
+        probe_video(noise)
     with pytest.raises(UserError, match="not a file"):
         probe_video(tmp_path)
     with pytest.raises(UserError, match="does not exist"):

@@ -80,12 +80,12 @@ def probe_video(path: str | Path) -> VideoInfo:
         raise UserError(f"{path} is not a readable video ({_short(e)}); pass an mp4/mov/mkv/webm file") from None
     try:
         if not container.streams.video:
-            raise UserError(f"{path} has no video stream; pass a video file")
+            raise UserError(f"{path} is not a readable video (it has no video stream); pass an mp4/mov/mkv/webm file")
         s = container.streams.video[0]
         cc = s.codec_context
         w, h = int(cc.width or 0), int(cc.height or 0)
         if w <= 0 or h <= 0:
-            raise UserError(f"{path} has a video stream without a frame size; it is damaged or not a video")
+            raise UserError(f"{path} is not a readable video (its video stream has no frame size); the file is damaged")
         rate = s.average_rate or s.guessed_rate or s.base_rate
         fps = float(rate) if rate else 0.0
         dur = None
@@ -96,7 +96,7 @@ def probe_video(path: str | Path) -> VideoInfo:
         # Decode one frame: it proves the stream is decodable and carries the display rotation.
         first = _first_frame(container, s)
         if first is None:
-            raise UserError(f"no frame of {path} could be decoded; the file is damaged or not a video")
+            raise UserError(f"{path} is not a readable video (no frame could be decoded); the file is damaged")
         rotation = int(getattr(first, "rotation", 0) or 0)
         if rotation % 180:
             w, h = h, w
@@ -229,7 +229,7 @@ def _decode(path, start: float, duration: float | None, max_frames: int | None, 
                 if max_frames is not None and index >= max_frames:
                     return
         if decoded == 0:
-            raise UserError(f"no frame of {path} could be decoded; the file is damaged or not a video")
+            raise UserError(f"{path} is not a readable video (no frame could be decoded); the file is damaged")
     except av.error.FFmpegError as e:
         raise UserError(f"decoding {path} failed ({_short(e)}); re-encode it, e.g. ffmpeg -i IN -c:v libx264 OUT.mp4") from None
     finally:
