@@ -1,4 +1,4 @@
-"""Compile the Triton rasteriser's tile kernels for sm_90 without a GPU and report registers/spills.
+"""Compile the Triton rasteriser's tile kernels (and the fused FlashAvatar MLP) for sm_90 without a GPU; report registers/spills.
 
 For each forward/backward tile-program setting (chunk, warps, and the backward's selectable
 variants one_reduce / last_index / packed_grads / skip_empty) the kernel is compiled to a cubin with
@@ -33,13 +33,17 @@ TARGET = GPUTarget("cuda", 90, 32)
 # pointer arguments, all float32 except the int32 index buffers
 _I32_PTRS = {"rect_ptr", "ids_sorted_ptr", "order_ptr", "ranges_ptr", "ovf_ptr", "last_ptr", "count_ptr", "radii_ptr"}
 _I32 = {"G", "N", "W", "H", "TX", "TPI", "TXn", "TYn", "sb", "sn", "sk", "sc", "K"}
-# forward: (chunk, warps, split channels, LAST); backward: (chunk, warps, one_reduce, LAST, PACK, SKIP)
-FWD = [(8, 4, True, False), (8, 4, True, True), (16, 4, True, False), (8, 8, True, False), (8, 4, False, False)]
+# forward: (chunk, warps, split channels, LAST, PREFETCH); backward: (chunk, warps, one_reduce, LAST, PACK, SKIP, PREFETCH)
+FWD = [(8, 4, True, False, True), (8, 4, True, False, False), (8, 4, True, True, True), (16, 4, True, False, True),
+       (8, 8, True, False, True), (8, 4, False, False, True)]
 BWD = [(8, 4, False, False, False, False), (8, 4, True, False, False, False), (8, 4, False, True, False, False),
        (8, 4, False, False, True, False), (8, 4, False, False, False, True), (8, 4, True, False, True, False),
        (8, 4, False, True, True, False), (8, 4, False, True, True, True), (8, 4, True, True, True, False),
        (4, 4, False, False, False, False), (4, 4, False, True, True, False), (16, 4, False, True, True, False),
        (4, 8, False, False, False, False), (8, 8, False, True, True, False)]
+BWD = [(*row, False) for row in BWD] + [(8, 4, True, True, True, False, True), (8, 4, False, False, False, False, True)]
+# the one-pair-at-a-time forward (seq_chunk): (pairs per reduction, warps, LAST)
+SEQ = [(8, 4, False), (16, 4, False), (8, 4, True)]
 
 
 def _signature(fn, constexprs):
@@ -61,8 +65,8 @@ def _cuobjdump() -> str | None:
     return str(own) if own.exists() else shutil.which("cuobjdump")
 
 
-def compile_one(fn, constexprs, num_warps, tool):
-    ck = triton.compile(ASTSource(fn=fn, signature=_signature(fn, constexprs), constexprs=constexprs),
+def compile_one(fn, constexprs, num_warps, tool, signature=None):
+    ck = triton.compile(ASTSource(fn=fn, signature=signature or _signature(fn, constexprs), constexprs=constexprs),
                         target=TARGET, options={"num_warps": num_warps})
     row = {"kernel": fn.__name__, "num_warps": num_warps, **constexprs}
     meta = ck.metadata
@@ -91,19 +95,33 @@ def main(argv=None):
     tool = _cuobjdump()
     print(f"triton {triton.__version__}, target sm_90, cuobjdump: {tool or 'not found (metadata only)'}", flush=True)
     rows = []
-    for ch, nw, split, last in FWD:
-        cx = dict(DP=4, CH=ch, TS=tb.TILE, SPLIT=split, LAST=last)
+    for ch, nw, split, last, pre in FWD:
+        cx = dict(DP=4, CH=ch, TS=tb.TILE, SPLIT=split, LAST=last, PREFETCH=pre)
         rows.append(compile_one(tb._raster_fwd_kernel, cx, nw, tool))
         print(rows[-1], flush=True)
-    for ch, nw, one, last, pack, skip in BWD:
-        cx = dict(DP=4, CH=ch, TS=tb.TILE, SPLIT=True, ONE_REDUCE=one, LAST=last, PACK=pack, SKIP=skip)
+    for ch, nw, one, last, pack, skip, pre in BWD:
+        cx = dict(DP=4, CH=ch, TS=tb.TILE, SPLIT=True, ONE_REDUCE=one, LAST=last, PACK=pack, SKIP=skip, PREFETCH=pre)
         rows.append(compile_one(tb._raster_bwd_kernel, cx, nw, tool))
+        print(rows[-1], flush=True)
+    for ch, nw, last in SEQ:
+        rows.append(compile_one(tb._raster_fwd_seq_kernel, dict(CH=ch, TS=tb.TILE, LAST=last), nw, tool))
         print(rows[-1], flush=True)
     # the per-Gaussian kernels (projection, SH degree 3), forward and backward: that they compile
     for fn, cx in ((tb._project_fwd_kernel, dict(BLOCK=128, TS=tb.TILE)), (tb._project_bwd_kernel, dict(BLOCK=128)),
                    (tb._sh_fwd_kernel, dict(DEG=3, BLOCK=128)), (tb._sh_bwd_kernel, dict(DEG=3, BLOCK=128))):
         rows.append(compile_one(fn, cx, 4, tool))
         print(rows[-1], flush=True)
+    # the FlashAvatar MLP as one kernel (mlp_triton.py) at the paper's size: width 256, 5 hidden layers
+    from headavatar.methods.flashavatar import mlp_triton as mt
+
+    for dt, prec in (("bf16", "tf32"), ("fp32", "ieee")):
+        for block_m, nw in ((64, 8), (64, 4), (128, 8)):
+            cx = dict(W=256, P_PAD=64, L=5, N_OUT=10, OUT_PAD=mt.OUT_PAD, BLOCK_M=block_m, HAS_GROUP=True, PREC=prec)
+            sig = {n: ("constexpr" if n in cx else f"*{dt}" if n in ("pe_w_ptr", "hid_w_ptr", "out_w_ptr")
+                       else "*i64" if n == "group_ptr" else "*fp32" if n.endswith("_ptr") else "i32")
+                   for n in mt._mlp_kernel.arg_names}
+            rows.append({**compile_one(mt._mlp_kernel, cx, nw, tool, sig), "dtype": dt})
+            print(rows[-1], flush=True)
     if args.out:
         Path(args.out).write_text(json.dumps(rows, indent=1))
     return 0

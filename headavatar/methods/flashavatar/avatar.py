@@ -9,13 +9,16 @@ import torch
 
 from headavatar.errors import UserError
 from headavatar.headmodels.params import FrameParams
+from headavatar.log import get_logger
 from headavatar.methods.avatar import GAUSSIANS, open_run
 from headavatar.methods.flashavatar.config import FlashAvatarConfig
 from headavatar.methods.run import RunDir
 from headavatar.render.gaussians.sh import sh_to_rgb
 from headavatar.utils.cudagraph import CudaGraphed
 
-FuseFrame = Literal["off", "compile"]
+_log = get_logger(__name__)
+
+FuseFrame = Literal["off", "compile", "mlp"]
 FUSE_FRAME_MODES = get_args(FuseFrame)
 
 
@@ -26,7 +29,9 @@ class FlashAvatarAvatar:
     (head model, MLP, Gaussian assembly, SH colours) through ``torch.compile`` so inductor fuses its
     few hundred small kernels into a few; the whole frame is still captured as one CUDA graph (the
     compiled code is built on the graph's warm-up call, outside capture).  One compile per batch
-    size / camera signature: the first frame of each takes seconds.
+    size / camera signature: the first frame of each takes seconds.  "mlp": the unfused frame with
+    the deformation MLP as one Triton kernel that keeps the activations on chip (mlp_triton.py; CUDA,
+    or Triton's interpreter on the CPU).
     """
 
     method = "flashavatar"
@@ -66,10 +71,23 @@ class FlashAvatarAvatar:
     def fuse_frame(self, mode: FuseFrame) -> None:
         if mode not in FUSE_FRAME_MODES:
             raise UserError(f"fuse_frame must be one of {FUSE_FRAME_MODES}, got {mode!r}")
+        if mode == "mlp":
+            from headavatar.render.gaussians import triton_available
+
+            ok, why = triton_available(self.device)
+            if ok:
+                from headavatar.methods.flashavatar.mlp_triton import supported
+
+                ok, why = supported(self.model.mlp)
+            if not ok:
+                raise UserError(f"fuse_frame='mlp' is unavailable: {why}; use fuse_frame='off'")
+            if self.device.type == "cuda" and not self.model._mlp_bf16(self.device):
+                _log.warning("fuse_frame='mlp' runs the MLP kernel in bf16; with mlp_precision=fp32 the torch MLP is used")
         self._fuse_frame = mode
+        self.model.mlp_kernel = "triton" if mode == "mlp" else "torch"
         # unfused, the SH colours are left to the rasteriser (Triton's is one fused kernel, where torch ops
         # would be 17 graph nodes); inductor fuses them with the rest when compiling
-        self._pre_raster = self._gaussians_sh if mode == "off" else compile_frame_part(self._gaussians_rgb, self.fuse_compile_mode)
+        self._pre_raster = self._gaussians_sh if mode != "compile" else compile_frame_part(self._gaussians_rgb, self.fuse_compile_mode)
         # graphs captured with the other mode are dropped: a new mode captures again
         self._graphed = CudaGraphed(self._pre_raster)
         # with the triton rasteriser (no host sync) the whole frame, rasterisation included, is one graph

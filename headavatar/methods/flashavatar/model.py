@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import Literal
 
 import numpy as np
 import torch
@@ -74,6 +75,10 @@ def _linear_relu(lin: nn.Linear, h: torch.Tensor, dtype: torch.dtype | None) -> 
 
 
 class FlashAvatarModel(nn.Module):
+    # the deformation MLP of frames that need no gradient: "torch" (nn.Linear chain) or "triton" (one fused
+    # kernel, mlp_triton.py; set by FlashAvatarAvatar's fuse_frame="mlp")
+    mlp_kernel: Literal["torch", "triton"] = "torch"
+
     def __init__(self, head: HeadModel, cfg: FlashAvatarConfig, shape: torch.Tensor):
         super().__init__()
         self.cfg = cfg
@@ -229,9 +234,18 @@ class FlashAvatarModel(nn.Module):
         if self.normal_offset is not None:
             mu_m = mu_m + self.normal_offset[None, :, None] * face_normals(verts, self.head.faces, self.face_idx, self.normal_sign)
         bf16 = self._mlp_bf16(cond.device)
-        with torch.autocast(cond.device.type, dtype=torch.bfloat16, enabled=bf16):
-            o = self.mlp(self.pe, cond, self.cond_masks, self.cond_group, dtype=torch.bfloat16 if bf16 else None)
-        o = o.float()
+        # the fused kernel where nothing needs a gradient; in bf16 on CUDA (its fp32 weight tiles do not fit
+        # shared memory at width 256), fp32 only in Triton's CPU interpreter
+        if (self.mlp_kernel == "triton" and (bf16 or cond.device.type != "cuda")
+                and not (torch.is_grad_enabled() and (cond.requires_grad or self.mlp.out.weight.requires_grad))):
+            from headavatar.methods.flashavatar.mlp_triton import deform_mlp_triton
+
+            o = deform_mlp_triton(self.mlp, self.pe, cond, self.cond_masks, self.cond_group,
+                                  dtype=torch.bfloat16 if bf16 else torch.float32)
+        else:
+            with torch.autocast(cond.device.type, dtype=torch.bfloat16, enabled=bf16):
+                o = self.mlp(self.pe, cond, self.cond_masks, self.cond_group, dtype=torch.bfloat16 if bf16 else None)
+            o = o.float()
         means = mu_m + self.cfg.offset_scale * o[..., 0:3]
         dq = torch.cat([torch.exp(o[..., 3:4]), o[..., 4:7]], -1)  # not normalised, as the reference
         quats = quaternion_multiply(self.rotation[None].expand(B, -1, -1), dq)
