@@ -7,7 +7,7 @@ arithmetic, sets the pre-rasterisation time.  This counts them on the CPU (no GP
 FlashAvatarConfig plus ``--set`` overrides) under a ``TorchDispatchMode``, view operations (which
 launch nothing) left out, each operation attributed to the innermost headavatar function on the stack.
 
-    python benchmarks/frame_ops.py [--set KEY=VALUE ...] [--top 20] [--out ops.json]
+    python benchmarks/frame_ops.py [--set KEY=VALUE ...] [--fuse-frame off|mlp] [--top 20] [--out ops.json]
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import collections
 import json
+import os
 import sys
 import traceback
 import types
@@ -34,10 +35,11 @@ class _Counter(TorchDispatchMode):
         super().__init__()
         self.by_function: collections.Counter = collections.Counter()
         self.by_op: collections.Counter = collections.Counter()
+        self.paused = False  # inside a Triton launch (the interpreter's own tensor copies are not the frame's)
 
     def __torch_dispatch__(self, func, types_, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
-        if not func.is_view:
+        if not func.is_view and not self.paused:
             frames = [f for f in traceback.extract_stack() if PACKAGE in f.filename.replace("\\", "/")]
             where = f"{frames[-1].filename.replace(chr(92), '/').split(PACKAGE)[-1]}:{frames[-1].name}" if frames else "(outside headavatar)"
             self.by_function[where] += 1
@@ -45,13 +47,40 @@ class _Counter(TorchDispatchMode):
         return out
 
 
+def _count_triton_launches(counter: _Counter):
+    """Count each fused-MLP Triton kernel launch (no torch dispatch sees it) as one operation."""
+    from headavatar.methods.flashavatar import mlp_triton
+
+    kernel = mlp_triton._mlp_kernel
+
+    class _Launch:
+        def __getitem__(self, grid):
+            def launch(*a, **k):
+                counter.by_function["methods/flashavatar/mlp_triton.py:deform_mlp_triton"] += 1
+                counter.by_op["triton:_mlp_kernel"] += 1
+                counter.paused = True
+                try:
+                    return kernel[grid](*a, **k)
+                finally:
+                    counter.paused = False
+            return launch
+
+    mlp_triton._mlp_kernel = _Launch()
+    return lambda: setattr(mlp_triton, "_mlp_kernel", kernel)
+
+
 def count_ops(fn, *args) -> dict:
-    """``fn(*args)`` once under no_grad, counting the non-view operations it dispatches."""
+    """``fn(*args)`` once under no_grad, counting the non-view operations it dispatches (and the fused
+    MLP's Triton launches, one operation each)."""
     with torch.no_grad():
         fn(*args)  # any lazy set-up (constant tables, caches) happens before the counted call, as before a capture
         counter = _Counter()
-        with counter:
-            fn(*args)
+        restore = _count_triton_launches(counter) if "triton" in sys.modules else (lambda: None)
+        try:
+            with counter:
+                fn(*args)
+        finally:
+            restore()
     return {"total": sum(counter.by_function.values()), "by_function": dict(counter.by_function.most_common()),
             "by_op": dict(counter.by_op.most_common())}
 
@@ -74,7 +103,11 @@ def main(argv=None) -> int:
     p.add_argument("--res", type=int, default=64, help="the synthetic subject's size (the count does not depend on it)")
     p.add_argument("--top", type=int, default=20, help="functions listed")
     p.add_argument("--out", help="also write the JSON here")
+    p.add_argument("--fuse-frame", default="off", choices=("off", "mlp"),
+                   help="the avatar's fuse_frame mode (mlp: the fused MLP kernel, run by Triton's interpreter here)")
     args = p.parse_args(argv)
+    if args.fuse_frame == "mlp":
+        os.environ["TRITON_INTERPRET"] = "1"  # before Triton is imported
     try:
         overrides = parse_set(args.set)
     except UserError as e:
@@ -84,7 +117,8 @@ def main(argv=None) -> int:
 
     ns = types.SimpleNamespace(res=args.res, backend="torch", avatar_cfg={"uv_resolution": 32, "mlp_width": 64, **overrides})
     avatar = avatar_frame.build_avatar(ns, torch.device("cpu"))
-    res = {"config": overrides, **frame_ops(avatar)}
+    avatar.fuse_frame = args.fuse_frame
+    res = {"config": overrides, "fuse_frame": args.fuse_frame, **frame_ops(avatar)}
     print(f"pre-rasterisation operations per frame (views not counted): {res['total']}")
     for where, n in list(res["by_function"].items())[: args.top]:
         print(f"{n:5d}  {where}")
