@@ -2,7 +2,7 @@
 # One call on the GPU machine: install gsplat from the carried wheel (when one is carried; gsplat is
 # optional, the default rasteriser is the Triton one), build (or reuse) its CUDA kernels, then run
 # the requested steps, writing logs and JSON under $OUT.
-#   bash benchmarks/gpu_session.sh [triton] [parity] [fa] [flare] [train:SUBJECT_DIR ...]
+#   bash benchmarks/gpu_session.sh [triton] [parity] [frame] [fa] [flare] [train:SUBJECT_DIR ...]
 # Uses an installed gsplat, else installs .whl/gsplat-*.whl (carried to a machine without network). A stripped, gzipped build of the
 # kernels comes back as $OUT/gsplat_cuda.so.gz; carried back in .whl/ it skips the compile.
 set -uo pipefail
@@ -43,6 +43,10 @@ for step in "$@"; do
     triton) python3 benchmarks/gaussian_parity.py --backend triton --batches 1,16,64 --avatar --out "$OUT/triton.json" 2>&1 | tee "$OUT/triton.log" || rc=1 ;;
     parity) [ "$have_gsplat" = 1 ] || { echo "parity (gsplat) skipped: no gsplat"; continue; }
       python3 benchmarks/gaussian_parity.py --backend gsplat --quick --no-timing --out "$OUT/parity.json" 2>&1 | tee "$OUT/parity.log" || rc=1 ;;
+    frame)  # issue 15's pending figures: the fused MLP on CUDA (parity, then the frame with it), prefetch_bwd
+      python3 -m pytest -q tests/test_mlp_triton.py 2>&1 | tail -3 | tee "$OUT/frame_tests.log" || rc=1
+      python3 benchmarks/avatar_frame.py --batches 1,16,64 --modes off,mlp,compile --out "$OUT/avatar_frame.json" 2>&1 | grep -v Warn | tail -20 | tee "$OUT/avatar_frame.log" || rc=1
+      python3 benchmarks/gaussian_parity.py --backend triton --batches 1,16,64 --fwd-variants --out "$OUT/fwd_variants.json" 2>&1 | tail -25 | tee "$OUT/fwd_variants.log" || rc=1 ;;
     fa) python3 benchmarks/flashavatar_gpu.py --out "$OUT/fa.json" --ttq-seconds "${TTQ_SECONDS:-150}" --memory-frames 200,2000 2>&1 | tee "$OUT/fa.log" || rc=1 ;;
     flare) python3 benchmarks/flare_speed.py --device cuda --out "$OUT/flare.json" ${FLARE_ARGS:-} 2>&1 | tee "$OUT/flare.log" || rc=1 ;;
     train:*)
