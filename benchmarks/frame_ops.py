@@ -48,25 +48,29 @@ class _Counter(TorchDispatchMode):
 
 
 def _count_triton_launches(counter: _Counter):
-    """Count each fused-MLP Triton kernel launch (no torch dispatch sees it) as one operation."""
+    """Count each launch of the fused FlashAvatar kernels (no torch dispatch sees them) as one operation."""
     from headavatar.methods.flashavatar import mlp_triton
 
-    kernel = mlp_triton._mlp_kernel
+    kernels = {name: getattr(mlp_triton, name) for name in ("_mlp_kernel", "_gaussians_kernel")}
 
     class _Launch:
+        def __init__(self, name):
+            self.name = name
+
         def __getitem__(self, grid):
             def launch(*a, **k):
-                counter.by_function["methods/flashavatar/mlp_triton.py:deform_mlp_triton"] += 1
-                counter.by_op["triton:_mlp_kernel"] += 1
-                counter.paused = True
+                counter.by_function["methods/flashavatar/mlp_triton.py:" + self.name] += 1
+                counter.by_op["triton:" + self.name] += 1
+                counter.paused = True  # the interpreter's own tensor copies are not the frame's
                 try:
-                    return kernel[grid](*a, **k)
+                    return kernels[self.name][grid](*a, **k)
                 finally:
                     counter.paused = False
             return launch
 
-    mlp_triton._mlp_kernel = _Launch()
-    return lambda: setattr(mlp_triton, "_mlp_kernel", kernel)
+    for name in kernels:
+        setattr(mlp_triton, name, _Launch(name))
+    return lambda: [setattr(mlp_triton, n, k) for n, k in kernels.items()]
 
 
 def count_ops(fn, *args) -> dict:

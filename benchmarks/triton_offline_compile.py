@@ -114,14 +114,20 @@ def main(argv=None):
     # the FlashAvatar MLP as one kernel (mlp_triton.py) at the paper's size: width 256, 5 hidden layers
     from headavatar.methods.flashavatar import mlp_triton as mt
 
-    for dt, prec in (("bf16", "tf32"), ("fp32", "ieee")):
-        for block_m, nw in ((64, 8), (64, 4), (128, 8)):
-            cx = dict(W=256, P_PAD=64, L=5, N_OUT=10, OUT_PAD=mt.OUT_PAD, BLOCK_M=block_m, HAS_GROUP=True, PREC=prec)
-            sig = {n: ("constexpr" if n in cx else f"*{dt}" if n in ("pe_w_ptr", "hid_w_ptr", "out_w_ptr")
-                       else "*i64" if n == "group_ptr" else "*fp32" if n.endswith("_ptr") else "i32")
-                   for n in mt._mlp_kernel.arg_names}
-            rows.append({**compile_one(mt._mlp_kernel, cx, nw, tool, sig), "dtype": dt})
-            print(rows[-1], flush=True)
+    # and with the Gaussians' assembly (the kernel of fuse_frame="mlp"), shell Gaussians on
+    for fn in (mt._mlp_kernel, mt._gaussians_kernel):
+        for dt, prec in (("bf16", "tf32"), ("fp32", "ieee")):
+            for block_m, nw in ((64, 8), (64, 4), (128, 8)):
+                if fn is mt._gaussians_kernel and (dt == "fp32" or nw == 4):
+                    continue
+                cx = dict(W=256, P_PAD=64, L=5, OUT_PAD=mt.OUT_PAD, BLOCK_M=block_m, HAS_GROUP=True, PREC=prec)
+                cx.update(N_OUT=10) if fn is mt._mlp_kernel else cx.update(SHELL=True)
+                sig = {n: ("constexpr" if n in cx else f"*{dt}" if n in ("pe_w_ptr", "hid_w_ptr", "out_w_ptr")
+                           else "*i64" if n == "group_ptr" else "*i32" if n == "fv_ptr" else "*fp32" if n.endswith("_ptr")
+                           else "fp32" if n == "offset_scale" else "i32")
+                       for n in fn.arg_names}
+                rows.append({**compile_one(fn, cx, nw, tool, sig), "dtype": dt})
+                print(rows[-1], flush=True)
     if args.out:
         Path(args.out).write_text(json.dumps(rows, indent=1))
     return 0

@@ -117,12 +117,13 @@ def avatar(tmp_path_factory):
 
 
 def test_avatar_frame_with_the_fused_mlp(avatar, monkeypatch):
-    """fuse_frame="mlp" gives the unfused frame's Gaussians and pixels; training's MLP (grad) stays torch's."""
+    """fuse_frame="mlp" (MLP and assembly in one kernel) gives the unfused frame's Gaussians and pixels, shell
+    Gaussians and regional conditioning included; a frame that needs gradients keeps the torch path."""
     from headavatar.methods.flashavatar import mlp_triton
 
     calls = []
-    kernel = mlp_triton.deform_mlp_triton
-    monkeypatch.setattr(mlp_triton, "deform_mlp_triton", lambda *a, **k: calls.append(1) or kernel(*a, **k))
+    kernel = mlp_triton.gaussians_triton
+    monkeypatch.setattr(mlp_triton, "gaussians_triton", lambda *a, **k: calls.append(1) or kernel(*a, **k))
     tr = avatar.subject.tracking.on_device(DEV)
     idx = torch.tensor([0, 3], device=DEV)
     params = tr.params(idx)
@@ -132,10 +133,18 @@ def test_avatar_frame_with_the_fused_mlp(avatar, monkeypatch):
     avatar.model.cfg.mlp_precision = "fp32" if DEV == "cpu" else "bf16"
     tol = dict(rtol=1e-5, atol=1e-5) if DEV == "cpu" else None
     assert avatar.model.cond_masks is not None  # regional conditioning: the kernel's gather is exercised
+    assert avatar.model.normal_offset is not None  # shell Gaussians: the kernel's normal offsets are exercised
     with torch.no_grad():  # a deformation well away from zero (three training steps barely move the zero-initialised output)
         avatar.model.mlp.out.weight.copy_(torch.randn(avatar.model.mlp.out.weight.shape, generator=torch.Generator().manual_seed(3)) * 0.05)
         o = avatar.model.mlp(avatar.model.pe, avatar.model.frame_inputs(params)[0], avatar.model.cond_masks, avatar.model.cond_group)
-    assert o.abs().max() > 0.05
+        # and rotations, scales and shell distances away from their initial values, so the assembly's
+        # every term matters (a unit rotation would hide a wrong cross product)
+        gen = torch.Generator().manual_seed(4)
+        m = avatar.model
+        m.rotation.copy_(torch.nn.functional.normalize(torch.randn(m.rotation.shape, generator=gen), dim=-1))
+        m.log_scale.add_(torch.randn(m.log_scale.shape, generator=gen) * 0.3)
+        m.normal_offset.mul_(1 + torch.rand(m.normal_offset.shape, generator=gen))
+    assert o.abs().max() > 0.05 and m.normal_offset.abs().max() > 0
     ref_g = avatar.gaussians(params)
     ref = avatar.render(params, cams)
     try:

@@ -125,15 +125,11 @@ def _first_part(pe, pe_w_ptr, pe_b_ptr, c_ptr, crow, rmask, col0, W: tl.constexp
 
 
 @triton.jit
-def _mlp_kernel(pe_ptr, pe_w_ptr, pe_b_ptr, c_ptr, group_ptr, hid_w_ptr, hid_b_ptr, out_w_ptr, out_b_ptr, out_ptr,
-                N, P, U,
-                W: tl.constexpr, P_PAD: tl.constexpr, L: tl.constexpr, N_OUT: tl.constexpr, OUT_PAD: tl.constexpr,
-                BLOCK_M: tl.constexpr, HAS_GROUP: tl.constexpr, PREC: tl.constexpr):
+def _mlp_rows(pe_ptr, pe_w_ptr, pe_b_ptr, c_ptr, group_ptr, hid_w_ptr, hid_b_ptr, out_w_ptr, out_b_ptr, rows, rmask, b,
+              P, U, W: tl.constexpr, P_PAD: tl.constexpr, L: tl.constexpr, OUT_PAD: tl.constexpr,
+              BLOCK_M: tl.constexpr, HAS_GROUP: tl.constexpr, PREC: tl.constexpr):
+    """The MLP's output [BLOCK_M, OUT_PAD] (fp32, after tanh) for Gaussians ``rows`` of frame ``b``."""
     Q: tl.constexpr = W // 4
-    pid = tl.program_id(0)
-    b = tl.program_id(1)
-    rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
-    rmask = rows < N
     dt = pe_w_ptr.dtype.element_ty
 
     # first layer: pe @ pe_w (per Gaussian) + the frame's condition row of the Gaussian's mask
@@ -167,31 +163,163 @@ def _mlp_kernel(pe_ptr, pe_w_ptr, pe_b_ptr, c_ptr, group_ptr, hid_w_ptr, hid_b_p
     o = tl.dot(h2, tl.load(out_w_ptr + (2 * Q + q)[:, None] * OUT_PAD + oc[None, :]), o, input_precision=PREC)
     o = tl.dot(h3, tl.load(out_w_ptr + (3 * Q + q)[:, None] * OUT_PAD + oc[None, :]), o, input_precision=PREC)
     o = o + tl.load(out_b_ptr + oc)[None, :]
-    o = 2.0 * tl.sigmoid(2.0 * o) - 1.0
-    optr = out_ptr + (b * N + rows)[:, None] * N_OUT + oc[None, :]
-    tl.store(optr, o, mask=rmask[:, None] & (oc[None, :] < N_OUT))
+    return 2.0 * tl.sigmoid(2.0 * o) - 1.0
+
+
+@triton.jit
+def _mlp_kernel(pe_ptr, pe_w_ptr, pe_b_ptr, c_ptr, group_ptr, hid_w_ptr, hid_b_ptr, out_w_ptr, out_b_ptr, out_ptr,
+                N, P, U,
+                W: tl.constexpr, P_PAD: tl.constexpr, L: tl.constexpr, N_OUT: tl.constexpr, OUT_PAD: tl.constexpr,
+                BLOCK_M: tl.constexpr, HAS_GROUP: tl.constexpr, PREC: tl.constexpr):
+    b = tl.program_id(1)
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rmask = rows < N
+    o = _mlp_rows(pe_ptr, pe_w_ptr, pe_b_ptr, c_ptr, group_ptr, hid_w_ptr, hid_b_ptr, out_w_ptr, out_b_ptr, rows, rmask, b,
+                  P, U, W, P_PAD, L, OUT_PAD, BLOCK_M, HAS_GROUP, PREC)
+    oc = tl.arange(0, OUT_PAD)
+    tl.store(out_ptr + (b * N + rows)[:, None] * N_OUT + oc[None, :], o, mask=rmask[:, None] & (oc[None, :] < N_OUT))
+
+
+@triton.jit
+def _col(o, oc, k: tl.constexpr):
+    """Column ``k`` of a [BLOCK_M, OUT_PAD] register tile as a [BLOCK_M] vector."""
+    return tl.sum(tl.where(oc[None, :] == k, o, 0.0), axis=1)
+
+
+@triton.jit
+def _vertex(verts_ptr, fv_ptr, rows, rmask, b, V, k: tl.constexpr):
+    """(x, y, z) of corner ``k`` of each Gaussian's triangle in frame ``b`` (``fv``: [N, 3] vertex ids)."""
+    vi = tl.load(fv_ptr + rows * 3 + k, mask=rmask, other=0)
+    base = verts_ptr + (b * V + vi) * 3
+    return (tl.load(base, mask=rmask, other=0.0), tl.load(base + 1, mask=rmask, other=0.0),
+            tl.load(base + 2, mask=rmask, other=0.0))
+
+
+@triton.jit
+def _gaussians_kernel(pe_ptr, pe_w_ptr, pe_b_ptr, c_ptr, group_ptr, hid_w_ptr, hid_b_ptr, out_w_ptr, out_b_ptr,
+                      verts_ptr, fv_ptr, bary_ptr, noff_ptr, nsign_ptr, rot_ptr, lscale_ptr,
+                      means_ptr, quats_ptr, scales_ptr, N, P, U, V, offset_scale,
+                      W: tl.constexpr, P_PAD: tl.constexpr, L: tl.constexpr, OUT_PAD: tl.constexpr,
+                      BLOCK_M: tl.constexpr, HAS_GROUP: tl.constexpr, SHELL: tl.constexpr, PREC: tl.constexpr):
+    """The MLP and the Gaussians' assembly (FlashAvatarModel.gaussians: means on the posed mesh plus the
+    offset, rotation times the MLP's quaternion, scale exponent) in one program per 64 Gaussians."""
+    b = tl.program_id(1)
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rmask = rows < N
+    o = _mlp_rows(pe_ptr, pe_w_ptr, pe_b_ptr, c_ptr, group_ptr, hid_w_ptr, hid_b_ptr, out_w_ptr, out_b_ptr, rows, rmask, b,
+                  P, U, W, P_PAD, L, OUT_PAD, BLOCK_M, HAS_GROUP, PREC)
+    oc = tl.arange(0, OUT_PAD)
+
+    # the point on the posed mesh (barycentric), off the surface along the outward normal for shell Gaussians
+    x0, y0, z0 = _vertex(verts_ptr, fv_ptr, rows, rmask, b, V, 0)
+    x1, y1, z1 = _vertex(verts_ptr, fv_ptr, rows, rmask, b, V, 1)
+    x2, y2, z2 = _vertex(verts_ptr, fv_ptr, rows, rmask, b, V, 2)
+    w0 = tl.load(bary_ptr + rows * 3, mask=rmask, other=0.0)
+    w1 = tl.load(bary_ptr + rows * 3 + 1, mask=rmask, other=0.0)
+    w2 = tl.load(bary_ptr + rows * 3 + 2, mask=rmask, other=0.0)
+    mx = x0 * w0 + x1 * w1 + x2 * w2
+    my = y0 * w0 + y1 * w1 + y2 * w2
+    mz = z0 * w0 + z1 * w1 + z2 * w2
+    if SHELL:
+        ax, ay, az = x1 - x0, y1 - y0, z1 - z0
+        bx, by, bz = x2 - x0, y2 - y0, z2 - z0
+        nx, ny, nz = ay * bz - az * by, az * bx - ax * bz, ax * by - ay * bx
+        s = (tl.load(noff_ptr + rows, mask=rmask, other=0.0) * tl.load(nsign_ptr + rows, mask=rmask, other=0.0)
+             / tl.maximum(tl.sqrt(nx * nx + ny * ny + nz * nz), 1e-12))
+        mx += s * nx
+        my += s * ny
+        mz += s * nz
+    mb = means_ptr + (b * N + rows) * 3
+    tl.store(mb, mx + offset_scale * _col(o, oc, 0), mask=rmask)
+    tl.store(mb + 1, my + offset_scale * _col(o, oc, 1), mask=rmask)
+    tl.store(mb + 2, mz + offset_scale * _col(o, oc, 2), mask=rmask)
+
+    # rotation: the Gaussian's own quaternion times (exp(o3), o4, o5, o6), Hamilton product (w, x, y, z)
+    bw = tl.exp(_col(o, oc, 3))
+    bx, by, bz = _col(o, oc, 4), _col(o, oc, 5), _col(o, oc, 6)
+    aw = tl.load(rot_ptr + rows * 4, mask=rmask, other=1.0)
+    ax = tl.load(rot_ptr + rows * 4 + 1, mask=rmask, other=0.0)
+    ay = tl.load(rot_ptr + rows * 4 + 2, mask=rmask, other=0.0)
+    az = tl.load(rot_ptr + rows * 4 + 3, mask=rmask, other=0.0)
+    qb = quats_ptr + (b * N + rows) * 4
+    tl.store(qb, aw * bw - (ax * bx + ay * by + az * bz), mask=rmask)
+    tl.store(qb + 1, aw * bx + bw * ax + (ay * bz - az * by), mask=rmask)
+    tl.store(qb + 2, aw * by + bw * ay + (az * bx - ax * bz), mask=rmask)
+    tl.store(qb + 3, aw * bz + bw * az + (ax * by - ay * bx), mask=rmask)
+
+    # scale: s_base^c with the exponent c = exp(o) in [1/e, e]
+    sb = scales_ptr + (b * N + rows) * 3
+    for k in tl.static_range(3):
+        ls = tl.load(lscale_ptr + rows * 3 + k, mask=rmask, other=0.0)
+        tl.store(sb + k, tl.exp(tl.exp(_col(o, oc, 7 + k)) * ls), mask=rmask)
+
+
+def _frame_part(pk: PackedMLP, cond: torch.Tensor, masks: torch.Tensor | None) -> torch.Tensor:
+    """The per-frame part of the first layer, [B, U, W] fp32: tiny, in torch; gathered per Gaussian in the kernel."""
+    if masks is None:
+        return (cond.float() @ pk.cond_w)[:, None].contiguous()
+    return ((cond.float()[:, None, :] * masks[None].float()) @ pk.cond_w).contiguous()
+
+
+def _check_dtype(device: torch.device, dtype: torch.dtype) -> None:
+    if device.type == "cuda" and dtype == torch.float32:
+        raise ValueError("the fused MLP runs in bf16 or fp16 on CUDA (fp32 weight tiles do not fit shared memory)")
+
+
+def _mlp_args(pk: PackedMLP, pe: torch.Tensor, c: torch.Tensor, group: torch.Tensor | None) -> tuple:
+    return (pe.contiguous(), pk.pe_w, pk.pe_b, c, group if group is not None else c, pk.hid_w, pk.hid_b, pk.out_w, pk.out_b)
 
 
 def deform_mlp_triton(mlp, pe: torch.Tensor, cond: torch.Tensor, masks: torch.Tensor | None = None,
                       group: torch.Tensor | None = None, dtype: torch.dtype = torch.float32,
                       block_m: int = 64, num_warps: int = 8) -> torch.Tensor:
     """``mlp(pe, cond, masks, group)`` for rendering, [B, N, n_out] fp32; ``dtype``: the matmuls' input
-    type (bf16: the torch MLP's autocast path; fp32: exact products)."""
-    if pe.device.type == "cuda" and dtype == torch.float32:
-        raise ValueError("the fused MLP runs in bf16 or fp16 on CUDA (fp32 weight tiles do not fit shared memory)")
+    type (bf16: the torch MLP's autocast path; fp32: exact products, interpreter only)."""
+    _check_dtype(pe.device, dtype)
     pk = packed_for(mlp, dtype)
     N, B = pe.shape[0], cond.shape[0]
-    # the per-frame part is [B, U, W]: tiny, in torch; gathered per Gaussian inside the kernel
-    if masks is None:
-        c = (cond.float() @ pk.cond_w)[:, None]
-    else:
-        c = (cond.float()[:, None, :] * masks[None].float()) @ pk.cond_w
-    c = c.contiguous()
+    c = _frame_part(pk, cond, masks)
     out = torch.empty(B, N, pk.n_out, device=pe.device, dtype=torch.float32)
-    grid = (triton.cdiv(N, block_m), B)
-    _mlp_kernel[grid](pe.contiguous(), pk.pe_w, pk.pe_b, c, group if group is not None else c, pk.hid_w, pk.hid_b,
-                      pk.out_w, pk.out_b, out, N, pk.pe_dim, c.shape[1],
-                      W=pk.width, P_PAD=pk.pe_w.shape[0], L=pk.hid_w.shape[0], N_OUT=pk.n_out, OUT_PAD=OUT_PAD,
-                      BLOCK_M=block_m, HAS_GROUP=group is not None,
-                      PREC="ieee" if dtype == torch.float32 else "tf32", num_warps=num_warps)
+    _mlp_kernel[(triton.cdiv(N, block_m), B)](
+        *_mlp_args(pk, pe, c, group), out, N, pk.pe_dim, c.shape[1],
+        W=pk.width, P_PAD=pk.pe_w.shape[0], L=pk.hid_w.shape[0], N_OUT=pk.n_out, OUT_PAD=OUT_PAD,
+        BLOCK_M=block_m, HAS_GROUP=group is not None, PREC="ieee" if dtype == torch.float32 else "tf32", num_warps=num_warps)
     return out
+
+
+def gaussians_triton(model, cond: torch.Tensor, verts: torch.Tensor, dtype: torch.dtype,
+                     block_m: int = 64, num_warps: int = 8) -> dict[str, torch.Tensor]:
+    """``FlashAvatarModel.gaussians(cond, verts)``'s means, quats and scales [B, N, ...] fp32 from one kernel
+    (the MLP and the assembly); the caller adds the colours and opacities, which do not change per frame."""
+    mlp = model.mlp
+    if mlp.out.out_features != 10:
+        raise ValueError(f"the Gaussian assembly needs the MLP's 10 outputs, got {mlp.out.out_features}")
+    _check_dtype(verts.device, dtype)
+    pk = packed_for(mlp, dtype)
+    N, B, V = model.pe.shape[0], cond.shape[0], verts.shape[1]
+    c = _frame_part(pk, cond, model.cond_masks)
+    fv = _face_vertices(model)
+    shell = model.normal_offset is not None
+    dev = verts.device
+    means = torch.empty(B, N, 3, device=dev, dtype=torch.float32)
+    quats = torch.empty(B, N, 4, device=dev, dtype=torch.float32)
+    scales = torch.empty(B, N, 3, device=dev, dtype=torch.float32)
+    _gaussians_kernel[(triton.cdiv(N, block_m), B)](
+        *_mlp_args(pk, model.pe, c, model.cond_group),
+        verts.float().contiguous(), fv, model.bary.float().contiguous(),
+        model.normal_offset if shell else means, model.normal_sign if shell else means,
+        model.rotation.float().contiguous(), model.log_scale.float().contiguous(),
+        means, quats, scales, N, pk.pe_dim, c.shape[1], V, float(model.cfg.offset_scale),
+        W=pk.width, P_PAD=pk.pe_w.shape[0], L=pk.hid_w.shape[0], OUT_PAD=OUT_PAD, BLOCK_M=block_m,
+        HAS_GROUP=model.cond_group is not None, SHELL=shell, PREC="ieee" if dtype == torch.float32 else "tf32",
+        num_warps=num_warps)
+    return {"means": means, "quats": quats, "scales": scales}
+
+
+def _face_vertices(model) -> torch.Tensor:
+    """[N, 3] int32 vertex ids of each Gaussian's triangle (cached: the faces and face ids never change)."""
+    fv = getattr(model, "_triton_face_vertices", None)
+    if fv is None or fv.device != model.face_idx.device:
+        fv = model.head.faces[model.face_idx].to(torch.int32).contiguous()
+        model._triton_face_vertices = fv
+    return fv

@@ -75,8 +75,8 @@ def _linear_relu(lin: nn.Linear, h: torch.Tensor, dtype: torch.dtype | None) -> 
 
 
 class FlashAvatarModel(nn.Module):
-    # the deformation MLP of frames that need no gradient: "torch" (nn.Linear chain) or "triton" (one fused
-    # kernel, mlp_triton.py; set by FlashAvatarAvatar's fuse_frame="mlp")
+    # the Gaussians of frames that need no gradient: "torch" (nn.Linear chain, then the assembly) or "triton"
+    # (MLP and assembly in one kernel, mlp_triton.py; set by FlashAvatarAvatar's fuse_frame="mlp")
     mlp_kernel: Literal["torch", "triton"] = "torch"
 
     def __init__(self, head: HeadModel, cfg: FlashAvatarConfig, shape: torch.Tensor):
@@ -230,29 +230,28 @@ class FlashAvatarModel(nn.Module):
     def gaussians(self, cond: torch.Tensor, verts: torch.Tensor) -> dict[str, torch.Tensor]:
         """Per-frame Gaussians [B,N,...] from the condition and the posed mesh."""
         B = cond.shape[0]
+        colors = torch.cat([self.sh_dc, self.sh_rest], 1)[None].expand(B, -1, -1, -1)
+        opac = torch.sigmoid(self.opacity_logit)[None].expand(B, -1)
+        bf16 = self._mlp_bf16(cond.device)
+        # one Triton kernel (MLP and assembly) where nothing needs a gradient; in bf16 on CUDA (its fp32
+        # weight tiles do not fit shared memory at width 256), fp32 only in Triton's CPU interpreter
+        if (self.mlp_kernel == "triton" and (bf16 or cond.device.type != "cuda")
+                and not (torch.is_grad_enabled() and (cond.requires_grad or verts.requires_grad or self.mlp.out.weight.requires_grad))):
+            from headavatar.methods.flashavatar.mlp_triton import gaussians_triton
+
+            g = gaussians_triton(self, cond, verts, dtype=torch.bfloat16 if bf16 else torch.float32)
+            return {**g, "opacities": opac, "colors": colors}
         mu_m = barycentric_points(verts, self.head.faces, self.face_idx, self.bary)
         if self.normal_offset is not None:
             mu_m = mu_m + self.normal_offset[None, :, None] * face_normals(verts, self.head.faces, self.face_idx, self.normal_sign)
-        bf16 = self._mlp_bf16(cond.device)
-        # the fused kernel where nothing needs a gradient; in bf16 on CUDA (its fp32 weight tiles do not fit
-        # shared memory at width 256), fp32 only in Triton's CPU interpreter
-        if (self.mlp_kernel == "triton" and (bf16 or cond.device.type != "cuda")
-                and not (torch.is_grad_enabled() and (cond.requires_grad or self.mlp.out.weight.requires_grad))):
-            from headavatar.methods.flashavatar.mlp_triton import deform_mlp_triton
-
-            o = deform_mlp_triton(self.mlp, self.pe, cond, self.cond_masks, self.cond_group,
-                                  dtype=torch.bfloat16 if bf16 else torch.float32)
-        else:
-            with torch.autocast(cond.device.type, dtype=torch.bfloat16, enabled=bf16):
-                o = self.mlp(self.pe, cond, self.cond_masks, self.cond_group, dtype=torch.bfloat16 if bf16 else None)
-            o = o.float()
+        with torch.autocast(cond.device.type, dtype=torch.bfloat16, enabled=bf16):
+            o = self.mlp(self.pe, cond, self.cond_masks, self.cond_group, dtype=torch.bfloat16 if bf16 else None)
+        o = o.float()
         means = mu_m + self.cfg.offset_scale * o[..., 0:3]
         dq = torch.cat([torch.exp(o[..., 3:4]), o[..., 4:7]], -1)  # not normalised, as the reference
         quats = quaternion_multiply(self.rotation[None].expand(B, -1, -1), dq)
         # scale exponent c in [1/e, e] applied to the log scale: s = s_base^c
         scales = torch.exp(torch.exp(o[..., 7:10]) * self.log_scale[None])
-        colors = torch.cat([self.sh_dc, self.sh_rest], 1)[None].expand(B, -1, -1, -1)
-        opac = torch.sigmoid(self.opacity_logit)[None].expand(B, -1)
         return {"means": means, "quats": quats, "scales": scales, "opacities": opac, "colors": colors}
 
     def render(self, g: dict, cameras, background: torch.Tensor, sh_degree: int | None = None, backend: str = "auto",
