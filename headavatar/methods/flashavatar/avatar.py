@@ -30,8 +30,8 @@ class FlashAvatarAvatar:
     few hundred small kernels into a few; the whole frame is still captured as one CUDA graph (the
     compiled code is built on the graph's warm-up call, outside capture).  One compile per batch
     size / camera signature: the first frame of each takes seconds.  "mlp": the unfused frame with
-    the deformation MLP as one Triton kernel that keeps the activations on chip (mlp_triton.py; CUDA,
-    or Triton's interpreter on the CPU).
+    the deformation MLP and the Gaussians' assembly as one Triton kernel that keeps the activations on
+    chip (mlp_triton.py; CUDA in bf16, or Triton's interpreter on the CPU).
     """
 
     method = "flashavatar"

@@ -1,4 +1,4 @@
-"""The deformation MLP of a rendering frame as one Triton kernel (issue 15 item 3).
+"""The deformation MLP of a rendering frame, and the Gaussians' assembly after it, as one Triton kernel.
 
 ``DeformMLP`` in torch is a chain of matmuls, each writing its [B, N, W] activations to memory and
 the next reading them back (at batch 64 with the paper's 19k Gaussians, about 1.3 GB per layer in
@@ -7,16 +7,19 @@ through every layer with the activations in registers: the first layer (position
 the frame's condition part, gathered per Gaussian's condition mask), the hidden layers with bias and
 ReLU, and the output layer with tanh.  Only the weights are read per program (from L2).
 
-The activations are held as two column halves ``h_a``, ``h_b`` of [block_m, W/2]: every layer is
-four [block_m, W/2] x [W/2, W/2] products, so a product's weight operand is 32 KB in bf16 (64 KB in
-fp32) whatever W is, and nothing needs concatenating registers.  The layer loop is a real loop (not
+The activations are held as four column quarters ``h0..h3`` of [block_m, W/4]: every layer is
+sixteen [block_m, W/4] x [W/4, W/4] products (8 KB weight operands in bf16 at W = 256), and nothing
+needs concatenating registers (two halves used more registers and spilled).  The layer loop is a real loop (not
 unrolled): unrolled, the compiler hoists every layer's weight loads and spills.  Compiled offline for
 sm_90 (benchmarks/triton_offline_compile.py): bf16, block_m 64, 8 warps: 186 registers, no spill, 44 KB
 shared memory.  fp32 weights do not fit shared memory at width 256 on a GPU (the model keeps the torch
 MLP there); the interpreter runs them for the exact comparison.
 
-Rendering only (no backward): ``FlashAvatarModel.gaussians`` uses it where nothing needs a gradient
-and ``mlp_kernel == "triton"``.  The torch MLP is the reference: fp32 weights give its values to
+``_gaussians_kernel`` adds the assembly of ``FlashAvatarModel.gaussians`` as an epilogue (the point on
+the posed mesh, the shell Gaussians' normal offset, the rotation product, the scale exponent) and writes
+means, quaternions and scales; ``_mlp_kernel`` writes the MLP's output alone.  Rendering only (no
+backward): ``FlashAvatarModel.gaussians`` uses it where nothing needs a gradient and ``mlp_kernel ==
+"triton"`` (issue 15 item 3).  The torch MLP is the reference: fp32 weights give its values to
 float rounding (``input_precision="ieee"``), bf16 ones its bf16-autocast values to bf16 rounding
 (tests/test_mlp_triton.py; on the CPU through Triton's interpreter).
 """
