@@ -1,4 +1,4 @@
-"""A whole FlashAvatar frame, fused (``fuse_frame="compile"`` or ``"mlp"``) against unfused, on a GPU.
+"""A whole FlashAvatar frame, fused (``fuse_frame="compile"`` or ``"triton"``) against unfused, on a GPU.
 
 Builds the avatar of ``gaussian_parity.py --avatar``: a synthetic subject at 512^2, the default
 FlashAvatarConfig (paper size, random weights: 3 training steps with the triton backend), loaded
@@ -133,8 +133,8 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default=None, help="also write the JSON here")
     p.add_argument("--batches", default="1,16,64")
-    p.add_argument("--modes", default="off,mlp,compile",
-                   help="fuse_frame modes, the first is the reference (mlp on the CPU: with TRITON_INTERPRET=1)")
+    p.add_argument("--modes", default="off,triton,compile",
+                   help="fuse_frame modes, the first is the reference (triton on the CPU: with TRITON_INTERPRET=1)")
     p.add_argument("--compile-mode", default="default", choices=("default", "max-autotune-no-cudagraphs"))
     p.add_argument("--res", type=int, default=512)
     p.add_argument("--shell-layers", type=int, default=None,

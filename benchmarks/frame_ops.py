@@ -7,7 +7,7 @@ arithmetic, sets the pre-rasterisation time.  This counts them on the CPU (no GP
 FlashAvatarConfig plus ``--set`` overrides) under a ``TorchDispatchMode``, view operations (which
 launch nothing) left out, each operation attributed to the innermost headavatar function on the stack.
 
-    python benchmarks/frame_ops.py [--set KEY=VALUE ...] [--fuse-frame off|mlp] [--top 20] [--out ops.json]
+    python benchmarks/frame_ops.py [--set KEY=VALUE ...] [--fuse-frame off|triton] [--top 20] [--out ops.json]
 """
 
 from __future__ import annotations
@@ -48,29 +48,33 @@ class _Counter(TorchDispatchMode):
 
 
 def _count_triton_launches(counter: _Counter):
-    """Count each launch of the fused FlashAvatar kernels (no torch dispatch sees them) as one operation."""
+    """Count each launch of the frame's own Triton kernels (no torch dispatch sees them) as one operation."""
+    from headavatar.headmodels import skinning_triton
     from headavatar.methods.flashavatar import mlp_triton
 
-    kernels = {name: getattr(mlp_triton, name) for name in ("_mlp_kernel", "_gaussians_kernel")}
+    kernels = [(mod, name, getattr(mod, name)) for mod, names in ((mlp_triton, ("_mlp_kernel", "_gaussians_kernel")),
+                                                                  (skinning_triton, ("_chain_kernel", "_lbs_kernel")))
+               for name in names]
 
     class _Launch:
-        def __init__(self, name):
-            self.name = name
+        def __init__(self, where, name, kernel):
+            self.where, self.name, self.kernel = where, name, kernel
 
         def __getitem__(self, grid):
             def launch(*a, **k):
-                counter.by_function["methods/flashavatar/mlp_triton.py:" + self.name] += 1
+                counter.by_function[self.where] += 1
                 counter.by_op["triton:" + self.name] += 1
                 counter.paused = True  # the interpreter's own tensor copies are not the frame's
                 try:
-                    return kernels[self.name][grid](*a, **k)
+                    return self.kernel[grid](*a, **k)
                 finally:
                     counter.paused = False
             return launch
 
-    for name in kernels:
-        setattr(mlp_triton, name, _Launch(name))
-    return lambda: [setattr(mlp_triton, n, k) for n, k in kernels.items()]
+    for mod, name, kernel in kernels:
+        where = mod.__name__.replace("headavatar.", "").replace(".", "/") + ".py:" + name
+        setattr(mod, name, _Launch(where, name, kernel))
+    return lambda: [setattr(mod, name, kernel) for mod, name, kernel in kernels]
 
 
 def count_ops(fn, *args) -> dict:
@@ -107,10 +111,10 @@ def main(argv=None) -> int:
     p.add_argument("--res", type=int, default=64, help="the synthetic subject's size (the count does not depend on it)")
     p.add_argument("--top", type=int, default=20, help="functions listed")
     p.add_argument("--out", help="also write the JSON here")
-    p.add_argument("--fuse-frame", default="off", choices=("off", "mlp"),
-                   help="the avatar's fuse_frame mode (mlp: the fused MLP kernel, run by Triton's interpreter here)")
+    p.add_argument("--fuse-frame", default="off", choices=("off", "triton"),
+                   help="the avatar's fuse_frame mode (triton: the fused kernels, run by Triton's interpreter here)")
     args = p.parse_args(argv)
-    if args.fuse_frame == "mlp":
+    if args.fuse_frame == "triton":
         os.environ["TRITON_INTERPRET"] = "1"  # before Triton is imported
     try:
         overrides = parse_set(args.set)

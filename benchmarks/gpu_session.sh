@@ -45,7 +45,7 @@ for step in "$@"; do
       python3 benchmarks/gaussian_parity.py --backend gsplat --quick --no-timing --out "$OUT/parity.json" 2>&1 | tee "$OUT/parity.log" || rc=1 ;;
     frame)  # issue 15's pending figures: the fused MLP on CUDA (parity, then the frame with it), prefetch_bwd
       python3 -m pytest -q tests/test_mlp_triton.py 2>&1 | tail -3 | tee "$OUT/frame_tests.log" || rc=1
-      python3 benchmarks/avatar_frame.py --batches 1,16,64 --modes off,mlp,compile --out "$OUT/avatar_frame.json" 2>&1 | grep -v Warn | tail -20 | tee "$OUT/avatar_frame.log" || rc=1
+      python3 benchmarks/avatar_frame.py --batches 1,16,64 --modes off,triton,compile --out "$OUT/avatar_frame.json" 2>&1 | grep -v Warn | tail -20 | tee "$OUT/avatar_frame.log" || rc=1
       python3 benchmarks/gaussian_parity.py --backend triton --batches 1,16,64 --fwd-variants --out "$OUT/fwd_variants.json" 2>&1 | tail -25 | tee "$OUT/fwd_variants.log" || rc=1 ;;
     fa) python3 benchmarks/flashavatar_gpu.py --out "$OUT/fa.json" --ttq-seconds "${TTQ_SECONDS:-150}" --memory-frames 200,2000 2>&1 | tee "$OUT/fa.log" || rc=1 ;;
     flare) python3 benchmarks/flare_speed.py --device cuda --out "$OUT/flare.json" ${FLARE_ARGS:-} 2>&1 | tee "$OUT/flare.log" || rc=1 ;;

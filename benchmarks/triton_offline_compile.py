@@ -114,7 +114,7 @@ def main(argv=None):
     # the FlashAvatar MLP as one kernel (mlp_triton.py) at the paper's size: width 256, 5 hidden layers
     from headavatar.methods.flashavatar import mlp_triton as mt
 
-    # and with the Gaussians' assembly (the kernel of fuse_frame="mlp"), shell Gaussians on
+    # and with the Gaussians' assembly (the kernel of fuse_frame="triton"), shell Gaussians on
     for fn in (mt._mlp_kernel, mt._gaussians_kernel):
         for dt, prec in (("bf16", "tf32"), ("fp32", "ieee")):
             for block_m, nw in ((64, 8), (64, 4), (128, 8)):

@@ -1,5 +1,6 @@
 """The deformation MLP as one Triton kernel (mlp_triton.py) against the torch MLP, and the avatar's
-``fuse_frame="mlp"`` against its unfused frame.
+``fuse_frame="triton"`` (that kernel with the Gaussians' assembly, and the head model's skinning kernels)
+against its unfused frame.
 
 On a machine without CUDA the kernel runs in Triton's interpreter (TRITON_INTERPRET=1, set here
 before Triton is imported), on small MLPs.  The interpreter multiplies bf16 as raw integers
@@ -117,13 +118,17 @@ def avatar(tmp_path_factory):
 
 
 def test_avatar_frame_with_the_fused_mlp(avatar, monkeypatch):
-    """fuse_frame="mlp" (MLP and assembly in one kernel) gives the unfused frame's Gaussians and pixels, shell
-    Gaussians and regional conditioning included; a frame that needs gradients keeps the torch path."""
+    """fuse_frame="triton" (the head model's chain and skinning, then the MLP and assembly, as Triton kernels)
+    gives the unfused frame's Gaussians and pixels, shell Gaussians and regional conditioning included; a frame
+    that needs gradients keeps the torch path."""
     from headavatar.methods.flashavatar import mlp_triton
 
-    calls = []
-    kernel = mlp_triton.gaussians_triton
+    from headavatar.headmodels import skinning_triton
+
+    calls, chains = [], []
+    kernel, chain = mlp_triton.gaussians_triton, skinning_triton.chain_triton
     monkeypatch.setattr(mlp_triton, "gaussians_triton", lambda *a, **k: calls.append(1) or kernel(*a, **k))
+    monkeypatch.setattr(skinning_triton, "chain_triton", lambda *a, **k: chains.append(1) or chain(*a, **k))
     tr = avatar.subject.tracking.on_device(DEV)
     idx = torch.tensor([0, 3], device=DEV)
     params = tr.params(idx)
@@ -148,18 +153,18 @@ def test_avatar_frame_with_the_fused_mlp(avatar, monkeypatch):
     ref_g = avatar.gaussians(params)
     ref = avatar.render(params, cams)
     try:
-        avatar.fuse_frame = "mlp"
+        avatar.fuse_frame = "triton"
         assert avatar.model.mlp_kernel == "triton"
         g = avatar.gaussians(params)
         got = avatar.render(params, cams)
-        assert len(calls) == 2  # both frames went through the kernel
+        assert len(calls) == 2 and len(chains) == 2  # both frames went through the kernels
         with torch.enable_grad():  # a frame that needs gradients keeps the torch MLP
             cond, verts = avatar.model.frame_inputs(params)
             g_grad = avatar.model.gaussians(cond, verts)
             assert g_grad["means"].requires_grad and len(calls) == 2
     finally:
         avatar.fuse_frame = "off"
-    assert avatar.model.mlp_kernel == "torch"
+    assert avatar.model.mlp_kernel == avatar.model.head.pose_kernels == "torch"
     if tol:
         for k in ref_g:
             torch.testing.assert_close(g[k], ref_g[k], **tol, msg=k)
@@ -173,6 +178,6 @@ def test_avatar_frame_with_the_fused_mlp(avatar, monkeypatch):
 
 def test_fused_mlp_mode_refused_where_it_cannot_run(avatar, monkeypatch):
     monkeypatch.setattr(avatar.model.mlp.pe_in, "out_features", 48)
-    with pytest.raises(UserError, match="fuse_frame='mlp' is unavailable: .*power-of-two"):
-        avatar.fuse_frame = "mlp"
+    with pytest.raises(UserError, match="fuse_frame='triton' is unavailable: .*power-of-two"):
+        avatar.fuse_frame = "triton"
     assert avatar.fuse_frame == "off" and avatar.model.mlp_kernel == "torch"

@@ -59,6 +59,10 @@ class HeadModel:
     post_basis: dict[str, torch.Tensor] = field(default_factory=dict)  # name -> [V,3,K] added after skinning
     face_labels: torch.Tensor | None = None  # [F] int64 parsing label per face (see subjects.format.LABELS)
     meta: dict = field(default_factory=dict)
+    # how forward poses frames that need no gradient: "torch" (skinning.py) or "triton" (skinning_triton.py,
+    # two launches instead of ~45 operations; set by FlashAvatarAvatar's fuse_frame="triton").  Not a field:
+    # a run-time choice, never saved with the model
+    pose_kernels = "torch"
 
     # ------------------------------------------------------------------ sizes
     @property
@@ -170,22 +174,33 @@ class HeadModel:
         J = self.num_joints
         if joint_rotations is None:
             joint_rotations = v_shaped.new_zeros(B, J, 3)
-        rots = axis_angle_to_matrix(joint_rotations)  # [B,J,3,3]
         # joints are regressed from the shaped mesh, expression included, as FLAME does
         joints_rest = torch.einsum("jv,bvc->bjc", self.joint_regressor, v_shaped)
+        # the chain and the skinning as two Triton launches (skinning_triton.py) where asked and nothing
+        # needs a gradient; else skinning.py's torch operations (the reference)
+        fast = self.pose_kernels == "triton" and not (
+            torch.is_grad_enabled() and (v_shaped.requires_grad or joint_rotations.requires_grad))
+        if fast:
+            from headavatar.headmodels.skinning_triton import chain_triton, skin_triton
+
+            rots, G, joints = chain_triton(self.parents, joint_rotations, joints_rest)
+        else:
+            rots = axis_angle_to_matrix(joint_rotations)  # [B,J,3,3]
+            G = self.global_transforms(rots, joints_rest)  # [B,J,4,4]
         v_posed = v_shaped
         if self.pose_basis is not None and J > 1:
             v_posed = v_posed + pose_correctives(rots, self.pose_basis)
-        G = self.global_transforms(rots, joints_rest)  # [B,J,4,4]
-        v = skin(v_posed, self.skin_weights, G)
+        v = skin_triton(v_posed, self.skin_weights, G) if fast else skin(v_posed, self.skin_weights, G)
         if extras:
             for k, basis in self.post_basis.items():
                 if k in extras:
                     v = v + blend_shapes(basis, extras[k])
-        joints = transform_points(G, joints_rest)
+        if return_joints and not fast:
+            joints = transform_points(G, joints_rest)
         if translation is not None:
             v = v + translation[:, None]
-            joints = joints + translation[:, None]
+            if return_joints:
+                joints = joints + translation[:, None]
         out = (v,) + ((joints,) if return_joints else ()) + ((rots,) if return_rotations else ())
         return out if len(out) > 1 else v
 

@@ -18,7 +18,7 @@ from headavatar.utils.cudagraph import CudaGraphed
 
 _log = get_logger(__name__)
 
-FuseFrame = Literal["off", "compile", "mlp"]
+FuseFrame = Literal["off", "compile", "triton"]
 FUSE_FRAME_MODES = get_args(FuseFrame)
 
 
@@ -29,9 +29,10 @@ class FlashAvatarAvatar:
     (head model, MLP, Gaussian assembly, SH colours) through ``torch.compile`` so inductor fuses its
     few hundred small kernels into a few; the whole frame is still captured as one CUDA graph (the
     compiled code is built on the graph's warm-up call, outside capture).  One compile per batch
-    size / camera signature: the first frame of each takes seconds.  "mlp": the unfused frame with
-    the deformation MLP and the Gaussians' assembly as one Triton kernel that keeps the activations on
-    chip (mlp_triton.py; CUDA in bf16, or Triton's interpreter on the CPU).
+    size / camera signature: the first frame of each takes seconds.  "triton": the unfused frame with
+    its big parts as Triton kernels: the head model's chain and skinning (headmodels/skinning_triton.py)
+    and the deformation MLP with the Gaussians' assembly, activations kept on chip (mlp_triton.py); CUDA
+    (the MLP in bf16), or Triton's interpreter on the CPU.
     """
 
     method = "flashavatar"
@@ -71,7 +72,7 @@ class FlashAvatarAvatar:
     def fuse_frame(self, mode: FuseFrame) -> None:
         if mode not in FUSE_FRAME_MODES:
             raise UserError(f"fuse_frame must be one of {FUSE_FRAME_MODES}, got {mode!r}")
-        if mode == "mlp":
+        if mode == "triton":
             from headavatar.render.gaussians import triton_available
 
             ok, why = triton_available(self.device)
@@ -80,11 +81,11 @@ class FlashAvatarAvatar:
 
                 ok, why = supported(self.model.mlp)
             if not ok:
-                raise UserError(f"fuse_frame='mlp' is unavailable: {why}; use fuse_frame='off'")
+                raise UserError(f"fuse_frame='triton' is unavailable: {why}; use fuse_frame='off'")
             if self.device.type == "cuda" and not self.model._mlp_bf16(self.device):
-                _log.warning("fuse_frame='mlp' runs the MLP kernel in bf16; with mlp_precision=fp32 the torch MLP is used")
+                _log.warning("fuse_frame='triton' runs the MLP kernel in bf16; with mlp_precision=fp32 the torch MLP is used")
         self._fuse_frame = mode
-        self.model.mlp_kernel = "triton" if mode == "mlp" else "torch"
+        self.model.mlp_kernel = self.model.head.pose_kernels = "triton" if mode == "triton" else "torch"
         # unfused, the SH colours are left to the rasteriser (Triton's is one fused kernel, where torch ops
         # would be 17 graph nodes); inductor fuses them with the rest when compiling
         self._pre_raster = self._gaussians_sh if mode != "compile" else compile_frame_part(self._gaussians_rgb, self.fuse_compile_mode)

@@ -76,7 +76,7 @@ def _linear_relu(lin: nn.Linear, h: torch.Tensor, dtype: torch.dtype | None) -> 
 
 class FlashAvatarModel(nn.Module):
     # the Gaussians of frames that need no gradient: "torch" (nn.Linear chain, then the assembly) or "triton"
-    # (MLP and assembly in one kernel, mlp_triton.py; set by FlashAvatarAvatar's fuse_frame="mlp")
+    # (MLP and assembly in one kernel, mlp_triton.py; set by FlashAvatarAvatar's fuse_frame="triton")
     mlp_kernel: Literal["torch", "triton"] = "torch"
 
     def __init__(self, head: HeadModel, cfg: FlashAvatarConfig, shape: torch.Tensor):
