@@ -128,6 +128,15 @@ def main(argv=None):
                        for n in fn.arg_names}
                 rows.append({**compile_one(fn, cx, nw, tool, sig), "dtype": dt})
                 print(rows[-1], flush=True)
+    # the head model's chain (FLAME's five joints, one lane per frame) and skinning kernels (skinning_triton.py)
+    from headavatar.headmodels import skinning_triton as st
+
+    for fn, cx, nw in ((st._chain_kernel, dict(J=5, BLOCK=32), 1), (st._chain_kernel, dict(J=5, BLOCK=128), 4),
+                       (st._lbs_kernel, dict(J=5, BLOCK=256), 4)):
+        sig = {n: ("constexpr" if n in cx else "*i32" if n == "parents_ptr" else "*fp32" if n.endswith("_ptr") else "i32")
+               for n in fn.arg_names}
+        rows.append(compile_one(fn, cx, nw, tool, sig))
+        print(rows[-1], flush=True)
     if args.out:
         Path(args.out).write_text(json.dumps(rows, indent=1))
     return 0
