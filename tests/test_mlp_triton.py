@@ -10,21 +10,11 @@ way; with CUDA the bf16 path is checked against the torch MLP's bf16 autocast.
 
 from __future__ import annotations
 
-import importlib.util
-import os
-import sys
-
 import pytest
 import torch
+from triton_setup import triton_device  # before anything imports Triton (the interpreter switch)
 
-DEV = "cuda" if torch.cuda.is_available() else "cpu"
-_HAVE_TRITON = importlib.util.find_spec("triton") is not None
-_SKIP = "" if _HAVE_TRITON else "triton is not installed (pip install triton to run these)"
-if _HAVE_TRITON and DEV == "cpu":
-    if "triton" in sys.modules and os.environ.get("TRITON_INTERPRET") != "1":
-        _SKIP = "triton was imported before this module without TRITON_INTERPRET=1; run this file on its own"
-    else:
-        os.environ["TRITON_INTERPRET"] = "1"
+DEV, _SKIP = triton_device()
 pytestmark = pytest.mark.skipif(bool(_SKIP), reason=_SKIP)
 
 from headavatar.errors import UserError  # noqa: E402
@@ -121,9 +111,8 @@ def test_avatar_frame_with_the_fused_mlp(avatar, monkeypatch):
     """fuse_frame="triton" (the head model's chain and skinning, then the MLP and assembly, as Triton kernels)
     gives the unfused frame's Gaussians and pixels, shell Gaussians and regional conditioning included; a frame
     that needs gradients keeps the torch path."""
-    from headavatar.methods.flashavatar import mlp_triton
-
     from headavatar.headmodels import skinning_triton
+    from headavatar.methods.flashavatar import mlp_triton
 
     calls, chains = [], []
     kernel, chain = mlp_triton.gaussians_triton, skinning_triton.chain_triton

@@ -9,22 +9,12 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
-import os
-import sys
 
 import pytest
 import torch
+from triton_setup import triton_device  # before anything imports Triton (the interpreter switch)
 
-DEV = "cuda" if torch.cuda.is_available() else "cpu"
-_HAVE_TRITON = importlib.util.find_spec("triton") is not None
-# Triton decides between compiling and interpreting when it (and each kernel) is first
-# imported: on the CPU the interpreter must be switched on before that
-_SKIP = "" if _HAVE_TRITON else "triton is not installed (pip install triton to run these)"
-if _HAVE_TRITON and DEV == "cpu":
-    if "triton" in sys.modules and os.environ.get("TRITON_INTERPRET") != "1":
-        _SKIP = "triton was imported before this module without TRITON_INTERPRET=1; run this file on its own"
-    else:
-        os.environ["TRITON_INTERPRET"] = "1"
+DEV, _SKIP = triton_device()
 pytestmark = pytest.mark.skipif(bool(_SKIP), reason=_SKIP)
 
 from headavatar.errors import UserError  # noqa: E402

@@ -7,21 +7,11 @@ Triton is imported); with CUDA they run compiled, on the same inputs.
 
 from __future__ import annotations
 
-import importlib.util
-import os
-import sys
-
 import pytest
 import torch
+from triton_setup import triton_device  # before anything imports Triton (the interpreter switch)
 
-DEV = "cuda" if torch.cuda.is_available() else "cpu"
-_HAVE_TRITON = importlib.util.find_spec("triton") is not None
-_SKIP = "" if _HAVE_TRITON else "triton is not installed (pip install triton to run these)"
-if _HAVE_TRITON and DEV == "cpu":
-    if "triton" in sys.modules and os.environ.get("TRITON_INTERPRET") != "1":
-        _SKIP = "triton was imported before this module without TRITON_INTERPRET=1; run this file on its own"
-    else:
-        os.environ["TRITON_INTERPRET"] = "1"
+DEV, _SKIP = triton_device()
 pytestmark = pytest.mark.skipif(bool(_SKIP), reason=_SKIP)
 
 from headavatar.headmodels import load_head_model  # noqa: E402
@@ -83,7 +73,6 @@ def test_skin_equals_the_reference():
 
 
 def _flame_head(tmp_path_factory):
-    sys.path.insert(0, os.path.dirname(__file__))
     from fixtures_flame import shared_flame_dir
     from headavatar.headmodels.flame import build_flame_head
 

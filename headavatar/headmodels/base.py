@@ -178,8 +178,8 @@ class HeadModel:
         joints_rest = torch.einsum("jv,bvc->bjc", self.joint_regressor, v_shaped)
         # the chain and the skinning as two Triton launches (skinning_triton.py) where asked and nothing
         # needs a gradient; else skinning.py's torch operations (the reference)
-        fast = self.pose_kernels == "triton" and not (
-            torch.is_grad_enabled() and (v_shaped.requires_grad or joint_rotations.requires_grad))
+        fast = self.pose_kernels == "triton" and not (torch.is_grad_enabled() and (
+            v_shaped.requires_grad or joint_rotations.requires_grad or self.skin_weights.requires_grad))
         if fast:
             from headavatar.headmodels.skinning_triton import chain_triton, skin_triton
 

@@ -273,6 +273,12 @@ def _mlp_args(pk: PackedMLP, pe: torch.Tensor, c: torch.Tensor, group: torch.Ten
     return (pe.contiguous(), pk.pe_w, pk.pe_b, c, group if group is not None else c, pk.hid_w, pk.hid_b, pk.out_w, pk.out_b)
 
 
+def _mlp_consts(pk: PackedMLP, group: torch.Tensor | None, dtype: torch.dtype, block_m: int, num_warps: int) -> dict:
+    """The compile-time arguments both kernels share (and the launch's warps)."""
+    return dict(W=pk.width, P_PAD=pk.pe_w.shape[0], L=pk.hid_w.shape[0], OUT_PAD=OUT_PAD, BLOCK_M=block_m,
+                HAS_GROUP=group is not None, PREC="ieee" if dtype == torch.float32 else "tf32", num_warps=num_warps)
+
+
 def deform_mlp_triton(mlp, pe: torch.Tensor, cond: torch.Tensor, masks: torch.Tensor | None = None,
                       group: torch.Tensor | None = None, dtype: torch.dtype = torch.float32,
                       block_m: int = 64, num_warps: int = 8) -> torch.Tensor:
@@ -284,9 +290,8 @@ def deform_mlp_triton(mlp, pe: torch.Tensor, cond: torch.Tensor, masks: torch.Te
     c = _frame_part(pk, cond, masks)
     out = torch.empty(B, N, pk.n_out, device=pe.device, dtype=torch.float32)
     _mlp_kernel[(triton.cdiv(N, block_m), B)](
-        *_mlp_args(pk, pe, c, group), out, N, pk.pe_dim, c.shape[1],
-        W=pk.width, P_PAD=pk.pe_w.shape[0], L=pk.hid_w.shape[0], N_OUT=pk.n_out, OUT_PAD=OUT_PAD,
-        BLOCK_M=block_m, HAS_GROUP=group is not None, PREC="ieee" if dtype == torch.float32 else "tf32", num_warps=num_warps)
+        *_mlp_args(pk, pe, c, group), out, N, pk.pe_dim, c.shape[1], N_OUT=pk.n_out,
+        **_mlp_consts(pk, group, dtype, block_m, num_warps))
     return out
 
 
@@ -312,10 +317,8 @@ def gaussians_triton(model, cond: torch.Tensor, verts: torch.Tensor, dtype: torc
         verts.float().contiguous(), fv, model.bary.float().contiguous(),
         model.normal_offset if shell else means, model.normal_sign if shell else means,
         model.rotation.float().contiguous(), model.log_scale.float().contiguous(),
-        means, quats, scales, N, pk.pe_dim, c.shape[1], V, float(model.cfg.offset_scale),
-        W=pk.width, P_PAD=pk.pe_w.shape[0], L=pk.hid_w.shape[0], OUT_PAD=OUT_PAD, BLOCK_M=block_m,
-        HAS_GROUP=model.cond_group is not None, SHELL=shell, PREC="ieee" if dtype == torch.float32 else "tf32",
-        num_warps=num_warps)
+        means, quats, scales, N, pk.pe_dim, c.shape[1], V, float(model.cfg.offset_scale), SHELL=shell,
+        **_mlp_consts(pk, model.cond_group, dtype, block_m, num_warps))
     return {"means": means, "quats": quats, "scales": scales}
 
 
