@@ -43,10 +43,12 @@ for step in "$@"; do
     triton) python3 benchmarks/gaussian_parity.py --backend triton --batches 1,16,64 --avatar --out "$OUT/triton.json" 2>&1 | tee "$OUT/triton.log" || rc=1 ;;
     parity) [ "$have_gsplat" = 1 ] || { echo "parity (gsplat) skipped: no gsplat"; continue; }
       python3 benchmarks/gaussian_parity.py --backend gsplat --quick --no-timing --out "$OUT/parity.json" 2>&1 | tee "$OUT/parity.log" || rc=1 ;;
-    frame)  # issue 15's pending figures: the fused MLP on CUDA (parity, then the frame with it), prefetch_bwd
+    frame)  # issue 15's pending figures: fuse_frame=triton on CUDA (parity, the frame with it), prefetch_bwd, a kernel profile
       python3 -m pytest -q tests/test_mlp_triton.py 2>&1 | tail -3 | tee "$OUT/frame_tests.log" || rc=1
       python3 benchmarks/avatar_frame.py --batches 1,16,64 --modes off,triton,compile --out "$OUT/avatar_frame.json" 2>&1 | grep -v Warn | tail -20 | tee "$OUT/avatar_frame.log" || rc=1
-      python3 benchmarks/gaussian_parity.py --backend triton --batches 1,16,64 --fwd-variants --out "$OUT/fwd_variants.json" 2>&1 | tail -25 | tee "$OUT/fwd_variants.log" || rc=1 ;;
+      python3 benchmarks/gaussian_parity.py --backend triton --batches 1,16,64 --fwd-variants --out "$OUT/fwd_variants.json" 2>&1 | tail -25 | tee "$OUT/fwd_variants.log" || rc=1
+      python3 -m pytest -q tests/test_skinning_triton.py 2>&1 | tail -3 | tee -a "$OUT/frame_tests.log" || rc=1
+      python3 benchmarks/frame_profile.py --batches 1,16 --modes off,triton --train-batch 16 --out "$OUT/frame_profile.json" 2>&1 | grep -v -e Warn -e USDT | tee "$OUT/frame_profile.log" || rc=1 ;;
     fa) python3 benchmarks/flashavatar_gpu.py --out "$OUT/fa.json" --ttq-seconds "${TTQ_SECONDS:-150}" --memory-frames 200,2000 2>&1 | tee "$OUT/fa.log" || rc=1 ;;
     flare) python3 benchmarks/flare_speed.py --device cuda --out "$OUT/flare.json" ${FLARE_ARGS:-} 2>&1 | tee "$OUT/flare.log" || rc=1 ;;
     train:*)
