@@ -222,6 +222,20 @@ def test_culled_gaussians_have_zero_finite_gradients(tb):
     assert torch.isfinite(leaves["means"].grad).all() and leaves["means"].grad[0, :3].abs().max() == 0
 
 
+def test_without_depth_and_reused_constants(tb):
+    """render_depth=False: no depth (as gsplat's backend), the same colour and alpha; the binning's per-shape
+    constants (image offsets, tile ids) are built once and reused by later frames."""
+    sc = _f32(_scene(B=2, N=20, W=24, H=20, sh_degree=2, seed=3))
+    bg = torch.tensor([[0.1, 0.2, 0.3], [0.4, 0.5, 0.6]], device=DEV)
+    full = tb.render_triton(**sc, backgrounds=bg)
+    n = len(tb._CONSTANTS)
+    lean = tb.render_triton(**sc, backgrounds=bg, render_depth=False)
+    assert lean.depth is None and full.depth is not None
+    assert torch.equal(lean.rgb, full.rgb) and torch.equal(lean.alpha, full.alpha)
+    assert len(tb._CONSTANTS) == n and n >= 2  # the second frame added none
+    assert (full.alpha > 0.05).any()
+
+
 def test_empty_scene(tb):
     sc = _f32(_scene(B=1, N=0, W=7, H=5))
     bg = torch.tensor([[0.1, 0.2, 0.3]], device=DEV)

@@ -210,7 +210,7 @@ class FlashAvatarRecipe:
         cfg, model = self.cfg, self.model
         if cfg.condition_noise > 0:
             cond = model.noisy_condition(cond, cfg.condition_noise)
-        pred = model.render(model.gaussians(cond, verts), cams, self.bg, sh_deg, cfg.backend).rgb
+        pred = model.render(model.gaussians(cond, verts), cams, self.bg, sh_deg, cfg.backend, render_depth=False).rgb
         loss = huber(pred, gt, cfg.huber_delta) + cfg.mouth_weight * huber(pred * m, gt * m, cfg.huber_delta)
         if use_lpips:
             loss = loss + cfg.lpips_weight * self.lpips_net((pred * hm).permute(0, 3, 1, 2), (gt * hm).permute(0, 3, 1, 2)).mean()
@@ -281,6 +281,6 @@ def evaluate_psnr(model: FlashAvatarModel, data: FrameDataset, tr, subject: Subj
         idx = b["index"].numpy()
         cams = tr.cameras(idx, subject.height, subject.width, device).resized(*size)
         cond, verts = model.frame_inputs(tr.params(idx, device))
-        pred = model.render(model.gaussians(cond, verts), cams, bg, cfg.sh_degree, cfg.backend).rgb
+        pred = model.render(model.gaussians(cond, verts), cams, bg, cfg.sh_degree, cfg.backend, render_depth=False).rgb
         vals.append(psnr(pred, tgt["gt"]).item())
     return float(np.mean(vals))

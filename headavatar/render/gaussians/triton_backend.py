@@ -75,7 +75,7 @@ _T_MIN = tl.constexpr(T_MIN)
 _CAPACITY_MARGIN = 1.5
 _CAPACITY_SLACK = 4096
 # options of other backends that this one accepts and ignores
-_FOREIGN_OPTIONS = frozenset({"max_pairs", "render_depth", "tile_size", "packed", "absgrad", "sparse_grad",
+_FOREIGN_OPTIONS = frozenset({"max_pairs", "tile_size", "packed", "absgrad", "sparse_grad",
                               "rasterize_mode", "channel_chunk"})
 
 
@@ -1164,8 +1164,9 @@ def _bin(proj, B, N, W, H, state: _Capacity | None, device, params=None, cull: b
     with torch.no_grad():
         z = torch.where(proj["ok"], proj["depth"].detach(), torch.full_like(proj["depth"], float("inf")))
         _, idx = torch.sort(z.view(B, N), dim=1, stable=True)
-        order = (idx + torch.arange(B, device=device)[:, None] * N).reshape(-1).to(torch.int32)
-        cnt = proj["count"].index_select(0, order.long())
+        order64 = (idx + _constant("image_offsets", (B, N), device, lambda: torch.arange(B, device=device)[:, None] * N)).view(-1)
+        order = order64.to(torch.int32)
+        cnt = proj["count"].index_select(0, order64)
         incl = torch.cumsum(cnt, 0, dtype=torch.int32)
         total = incl[-1]
         if state is None:
@@ -1188,12 +1189,28 @@ def _bin(proj, B, N, W, H, state: _Capacity | None, device, params=None, cull: b
                                                         CULL=cull, KEY_MAX=kmax, TS=TILE)
         skeys, perm = torch.sort(keys, stable=True)
         ids_sorted = gids.index_select(0, perm)
-        ranges = torch.searchsorted(skeys, torch.arange(B * TPI + 1, dtype=kdt, device=device)).to(torch.int32)
+        tiles = _constant("tile_ids", (B * TPI + 1, kdt), device, lambda: torch.arange(B * TPI + 1, dtype=kdt, device=device))
+        ranges = torch.searchsorted(skeys, tiles, out_int32=True)
     return dict(order=order, ids=ids_sorted, ranges=ranges, ovf=ovf, rect=proj["rect"], TX=TXn, TPI=TPI, state=state)
 
 
 def _key(B, N, W, H, device):
     return (B, N, W, H, str(device))
+
+
+_CONSTANTS: dict[tuple, torch.Tensor] = {}
+
+
+def _constant(name: str, key: tuple, device, make) -> torch.Tensor:
+    """A per-shape constant tensor (image offsets, tile ids) built once, outside any capture, and read
+    by every later frame: in a replayed frame each would otherwise be one more graph node."""
+    k = (name, key, str(device))
+    t = _CONSTANTS.get(k)
+    if t is None:
+        t = make()
+        if not _capturing(device):  # memory of a capture's pool must not outlive its graph in this cache
+            _CONSTANTS[k] = t
+    return t
 
 
 # ----------------------------------------------------------------------------- compositing
@@ -1273,7 +1290,7 @@ def render_triton(means, quats, scales, opacities, colors, viewmats, Ks, width: 
                   num_warps_bwd: int = 4, fused_projection: bool = True, split_channels: bool = True, one_reduce: bool = True,
                   last_index: bool = True, packed_grads: bool = True, skip_empty: bool = False, tile_cull: bool = True,
                   key16: bool = True, prefetch: bool = True, seq_chunk: int = 0, prefetch_bwd: bool = False,
-                  **kw) -> RenderOutput:
+                  render_depth: bool = True, **kw) -> RenderOutput:
     """Render B frames with the Triton tile rasteriser; same arguments as ``render_torch``.
 
     ``chunk`` (Gaussians composited per step of a tile program, a power of two) and
@@ -1299,7 +1316,8 @@ def render_triton(means, quats, scales, opacities, colors, viewmats, Ks, width: 
     ``seq_chunk`` > 0 (with RGB colours) composites the pairs one at a time with per-pixel values
     only, CH = seq_chunk pairs between the tile's "all done" tests, instead of the [chunk, pixels]
     blocks of the default forward; ``prefetch_bwd`` does in the backward what ``prefetch`` does in
-    the forward (not yet timed on a GPU, so off).  Defaults: tile_cull + key16 + prefetch on, seq_chunk 0 — the
+    the forward (not yet timed on a GPU, so off).  ``render_depth=False``: ``depth`` is None (as
+    with gsplat), for callers that only need colour and alpha.  Defaults: tile_cull + key16 + prefetch on, seq_chunk 0 — the
     fastest of the H100 sweep of 2026-12-08 (forward at batch 1 / 16 / 64: 0.48 / 3.41 / 12.3 ms ->
     0.28 / 1.65 / 6.30 ms; docs/BENCHMARKS.md).
     """
@@ -1357,6 +1375,7 @@ def render_triton(means, quats, scales, opacities, colors, viewmats, Ks, width: 
     rgb = out[..., :D]
     if backgrounds is not None:
         rgb = rgb + (1.0 - alpha) * backgrounds[:, None, None, :].float()
-    depth = out[..., D:D + 1] / alpha.clamp_min(1e-10)
     cast = lambda t: t.to(out_dtype).contiguous()  # noqa: E731
-    return RenderOutput(rgb=cast(rgb), alpha=cast(alpha), depth=cast(depth), radii=proj["radii"])
+    # without render_depth (as gsplat's backend) no depth: two graph nodes fewer in a replayed frame
+    depth = cast(out[..., D:D + 1] / alpha.clamp_min(1e-10)) if render_depth else None
+    return RenderOutput(rgb=cast(rgb), alpha=cast(alpha), depth=depth, radii=proj["radii"])
