@@ -7,7 +7,7 @@ arithmetic, sets the pre-rasterisation time.  This counts them on the CPU (no GP
 FlashAvatarConfig plus ``--set`` overrides) under a ``TorchDispatchMode``, view operations (which
 launch nothing) left out, each operation attributed to the innermost headavatar function on the stack.
 
-    python benchmarks/frame_ops.py [--set KEY=VALUE ...] [--fuse-frame off|triton] [--top 20] [--out ops.json]
+    python benchmarks/frame_ops.py [--set KEY=VALUE ...] [--fuse-frame off|triton] [--whole-frame] [--top 20] [--out ops.json]
 """
 
 from __future__ import annotations
@@ -51,9 +51,12 @@ def _count_triton_launches(counter: _Counter):
     """Count each launch of the frame's own Triton kernels (no torch dispatch sees them) as one operation."""
     from headavatar.headmodels import skinning_triton
     from headavatar.methods.flashavatar import mlp_triton
+    from headavatar.render.gaussians import triton_backend
 
+    raster = tuple(n for n in dir(triton_backend) if n.startswith("_") and n.endswith("_kernel"))
     kernels = [(mod, name, getattr(mod, name)) for mod, names in ((mlp_triton, ("_mlp_kernel", "_gaussians_kernel")),
-                                                                  (skinning_triton, ("_chain_kernel", "_lbs_kernel")))
+                                                                  (skinning_triton, ("_chain_kernel", "_lbs_kernel")),
+                                                                  (triton_backend, raster))
                for name in names]
 
     class _Launch:
@@ -93,12 +96,16 @@ def count_ops(fn, *args) -> dict:
             "by_op": dict(counter.by_op.most_common())}
 
 
-def frame_ops(avatar, frames=(0,)) -> dict:
-    """The counts of one pre-rasterisation call of ``avatar`` on its subject's frames ``frames``."""
+def frame_ops(avatar, frames=(0,), whole: bool = False) -> dict:
+    """The counts of one pre-rasterisation call of ``avatar`` on its subject's frames ``frames``; ``whole``:
+    of the whole frame as the GPU replays it (``FlashAvatarAvatar._frame``: the Triton rasteriser too)."""
     tr = avatar.subject.tracking
     idx = torch.tensor(list(frames))
     params = tr.params(idx)
     cams = tr.cameras(idx, avatar.subject.height, avatar.subject.width).resized(*avatar.size)
+    if whole:
+        hw = (cams.height, cams.width)
+        return count_ops(lambda p: avatar._frame(p, cams.K, cams.R, cams.t, avatar.background, hw), params)
     return count_ops(avatar._pre_raster, params, cams.viewmats)
 
 
@@ -113,8 +120,10 @@ def main(argv=None) -> int:
     p.add_argument("--out", help="also write the JSON here")
     p.add_argument("--fuse-frame", default="off", choices=("off", "triton"),
                    help="the avatar's fuse_frame mode (triton: the fused kernels, run by Triton's interpreter here)")
+    p.add_argument("--whole-frame", action="store_true",
+                   help="count the whole frame the GPU replays, the Triton rasteriser included (run by the interpreter here)")
     args = p.parse_args(argv)
-    if args.fuse_frame == "triton":
+    if args.fuse_frame == "triton" or args.whole_frame:
         os.environ["TRITON_INTERPRET"] = "1"  # before Triton is imported
     try:
         overrides = parse_set(args.set)
@@ -126,8 +135,10 @@ def main(argv=None) -> int:
     ns = types.SimpleNamespace(res=args.res, backend="torch", avatar_cfg={"uv_resolution": 32, "mlp_width": 64, **overrides})
     avatar = avatar_frame.build_avatar(ns, torch.device("cpu"))
     avatar.fuse_frame = args.fuse_frame
-    res = {"config": overrides, "fuse_frame": args.fuse_frame, **frame_ops(avatar)}
-    print(f"pre-rasterisation operations per frame (views not counted): {res['total']}")
+    res = {"config": overrides, "fuse_frame": args.fuse_frame, "whole_frame": args.whole_frame,
+           **frame_ops(avatar, whole=args.whole_frame)}
+    print(f"{'whole-frame' if args.whole_frame else 'pre-rasterisation'} operations per frame (views not counted): {res['total']}"
+          f", of which {res['by_op'].get('aten.empty', 0)} allocations (no graph node)")
     for where, n in list(res["by_function"].items())[: args.top]:
         print(f"{n:5d}  {where}")
     if args.out:

@@ -111,8 +111,9 @@ class FlashAvatarAvatar:
         from headavatar.camera import Cameras
 
         cams = Cameras(K, R, t, *hw)
-        g = self._pre_raster(params, cams.viewmats)
-        out = self.model.render(g, cams, background, backend="triton", render_depth=False)
+        vm = cams.viewmats  # once per frame: every operation is a node of the replayed graph
+        g = self._pre_raster(params, vm)
+        out = self.model.render(g, cams, background, backend="triton", render_depth=False, viewmats=vm)
         return {"rgb": out.rgb, "alpha": out.alpha}
 
     def _render_graphed_frame(self, params: FrameParams, cameras, bg) -> dict:

@@ -255,9 +255,10 @@ class FlashAvatarModel(nn.Module):
         return {"means": means, "quats": quats, "scales": scales, "opacities": opac, "colors": colors}
 
     def render(self, g: dict, cameras, background: torch.Tensor, sh_degree: int | None = None, backend: str = "auto",
-               render_depth: bool = True) -> RenderOutput:
+               render_depth: bool = True, viewmats: torch.Tensor | None = None) -> RenderOutput:
         """Rasterise ``g``; colours are SH coefficients [B,N,K,3] (``sh_degree``: the model's when None)
-        or, already evaluated for these cameras, RGB [B,N,3]."""
+        or, already evaluated for these cameras, RGB [B,N,3].  ``viewmats``: ``cameras.viewmats`` where the
+        caller has built them already (a replayed frame then builds them once)."""
         B = g["means"].shape[0]
         bg = background.to(g["means"]).view(1, 3).expand(B, 3)
         if g["colors"].dim() == 3:
@@ -267,7 +268,8 @@ class FlashAvatarModel(nn.Module):
             colors = g["colors"][:, :, : (deg + 1) ** 2]
         return render_gaussians(
             g["means"], g["quats"], g["scales"], g["opacities"], colors,
-            cameras.viewmats, cameras.K, cameras.width, cameras.height, sh_degree=deg, backgrounds=bg, backend=backend,
+            cameras.viewmats if viewmats is None else viewmats, cameras.K, cameras.width, cameras.height, sh_degree=deg,
+            backgrounds=bg, backend=backend,
             render_depth=render_depth,
         )
 
