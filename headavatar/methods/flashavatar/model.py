@@ -177,7 +177,7 @@ class FlashAvatarModel(nn.Module):
                 verts = torch.addcmul(verts, self.torso_w[None, :, None], torch.bmm(verts - root, step))
             cond = self._condition(params, rots)
             if self.cfg.condition_clamp == "train_range":
-                cond = torch.maximum(torch.minimum(cond, self.cond_range[1]), self.cond_range[0])
+                cond = torch.clamp(cond, self.cond_range[0], self.cond_range[1])  # one operation (lo <= hi always)
         return cond, verts
 
     @torch.no_grad()
