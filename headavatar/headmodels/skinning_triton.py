@@ -7,7 +7,8 @@ ones.  A replayed frame pays every operation as a CUDA-graph node (≈ 2.3 µs e
 
 * ``_chain_kernel`` — one lane per frame: each joint's rotation from its axis-angle (the same
   sinc-form Rodrigues as ``utils.rotations.axis_angle_to_matrix``, exact at zero angle), composed
-  with its parent's (parents precede children, so a joint's parent is final before it), written as
+  with its parent's (parents precede children, so a joint's parent is final before it; read back from
+  memory after a block barrier), written as
   ``global_transforms``' rest -> posed 4x4 transforms; also the local rotation matrices and the posed
   joint positions.
 * ``_lbs_kernel`` — one lane per vertex: the blended transform of its joints' weights applied to the
@@ -123,6 +124,9 @@ def _chain_kernel(aa_ptr, jr_ptr, parents_ptr, rots_ptr, g_ptr, joints_ptr, B, J
         tl.store(jb, tx, mask=m)
         tl.store(jb + 1, ty, mask=m)
         tl.store(jb + 2, tz, mask=m)
+        # children read this joint back: a block barrier makes the writes visible to every thread, whichever
+        # thread the compiler's layout gives a lane (a lane is meant to be one thread, but that is its choice)
+        tl.debug_barrier()
 
 
 @triton.jit
@@ -175,8 +179,8 @@ def chain_triton(parents: list[int], joint_rotations: torch.Tensor, joints_rest:
     rots = torch.empty(B, J, 3, 3, device=dev, dtype=torch.float32)
     G = torch.empty(B, J, 4, 4, device=dev, dtype=torch.float32)
     joints = torch.empty(B, J, 3, device=dev, dtype=torch.float32)
-    # one thread per frame exactly (a block of 32 per warp, no replicated lanes): a joint reads its parent's
-    # transform back from memory, which is then the same thread's own earlier write
+    # one thread per frame (a block of 32 per warp, no replicated lanes): a joint reads its parent's transform
+    # back from memory, the same thread's own earlier write (and a barrier after each joint besides)
     block = 32 if B <= 32 else 128
     _chain_kernel[(triton.cdiv(B, block),)](aa, jr, _parents_tensor(parents, dev), rots, G, joints, B, J=J, BLOCK=block,
                                             num_warps=block // 32)
