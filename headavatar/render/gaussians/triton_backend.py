@@ -1371,10 +1371,11 @@ def render_triton(means, quats, scales, opacities, colors, viewmats, Ks, width: 
     out, tfin = _Raster.apply(params, feats, bins, B, N, width, height, float(alpha_max), int(chunk), int(num_warps),
                               bool(split_channels and DP == 4), bool(prefetch), int(seq_chunk), bwd_cfg)
     out = out.view(B, height, width, DP)
-    alpha = (1.0 - tfin).view(B, height, width, 1)
+    tfin = tfin.view(B, height, width, 1)
+    alpha = 1.0 - tfin
     rgb = out[..., :D]
-    if backgrounds is not None:
-        rgb = rgb + (1.0 - alpha) * backgrounds[:, None, None, :].float()
+    if backgrounds is not None:  # colour + T * background in one operation (its result contiguous: no copy after)
+        rgb = torch.addcmul(rgb, tfin, backgrounds[:, None, None, :].float())
     cast = lambda t: t.to(out_dtype).contiguous()  # noqa: E731
     # without render_depth (as gsplat's backend) no depth: two graph nodes fewer in a replayed frame
     depth = cast(out[..., D:D + 1] / alpha.clamp_min(1e-10)) if render_depth else None
