@@ -165,6 +165,36 @@ def test_avatar_frame_with_the_fused_mlp(avatar, monkeypatch):
     assert (ref["alpha"] > 0.01).any()
 
 
+def test_assembly_without_regions_or_shell(avatar, monkeypatch):
+    """The kernel's other compiled variants: no regional masks (every Gaussian sees the whole condition) and no
+    shell Gaussians (all on the surface), against the torch path of the same model."""
+    from headavatar.methods.flashavatar.mlp_triton import gaussians_triton
+
+    m = avatar.model
+    monkeypatch.setattr(m.cfg, "mlp_precision", "fp32" if DEV == "cpu" else "bf16")
+    tr = avatar.subject.tracking.on_device(DEV)
+    params = tr.params(torch.tensor([1, 2], device=DEV))
+    for drop in ("regions", "shell"):
+        store = m._buffers if drop == "regions" else m._parameters
+        names = ("cond_masks", "cond_group") if drop == "regions" else ("normal_offset",)
+        saved = {n: store[n] for n in names}
+        try:
+            store.update({n: None for n in names})
+            with torch.no_grad():
+                cond, verts = m.frame_inputs(params)
+                ref = m.gaussians(cond, verts)
+                got = gaussians_triton(m, cond, verts, torch.float32 if DEV == "cpu" else torch.bfloat16)
+        finally:
+            store.update(saved)
+        if DEV == "cpu":  # fp32 products: the same values
+            for k in ("means", "quats", "scales"):
+                torch.testing.assert_close(got[k], ref[k], rtol=1e-5, atol=1e-5, msg=f"{drop}: {k}")
+        else:  # bf16 both ways, rounded at different points; scales compared as logs (exp(exp(o) log s) amplifies)
+            torch.testing.assert_close(got["means"], ref["means"], rtol=0, atol=3e-3, msg=f"{drop}: means")
+            torch.testing.assert_close(got["quats"], ref["quats"], rtol=0, atol=3e-2, msg=f"{drop}: quats")
+            torch.testing.assert_close(got["scales"].log(), ref["scales"].log(), rtol=0, atol=0.15, msg=f"{drop}: scales")
+
+
 def test_fused_mlp_mode_refused_where_it_cannot_run(avatar, monkeypatch):
     monkeypatch.setattr(avatar.model.mlp.pe_in, "out_features", 48)
     with pytest.raises(UserError, match="fuse_frame='triton' is unavailable: .*power-of-two"):
