@@ -155,10 +155,12 @@ def _lbs_kernel(v_ptr, w_ptr, g_ptr, out_ptr, V, J: tl.constexpr, BLOCK: tl.cons
 
 
 def _parents_tensor(parents: list[int], device: torch.device) -> torch.Tensor:
-    """The parent list as a device tensor, cached per list and device (read in every frame)."""
+    """The parent list as a device tensor, checked and built once per list and device (read in every frame)."""
     key = (tuple(parents), str(device))
     t = _PARENTS.get(key)
     if t is None:
+        if parents[0] != -1 or any(parents[j] >= j for j in range(1, len(parents))):
+            raise ValueError("parents must start with the root (-1) and precede their children")
         t = _PARENTS[key] = torch.tensor([max(p, 0) for p in parents], dtype=torch.int32, device=device)
     return t
 
@@ -171,9 +173,10 @@ def chain_triton(parents: list[int], joint_rotations: torch.Tensor, joints_rest:
     rotations [B,J,3] and rest joints [B|1,J,3]: ``axis_angle_to_matrix``, ``global_transforms`` and
     ``transform_points(G, joints_rest)`` of skinning.py in one launch (float32)."""
     B, J = joint_rotations.shape[:2]
-    if any(parents[j] >= j for j in range(1, J)) or parents[0] != -1:
-        raise ValueError("parents must start with the root (-1) and precede their children")
     dev = joint_rotations.device
+    par = _parents_tensor(parents, dev)
+    if par.numel() != J:
+        raise ValueError(f"{len(parents)} parents for {J} joints")
     aa = joint_rotations.float().contiguous()
     jr = joints_rest.float().expand(B, -1, -1).contiguous()
     rots = torch.empty(B, J, 3, 3, device=dev, dtype=torch.float32)
@@ -182,7 +185,7 @@ def chain_triton(parents: list[int], joint_rotations: torch.Tensor, joints_rest:
     # one thread per frame (a block of 32 per warp, no replicated lanes): a joint reads its parent's transform
     # back from memory, the same thread's own earlier write (and a barrier after each joint besides)
     block = 32 if B <= 32 else 128
-    _chain_kernel[(triton.cdiv(B, block),)](aa, jr, _parents_tensor(parents, dev), rots, G, joints, B, J=J, BLOCK=block,
+    _chain_kernel[(triton.cdiv(B, block),)](aa, jr, par, rots, G, joints, B, J=J, BLOCK=block,
                                             num_warps=block // 32)
     return rots, G, joints
 
